@@ -1,0 +1,79 @@
+"""Static table of the NVIDIA archs we build for, and the launch configs chosen from it.
+
+Nothing here asks a live device: an arch build must give the same result on a laptop, in CI and on
+the GPU itself. The measured tuning (tune/) replaces `static_config` where a tuning DB exists.
+Figures are the data-sheet values of each arch's reference GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    capability: int  # 80 for sm80
+    reference_gpu: str
+    sm_count: int
+    dram_gbps: float  # peak DRAM bandwidth of the reference GPU, GB/s
+    max_threads_per_sm: int
+    max_blocks_per_sm: int
+    regs_per_sm: int
+    max_regs_per_thread: int
+    max_smem_per_block: int  # bytes, with the opt-in carve-out
+
+    def occupancy(self, num_warps: int, regs_per_thread: int, smem_bytes: int) -> float:
+        """Fraction of the SM's thread slots filled, by the usual CUDA occupancy rules."""
+        threads = num_warps * 32
+        regs_per_warp = math.ceil(max(regs_per_thread, 1) * 32 / 256) * 256  # allocation unit: 256
+        blocks = min(
+            self.max_blocks_per_sm,
+            self.max_threads_per_sm // threads,
+            self.regs_per_sm // (regs_per_warp * num_warps),
+            self.max_smem_per_block // smem_bytes if smem_bytes else self.max_blocks_per_sm,
+        )
+        return blocks * threads / self.max_threads_per_sm
+
+
+ARCHS: dict[str, Arch] = {
+    a.name: a
+    for a in (
+        Arch("sm80", 80, "A100-SXM4-80GB", 108, 2039.0, 2048, 32, 65536, 255, 166912),
+        Arch("sm86", 86, "RTX A6000", 84, 768.0, 1536, 16, 65536, 255, 101376),
+        Arch("sm89", 89, "L40S", 142, 864.0, 1536, 24, 65536, 255, 101376),
+        Arch("sm90", 90, "H100-SXM5-80GB", 132, 3352.0, 2048, 32, 65536, 255, 232448),
+        Arch("sm100", 100, "B200", 148, 8000.0, 2048, 32, 65536, 255, 232448),
+    )
+}
+
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+VECTOR_BYTES = 16  # one 128-bit load/store per thread per access
+DRAM_LATENCY_NS = 600.0  # order of magnitude for all of these archs; used for Little's law only
+NUM_WARPS = 4
+
+
+def resolve(names: str | list[str]) -> list[Arch]:
+    """'sm80' -> [sm80]; 'all' -> every arch; an unknown name raises ValueError naming the choices."""
+    wanted = list(ARCHS) if names == "all" else [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in wanted if n not in ARCHS]
+    if unknown:
+        raise ValueError(f"unknown arch {', '.join(unknown)}; choose from {', '.join(ARCHS)} or all")
+    return [ARCHS[n] for n in wanted]
+
+
+def elementwise_config(arch: Arch, dtype: str, codes_per_byte: int) -> dict[str, int]:
+    """Launch config for a streaming kernel that handles BLOCK_BYTES code bytes per program.
+
+    By Little's law an SM must keep bandwidth x latency / SMs bytes in flight. Each thread gets
+    enough 16-byte vectors for that at full occupancy, and never fewer than two (so loads overlap).
+    """
+    in_flight_per_thread = arch.dram_gbps * DRAM_LATENCY_NS / arch.sm_count / arch.max_threads_per_sm
+    vectors = max(2, 2 ** math.ceil(math.log2(max(1.0, in_flight_per_thread / VECTOR_BYTES))))
+    elems_per_thread = vectors * VECTOR_BYTES // DTYPE_BYTES[dtype]
+    elems_per_program = elems_per_thread * 32 * NUM_WARPS
+    return {"BLOCK_BYTES": elems_per_program // codes_per_byte, "num_warps": NUM_WARPS}

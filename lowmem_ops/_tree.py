@@ -1,0 +1,171 @@
+"""Loading a generated tree (see kernelgen/build.py for its layout): the op specs, their torch
+forward functions, and the Triton kernel module for a device's arch.
+
+Only torch is imported here; triton is imported when a kernel module is first loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    bits: int
+    thresholds: tuple[float, ...]  # float32-rounded, ascending
+    levels: tuple[float, ...]  # float32-rounded, levels[code]
+    boundary: str  # "lower": x == c_i takes the level below c_i
+    forward: Callable[[torch.Tensor], torch.Tensor]  # h(x) on float32/float64 tensors
+    description: str
+    replaces: str
+    fit_error: float
+    tree: Path
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.bits
+
+    def n_code_bytes(self, numel: int) -> int:
+        return -(-numel * self.bits // 8)
+
+
+_lock = threading.RLock()
+_ops: dict[str, OpInfo] = {}
+_loaded_trees: set[Path] = set()
+
+
+def builtin_tree() -> Path:
+    return Path(str(resources.files("lowmem_ops._generated")))
+
+
+def _tree_key(tree: Path) -> str:
+    return "t" + hashlib.sha1(str(tree).encode()).hexdigest()[:12]
+
+
+def _import_file(path: Path, module_name: str) -> ModuleType:
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    return module
+
+
+def load_tree(tree: str | Path) -> list[str]:
+    """Register every op of a generated tree; returns their names. Loading a tree twice is a no-op."""
+    tree = Path(tree).resolve()
+    with _lock:
+        if tree in _loaded_trees:
+            return [n for n, op in _ops.items() if op.tree == tree]
+        ops_file = tree / "ops.py"
+        if not ops_file.is_file():
+            raise FileNotFoundError(f"{tree} is not a kernelgen tree: it has no ops.py (build one with `kernelgen build`)")
+        module = _import_file(ops_file, f"lowmem_ops._trees.{_tree_key(tree)}.ops")
+        names = []
+        for name, s in module.SPECS.items():
+            if name in _ops and _ops[name].tree != tree:
+                raise ValueError(f"op {name!r} from {tree} is already defined by {_ops[name].tree}")
+            _ops[name] = OpInfo(
+                name=name, bits=s["bits"], thresholds=tuple(s["thresholds"]), levels=tuple(s["levels"]),
+                boundary=s["boundary"], forward=module.FORWARD[name], description=s["description"],
+                replaces=s["replaces"], fit_error=s["fit_error"], tree=tree,
+            )
+            names.append(name)
+        _loaded_trees.add(tree)
+        return names
+
+
+def get_op(name: str) -> OpInfo:
+    if not _ops:
+        load_tree(builtin_tree())
+    try:
+        return _ops[name]
+    except KeyError:
+        raise ValueError(f"unknown lowmem_ops activation {name!r}; available: {', '.join(sorted(_ops))}") from None
+
+
+def available() -> list[str]:
+    if not _ops:
+        load_tree(builtin_tree())
+    return sorted(_ops)
+
+
+def built_archs(tree: Path) -> dict[int, str]:
+    """capability -> arch folder, for the arch folders of `tree` that hold a manifest."""
+    found = {}
+    for child in tree.iterdir():
+        manifest = child / "manifest.json"
+        if child.is_dir() and manifest.is_file():
+            found[json.loads(manifest.read_text())["capability"]] = child.name
+    return dict(sorted(found.items()))
+
+
+_warned: set[tuple[Path, int]] = set()
+
+
+def _built_or_fail(tree: Path) -> dict[int, str]:
+    archs = built_archs(tree)
+    if not archs:
+        raise RuntimeError(f"{tree} holds no built arch: run `kernelgen build --arch sm80` (or the arch of your GPU)")
+    return archs
+
+
+def lowest_arch(tree: Path) -> str:
+    archs = _built_or_fail(tree)
+    return archs[min(archs)]
+
+
+def pick_arch(tree: Path, capability: int) -> str:
+    """The arch built for `capability`, else the nearest lower one (warning once), else the lowest."""
+    archs = _built_or_fail(tree)
+    if capability in archs:
+        return archs[capability]
+    lower = [c for c in archs if c < capability]
+    chosen = archs[max(lower)] if lower else archs[min(archs)]
+    if (tree, capability) not in _warned:
+        _warned.add((tree, capability))
+        warnings.warn(
+            f"lowmem_ops: no kernels built for sm{capability} in {tree}; using the {chosen} build "
+            f"(launch configs tuned for another GPU). Build yours with `kernelgen build --arch sm{capability}`.",
+            stacklevel=3,
+        )
+    return chosen
+
+
+@lru_cache(maxsize=None)
+def kernel_module(op: str, arch: str, interpret: bool) -> ModuleType:
+    """The generated Triton module of `op` for `arch`. With interpret=True its kernels are loaded
+    under TRITON_INTERPRET=1 (Triton reads it when @triton.jit runs), so they run on CPU tensors."""
+    info = get_op(op)
+    path = info.tree / arch / f"{op}.py"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
+    name = f"lowmem_ops._trees.{_tree_key(info.tree)}.{arch}.{op}" + ("_interpret" if interpret else "")
+    if not interpret:
+        return _import_file(path, name)
+    with _lock:
+        before = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            return _import_file(path, name)
+        finally:
+            if before is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = before

@@ -1,0 +1,155 @@
+"""Approximate activations: exact forward h(x), backward dx = dy * L[code] from k-bit codes.
+
+Two torch.library custom ops carry them, so torch.compile(fullgraph=True) traces through:
+
+    lowmem_ops::approx_act_fwd(x, name, save_codes) -> (y, codes)
+    lowmem_ops::approx_act_bwd(dy, codes, name) -> dx
+
+Under grad mode autograd saves only `codes`, ceil(numel * bits / 8) bytes; without grad (no_grad,
+inference_mode, or an input that does not require grad) no codes are computed and nothing is saved.
+
+Backend, per call: float64 tensors always take the torch path. Otherwise LOWMEM_OPS_BACKEND picks:
+  auto (default)    CUDA tensors -> generated Triton kernels for the GPU's arch; CPU -> torch path
+  torch             the torch path everywhere
+  triton            the Triton kernels; CPU tensors are an error
+  triton-interpret  the generated Triton kernels through Triton's interpreter, on CPU tensors
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _torch_backend
+from ._tree import OpInfo, available, get_op
+
+BACKENDS = ("auto", "torch", "triton", "triton-interpret")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+
+
+def _backend(t: torch.Tensor) -> str:
+    mode = os.environ.get("LOWMEM_OPS_BACKEND", "auto")
+    if mode not in BACKENDS:
+        raise ValueError(f"LOWMEM_OPS_BACKEND={mode!r} is not one of {', '.join(BACKENDS)}")
+    if t.dtype == torch.float64 or mode == "torch":
+        return "torch"
+    if mode == "triton-interpret":
+        return mode
+    if t.device.type == "cuda":
+        return "triton"
+    if mode == "triton":
+        raise RuntimeError(f"LOWMEM_OPS_BACKEND=triton needs CUDA tensors, got a {t.device} tensor "
+                           "(use triton-interpret to run the kernels on CPU tensors)")
+    return "torch"
+
+
+def _triton():
+    try:
+        from . import _triton_backend
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        raise RuntimeError(f"lowmem_ops needs triton for this tensor ({err}); `pip install triton`") from err
+    return _triton_backend
+
+
+def _check_input(x: torch.Tensor, name: str, what: str = "input") -> OpInfo:
+    op = get_op(name)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"lowmem_ops.{name}: {what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"lowmem_ops.{name}: {what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return op
+
+
+@torch.library.custom_op("lowmem_ops::approx_act_fwd", mutates_args=())
+def approx_act_fwd(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    op = _check_input(x, name)
+    x = x.contiguous()
+    backend = _backend(x)
+    if backend == "torch":
+        return _torch_backend.forward(op, x, save_codes)
+    return _triton().forward(op, x, save_codes, interpret=backend == "triton-interpret")
+
+
+@approx_act_fwd.register_fake
+def _(x, name, save_codes):
+    op = get_op(name)
+    codes = x.new_empty((op.n_code_bytes(x.numel()) if save_codes else 0,), dtype=torch.uint8)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), codes
+
+
+@torch.library.custom_op("lowmem_ops::approx_act_bwd", mutates_args=())
+def approx_act_bwd(dy: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Tensor:
+    op = _check_input(dy, name, "grad_output")
+    _check_codes(op, dy, codes)
+    dy = dy.contiguous()
+    backend = _backend(dy)
+    if backend == "torch":
+        return _torch_backend.backward(op, dy, codes)
+    return _triton().backward(op, dy, codes, interpret=backend == "triton-interpret")
+
+
+def _check_codes(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> None:
+    if codes.dtype != torch.uint8 or codes.dim() != 1:
+        raise TypeError(f"lowmem_ops.{op.name}: codes must be a 1-D uint8 tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
+    if codes.device != dy.device:
+        raise ValueError(f"lowmem_ops.{op.name}: grad_output is on {dy.device} but the saved codes are on {codes.device}")
+    need = op.n_code_bytes(dy.numel())
+    if codes.numel() != need:
+        raise ValueError(f"lowmem_ops.{op.name}: grad_output has {dy.numel()} elements, which need {need} code bytes "
+                         f"at {op.bits} bits, but {codes.numel()} were given")
+
+
+@approx_act_bwd.register_fake
+def _(dy, codes, name):
+    return torch.empty_like(dy, memory_format=torch.contiguous_format)
+
+
+def _setup_fwd(ctx, inputs, output):
+    _, name, save_codes = inputs
+    ctx.name, ctx.had_codes = name, save_codes
+    ctx.save_for_backward(output[1])
+
+
+def _backward_fwd(ctx, dy, _dcodes):
+    if not ctx.had_codes:
+        raise RuntimeError(f"lowmem_ops.{ctx.name}: the forward ran with save_codes=False, so there is nothing to "
+                           "backpropagate through; call the op through lowmem_ops, which saves codes when grad is needed")
+    (codes,) = ctx.saved_tensors
+    return approx_act_bwd(dy, codes, ctx.name), None, None
+
+
+def _setup_bwd(ctx, inputs, output):
+    ctx.name = inputs[2]
+
+
+def _double_backward(ctx, _ddx):
+    raise RuntimeError(f"lowmem_ops.{ctx.name}: double backward is not supported. Its backward uses a step-function "
+                       "derivative stored as codes, whose own derivative is zero almost everywhere; use the exact "
+                       "torch activation where second derivatives are needed.")
+
+
+approx_act_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
+approx_act_bwd.register_autograd(_double_backward, setup_context=_setup_bwd)
+
+
+def approx_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Apply the approximate activation `name` (see lowmem_ops.available()) to x."""
+    _check_input(x, name)
+    save_codes = torch.is_grad_enabled() and x.requires_grad
+    y, _ = torch.ops.lowmem_ops.approx_act_fwd(x, name, save_codes)
+    return y
+
+
+def regelu2(x: torch.Tensor) -> torch.Tensor:
+    """GELU (erf form) forward, exact; 2-bit step derivative (ReGELU2) in backward."""
+    return approx_activation(x, "regelu2")
+
+
+def resilu2(x: torch.Tensor) -> torch.Tensor:
+    """SiLU forward, exact; 2-bit step derivative (ReSiLU2) in backward."""
+    return approx_activation(x, "resilu2")
+
+
+__all__ = ["approx_activation", "regelu2", "resilu2", "available", "BACKENDS"]
