@@ -159,6 +159,16 @@ def kernel_module(op: str, arch: str, interpret: bool) -> ModuleType:
     name = f"lowmem_ops._trees.{_tree_key(info.tree)}.{arch}.{op}" + ("_interpret" if interpret else "")
     if not interpret:
         return _import_file(path, name)
+    # Import triton itself as configured, so its own @jit helpers stay consistent with the rest of
+    # the process; only our kernels' decorators see TRITON_INTERPRET=1. Generated code therefore
+    # calls Triton builtins only (see kernelgen/expr.py).
+    import triton  # noqa: F401
+
+    try:  # Triton >= 3.5 imports gluon lazily from the interpreter: do it now, outside the toggle
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pass
+
     with _lock:
         before = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"

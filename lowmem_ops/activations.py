@@ -74,7 +74,7 @@ def approx_act_fwd(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.
 
 @approx_act_fwd.register_fake
 def _(x, name, save_codes):
-    op = get_op(name)
+    op = _check_input(x, name)
     codes = x.new_empty((op.n_code_bytes(x.numel()) if save_codes else 0,), dtype=torch.uint8)
     return torch.empty_like(x, memory_format=torch.contiguous_format), codes
 
@@ -90,19 +90,21 @@ def approx_act_bwd(dy: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Te
     return _triton().backward(op, dy, codes, interpret=backend == "triton-interpret")
 
 
-def _check_codes(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> None:
+def _check_codes(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, check_size: bool = True) -> None:
     if codes.dtype != torch.uint8 or codes.dim() != 1:
         raise TypeError(f"lowmem_ops.{op.name}: codes must be a 1-D uint8 tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
     if codes.device != dy.device:
         raise ValueError(f"lowmem_ops.{op.name}: grad_output is on {dy.device} but the saved codes are on {codes.device}")
     need = op.n_code_bytes(dy.numel())
-    if codes.numel() != need:
+    if check_size and codes.numel() != need:
         raise ValueError(f"lowmem_ops.{op.name}: grad_output has {dy.numel()} elements, which need {need} code bytes "
                          f"at {op.bits} bits, but {codes.numel()} were given")
 
 
 @approx_act_bwd.register_fake
 def _(dy, codes, name):
+    # Sizes may be symbolic while tracing; the real kernel call checks them.
+    _check_codes(_check_input(dy, name, "grad_output"), dy, codes, check_size=False)
     return torch.empty_like(dy, memory_format=torch.contiguous_format)
 
 
