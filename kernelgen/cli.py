@@ -50,7 +50,7 @@ def _cmd_build(args) -> int:
     if problems:
         console.print(f"[red]{out} is stale[/red] for {names}; run `kernelgen build --arch {args.arch}`:")
         for p in problems:
-            console.print(p, markup=False, highlight=False)
+            print(p, file=sys.stderr)  # unwrapped: paths and diffs stay greppable
         return 1
     verb = "is fresh" if args.check else "built"
     console.print(f"{out}: {len(specs)} ops x {total // max(len(specs), 1)} variants {verb} for {names} in {elapsed:.1f} s")

@@ -104,7 +104,7 @@ def _line_of(text: str, table: str, key: str | None) -> int | None:
 
 def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
     def fail(table: str, key: str | None, problem: str) -> None:
-        line = _line_of(text, table, key)
+        line = _line_of(text, table, key) or _line_of(text, table, None)  # else the table header
         where = f"{path}:{line}" if line else f"{path}"
         field = f"[{table}].{key}" if key else f"[{table}]"
         raise SpecError(f"{where}: {field}: {problem}")

@@ -21,31 +21,38 @@ def forward(op: OpInfo, x: torch.Tensor, save_codes: bool) -> tuple[torch.Tensor
     return y, codes
 
 
-def level_codes(op: OpInfo, x: torch.Tensor) -> torch.Tensor:
-    """The level index of every element of x, as int64, flattened."""
-    x32 = x.reshape(-1).float()
-    thresholds = torch.tensor(op.thresholds, dtype=torch.float32, device=x.device)
-    # bucketize(right=False) counts thresholds strictly below x; right=True counts those <= x.
-    code = torch.bucketize(x32, thresholds, right=op.boundary == "upper")
-    return code.masked_fill_(torch.isnan(x32), 0)  # every comparison with NaN is false: code 0
-
-
 def pack_codes(op: OpInfo, x: torch.Tensor) -> torch.Tensor:
-    code = level_codes(op, x)
-    per_byte = op.codes_per_byte
-    padded = torch.nn.functional.pad(code, (0, (-code.numel()) % per_byte))  # padding codes are 0
-    shifts = torch.arange(per_byte, device=x.device) * op.bits
-    return (padded.view(-1, per_byte) << shifts).sum(dim=1).to(torch.uint8)
+    """Packed codes of x in the kernels' layout; uint8 throughout (a few n-byte passes)."""
+    x32 = x.reshape(-1).float()
+    n, per_byte = x32.numel(), op.codes_per_byte
+    code = torch.zeros(n + (-n) % per_byte, dtype=torch.uint8, device=x.device)  # padding codes are 0
+    counted = code[:n]
+    for c in op.thresholds:
+        # Comparisons with NaN are false, so NaN gets code 0, as in the kernels.
+        counted += (x32 > c) if op.boundary == "lower" else (x32 >= c)
+    fields = code.view(-1, per_byte)
+    packed = fields[:, 0].clone()
+    for j in range(1, per_byte):
+        packed |= fields[:, j] << (op.bits * j)
+    return packed
 
 
-def unpack_codes(op: OpInfo, codes: torch.Tensor, numel: int) -> torch.Tensor:
-    shifts = torch.arange(op.codes_per_byte, device=codes.device) * op.bits
-    mask = (1 << op.bits) - 1
-    return ((codes.long()[:, None] >> shifts) & mask).reshape(-1)[:numel]
+_byte_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _byte_table(op: OpInfo, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """levels of all codes in each possible byte: a (256, codes_per_byte) table, so unpacking is one gather."""
+    key = (op.name, device, dtype)
+    if key not in _byte_tables:
+        byte = torch.arange(256)
+        shifts = torch.arange(op.codes_per_byte) * op.bits
+        codes = (byte[:, None] >> shifts) & ((1 << op.bits) - 1)
+        levels = torch.tensor(op.levels, dtype=torch.float32).to(dtype)
+        _byte_tables[key] = levels[codes].to(device)
+    return _byte_tables[key]
 
 
 def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     compute = _compute_dtype(dy.dtype)
-    levels = torch.tensor(op.levels, dtype=torch.float32, device=dy.device).to(compute)
-    level = levels[unpack_codes(op, codes, dy.numel())].view(dy.shape)
+    level = _byte_table(op, dy.device, compute)[codes.long()].reshape(-1)[: dy.numel()].view(dy.shape)
     return (dy.to(compute) * level).to(dy.dtype)
