@@ -52,8 +52,8 @@ def test_interpreter_matches_torch_path_across_block_edges(name, dtype):
         # exp/erf come from numpy in the interpreter and from torch in the torch path: a float32 ulp
         # apart, which can move the final rounding to a half-precision type by one ulp. In GELU's far
         # negative tail 1 + erf(.) cancels (as in torch's own GELU), so errors are absolute there:
-        # about |x| * eps(float32) < 1e-6.
-        torch.testing.assert_close(y_i, y_t, rtol=ref.ulp(dtype), atol=1e-6)
+        # about |x| * eps(float32), and |x| reaches about 20 here.
+        torch.testing.assert_close(y_i, y_t, rtol=ref.ulp(dtype), atol=4e-6)
         assert y_i.dtype == dtype and dx_i.dtype == dtype
 
 

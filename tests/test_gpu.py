@@ -1,0 +1,54 @@
+"""On a CUDA device: the generated kernels against the torch path, at sizes the CPU tests cannot
+reach (over 2**31 elements). Skipped without a GPU; tune/gpu_check.sh runs these on one."""
+
+import pytest
+import torch
+
+import lowmem_ops as lo
+from lowmem_ops.activations import approx_act_bwd, approx_act_fwd
+
+from . import reference as ref
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["regelu2", "resilu2"])
+@pytest.mark.parametrize("n", [1, 1000, 4096, 4097, 1 << 20, (1 << 22) + 3])
+def test_cuda_kernels_match_torch_path(name, dtype, n):
+    torch.manual_seed(n)
+    x = (torch.randn(n, dtype=torch.float64) * 4).to(dtype)
+    dy = torch.randn(n, dtype=torch.float64).to(dtype)
+    y_c, codes_c = approx_act_fwd(x.cuda(), name, True)
+    dx_c = approx_act_bwd(dy.cuda(), codes_c, name)
+    with ref.backend("torch"):
+        y_t, codes_t = approx_act_fwd(x, name, True)
+        dx_t = approx_act_bwd(dy, codes_t, name)
+    assert torch.equal(codes_c.cpu(), codes_t)
+    assert torch.equal(dx_c.cpu(), dx_t)
+    torch.testing.assert_close(y_c.cpu(), y_t, rtol=2 * ref.ulp(dtype), atol=1e-6)
+
+
+def test_over_two_to_the_31_elements():
+    n = (1 << 31) + 5
+    if torch.cuda.get_device_properties(0).total_memory < 24 * n:
+        pytest.skip("needs about 24 bytes per element of GPU memory")
+    x = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_(-6, 6)
+    x[-5:] = torch.tensor([-10.0, -1.0, 0.5, 2.0, 10.0], dtype=torch.bfloat16)
+    y, codes = approx_act_fwd(x, "regelu2", True)
+    assert codes.numel() == (n + 3) // 4
+    tail = torch.arange(n - 4096, n, device="cuda")
+    torch.testing.assert_close(y[tail].double().cpu(), ref.forward("regelu2", x[tail].cpu()), rtol=8e-3, atol=1e-5)
+    dx = approx_act_bwd(torch.ones_like(x), codes, "regelu2")
+    assert dx[-5:].float().cpu().tolist() == pytest.approx([0.0, 1.0487406, 1.0487406, 1.0487406, 1.0], abs=4e-3)
+    del y, codes, dx
+
+
+def test_compiled_training_step_on_cuda():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), lo.nn.ReGELU2(), torch.nn.Linear(256, 64), lo.nn.ReSiLU2()).cuda().bfloat16()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
