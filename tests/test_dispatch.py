@@ -1,0 +1,43 @@
+"""Which arch build a GPU gets."""
+
+import json
+import warnings
+
+import pytest
+
+from lowmem_ops._tree import pick_arch
+
+
+def fake_tree(tmp_path, caps):
+    for cap in caps:
+        (tmp_path / f"sm{cap}").mkdir()
+        (tmp_path / f"sm{cap}" / "manifest.json").write_text(json.dumps({"capability": cap}))
+    return tmp_path
+
+
+def test_exact_arch_without_warning(tmp_path):
+    tree = fake_tree(tmp_path, [80, 90])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pick_arch(tree, 90) == "sm90"
+
+
+def test_nearest_lower_arch_warns_once(tmp_path):
+    tree = fake_tree(tmp_path, [80, 90, 100])
+    with pytest.warns(UserWarning, match="no kernels built for sm89 .* using the sm80 build"):
+        assert pick_arch(tree, 89) == "sm80"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # second time: silent
+        assert pick_arch(tree, 89) == "sm80"
+    with pytest.warns(UserWarning, match="sm120"):
+        assert pick_arch(tree, 120) == "sm100"
+
+
+def test_older_gpu_gets_lowest_build_and_empty_tree_fails(tmp_path):
+    (tmp_path / "a").mkdir()
+    tree = fake_tree(tmp_path / "a", [80])
+    with pytest.warns(UserWarning, match="sm75"):
+        assert pick_arch(tree, 75) == "sm80"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="holds no built arch: run `kernelgen build --arch sm80`"):
+        pick_arch(tmp_path / "empty", 80)
