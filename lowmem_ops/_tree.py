@@ -70,6 +70,8 @@ def _import_file(path: Path, module_name: str) -> ModuleType:
 def load_tree(tree: str | Path) -> list[str]:
     """Register every op of a generated tree; returns their names. Loading a tree twice is a no-op."""
     tree = Path(tree).resolve()
+    if tree != builtin_tree().resolve():
+        _ensure_builtin()  # built-in names are reserved before any user tree registers its own
     with _lock:
         if tree in _loaded_trees:
             return [n for n, op in _ops.items() if op.tree == tree]
@@ -91,9 +93,13 @@ def load_tree(tree: str | Path) -> list[str]:
         return names
 
 
-def get_op(name: str) -> OpInfo:
-    if not _ops:
+def _ensure_builtin() -> None:
+    if builtin_tree().resolve() not in _loaded_trees:
         load_tree(builtin_tree())
+
+
+def get_op(name: str) -> OpInfo:
+    _ensure_builtin()
     try:
         return _ops[name]
     except KeyError:
@@ -101,8 +107,7 @@ def get_op(name: str) -> OpInfo:
 
 
 def available() -> list[str]:
-    if not _ops:
-        load_tree(builtin_tree())
+    _ensure_builtin()
     return sorted(_ops)
 
 

@@ -41,3 +41,24 @@ def test_older_gpu_gets_lowest_build_and_empty_tree_fails(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RuntimeError, match="holds no built arch: run `kernelgen build --arch sm80`"):
         pick_arch(tmp_path / "empty", 80)
+
+
+def test_user_tree_loaded_first_keeps_builtins(tmp_path):
+    """In a fresh process: lo.load() before any built-in use must not hide the built-ins."""
+    import subprocess
+    import sys
+
+    from .test_spec import GOOD
+
+    spec = tmp_path / "mine.toml"
+    spec.write_text(GOOD)
+    code = (
+        "import sys, lowmem_ops as lo\n"
+        "from kernelgen import cli\n"
+        f"assert cli.main(['build', '--arch', 'sm80', '--spec', {str(spec)!r}, '--out', {str(tmp_path / 't')!r}]) == 0\n"
+        f"lo.load({str(tmp_path / 't')!r})\n"
+        "print(lo.available())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['myact', 'regelu2', 'resilu2']"
