@@ -77,3 +77,21 @@ def elementwise_config(arch: Arch, dtype: str, codes_per_byte: int) -> dict[str,
     elems_per_thread = vectors * VECTOR_BYTES // DTYPE_BYTES[dtype]
     elems_per_program = elems_per_thread * 32 * NUM_WARPS
     return {"BLOCK_BYTES": elems_per_program // codes_per_byte, "num_warps": NUM_WARPS}
+
+
+def norm_config(arch: Arch) -> dict:
+    """Row-wise norms: one program per row. Rows up to max_single_block columns sit in registers
+    (at most 16 float32 values per thread per row tensor, so the backward's four row tensors fit
+    without spilling); wider rows loop over loop_block chunks. The backward runs a few programs per
+    SM, each over many rows, so the dgamma/dbeta partial sums stay few."""
+    warps = {1 << p: min(16, max(1, (1 << p) // 256)) for p in range(0, 14)}  # 1 .. 8192 columns
+    return {
+        "max_single_block": 8192,
+        "single_warps": warps,
+        "loop_block": 4096,
+        "loop_warps": 8,
+        "backward_programs_per_sm": 4 if arch.max_threads_per_sm >= 2048 else 3,
+        "param_grad_block_r": 32,
+        "param_grad_block_c": 128,
+        "param_grad_warps": 4,
+    }

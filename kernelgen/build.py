@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import render
-from .archs import TRITON_DTYPE, Arch
+from .archs import Arch
 from .render import KernelVariant
 from .spec import Spec
 
@@ -46,22 +45,6 @@ class CompileResult:
 
 
 # --- compiling -------------------------------------------------------------------------------
-
-def _signature(variant: KernelVariant) -> tuple[dict, dict]:
-    """(signature, constexprs) for triton.compile, mirroring what the runtime launches with.
-
-    Pointers are 16-byte aligned (torch's allocator guarantees it; Triton's JIT specialises the
-    same way) and the element count is i32, as Triton specialises it below 2**31 elements.
-    """
-    t = TRITON_DTYPE[variant.dtype]
-    block = {"BLOCK_BYTES": variant.config["BLOCK_BYTES"]}
-    if variant.kernel == "backward":
-        sig = {"dy_ptr": f"*{t}", "codes_ptr": "*u8", "dx_ptr": f"*{t}", "n_elements": "i32", "BLOCK_BYTES": "constexpr"}
-        return sig, block
-    sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "codes_ptr": "*u8", "n_elements": "i32",
-           "WRITE_CODES": "constexpr", "BLOCK_BYTES": "constexpr"}
-    return sig, {"WRITE_CODES": variant.kernel == "forward", **block}
-
 
 _RES_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -87,15 +70,13 @@ def compile_variant(module, variant: KernelVariant, arch: Arch) -> CompileResult
     from triton.compiler import ASTSource
 
     where = f"{variant.key} for {arch.name} with config {variant.config}"
-    fn = module.backward_kernel if variant.kernel == "backward" else module.forward_kernel
-    sig, constexprs = _signature(variant)
-    pointer_args = [i for i, v in enumerate(sig.values()) if v.startswith("*")]
+    pointer_args = [i for i, v in enumerate(variant.signature.values()) if v.startswith("*")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in pointer_args}
     try:
         compiled = triton.compile(
-            ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+            ASTSource(fn=getattr(module, variant.fn), signature=variant.signature, constexprs=variant.constexprs, attrs=attrs),
             target=GPUTarget("cuda", arch.capability, 32),
-            options={"num_warps": variant.config["num_warps"]},
+            options={"num_warps": variant.num_warps},
         )
     except Exception as err:  # Triton raises many types; all mean the same to the user
         raise BuildError(f"compiling {where}: {type(err).__name__}: {err}") from err
@@ -116,58 +97,76 @@ def _import_path(path: Path, name: str):
 
 # --- one arch --------------------------------------------------------------------------------
 
-def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress) -> None:
+def _compile_file(path: Path, variants: list[KernelVariant], arch: Arch, progress) -> list[dict]:
+    module = _import_path(path, f"_kernelgen_build_{arch.name}_{path.stem}")
+    out = []
+    for variant in variants:
+        progress(f"{arch.name} {variant.key}")
+        res = compile_variant(module, variant, arch)
+        if res.registers > arch.max_regs_per_thread:
+            raise BuildError(f"{variant.key} for {arch.name}: {res.registers} registers exceed the arch limit")
+        out.append({
+            "op": variant.op,
+            "kernel": variant.kernel,
+            "dtype": variant.dtype,
+            "config": dict(sorted(variant.config.items())),
+            "registers": res.registers,
+            "spill_bytes": res.spill_bytes,
+            "stack_bytes": res.stack_bytes,
+            "shared_bytes": res.shared_bytes,
+            "occupancy": round(arch.occupancy(variant.num_warps, res.registers, res.shared_bytes), 4),
+        })
+    return out
+
+
+def variant_count(specs: list[Spec], arch: Arch, norms: bool) -> int:
+    return sum(len(render.activation_variants(s, arch)) for s in specs) + (len(render.norm_variants(arch)) if norms else 0)
+
+
+def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool) -> None:
     import triton
 
     dest.mkdir(parents=True)
     (dest / "__init__.py").write_text(TREE_DOC)
     variants_out = []
-    ops = {}
+    files = {}
     for spec in specs:
-        source = render.render_activation(spec, arch)
         path = dest / f"{spec.name}.py"
-        path.write_text(source)
-        module = _import_path(path, f"_kernelgen_build_{arch.name}_{spec.name}")
-        ops[spec.name] = {
+        path.write_text(render.render_activation(spec, arch))
+        files[spec.name] = {
             "file": path.name,
             "spec": render.spec_file_label(spec),
             "spec_sha256": spec.sha256,
             "template": render.ACTIVATION_TEMPLATE,
             "template_sha256": render.template_sha256(render.ACTIVATION_TEMPLATE),
         }
-        for variant in render.activation_variants(spec, arch):
-            progress(f"{arch.name} {variant.key}")
-            res = compile_variant(module, variant, arch)
-            if res.registers > arch.max_regs_per_thread:
-                raise BuildError(f"{variant.key} for {arch.name}: {res.registers} registers exceed the arch limit")
-            variants_out.append({
-                "op": variant.op,
-                "kernel": variant.kernel,
-                "dtype": variant.dtype,
-                "config": dict(sorted(variant.config.items())),
-                "registers": res.registers,
-                "spill_bytes": res.spill_bytes,
-                "stack_bytes": res.stack_bytes,
-                "shared_bytes": res.shared_bytes,
-                "occupancy": round(arch.occupancy(variant.config["num_warps"], res.registers, res.shared_bytes), 4),
-            })
+        variants_out += _compile_file(path, render.activation_variants(spec, arch), arch, progress)
+    if norms:
+        path = dest / f"{render.NORM_FILE}.py"
+        path.write_text(render.render_norm(arch))
+        files[render.NORM_FILE] = {
+            "file": path.name,
+            "template": render.NORM_TEMPLATE,
+            "template_sha256": render.template_sha256(render.NORM_TEMPLATE),
+        }
+        variants_out += _compile_file(path, render.norm_variants(arch), arch, progress)
     manifest = {
         "arch": arch.name,
         "capability": arch.capability,
         "reference_gpu": arch.reference_gpu,
-        "compiled_with": {"triton": triton.__version__, "n_elements": "i32", "pointer_alignment": 16},
-        "ops": ops,
+        "compiled_with": {"triton": triton.__version__, "integer_args": "i32", "pointer_alignment": 16},
+        "ops": files,
         "variants": variants_out,
     }
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress) -> None:
+def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: bool) -> None:
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "__init__.py").write_text(TREE_DOC)
     (stage / "ops.py").write_text(render.render_ops(specs))
     for arch in archs:
-        _build_arch(specs, arch, stage / arch.name, progress)
+        _build_arch(specs, arch, stage / arch.name, progress, norms)
 
 
 @contextmanager
@@ -184,15 +183,16 @@ def _quiet_fp_fusion_warning():
 
 # --- public entry points -----------------------------------------------------------------------
 
-def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None) -> None:
-    """Build into `out`. Nothing in `out` changes unless every render and compile succeeded."""
+def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True) -> None:
+    """Build into `out`. Nothing in `out` changes unless every render and compile succeeded.
+    norms=False leaves out the norm kernels (a user's tree of their own activations)."""
     if not specs:
         raise BuildError("no specs to build")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-stage-", dir=out.parent) as tmp, _quiet_fp_fusion_warning():
         stage = Path(tmp) / "tree"
-        _stage(specs, archs, stage, progress)
+        _stage(specs, archs, stage, progress, norms)
         _install(stage, out, [a.name for a in archs], Path(tmp))
 
 
@@ -208,12 +208,12 @@ def _install(stage: Path, out: Path, arch_names: list[str], scratch: Path) -> No
         os.replace(stage / arch, target)
 
 
-def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None) -> list[str]:
+def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True) -> list[str]:
     """Rebuild into a scratch folder and compare with `out`. Returns the problems (empty: fresh)."""
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="kernelgen-check-") as tmp, _quiet_fp_fusion_warning():
         stage = Path(tmp) / "tree"
-        _stage(specs, archs, stage, progress)
+        _stage(specs, archs, stage, progress, norms)
         problems = []
         wanted = ["__init__.py", "ops.py"] + [
             str(p.relative_to(stage)) for a in archs for p in sorted((stage / a.name).iterdir())

@@ -31,7 +31,8 @@ def _cmd_build(args) -> int:
     out = Path(args.out) if args.out else build_mod.default_out()
     if out is None:
         raise ValueError("kernelgen is not running from a checkout: pass --out DIR for the generated tree")
-    total = len(specs) * len(arch_list) * len(build_mod.render.KERNELS) * len(archs_mod.DTYPES)
+    norms = not args.spec  # a tree of the user's own activations; the norms live in the built-in tree
+    total = sum(build_mod.variant_count(specs, a, norms) for a in arch_list)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=not console.is_terminal) as bar:
@@ -41,9 +42,9 @@ def _cmd_build(args) -> int:
             bar.update(task, advance=1, description=f"compiling {msg}")
 
         if args.check:
-            problems = build_mod.check(specs, arch_list, out, progress)
+            problems = build_mod.check(specs, arch_list, out, progress, norms)
         else:
-            build_mod.build(specs, arch_list, out, progress)
+            build_mod.build(specs, arch_list, out, progress, norms)
             problems = []
     elapsed = time.perf_counter() - start
     names = ", ".join(a.name for a in arch_list)
@@ -53,7 +54,8 @@ def _cmd_build(args) -> int:
             print(p, file=sys.stderr)  # unwrapped: paths and diffs stay greppable
         return 1
     verb = "is fresh" if args.check else "built"
-    console.print(f"{out}: {len(specs)} ops, {total} variants {verb} for {names} in {elapsed:.1f} s")
+    what = f"{len(specs)} activations" + (" + norms" if norms else "")
+    console.print(f"{out}: {what}, {total} variants {verb} for {names} in {elapsed:.1f} s")
     return 0
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import jinja2
 
-from .archs import DTYPES, Arch, elementwise_config
+from .archs import DTYPES, TRITON_DTYPE, Arch, elementwise_config, norm_config
 from .spec import Spec, to_f32
 
 ACTIVATION_TEMPLATE = "activation.py.j2"
 OPS_TEMPLATE = "ops.py.j2"
+NORM_TEMPLATE = "norm.py.j2"
 
 
 class RenderError(RuntimeError):
@@ -64,31 +65,94 @@ def _pack_rounds(spec: Spec) -> list[dict]:
 
 @dataclass(frozen=True)
 class KernelVariant:
-    """One compiled unit: a kernel of an op for a dtype with a launch config."""
+    """One compiled unit: a kernel function of a generated file, for a dtype, with a config.
 
-    op: str
-    kernel: str  # forward | forward_nograd | backward
+    `signature` and `constexprs` are what triton.compile gets; they mirror what the runtime
+    launches with: pointers 16-byte aligned (torch's allocator guarantees it and Triton's JIT
+    specialises on it) and integer sizes as i32, as Triton specialises them below 2**31.
+    """
+
+    op: str  # the generated file's stem: regelu2, ms_norm, ...
+    kernel: str  # forward | forward_nograd | backward | layernorm.forward | ...
     dtype: str
-    config: dict
+    fn: str  # the @triton.jit function in that file
+    signature: dict
+    constexprs: dict
+    num_warps: int
 
     @property
     def key(self) -> str:
         return f"{self.op}.{self.kernel}[{self.dtype}]"
+
+    @property
+    def config(self) -> dict:
+        return {**{k: v for k, v in self.constexprs.items() if k.isupper()}, "num_warps": self.num_warps}
 
 
 KERNELS = ("forward", "forward_nograd", "backward")
 
 
 def activation_variants(spec: Spec, arch: Arch) -> list[KernelVariant]:
-    return [
-        KernelVariant(spec.name, kernel, dtype, elementwise_config(arch, dtype, spec.codes_per_byte))
-        for kernel in KERNELS
-        for dtype in DTYPES
-    ]
+    out = []
+    for kernel in KERNELS:
+        for dtype in DTYPES:
+            cfg = elementwise_config(arch, dtype, spec.codes_per_byte)
+            t = TRITON_DTYPE[dtype]
+            if kernel == "backward":
+                sig = {"dy_ptr": f"*{t}", "codes_ptr": "*u8", "dx_ptr": f"*{t}", "n_elements": "i32", "BLOCK_BYTES": "constexpr"}
+                const = {"BLOCK_BYTES": cfg["BLOCK_BYTES"]}
+                fn = "backward_kernel"
+            else:
+                sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "codes_ptr": "*u8", "n_elements": "i32",
+                       "WRITE_CODES": "constexpr", "BLOCK_BYTES": "constexpr"}
+                const = {"WRITE_CODES": kernel == "forward", "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
+                fn = "forward_kernel"
+            out.append(KernelVariant(spec.name, kernel, dtype, fn, sig, const, cfg["num_warps"]))
+    return out
+
+
+NORM_FILE = "ms_norm"
+NORM_KINDS = ("layernorm", "rmsnorm")
+
+
+def norm_variants(arch: Arch) -> list[KernelVariant]:
+    """forward and backward of LayerNorm and RMSNorm, without and with the (inverted) affine, for a
+    narrow and the widest single-pass row and for the looped path."""
+    cfg = norm_config(arch)
+    paths = [("single", 1024, cfg["single_warps"][1024]),
+             ("single", cfg["max_single_block"], cfg["single_warps"][cfg["max_single_block"]]),
+             ("loop", cfg["loop_block"], cfg["loop_warps"])]
+    out = []
+    for kind in NORM_KINDS:
+        for affine in (False, True):
+            for dtype in DTYPES:
+                t = TRITON_DTYPE[dtype]
+                for path, block, warps in paths:
+                    flags = {"IS_RMS": kind == "rmsnorm", "AFFINE": affine, "HAS_BIAS": affine and kind == "layernorm",
+                             "BLOCK_N": block, "SINGLE_PASS": path == "single"}
+                    suffix = ".affine" if affine else ""
+                    fwd = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+                           "n_cols": "i32", "eps": "fp32"}
+                    bwd = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+                           "dx_ptr": f"*{t}", "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
+                    for kernel, sig in (("forward", fwd), ("backward", bwd)):
+                        sig = {**sig, **{k: "constexpr" for k in flags}}
+                        out.append(KernelVariant(NORM_FILE, f"{kind}{suffix}.{kernel}.{path}{block}", dtype,
+                                                 f"{kernel}_kernel", sig, dict(flags), warps))
+                if affine:  # wide rows' dgamma/dbeta
+                    sig = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "w_ptr": "*fp32", "b_ptr": "*fp32", "dw_ptr": "*fp32",
+                           "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+                           "HAS_BIAS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+                    const = {"HAS_BIAS": kind == "layernorm", "BLOCK_R": cfg["param_grad_block_r"],
+                             "BLOCK_C": cfg["param_grad_block_c"]}
+                    out.append(KernelVariant(NORM_FILE, f"{kind}{suffix}.param_grad", dtype, "param_grad_kernel",
+                                             sig, const, cfg["param_grad_warps"]))
+    return out
 
 
 def render_activation(spec: Spec, arch: Arch) -> str:
-    configs = [(repr((v.kernel, v.dtype)), repr(dict(sorted(v.config.items())))) for v in activation_variants(spec, arch)]
+    configs = [(repr((v.kernel, v.dtype)), repr({"BLOCK_BYTES": v.constexprs["BLOCK_BYTES"], "num_warps": v.num_warps}))
+               for v in activation_variants(spec, arch)]
     try:
         return _env().get_template(ACTIVATION_TEMPLATE).render(
             spec=spec,
@@ -132,3 +196,12 @@ def render_ops(specs: list[Spec]) -> str:
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the ops module from templates/{OPS_TEMPLATE}: {err}") from err
+
+
+def render_norm(arch: Arch) -> str:
+    try:
+        return _env().get_template(NORM_TEMPLATE).render(
+            arch=arch, cfg=norm_config(arch), template_sha256=template_sha256(NORM_TEMPLATE)
+        )
+    except jinja2.TemplateError as err:
+        raise RenderError(f"rendering the norm kernels for {arch.name} from templates/{NORM_TEMPLATE}: {err}") from err

@@ -3,6 +3,8 @@
     import lowmem_ops as lo
     y = lo.regelu2(x)        # exact GELU forward, 2-bit derivative in backward
     act = lo.nn.ReGELU2()    # drop-in for torch.nn.GELU(); lo.nn.ReSiLU2 for torch.nn.SiLU
+    y = lo.ms_layernorm(x, d)   # saves its output, shared with the next linear; lo.ms_rmsnorm
+    norm = lo.nn.MSLayerNorm(d) # drop-in for nn.LayerNorm; lo.nn.MSRMSNorm for nn.RMSNorm
 
 Importing this package needs torch only; the CUDA path imports triton when first used.
 """
@@ -10,5 +12,6 @@ Importing this package needs torch only; the CUDA path imports triton when first
 from . import nn
 from ._tree import load_tree as load
 from .activations import BACKENDS, approx_activation, available, regelu2, resilu2
+from .norms import ms_layernorm, ms_rmsnorm
 
-__all__ = ["nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2"]
+__all__ = ["nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2", "ms_layernorm", "ms_rmsnorm"]

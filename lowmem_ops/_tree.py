@@ -49,8 +49,9 @@ _ops: dict[str, OpInfo] = {}
 _loaded_trees: set[Path] = set()
 
 
+@lru_cache(maxsize=None)
 def builtin_tree() -> Path:
-    return Path(str(resources.files("lowmem_ops._generated")))
+    return Path(str(resources.files("lowmem_ops._generated"))).resolve()
 
 
 def _tree_key(tree: Path) -> str:
@@ -70,7 +71,7 @@ def _import_file(path: Path, module_name: str) -> ModuleType:
 def load_tree(tree: str | Path) -> list[str]:
     """Register every op of a generated tree; returns their names. Loading a tree twice is a no-op."""
     tree = Path(tree).resolve()
-    if tree != builtin_tree().resolve():
+    if tree != builtin_tree():
         _ensure_builtin()  # built-in names are reserved before any user tree registers its own
     with _lock:
         if tree in _loaded_trees:
@@ -93,9 +94,15 @@ def load_tree(tree: str | Path) -> list[str]:
         return names
 
 
+_builtin_loaded = False
+
+
 def _ensure_builtin() -> None:
-    if builtin_tree().resolve() not in _loaded_trees:
+    # A plain flag: get_op runs inside torch.compile'd code, which cannot trace importlib.resources.
+    global _builtin_loaded
+    if not _builtin_loaded:
         load_tree(builtin_tree())
+        _builtin_loaded = True
 
 
 def get_op(name: str) -> OpInfo:
@@ -153,15 +160,19 @@ def pick_arch(tree: Path, capability: int) -> str:
     return chosen
 
 
-@lru_cache(maxsize=None)
 def kernel_module(op: str, arch: str, interpret: bool) -> ModuleType:
-    """The generated Triton module of `op` for `arch`. With interpret=True its kernels are loaded
-    under TRITON_INTERPRET=1 (Triton reads it when @triton.jit runs), so they run on CPU tensors."""
-    info = get_op(op)
-    path = info.tree / arch / f"{op}.py"
+    """The generated Triton module of activation `op` for `arch`."""
+    return kernel_module_file(get_op(op).tree, arch, op, interpret)
+
+
+@lru_cache(maxsize=None)
+def kernel_module_file(tree: Path, arch: str, stem: str, interpret: bool) -> ModuleType:
+    """Import `<tree>/<arch>/<stem>.py`. With interpret=True its kernels are created under
+    TRITON_INTERPRET=1 (Triton reads it when @triton.jit runs), so they run on CPU tensors."""
+    path = tree / arch / f"{stem}.py"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
-    name = f"lowmem_ops._trees.{_tree_key(info.tree)}.{arch}.{op}" + ("_interpret" if interpret else "")
+    name = f"lowmem_ops._trees.{_tree_key(tree)}.{arch}.{stem}" + ("_interpret" if interpret else "")
     if not interpret:
         return _import_file(path, name)
     # Import triton itself as configured, so its own @jit helpers stay consistent with the rest of

@@ -36,7 +36,7 @@ def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool) -> t
         codes_arg = _dummy_codes.setdefault(x.device, torch.zeros(16, dtype=torch.uint8, device=x.device))
     else:
         codes_arg = codes
-    with _device(x):
+    with device_guard(x):
         module.forward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
             x, y, codes_arg, n, WRITE_CODES=save_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"]
         )
@@ -50,12 +50,12 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, interpret: bool)
         return dx
     module = kernel_module(op.name, arch_for(dy.device, op.tree, interpret), interpret)
     cfg = module.CONFIGS[("backward", _DTYPE_NAMES[dy.dtype])]
-    with _device(dy):
+    with device_guard(dy):
         module.backward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
             dy, codes, dx, n, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"]
         )
     return dx
 
 
-def _device(t: torch.Tensor):
+def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

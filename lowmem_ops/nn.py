@@ -1,4 +1,4 @@
-"""nn.Module wrappers: drop-ins for torch.nn.GELU / torch.nn.SiLU, and any built op by name."""
+"""nn.Module wrappers: drop-ins for torch.nn.GELU / SiLU / LayerNorm / RMSNorm, and any built op by name."""
 
 from __future__ import annotations
 
@@ -44,4 +44,67 @@ class ReSiLU2(Approx):
         self.inplace = inplace
 
 
-__all__ = ["Approx", "ReGELU2", "ReSiLU2"]
+
+
+class _MSNorm(torch.nn.Module):
+    """Shared by MSLayerNorm and MSRMSNorm: parameters and state_dict as torch's own modules."""
+
+    is_rms = False
+
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, affine, device, dtype):
+        super().__init__()
+        from .norms import AFFINE_MODES
+
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps = eps
+        self.affine = affine if affine is not None else ("inverse" if elementwise_affine else "none")
+        if self.affine not in AFFINE_MODES:
+            raise ValueError(f"{type(self).__name__}: affine must be one of {', '.join(AFFINE_MODES)}, got {self.affine!r}")
+        self.elementwise_affine = self.affine != "none"
+        factory = {"device": device, "dtype": dtype}
+        if self.elementwise_affine:
+            self.weight = torch.nn.Parameter(torch.ones(self.normalized_shape, **factory))
+            self.bias = torch.nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, affine={self.affine!r}"
+
+
+class MSLayerNorm(_MSNorm):
+    """Drop-in for torch.nn.LayerNorm that saves its output, shared with the next linear layer.
+
+    affine: 'inverse' (default with elementwise_affine) keeps gamma/beta trainable and inverts them in
+    backward; 'none' has no parameters (fold them into the next linear); 'plain' is torch's LayerNorm.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 affine: str | None = None, device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, affine, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .norms import ms_layernorm
+
+        return ms_layernorm(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                            affine="plain" if self.affine == "plain" else "inverse")
+
+
+class MSRMSNorm(_MSNorm):
+    """Drop-in for torch.nn.RMSNorm that saves its output (see MSLayerNorm). eps=None: finfo(dtype).eps."""
+
+    is_rms = True
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 affine: str | None = None, device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, affine, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .norms import ms_rmsnorm
+
+        return ms_rmsnorm(x, self.normalized_shape, self.weight, self.eps,
+                          affine="plain" if self.affine == "plain" else "inverse")
+
+
+__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm"]

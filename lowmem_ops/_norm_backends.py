@@ -1,0 +1,124 @@
+"""The two implementations of the memory-sharing norms: torch (CPU, float64) and the generated
+Triton kernels (CUDA, or CPU tensors through the interpreter). Both take 2-D (rows, cols) views.
+
+Both follow the kernels' rules: statistics in float32 (float64 for float64), rstd = 1/sqrt(var + eps)
+saved as one float per row, and a backward that reads only y, rstd and dy (plus gamma, beta).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._tree import builtin_tree, kernel_module_file
+from ._triton_backend import arch_for, device_guard
+
+NORM_FILE = "ms_norm"
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- torch ---------------------------------------------------------------------------------------
+
+def torch_forward(x, weight, bias, eps, is_rms, out_dtype):
+    xf = x.to(_compute_dtype(x.dtype))
+    xc = xf if is_rms else xf - xf.mean(dim=-1, keepdim=True)
+    rstd = 1.0 / torch.sqrt((xc * xc).mean(dim=-1, keepdim=True) + eps)
+    y = xc * rstd
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.to(out_dtype), rstd.squeeze(-1)
+
+
+def torch_backward(dy, y, rstd, weight, bias, is_rms, x_dtype):
+    compute = _compute_dtype(x_dtype)
+    dyf, x_hat = dy.to(compute), y.to(compute)
+    g = dyf
+    if weight is not None:
+        w = weight.to(compute)
+        x_hat = (x_hat - bias.to(compute) if bias is not None else x_hat) / w
+        g = dyf * w
+    c1 = (g * x_hat).mean(dim=-1, keepdim=True)
+    dx = g - x_hat * c1 if is_rms else g - g.mean(dim=-1, keepdim=True) - x_hat * c1
+    dx = (dx * rstd.to(compute)[:, None]).to(x_dtype)
+    dw = (dyf * x_hat).sum(dim=0) if weight is not None else None
+    db = dyf.sum(dim=0) if bias is not None else None
+    return dx, dw, db
+
+
+# --- Triton --------------------------------------------------------------------------------------
+
+def _module(device: torch.device, interpret: bool):
+    tree = builtin_tree()
+    return kernel_module_file(tree, arch_for(device, tree, interpret), NORM_FILE, interpret)
+
+
+def _launch_params(module, n_cols: int) -> dict:
+    if n_cols <= module.MAX_SINGLE_BLOCK:
+        block = 1 << max(0, (n_cols - 1).bit_length())
+        return {"BLOCK_N": block, "SINGLE_PASS": True, "num_warps": module.SINGLE_WARPS[block]}
+    return {"BLOCK_N": module.LOOP_BLOCK, "SINGLE_PASS": False, "num_warps": module.LOOP_WARPS}
+
+
+def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret):
+    rows, cols = x.shape
+    y = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return y, rstd
+    module = _module(x.device, interpret)
+    w = weight if weight is not None else rstd  # never read when AFFINE is off
+    b = bias if bias is not None else w
+    with device_guard(x):
+        module.forward_kernel[(rows,)](
+            x, y, rstd, w, b, cols, eps, IS_RMS=is_rms, AFFINE=weight is not None, HAS_BIAS=bias is not None,
+            **_launch_params(module, cols),
+        )
+    return y, rstd
+
+
+def _backward_programs(module, device, rows, interpret) -> int:
+    if interpret or device.type != "cuda":
+        return min(rows, 4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(rows, sms * module.BACKWARD_PROGRAMS_PER_SM)
+
+
+def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret):
+    rows, cols = y.shape
+    dx = torch.empty((rows, cols), dtype=x_dtype, device=y.device)
+    affine, has_bias = weight is not None, bias is not None
+    if rows == 0:
+        zeros = torch.zeros(cols, dtype=torch.float32, device=y.device)
+        return dx, zeros if affine else None, zeros if has_bias else None
+    module = _module(y.device, interpret)
+    params = _launch_params(module, cols)
+    w = weight if affine else rstd  # placeholders are never read when AFFINE / HAS_BIAS are off
+    b = bias if has_bias else w
+    if params["SINGLE_PASS"]:
+        programs = _backward_programs(module, y.device, rows, interpret)
+        # One partial dgamma / dbeta row per program, summed below (deterministic: no atomics).
+        dw = torch.zeros((programs, cols), dtype=torch.float32, device=y.device) if affine else rstd
+        db = torch.zeros((programs, cols), dtype=torch.float32, device=y.device) if has_bias else dw
+    else:
+        programs = rows
+        dw = db = rstd
+    with device_guard(y):
+        module.backward_kernel[(programs,)](
+            dy, y, rstd, w, b, dx, dw, db, rows, cols, IS_RMS=is_rms, AFFINE=affine, HAS_BIAS=has_bias, **params
+        )
+        if not affine:
+            return dx, None, None
+        if params["SINGLE_PASS"]:
+            return dx, dw.sum(dim=0), db.sum(dim=0) if has_bias else None
+        dw = torch.empty(cols, dtype=torch.float32, device=y.device)
+        db = torch.empty(cols, dtype=torch.float32, device=y.device) if has_bias else dw
+        block_c = module.PARAM_GRAD_BLOCK_C
+        module.param_grad_kernel[(-(-cols // block_c),)](
+            dy, y, w, b, dw, db, rows, cols, HAS_BIAS=has_bias, BLOCK_R=module.PARAM_GRAD_BLOCK_R,
+            BLOCK_C=block_c, num_warps=module.PARAM_GRAD_WARPS,
+        )
+    return dx, dw, db if has_bias else None

@@ -1,0 +1,224 @@
+"""Memory-sharing LayerNorm and RMSNorm (MS-BP).
+
+The norm saves its output y (and one float32 rstd per row), never its input. The linear layer that
+consumes y saves that same tensor, so the pair keeps one copy where torch keeps two.
+
+    lowmem_ops::ms_norm_fwd(x, weight?, bias?, n_cols, eps, is_rms, out_dtype?) -> (y, rstd)
+    lowmem_ops::ms_norm_bwd(dy, y, rstd, weight?, bias?, n_cols, is_rms, x_dtype) -> (dx, dweight, dbias)
+
+Affine modes:
+  none     the paper's form, no parameters: fold gamma/beta into the linear layers that follow.
+  inverse  gamma/beta stay trainable in the norm; y = x_hat * gamma + beta is saved and backward
+           recovers x_hat = (y - beta) / gamma. Only where that is safe (see INVERSE_RULE); else
+           that call falls back to the plain path.
+  plain    torch's own layer_norm / rms_norm, which saves the input: the non-sharing reference.
+
+Autocast: under torch.autocast the norm computes in float32 and returns the autocast dtype, so the
+following linear needs no cast (a cast would make a new tensor and end the sharing).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _norm_backends as nb
+
+AFFINE_MODES = ("none", "inverse", "plain")
+# Recovering x_hat = (y - beta) / gamma multiplies y's rounding error by (|x_hat| + |beta/gamma|) / |x_hat|.
+# Inverse mode is used only while every channel has |gamma| >= GAMMA_MIN and |beta| <= BETA_RATIO * |gamma|,
+# which keeps that factor near 1 for normalised activations and avoids dividing by (near) zero.
+GAMMA_MIN = 1e-3
+BETA_RATIO = 16.0
+INVERSE_RULE = f"every |gamma_j| >= {GAMMA_MIN:g} and |beta_j| <= {BETA_RATIO:g} * |gamma_j|"
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _backend(t: torch.Tensor) -> str:
+    from .activations import _backend as pick  # one rule for every op
+
+    return pick(t)
+
+
+def _check(x, weight, bias, n_cols, what):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"lowmem_ops.{what}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT:
+        raise TypeError(f"lowmem_ops.{what}: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if n_cols <= 0 or x.numel() % n_cols:
+        raise ValueError(f"lowmem_ops.{what}: input of shape {tuple(x.shape)} cannot be normalised over {n_cols} trailing elements")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.numel() != n_cols:
+            raise ValueError(f"lowmem_ops.{what}: {name} has {p.numel()} elements, the normalised shape has {n_cols}")
+        if p.device != x.device:
+            raise ValueError(f"lowmem_ops.{what}: {name} is on {p.device} but the input is on {x.device}")
+    if bias is not None and weight is None:
+        raise ValueError(f"lowmem_ops.{what}: a bias needs a weight (inverse mode recovers x_hat from y, gamma and beta)")
+
+
+@torch.library.custom_op("lowmem_ops::ms_norm_fwd", mutates_args=())
+def ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], n_cols: int,
+                eps: float, is_rms: bool, out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, weight, bias, n_cols, "ms_norm")
+    out_dtype = out_dtype or x.dtype
+    x2 = x.reshape(-1, n_cols).contiguous()
+    w = weight.reshape(-1).contiguous() if weight is not None else None
+    b = bias.reshape(-1).contiguous() if bias is not None else None
+    backend = _backend(x)
+    if backend == "torch" or out_dtype == torch.float64:
+        y, rstd = nb.torch_forward(x2, w, b, eps, is_rms, out_dtype)
+    else:
+        y, rstd = nb.triton_forward(x2, w, b, eps, is_rms, out_dtype, backend == "triton-interpret")
+    return y.view(x.shape), rstd
+
+
+@ms_norm_fwd.register_fake
+def _(x, weight, bias, n_cols, eps, is_rms, out_dtype):
+    rows = x.numel() // n_cols
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty((rows,), dtype=stat)
+
+
+@torch.library.custom_op("lowmem_ops::ms_norm_bwd", mutates_args=())
+def ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], n_cols: int, is_rms: bool, x_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dy2 = dy.reshape(-1, n_cols).contiguous()
+    y2 = y.reshape(-1, n_cols)
+    w = weight.reshape(-1).contiguous() if weight is not None else None
+    b = bias.reshape(-1).contiguous() if bias is not None else None
+    backend = _backend(y)
+    if backend == "torch" or x_dtype == torch.float64 or y.dtype == torch.float64:
+        dx, dw, db = nb.torch_backward(dy2, y2, rstd, w, b, is_rms, x_dtype)
+    else:
+        dx, dw, db = nb.triton_backward(dy2, y2, rstd, w, b, is_rms, x_dtype, backend == "triton-interpret")
+    empty = y.new_empty(0, dtype=torch.float32)
+    return (dx.view(y.shape),
+            dw.to(weight.dtype).view(weight.shape) if dw is not None else empty,
+            db.to(bias.dtype).view(bias.shape) if db is not None else empty)
+
+
+@ms_norm_bwd.register_fake
+def _(dy, y, rstd, weight, bias, n_cols, is_rms, x_dtype):
+    empty = y.new_empty(0, dtype=torch.float32)
+    return (y.new_empty(y.shape, dtype=x_dtype),
+            torch.empty_like(weight) if weight is not None else empty,
+            torch.empty_like(bias) if bias is not None else empty)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, n_cols, eps, is_rms, out_dtype = inputs
+    y, rstd = output
+    ctx.n_cols, ctx.is_rms, ctx.x_dtype = n_cols, is_rms, x.dtype
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    # y is this op's output: the very tensor the next layer saves. weight/bias are parameters.
+    ctx.save_for_backward(y, rstd, weight, bias)
+
+
+def _backward(ctx, dy, _drstd):
+    y, rstd, weight, bias = ctx.saved_tensors
+    dx, dw, db = ms_norm_bwd(dy, y, rstd, weight, bias, ctx.n_cols, ctx.is_rms, ctx.x_dtype)
+    return dx, dw if ctx.has_weight else None, db if ctx.has_bias else None, None, None, None, None
+
+
+def _no_double_backward(ctx, *_):
+    raise RuntimeError("lowmem_ops: double backward through a memory-sharing norm is not supported")
+
+
+ms_norm_fwd.register_autograd(_backward, setup_context=_setup)
+ms_norm_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# --- the public functions --------------------------------------------------------------------------
+
+def _n_cols(x: torch.Tensor, normalized_shape, what: str) -> int:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"lowmem_ops.{what}: normalized_shape {list(shape)} does not match the trailing "
+                         f"dimensions of an input of shape {list(x.shape)}")
+    return math.prod(shape)
+
+
+def _out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    if out_dtype is not None:
+        return out_dtype
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+_warned_fallback: set[int] = set()
+
+
+def inverse_is_safe(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether y can be inverted to x_hat for these parameters (INVERSE_RULE). Syncs with the device."""
+    w = weight.detach().abs().float()
+    ok = w >= GAMMA_MIN
+    if bias is not None:
+        ok &= bias.detach().abs().float() <= BETA_RATIO * w
+    return bool(ok.all())
+
+
+def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, what):
+    n_cols = _n_cols(x, normalized_shape, what)
+    _check(x, weight, bias, n_cols, what)
+    out = _out_dtype(x, out_dtype)
+    if weight is not None and not _inverse_allowed(weight, bias):
+        return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
+    return torch.ops.lowmem_ops.ms_norm_fwd(x, weight, bias, n_cols, eps, is_rms, out)[0]
+
+
+def _inverse_allowed(weight, bias) -> bool:
+    if torch.compiler.is_compiling():
+        # The rule needs the parameter values on the host: a graph cannot branch on them. Compiled
+        # graphs therefore use the plain path for inverse mode (documented in docs/norms.md).
+        return False
+    safe = inverse_is_safe(weight, bias)
+    if not safe and id(weight) not in _warned_fallback:
+        _warned_fallback.add(id(weight))
+        warnings.warn(f"lowmem_ops: norm parameters break the inverse-mode rule ({INVERSE_RULE}); those calls "
+                      "save the input instead of sharing the output", stacklevel=4)
+    return safe
+
+
+def _plain(x, normalized_shape, weight, bias, eps, is_rms, out_dtype):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    compute = x if x.dtype == torch.float64 else x.float()
+    w = weight.to(compute.dtype) if weight is not None else None
+    b = bias.to(compute.dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        y = F.rms_norm(compute, shape, w, eps) if is_rms else F.layer_norm(compute, shape, w, b, eps)
+    return y.to(out_dtype or x.dtype)
+
+
+def ms_layernorm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None, eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None,
+                 affine: str = "inverse") -> torch.Tensor:
+    """LayerNorm that saves its output. Without weight/bias: the paper's form (fold the affine into
+    the next linear). With them: inverse mode, or affine='plain' for torch's own layer_norm."""
+    if affine not in ("inverse", "plain"):
+        raise ValueError(f"lowmem_ops.ms_layernorm: affine must be 'inverse' or 'plain', got {affine!r}")
+    if affine == "plain":
+        return _plain(x, normalized_shape, weight, bias, eps, False, _out_dtype(x, out_dtype))
+    return _norm(x, normalized_shape, weight, bias, eps, False, out_dtype, "ms_layernorm")
+
+
+def ms_rmsnorm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: Optional[torch.Tensor] = None,
+               eps: Optional[float] = 1e-6, out_dtype: Optional[torch.dtype] = None, affine: str = "inverse") -> torch.Tensor:
+    """RMSNorm that saves its output (see ms_layernorm). eps=None means torch.finfo(x.dtype).eps, as F.rms_norm."""
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    if affine not in ("inverse", "plain"):
+        raise ValueError(f"lowmem_ops.ms_rmsnorm: affine must be 'inverse' or 'plain', got {affine!r}")
+    if affine == "plain":
+        return _plain(x, normalized_shape, weight, None, eps, True, _out_dtype(x, out_dtype))
+    return _norm(x, normalized_shape, weight, None, eps, True, out_dtype, "ms_rmsnorm")
+
+
+__all__ = ["ms_layernorm", "ms_rmsnorm", "inverse_is_safe", "AFFINE_MODES", "INVERSE_RULE"]
