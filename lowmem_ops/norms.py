@@ -98,18 +98,21 @@ def ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: O
         dx, dw, db = nb.torch_backward(dy2, y2, rstd, w, b, is_rms, x_dtype)
     else:
         dx, dw, db = nb.triton_backward(dy2, y2, rstd, w, b, is_rms, x_dtype, backend == "triton-interpret")
-    empty = y.new_empty(0, dtype=torch.float32)
     return (dx.view(y.shape),
-            dw.to(weight.dtype).view(weight.shape) if dw is not None else empty,
-            db.to(bias.dtype).view(bias.shape) if db is not None else empty)
+            dw.to(weight.dtype).view(weight.shape) if dw is not None else _no_grad_tensor(y),
+            db.to(bias.dtype).view(bias.shape) if db is not None else _no_grad_tensor(y))
+
+
+def _no_grad_tensor(like: torch.Tensor) -> torch.Tensor:
+    """A fresh empty tensor for an absent parameter's gradient (outputs may not share storage)."""
+    return like.new_empty(0, dtype=torch.float32)
 
 
 @ms_norm_bwd.register_fake
 def _(dy, y, rstd, weight, bias, n_cols, is_rms, x_dtype):
-    empty = y.new_empty(0, dtype=torch.float32)
     return (y.new_empty(y.shape, dtype=x_dtype),
-            torch.empty_like(weight) if weight is not None else empty,
-            torch.empty_like(bias) if bias is not None else empty)
+            torch.empty_like(weight) if weight is not None else _no_grad_tensor(y),
+            torch.empty_like(bias) if bias is not None else _no_grad_tensor(y))
 
 
 def _setup(ctx, inputs, output):
