@@ -182,7 +182,14 @@ def _inverse_allowed(weight, bias) -> bool:
         # The rule needs the parameter values on the host: a graph cannot branch on them. Compiled
         # graphs therefore use the plain path for inverse mode (documented in docs/norms.md).
         return False
-    safe = inverse_is_safe(weight, bias)
+    # One host sync per parameter update, not per call: the verdict is kept on the weight tensor
+    # itself, with the versions it was made for (in-place updates such as optimizer steps bump them).
+    versions = (weight._version, id(bias), bias._version if bias is not None else None)
+    cached = getattr(weight, "_lowmem_inverse_rule", None)
+    if cached is None or cached[0] != versions:
+        cached = (versions, inverse_is_safe(weight, bias))
+        weight._lowmem_inverse_rule = cached
+    safe = cached[1]
     if not safe and id(weight) not in _warned_fallback:
         _warned_fallback.add(id(weight))
         warnings.warn(f"lowmem_ops: norm parameters break the inverse-mode rule ({INVERSE_RULE}); those calls "

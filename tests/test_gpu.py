@@ -52,3 +52,27 @@ def test_compiled_training_step_on_cuda():
     torch.testing.assert_close(compiled(x), model(x))
     compiled(x).float().square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("width", [1, 768, 4096, 8192, 8193, 70001])
+def test_cuda_norms_match_torch_path(is_rms, width, dtype):
+    torch.manual_seed(width)
+    rows = 64
+    x = torch.randn(rows, width, dtype=dtype)
+    w = torch.rand(width) + 0.5
+    b = None if is_rms else torch.randn(width) * 0.1
+    dy = torch.randn(rows, width, dtype=dtype)
+    out = {}
+    for device in ("cuda", "cpu"):
+        xs = x.to(device).requires_grad_(True)
+        ws = w.to(device).requires_grad_(True)
+        bs = b.to(device).requires_grad_(True) if b is not None else None
+        y = lo.ms_rmsnorm(xs, width, ws, 1e-5) if is_rms else lo.ms_layernorm(xs, width, ws, bs, 1e-5)
+        y.backward(dy.to(device))
+        out[device] = [t.detach().cpu().double() for t in (y, xs.grad, ws.grad) + ((bs.grad,) if bs is not None else ())]
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
+    for got, want in zip(out["cuda"], out["cpu"]):
+        scale = max(1.0, want.abs().max().item())
+        assert (got - want).abs().max().item() <= tol * scale

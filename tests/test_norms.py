@@ -307,3 +307,17 @@ def test_without_grad_saves_nothing():
         warnings.simplefilter("error")
         y, saved = saved_storages(lo.ms_layernorm, x, 8)
     assert saved == [] and not y.requires_grad
+
+
+def test_inverse_rule_is_rechecked_after_an_update():
+    norm = lo.nn.MSLayerNorm(8)
+    x = torch.randn(2, 8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, saved = saved_storages(norm, x)  # safe: shares, no warning
+    assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in saved)
+    with torch.no_grad():
+        norm.weight[0] = 0.0  # an in-place update, as an optimizer step makes
+    with pytest.warns(UserWarning, match="inverse-mode rule"):
+        _, saved = saved_storages(norm, x)
+    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
