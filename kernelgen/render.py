@@ -22,7 +22,11 @@ class RenderError(RuntimeError):
 
 
 def template_dir() -> Path:
-    return Path(str(resources.files("kernelgen.templates")))
+    """The installed kernelgen.templates, or templates/ of a checkout used through PYTHONPATH."""
+    try:
+        return Path(str(resources.files("kernelgen.templates")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "templates"
 
 
 def _env() -> jinja2.Environment:

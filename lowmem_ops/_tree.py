@@ -51,7 +51,11 @@ _loaded_trees: set[Path] = set()
 
 @lru_cache(maxsize=None)
 def builtin_tree() -> Path:
-    return Path(str(resources.files("lowmem_ops._generated"))).resolve()
+    """The installed lowmem_ops._generated, or generated/ of a checkout used through PYTHONPATH."""
+    try:
+        return Path(str(resources.files("lowmem_ops._generated"))).resolve()
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "generated"
 
 
 def _tree_key(tree: Path) -> str:
