@@ -308,10 +308,11 @@ def summary_table(records: list[dict], phases: Iterable[str], title: str, ratio_
     table.add_column("op")
     for phase in phases:
         table.add_column(phase, justify="right")
-    for op in dict.fromkeys(r["op"] for r in records if r.get(ratio_key) is not None):
+    measured = [r for r in records if r.get(ratio_key) is not None]
+    for op in dict.fromkeys(r["op"] for r in measured):
         cells = []
         for phase in phases:
-            ratios = [r[ratio_key] for r in records if r["op"] == op and r["phase"] == phase and r.get(ratio_key) is not None]
+            ratios = [r[ratio_key] for r in measured if r["op"] == op and r["phase"] == phase]
             cells.append(fmt_ratio(geomean(ratios)) if ratios else "-")
         table.add_row(op, *cells)
     return table
