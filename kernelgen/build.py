@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -190,10 +191,31 @@ def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
         raise BuildError("no specs to build")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}-stage-", dir=out.parent) as tmp, _quiet_fp_fusion_warning():
+    _sweep_dead_stages(out)
+    prefix = f".{out.name}-stage-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=out.parent) as tmp, _quiet_fp_fusion_warning():
         stage = Path(tmp) / "tree"
         _stage(specs, archs, stage, progress, norms)
         _install(stage, out, [a.name for a in archs], Path(tmp))
+
+
+def _sweep_dead_stages(out: Path) -> None:
+    """Remove staging folders left by builds that died without cleaning up (a compiler crash kills
+    the process before its `finally`). Folders of a build that is still running are left alone."""
+    for stage in out.parent.glob(f".{out.name}-stage-*-*"):
+        pid = stage.name.split("-stage-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _install(stage: Path, out: Path, arch_names: list[str], scratch: Path) -> None:

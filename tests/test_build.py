@@ -118,3 +118,13 @@ def test_users_own_spec_builds_and_runs(tmp_path):
     torch.testing.assert_close(y, x.detach() / (1 + x.detach().abs()))
     want = torch.tensor([0.0, 0.25, 0.75, 1.0])[(x.detach()[:, None] > torch.tensor([-1.0, 0.0, 1.0])).sum(1)]
     assert torch.equal(x.grad, want)
+
+
+def test_leftovers_of_crashed_builds_are_swept(tmp_path):
+    out = tmp_path / "generated"
+    dead = tmp_path / ".generated-stage-999999999-abc"  # no such process
+    mine = tmp_path / f".generated-stage-{__import__('os').getpid()}-live"  # a running build's
+    for d in (dead, mine):
+        (d / "tree").mkdir(parents=True)
+    build._sweep_dead_stages(out)
+    assert not dead.exists() and mine.exists()
