@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from ._common import compute_dtype
 from ._tree import builtin_tree, kernel_module_file
 from ._triton_backend import arch_for, device_guard
 
 NORM_FILE = "ms_norm"
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --- torch ---------------------------------------------------------------------------------------
 
 def torch_forward(x, weight, bias, eps, is_rms, out_dtype):
-    xf = x.to(_compute_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
     xc = xf if is_rms else xf - xf.mean(dim=-1, keepdim=True)
     rstd = 1.0 / torch.sqrt((xc * xc).mean(dim=-1, keepdim=True) + eps)
     y = xc * rstd
@@ -34,7 +31,7 @@ def torch_forward(x, weight, bias, eps, is_rms, out_dtype):
 
 
 def torch_backward(dy, y, rstd, weight, bias, is_rms, x_dtype):
-    compute = _compute_dtype(x_dtype)
+    compute = compute_dtype(x_dtype)
     dyf, x_hat = dy.to(compute), y.to(compute)
     g = dyf
     if weight is not None:

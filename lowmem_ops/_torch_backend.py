@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from ._common import compute_dtype
 from ._tree import OpInfo
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def forward(op: OpInfo, x: torch.Tensor, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    xc = x.to(_compute_dtype(x.dtype))
+    xc = x.to(compute_dtype(x.dtype))
     y = op.forward(xc).to(x.dtype)
     codes = pack_codes(op, xc) if save_codes else torch.empty(0, dtype=torch.uint8, device=x.device)
     return y, codes
@@ -53,6 +50,6 @@ def _byte_table(op: OpInfo, device: torch.device, dtype: torch.dtype) -> torch.T
 
 
 def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    compute = _compute_dtype(dy.dtype)
+    compute = compute_dtype(dy.dtype)
     level = _byte_table(op, dy.device, compute)[codes.long()].reshape(-1)[: dy.numel()].view(dy.shape)
     return (dy.to(compute) * level).to(dy.dtype)

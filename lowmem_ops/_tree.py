@@ -176,14 +176,17 @@ def kernel_module_file(tree: Path, arch: str, stem: str, interpret: bool) -> Mod
     path = tree / arch / f"{stem}.py"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"lowmem_ops needs triton to run its kernels ({err}): `pip install triton`, "
+                           "or LOWMEM_OPS_BACKEND=torch for the torch implementation") from None
     name = f"lowmem_ops._trees.{_tree_key(tree)}.{arch}.{stem}" + ("_interpret" if interpret else "")
     if not interpret:
         return _import_file(path, name)
-    # Import triton itself as configured, so its own @jit helpers stay consistent with the rest of
-    # the process; only our kernels' decorators see TRITON_INTERPRET=1. Generated code therefore
-    # calls Triton builtins only (see kernelgen/expr.py).
-    import triton  # noqa: F401
-
+    # triton itself is imported above as configured, so its own @jit helpers stay consistent with
+    # the rest of the process; only our kernels' decorators see TRITON_INTERPRET=1. Generated code
+    # therefore calls Triton builtins only (see kernelgen/expr.py).
     try:  # Triton >= 3.5 imports gluon lazily from the interpreter: do it now, outside the toggle
         import triton.experimental.gluon  # noqa: F401
     except ImportError:

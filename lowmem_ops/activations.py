@@ -8,7 +8,8 @@ Two torch.library custom ops carry them, so torch.compile(fullgraph=True) traces
 Under grad mode autograd saves only `codes`, ceil(numel * bits / 8) bytes; without grad (no_grad,
 inference_mode, or an input that does not require grad) no codes are computed and nothing is saved.
 
-Backend, per call: float64 tensors always take the torch path. Otherwise LOWMEM_OPS_BACKEND picks:
+Backend, per call (lowmem_ops._common.backend): float64 tensors always take the torch path.
+Otherwise LOWMEM_OPS_BACKEND picks:
   auto (default)    CUDA tensors -> generated Triton kernels for the GPU's arch; CPU -> torch path
   torch             the torch path everywhere
   triton            the Triton kernels; CPU tensors are an error
@@ -17,48 +18,17 @@ Backend, per call: float64 tensors always take the torch path. Otherwise LOWMEM_
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import _torch_backend
+from . import _torch_backend, _triton_backend
+from ._common import BACKENDS, check_float_tensor
+from ._common import backend as pick_backend
 from ._tree import OpInfo, available, get_op
-
-BACKENDS = ("auto", "torch", "triton", "triton-interpret")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
-
-
-def _backend(t: torch.Tensor) -> str:
-    mode = os.environ.get("LOWMEM_OPS_BACKEND", "auto")
-    if mode not in BACKENDS:
-        raise ValueError(f"LOWMEM_OPS_BACKEND={mode!r} is not one of {', '.join(BACKENDS)}")
-    if t.dtype == torch.float64 or mode == "torch":
-        return "torch"
-    if mode == "triton-interpret":
-        return mode
-    if t.device.type == "cuda":
-        return "triton"
-    if mode == "triton":
-        raise RuntimeError(f"LOWMEM_OPS_BACKEND=triton needs CUDA tensors, got a {t.device} tensor "
-                           "(use triton-interpret to run the kernels on CPU tensors)")
-    return "torch"
-
-
-def _triton():
-    try:
-        from . import _triton_backend
-    except ImportError as err:  # pragma: no cover - depends on the machine
-        raise RuntimeError(f"lowmem_ops needs triton for this tensor ({err}); `pip install triton`") from err
-    return _triton_backend
 
 
 def _check_input(x: torch.Tensor, name: str, what: str = "input") -> OpInfo:
     op = get_op(name)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"lowmem_ops.{name}: {what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"lowmem_ops.{name}: {what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_float_tensor(x, name, what)
     return op
 
 
@@ -66,10 +36,10 @@ def _check_input(x: torch.Tensor, name: str, what: str = "input") -> OpInfo:
 def approx_act_fwd(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = _check_input(x, name)
     x = x.contiguous()
-    backend = _backend(x)
+    backend = pick_backend(x)
     if backend == "torch":
         return _torch_backend.forward(op, x, save_codes)
-    return _triton().forward(op, x, save_codes, interpret=backend == "triton-interpret")
+    return _triton_backend.forward(op, x, save_codes, interpret=backend == "triton-interpret")
 
 
 @approx_act_fwd.register_fake
@@ -84,10 +54,10 @@ def approx_act_bwd(dy: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Te
     op = _check_input(dy, name, "grad_output")
     _check_codes(op, dy, codes)
     dy = dy.contiguous()
-    backend = _backend(dy)
+    backend = pick_backend(dy)
     if backend == "torch":
         return _torch_backend.backward(op, dy, codes)
-    return _triton().backward(op, dy, codes, interpret=backend == "triton-interpret")
+    return _triton_backend.backward(op, dy, codes, interpret=backend == "triton-interpret")
 
 
 def _check_codes(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, check_size: bool = True) -> None:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _norm_backends as nb
+from ._common import backend as pick_backend
+from ._common import check_float_tensor
 
 AFFINE_MODES = ("none", "inverse", "plain")
 # Recovering x_hat = (y - beta) / gamma multiplies y's rounding error by (|x_hat| + |beta/gamma|) / |x_hat|.
@@ -35,20 +37,10 @@ AFFINE_MODES = ("none", "inverse", "plain")
 GAMMA_MIN = 1e-3
 BETA_RATIO = 16.0
 INVERSE_RULE = f"every |gamma_j| >= {GAMMA_MIN:g} and |beta_j| <= {BETA_RATIO:g} * |gamma_j|"
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _backend(t: torch.Tensor) -> str:
-    from .activations import _backend as pick  # one rule for every op
-
-    return pick(t)
 
 
 def _check(x, weight, bias, n_cols, what):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"lowmem_ops.{what}: input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT:
-        raise TypeError(f"lowmem_ops.{what}: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_float_tensor(x, what)
     if n_cols <= 0 or x.numel() % n_cols:
         raise ValueError(f"lowmem_ops.{what}: input of shape {tuple(x.shape)} cannot be normalised over {n_cols} trailing elements")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -70,7 +62,7 @@ def ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     x2 = x.reshape(-1, n_cols).contiguous()
     w = weight.reshape(-1).contiguous() if weight is not None else None
     b = bias.reshape(-1).contiguous() if bias is not None else None
-    backend = _backend(x)
+    backend = pick_backend(x)
     if backend == "torch" or out_dtype == torch.float64:
         y, rstd = nb.torch_forward(x2, w, b, eps, is_rms, out_dtype)
     else:
@@ -93,7 +85,7 @@ def ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: O
     y2 = y.reshape(-1, n_cols)
     w = weight.reshape(-1).contiguous() if weight is not None else None
     b = bias.reshape(-1).contiguous() if bias is not None else None
-    backend = _backend(y)
+    backend = pick_backend(y)
     if backend == "torch" or x_dtype == torch.float64 or y.dtype == torch.float64:
         dx, dw, db = nb.torch_backward(dy2, y2, rstd, w, b, is_rms, x_dtype)
     else:

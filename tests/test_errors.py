@@ -86,3 +86,22 @@ def test_import_works_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_kernels_without_triton_say_so():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton blocked for this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import os, torch, lowmem_ops as lo\n"
+        "os.environ['LOWMEM_OPS_BACKEND'] = 'triton-interpret'\n"
+        "try:\n"
+        "    lo.regelu2(torch.randn(4))\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "lowmem_ops needs triton to run its kernels" in out.stdout, out.stderr

@@ -1,0 +1,41 @@
+"""What every op shares: the dtypes it takes, the dtype it computes in, and which backend runs it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "triton-interpret")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_float_tensor(x, where: str, what: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"lowmem_ops.{where}: {what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lowmem_ops.{where}: {what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def backend(t: torch.Tensor) -> str:
+    """'torch', 'triton' or 'triton-interpret' for this tensor, per LOWMEM_OPS_BACKEND (read per call).
+
+    float64 always takes the torch path. auto: CUDA tensors -> Triton kernels, CPU -> torch."""
+    mode = os.environ.get("LOWMEM_OPS_BACKEND", "auto")
+    if mode not in BACKENDS:
+        raise ValueError(f"LOWMEM_OPS_BACKEND={mode!r} is not one of {', '.join(BACKENDS)}")
+    if t.dtype == torch.float64 or mode == "torch":
+        return "torch"
+    if mode == "triton-interpret":
+        return mode
+    if t.device.type == "cuda":
+        return "triton"
+    if mode == "triton":
+        raise RuntimeError(f"LOWMEM_OPS_BACKEND=triton needs CUDA tensors, got a {t.device} tensor "
+                           "(use triton-interpret to run the kernels on CPU tensors)")
+    return "torch"
