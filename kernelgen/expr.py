@@ -1,8 +1,10 @@
 """Forward-function expressions: parse a math expression over x, print it as Triton and torch code.
 
-The language is deliberately small: the variable ``x``, numbers, + - * / **, and the functions in
-``FUNCTIONS``. Python's ``ast`` checks every token first (so an error names the offending token),
-then sympy builds the expression, simplifies constant sub-expressions and differentiates it.
+The language is deliberately small: the variable ``x``, numbers, + - * / **, the constants ``pi``
+and ``e``, the functions in ``FUNCTIONS``, and comparisons (< <= > >=) as the condition of
+``where(cond, a, b)``. Python's ``ast`` checks every token first (so an error names the offending
+token), then sympy builds the expression, folds constants and differentiates it (the exact
+derivative is the tests' reference and the exact gated-MLP backward).
 """
 
 from __future__ import annotations
@@ -14,23 +16,28 @@ import sympy
 
 X = sympy.Symbol("x", real=True)
 
-# name -> sympy constructor. sigmoid has no sympy class, so it is spelled out.
+# name -> (number of arguments, sympy constructor). sigmoid has no sympy class: it is spelled out.
 FUNCTIONS = {
-    "exp": sympy.exp,
-    "log": sympy.log,
-    "log1p": lambda z: sympy.log(1 + z),
-    "tanh": sympy.tanh,
-    "sigmoid": lambda z: 1 / (1 + sympy.exp(-z)),
-    "erf": sympy.erf,
-    "sqrt": sympy.sqrt,
-    "abs": sympy.Abs,
+    "exp": (1, sympy.exp),
+    "log": (1, sympy.log),
+    "log1p": (1, lambda z: sympy.log(1 + z)),
+    "tanh": (1, sympy.tanh),
+    "sigmoid": (1, lambda z: 1 / (1 + sympy.exp(-z))),
+    "erf": (1, sympy.erf),
+    "sqrt": (1, sympy.sqrt),
+    "abs": (1, sympy.Abs),
+    "max": (2, sympy.Max),
+    "min": (2, sympy.Min),
+    "where": (3, lambda cond, a, b: sympy.Piecewise((a, cond), (b, True))),
 }
 CONSTANTS = {"pi": sympy.pi, "e": sympy.E}
 
 _ALLOWED_NODES = (
-    ast.Expression, ast.BinOp, ast.UnaryOp, ast.Call, ast.Name, ast.Constant, ast.Load,
-    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd,
+    ast.Expression, ast.BinOp, ast.UnaryOp, ast.Call, ast.Name, ast.Constant, ast.Load, ast.Compare,
+    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd, ast.Gt, ast.GtE, ast.Lt, ast.LtE,
 )
+_COMPARE = {ast.Gt: sympy.StrictGreaterThan, ast.GtE: sympy.GreaterThan,
+            ast.Lt: sympy.StrictLessThan, ast.LtE: sympy.LessThan}
 
 
 class ExprError(ValueError):
@@ -46,14 +53,17 @@ class Expr:
         return sympy.diff(self.sym, X)
 
     def triton(self) -> str:
-        return _Printer(_TRITON_FUNCS).print(self.sym)
+        return _Printer(_TRITON).print(self.sym)
+
+    def triton_derivative(self) -> str:
+        return _Printer(_TRITON).print(self.derivative())
 
     def torch(self) -> str:
         """Torch code for h; a single native call where the expression is one torch has fused."""
         for text, code in TORCH_NATIVE.items():
             if sympy.simplify(self.sym - _NATIVE_SYMS.setdefault(text, parse(text).sym)) == 0:
                 return code
-        return _Printer(_TORCH_FUNCS).print(self.sym)
+        return _Printer(_TORCH).print(self.sym)
 
 
 # Expressions torch computes in one fused kernel: the CPU path calls those instead of composing
@@ -77,13 +87,17 @@ def parse(text: str) -> Expr:
             if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
                 name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
                 raise ExprError(f"unknown function {name!r} in {text!r}; supported: {', '.join(sorted(FUNCTIONS))}")
-            if len(node.args) != 1 or node.keywords:
-                raise ExprError(f"function {node.func.id!r} takes exactly one argument in {text!r}")
+            arity = FUNCTIONS[node.func.id][0]
+            if len(node.args) != arity or node.keywords:
+                raise ExprError(f"function {node.func.id!r} takes {arity} argument(s) in {text!r}")
+        elif isinstance(node, ast.Compare) and len(node.ops) != 1:
+            raise ExprError(f"chained comparison in {text!r}: write one comparison per where()")
         elif isinstance(node, ast.Name):
             if node.id != "x" and node.id not in CONSTANTS and node.id not in FUNCTIONS:
                 raise ExprError(f"unknown name {node.id!r} in {text!r}; the variable is 'x', constants: pi, e")
         elif isinstance(node, ast.Constant) and (isinstance(node.value, bool) or not isinstance(node.value, (int, float))):
             raise ExprError(f"unsupported constant {node.value!r} in {text!r}")
+    _check_conditions(tree.body, text, in_condition=False)
     sym = _build(tree.body)
     if sym.free_symbols - {X}:
         raise ExprError(f"{text!r} depends on something other than x")
@@ -92,7 +106,23 @@ def parse(text: str) -> Expr:
     return Expr(text=text, sym=sym)
 
 
-def _build(node: ast.AST) -> sympy.Expr:
+def _check_conditions(node: ast.AST, text: str, in_condition: bool) -> None:
+    """Comparisons only as where()'s condition, and where()'s condition only a comparison."""
+    if isinstance(node, ast.Compare) and not in_condition:
+        raise ExprError(f"a comparison can only be the first argument of where() in {text!r}")
+    if isinstance(node, ast.Call) and node.func.id == "where":
+        if not isinstance(node.args[0], ast.Compare):
+            raise ExprError(f"where()'s first argument must be a comparison such as x > 0 in {text!r}")
+        _check_conditions(node.args[0].left, text, False)
+        _check_conditions(node.args[0].comparators[0], text, False)
+        for arg in node.args[1:]:
+            _check_conditions(arg, text, False)
+        return
+    for child in ast.iter_child_nodes(node):
+        _check_conditions(child, text, False)
+
+
+def _build(node: ast.AST):
     if isinstance(node, ast.Constant):
         return sympy.Rational(node.value) if isinstance(node.value, int) else sympy.Float(node.value, 17)
     if isinstance(node, ast.Name):
@@ -100,42 +130,57 @@ def _build(node: ast.AST) -> sympy.Expr:
     if isinstance(node, ast.UnaryOp):
         inner = _build(node.operand)
         return -inner if isinstance(node.op, ast.USub) else inner
+    if isinstance(node, ast.Compare):
+        return _COMPARE[type(node.ops[0])](_build(node.left), _build(node.comparators[0]))
     if isinstance(node, ast.Call):
-        return FUNCTIONS[node.func.id](_build(node.args[0]))
+        return FUNCTIONS[node.func.id][1](*[_build(a) for a in node.args])
     left, right = _build(node.left), _build(node.right)
-    op = type(node.op)
     return {ast.Add: lambda: left + right, ast.Sub: lambda: left - right, ast.Mult: lambda: left * right,
-            ast.Div: lambda: left / right, ast.Pow: lambda: left ** right}[op]()
+            ast.Div: lambda: left / right, ast.Pow: lambda: left ** right}[type(node.op)]()
 
 
-# Function tables for the two targets. Triton code uses builtins only: the @jit helpers of
-# triton.language.standard (tl.sigmoid, ...) break the interpreter when triton was imported first
-# without TRITON_INTERPRET, and tanh has no builtin common to Triton 3.x releases.
-_TRITON_FUNCS = {
-    sympy.exp: "tl.exp({})",
-    sympy.log: "tl.log({})",
-    sympy.erf: "tl.math.erf({})",
-    sympy.Abs: "tl.abs({})",
-    sympy.tanh: "(2.0 / (1.0 + tl.exp(-2.0 * ({}))) - 1.0)",
-}
-_TORCH_FUNCS = {
-    sympy.exp: "torch.exp({})",
-    sympy.log: "torch.log({})",
-    sympy.erf: "torch.special.erf({})",
-    sympy.Abs: "torch.abs({})",
-    sympy.tanh: "torch.tanh({})",
-}
-_SQRT = {"triton": "tl.sqrt_rn({})", "torch": "torch.sqrt({})"}  # tl.sqrt is approximate
+@dataclass(frozen=True)
+class _Target:
+    """How one language spells the functions. Triton code uses builtins only: the @jit helpers of
+    triton.language.standard (tl.sigmoid, ...) break the interpreter when triton was imported first
+    without TRITON_INTERPRET. tanh has no builtin common to Triton 3.x releases: generated files
+    define _tanh (TRITON_HELPERS) from exp, with a series near 0 where the exp form cancels."""
+
+    funcs: dict
+    sqrt: str
+    where: str
+
+
+_TRITON = _Target(
+    funcs={sympy.exp: "tl.exp({})", sympy.log: "tl.log({})", sympy.erf: "tl.math.erf({})", sympy.Abs: "tl.abs({})",
+           # tanh(z) = 2 / (1 + e^-2z) - 1 cancels near 0: there, its odd series (error < 1e-14)
+           sympy.tanh: "_tanh({})"},
+    sqrt="tl.sqrt_rn({})",  # tl.sqrt is approximate
+    where="tl.where({}, {}, {})",
+)
+_TORCH = _Target(
+    funcs={sympy.exp: "torch.exp({})", sympy.log: "torch.log({})", sympy.erf: "torch.special.erf({})",
+           sympy.Abs: "torch.abs({})", sympy.tanh: "torch.tanh({})"},
+    sqrt="torch.sqrt({})",
+    where="torch.where({}, {}, {})",
+)
+TRITON_HELPERS = '''
+@triton.jit
+def _tanh(z):
+    big = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
+    z2 = z * z
+    return tl.where(tl.abs(z) < 0.01, z * (1.0 - z2 * (0.3333333333333333 - z2 * (0.13333333333333333 - z2 * 0.05396825396825397))), big)
+'''
+_RELATIONS = {sympy.StrictGreaterThan: ">", sympy.GreaterThan: ">=", sympy.StrictLessThan: "<", sympy.LessThan: "<="}
 
 
 class _Printer:
     """Prints a sympy expression in x as code over a float32 tensor named x."""
 
-    def __init__(self, funcs: dict):
-        self.funcs = funcs
-        self.sqrt = _SQRT["triton" if funcs is _TRITON_FUNCS else "torch"]
+    def __init__(self, target: _Target):
+        self.t = target
 
-    def print(self, e: sympy.Expr) -> str:
+    def print(self, e) -> str:
         if not e.free_symbols:
             value = float(e)
             return repr(value) if value >= 0 else f"({value!r})"
@@ -158,19 +203,39 @@ class _Printer:
         if isinstance(e, sympy.Pow):
             base, exp = e.args
             if exp == sympy.Rational(1, 2):
-                return self.sqrt.format(self.print(base))
+                return self.t.sqrt.format(self.print(base))
+            if exp == sympy.Rational(-1, 2):
+                return "(1.0 / " + self.t.sqrt.format(self.print(base)) + ")"
             if exp.is_Integer and 0 < int(exp) <= 4:
                 b = self.print(base)
                 return "(" + " * ".join([b] * int(exp)) + ")"
             if exp.is_Integer and -4 <= int(exp) < 0:
                 return "(1.0 / " + self.print(base ** -exp) + ")"
             raise ExprError(f"unsupported power {e}: only integer powers up to 4 and square roots")
-        for cls, fmt in self.funcs.items():
+        if isinstance(e, sympy.Piecewise):
+            (value, cond), rest = e.args[0], e.args[1:]
+            other = self.print(sympy.Piecewise(*rest)) if len(rest) > 1 or rest[0][1] is not sympy.true else self.print(rest[0][0])
+            return self.t.where.format(self.print(cond), self.print(value), other)
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            a, *others = _ordered(e.args)
+            b = self.print(type(e)(*others)) if len(others) > 1 else self.print(others[0])
+            op = ">" if isinstance(e, sympy.Max) else "<"
+            pa = self.print(a)
+            return self.t.where.format(f"({pa} {op} {b})", pa, b)
+        if isinstance(e, sympy.Heaviside):  # from d/dx max(x, 0): 0 below, 1 above, 1/2 at 0
+            z = self.print(e.args[0])
+            return self.t.where.format(f"({z} > 0.0)", "1.0", self.t.where.format(f"({z} < 0.0)", "0.0", "0.5"))
+        if isinstance(e, sympy.sign):
+            z = self.print(e.args[0])
+            return self.t.where.format(f"({z} > 0.0)", "1.0", self.t.where.format(f"({z} < 0.0)", "(-1.0)", "0.0"))
+        if type(e) in _RELATIONS:
+            return f"({self.print(e.lhs)} {_RELATIONS[type(e)]} {self.print(e.rhs)})"
+        for cls, fmt in self.t.funcs.items():
             if isinstance(e, cls):
                 return fmt.format(self.print(e.args[0]))
         raise ExprError(f"cannot print {e} ({type(e).__name__})")
 
 
 def _ordered(args):
-    # sympy's own ordering is canonical; sorting by str keeps printed code stable across runs.
+    # sympy's own ordering is canonical; sorting keeps printed code stable across runs.
     return sorted(args, key=sympy.default_sort_key)

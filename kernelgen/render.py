@@ -10,6 +10,7 @@ from pathlib import Path
 import jinja2
 
 from .archs import DTYPES, TRITON_DTYPE, Arch, elementwise_config, norm_config
+from .expr import TRITON_HELPERS
 from .spec import Spec, to_f32
 
 ACTIVATION_TEMPLATE = "activation.py.j2"
@@ -59,8 +60,8 @@ def _level_select(levels: tuple[float, ...]) -> str:
 
 
 def _pack_rounds(spec: Spec) -> list[dict]:
-    """Round r packs neighbouring fields of width bits * 2**r in pairs: groups of 2**(r+1) codes."""
-    rounds, width, group = [], spec.bits, 2
+    """Round r packs neighbouring fields of width field * 2**r in pairs: groups of 2**(r+1) codes."""
+    rounds, width, group = [], 1 if spec.planes > 1 else spec.bits, 2
     while width < 8:
         rounds.append({"width": width, "group": group})
         width, group = width * 2, group * 2
@@ -157,6 +158,7 @@ def norm_variants(arch: Arch) -> list[KernelVariant]:
 def render_activation(spec: Spec, arch: Arch) -> str:
     configs = [(repr((v.kernel, v.dtype)), repr({"BLOCK_BYTES": v.constexprs["BLOCK_BYTES"], "num_warps": v.num_warps}))
                for v in activation_variants(spec, arch)]
+    forward = spec.forward.triton()
     try:
         return _env().get_template(ACTIVATION_TEMPLATE).render(
             spec=spec,
@@ -166,10 +168,15 @@ def render_activation(spec: Spec, arch: Arch) -> str:
             thresholds=[repr(to_f32(c)) for c in spec.thresholds],
             levels=[repr(to_f32(v)) for v in spec.levels],
             compare=">" if spec.boundary == "lower" else ">=",
-            forward_triton=spec.forward.triton(),
+            forward_triton=forward,
             level_select=_level_select(tuple(to_f32(v) for v in spec.levels)),
             configs=configs,
             pack_rounds=_pack_rounds(spec),
+            cpb=spec.codes_per_byte,
+            planes=spec.planes,
+            field=spec.bits if spec.planes == 1 else 1,
+            uses_tanh="_tanh(" in forward,
+            triton_helpers=TRITON_HELPERS.strip(),
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering {spec.name} for {arch.name} from templates/{ACTIVATION_TEMPLATE}: {err}") from err

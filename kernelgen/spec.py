@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import expr
 
-SUPPORTED_BITS = (1, 2, 4)
+SUPPORTED_BITS = (1, 2, 3, 4)
 BOUNDARIES = {
     "lower": "x == c_i takes the level below c_i (code = number of thresholds strictly below x)",
     "upper": "x == c_i takes the level above c_i (code = number of thresholds at or below x)",
@@ -50,8 +50,14 @@ class Spec:
     sha256: str  # of the file's bytes
 
     @property
+    def planes(self) -> int:
+        """3-bit codes are stored as 3 bit planes (3 bits per element); the others interleaved."""
+        return 3 if self.bits == 3 else 1
+
+    @property
     def codes_per_byte(self) -> int:
-        return 8 // self.bits
+        """Codes per byte of one plane."""
+        return 8 if self.bits == 3 else 8 // self.bits
 
 
 def load(path: str | Path) -> Spec:

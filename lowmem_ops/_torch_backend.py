@@ -27,11 +27,28 @@ def pack_codes(op: OpInfo, x: torch.Tensor) -> torch.Tensor:
     for c in op.thresholds:
         # Comparisons with NaN are false, so NaN gets code 0, as in the kernels.
         counted += (x32 > c) if op.boundary == "lower" else (x32 >= c)
+    if op.planes == 1:
+        return _pack_fields(code, per_byte, op.bits)
+    return torch.cat([_pack_fields((code >> p) & 1, per_byte, 1) for p in range(op.planes)])
+
+
+def _pack_fields(code: torch.Tensor, per_byte: int, width: int) -> torch.Tensor:
     fields = code.view(-1, per_byte)
     packed = fields[:, 0].clone()
     for j in range(1, per_byte):
-        packed |= fields[:, j] << (op.bits * j)
+        packed |= fields[:, j] << (width * j)
     return packed
+
+
+def unpack_codes(op: OpInfo, codes: torch.Tensor, numel: int) -> torch.Tensor:
+    """The level index of every element, as int64."""
+    shifts = torch.arange(op.codes_per_byte, device=codes.device)
+    if op.planes == 1:
+        return ((codes.long()[:, None] >> shifts * op.bits) & ((1 << op.bits) - 1)).reshape(-1)[:numel]
+    planes = codes.long().view(op.planes, -1)
+    bits = (planes[:, :, None] >> shifts) & 1  # (plane, byte, bit)
+    weights = (1 << torch.arange(op.planes, device=codes.device))[:, None, None]
+    return (bits * weights).sum(dim=0).reshape(-1)[:numel]
 
 
 _byte_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
@@ -51,5 +68,9 @@ def _byte_table(op: OpInfo, device: torch.device, dtype: torch.dtype) -> torch.T
 
 def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     compute = compute_dtype(dy.dtype)
-    level = _byte_table(op, dy.device, compute)[codes.long()].reshape(-1)[: dy.numel()].view(dy.shape)
-    return (dy.to(compute) * level).to(dy.dtype)
+    if op.planes == 1:
+        level = _byte_table(op, dy.device, compute)[codes.long()].reshape(-1)[: dy.numel()]
+    else:
+        levels = torch.tensor(op.levels, dtype=torch.float32, device=dy.device).to(compute)
+        level = levels[unpack_codes(op, codes, dy.numel())]
+    return (dy.to(compute) * level.view(dy.shape)).to(dy.dtype)

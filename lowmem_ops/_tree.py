@@ -37,11 +37,17 @@ class OpInfo:
     tree: Path
 
     @property
+    def planes(self) -> int:
+        """3-bit codes are stored as 3 bit planes; 1-, 2- and 4-bit codes interleaved in bytes."""
+        return 3 if self.bits == 3 else 1
+
+    @property
     def codes_per_byte(self) -> int:
-        return 8 // self.bits
+        """Codes per byte of one plane."""
+        return 8 if self.bits == 3 else 8 // self.bits
 
     def n_code_bytes(self, numel: int) -> int:
-        return -(-numel * self.bits // 8)
+        return self.planes * -(-numel // self.codes_per_byte)
 
 
 _lock = threading.RLock()

@@ -65,8 +65,14 @@ def codes(name: str, x: torch.Tensor) -> np.ndarray:
 
 
 def unpack(packed: torch.Tensor, k: int, n: int) -> np.ndarray:
-    """Undo the documented layout: element i at bits [k*(i % (8//k)), +k) of byte i // (8//k)."""
-    b = np.unpackbits(packed.numpy().astype(np.uint8), bitorder="little").reshape(-1, k)
+    """Undo the documented layouts. k = 1, 2, 4: element i at bits [k*(i % (8//k)), +k) of byte
+    i // (8//k). k = 3: three bit planes of ceil(n/8) bytes; bit p of code i is bit i % 8 of byte
+    i // 8 of plane p."""
+    raw = packed.numpy().astype(np.uint8)
+    if k == 3:
+        planes = np.unpackbits(raw, bitorder="little").reshape(3, -1)
+        return (planes * (1 << np.arange(3))[:, None]).sum(axis=0)[:n]
+    b = np.unpackbits(raw, bitorder="little").reshape(-1, k)
     weights = 1 << np.arange(k)
     return (b * weights).sum(axis=1)[:n]
 

@@ -1,4 +1,4 @@
-"""1-, 2- and 4-bit codes through the whole pipeline: spec -> build -> kernels -> autograd."""
+"""1-, 2-, 3- and 4-bit codes through the whole pipeline: spec -> build -> kernels -> autograd."""
 
 import math
 
@@ -14,6 +14,7 @@ from .test_memory import saved_tensors
 
 SPECS = {
     1: ("step1", [0.0], "levels = [0.0, 1.0]"),
+    3: ("step3", [-1.5 + 0.5 * i for i in range(7)], "levels = [" + ", ".join(str(i / 7) for i in range(8)) + "]"),
     4: ("step4", [-3.5 + 0.5 * i for i in range(15)], "levels = [" + ", ".join(str(i / 15) for i in range(16)) + "]"),
 }
 
@@ -47,7 +48,8 @@ def test_codes_gradient_and_saved_bytes(built_op, backend, dtype, n):
         y, saved = saved_tensors(lo.approx_activation, x, name)
         (packed,) = saved
         y.backward(dy)
-    assert packed.numel() == math.ceil(n * bits / 8)
+    # 3 bits: three planes of ceil(n / 8) bytes (3 bits per element, padding to a byte per plane)
+    assert packed.numel() == (3 * math.ceil(n / 8) if bits == 3 else math.ceil(n * bits / 8))
     np.testing.assert_array_equal(ref.unpack(packed, bits, n), ref.codes(name, x))
     torch.testing.assert_close(x.grad.double(), ref.grad(name, x, dy), rtol=ref.ulp(dtype), atol=0)
     torch.testing.assert_close(y.double(), torch.nn.functional.silu(x.detach().double()), rtol=ref.ulp(dtype), atol=1e-6)

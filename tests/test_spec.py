@@ -50,7 +50,7 @@ def test_good_spec_and_levels_from_coefficients(tmp_path):
 @pytest.mark.parametrize(
     "edit, line, field, problem",
     [
-        (("bits = 2", "bits = 3"), 6, "[approx].bits", "3 is not supported"),
+        (("bits = 2", "bits = 5"), 6, "[approx].bits", "5 is not supported"),
         (("bits = 2", 'bits = "2"'), 6, "[approx].bits", "must be int"),
         (("[-1.0, 0.0, 1.0]", "[-1.0, 1.0, 0.0]"), 8, "[approx].thresholds", "strictly ascending"),
         (("[-1.0, 0.0, 1.0]", "[-1.0, 0.0]"), 8, "[approx].thresholds", "needs 3 values for bits = 2, got 2"),
