@@ -78,6 +78,67 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _print_fit(console, name: str, f) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{name}: {f.bits}-bit fit, E = {f.error:.7g} ({f.seconds:.2f} s, {f.evaluations} evaluations)")
+    table.add_column("code")
+    table.add_column("threshold below it")
+    table.add_column("level L[code]")
+    for j, level in enumerate(f.levels):
+        table.add_row(str(j), "-inf" if j == 0 else f"{f.thresholds[j - 1]:.9g}", f"{level:.9g}")
+    console.print(table)
+
+
+def _cmd_fit(args) -> int:
+    from rich.console import Console
+
+    from . import expr, fit
+
+    h = expr.parse(args.expr)
+    f = fit.fit(h, args.bits)
+    _print_fit(Console(), args.expr, f)
+    if args.plot:
+        from .plot import plot
+
+        plot(h, f.thresholds, f.levels, args.expr, Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_new(args) -> int:
+    from rich.console import Console
+
+    from . import expr, fit, specfile
+
+    if not spec_mod.NAME_RE.match(args.name):
+        raise ValueError(f"name {args.name!r} must be lower-case letters, digits and _, starting with a letter")
+    f = fit.fit(expr.parse(args.expr), args.bits)
+    _print_fit(Console(), args.name, f)
+    path = Path(args.dir) / f"{args.name}.toml"
+    specfile.write(path, specfile.render(args.name, args.expr, f, args.description, args.replaces))
+    spec_mod.load(path)  # what we wrote must read back
+    print(f"wrote {path}")
+    if args.no_build:
+        return 0
+    build_args = argparse.Namespace(arch=args.arch, spec=[str(path)], out=args.out, check=False)
+    return _cmd_build(build_args)
+
+
+def _cmd_plot(args) -> int:
+    from .plot import plot
+
+    specs = _specs(args.spec)
+    chosen = [s for s in specs if s.name == args.name]
+    if not chosen:
+        raise ValueError(f"no op named {args.name!r}; known: {', '.join(s.name for s in specs)}")
+    s = chosen[0]
+    out = Path(args.out or f"{s.name}.png")
+    err = plot(s.forward, s.thresholds, s.levels, s.name, out)
+    print(f"wrote {out} (E = {err:.7g}; the spec records {s.fit_error:.7g})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kernelgen", description="Generate approximate-backprop Triton kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +151,27 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="the ops, their bits, coefficients and fit error")
     ls.add_argument("--spec", action="append", metavar="FILE", help="list this spec file instead of the built-ins")
     ls.set_defaults(run=_cmd_list)
+    f = sub.add_parser("fit", help="fit step-function levels to an activation and print them")
+    f.add_argument("--expr", required=True, help="h(x), e.g. \"x * tanh(log(1 + exp(x)))\" (docs/spec-format.md)")
+    f.add_argument("--bits", type=int, default=2, choices=(1, 2, 3, 4))
+    f.add_argument("--plot", metavar="PNG", help="also draw h, g and their derivatives")
+    f.set_defaults(run=_cmd_fit)
+    n = sub.add_parser("new", help="fit an activation, write its spec, build its kernels")
+    n.add_argument("name")
+    n.add_argument("--expr", required=True)
+    n.add_argument("--bits", type=int, default=2, choices=(1, 2, 3, 4))
+    n.add_argument("--description", default="")
+    n.add_argument("--replaces", default="", help="the torch activation it stands in for (informational)")
+    n.add_argument("--dir", default=".", help="where to write NAME.toml (default: here)")
+    n.add_argument("--arch", default="sm80", help="arch to build for (default sm80; all for every arch)")
+    n.add_argument("--out", default="kernels", help="the generated tree to build into (default ./kernels)")
+    n.add_argument("--no-build", action="store_true", help="only write the spec")
+    n.set_defaults(run=_cmd_new)
+    pl = sub.add_parser("plot", help="draw h vs g and h' vs the levels of an op (PNG)")
+    pl.add_argument("name")
+    pl.add_argument("--spec", action="append", metavar="FILE", help="look in these spec files instead of the built-ins")
+    pl.add_argument("--out", metavar="PNG", help="default: NAME.png")
+    pl.set_defaults(run=_cmd_plot)
     return p
 
 
@@ -97,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (spec_mod.SpecError, build_mod.BuildError, RenderError, ValueError) as err:
+    except (spec_mod.SpecError, build_mod.BuildError, RenderError, ValueError) as err:  # FitError, ExprError too
         print(f"kernelgen {args.command}: error: {err}", file=sys.stderr)
         return 1
 

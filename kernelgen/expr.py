@@ -61,16 +61,20 @@ class Expr:
     def torch(self) -> str:
         """Torch code for h; a single native call where the expression is one torch has fused."""
         for text, code in TORCH_NATIVE.items():
-            if sympy.simplify(self.sym - _NATIVE_SYMS.setdefault(text, parse(text).sym)) == 0:
+            if self.sym == _NATIVE_SYMS.setdefault(text, parse(text).sym):  # structural: same expression
                 return code
         return _Printer(_TORCH).print(self.sym)
 
 
 # Expressions torch computes in one fused kernel: the CPU path calls those instead of composing
-# several elementwise ops (5-10x faster there). Matching is symbolic, so only exact equals qualify.
+# several elementwise ops (5-10x faster there). Matching compares sympy trees, so the expression must
+# be the same one (up to sympy's canonical ordering), not merely equivalent.
 TORCH_NATIVE = {
     "0.5 * x * (1 + erf(x / sqrt(2)))": "torch.nn.functional.gelu(x)",
+    "0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x**3)))": "torch.nn.functional.gelu(x, approximate='tanh')",
     "x * sigmoid(x)": "torch.nn.functional.silu(x)",
+    "x * tanh(max(x, 0) + log1p(exp(-abs(x))))": "torch.nn.functional.mish(x)",
+    "where(x > 0, x, exp(x) - 1)": "torch.nn.functional.elu(x)",
 }
 _NATIVE_SYMS: dict[str, sympy.Expr] = {}
 

@@ -79,6 +79,7 @@ def asymptotes(h: expr_mod.Expr) -> Asymptotes:
             if not all(np.isfinite(offsets)) or max(offsets) - min(offsets) > 1e-5 * max(1.0, abs(offsets[-1])):
                 raise FitError(f"{h.text!r} does not approach a straight line towards {end}: the fit error would be infinite")
             out += [slopes[-1], offsets[-1]]
+    out = [0.0 if abs(v) < 1e-12 else v for v in out]  # e.g. SiLU's slope at -inf is -50 e^-50, i.e. 0
     return Asymptotes(slope_left=out[0], offset_left=out[1], slope_right=out[2], offset_right=out[3])
 
 
@@ -178,7 +179,7 @@ def fit(h: expr_mod.Expr | str, bits: int) -> Fit:
         # One threshold, both levels pinned by the slopes and the threshold by the intercept.
         if rise == 0:
             raise FitError(f"{h.text!r} has the same slope at both ends: 1 bit cannot fit it, use 2 or more")
-        c = np.array([(asym.offset_left - asym.offset_right) / rise])
+        c = np.array([(asym.offset_left - asym.offset_right) / rise + 0.0])  # + 0.0: no -0.0
     else:
         def objective(u):
             _, err, grad = prob.solve(_thresholds(u), with_gradient=True)

@@ -22,7 +22,7 @@ BOUNDARIES = {
     "lower": "x == c_i takes the level below c_i (code = number of thresholds strictly below x)",
     "upper": "x == c_i takes the level above c_i (code = number of thresholds at or below x)",
 }
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 _FIELDS = {
     "op": {"name": True, "description": False, "forward": True, "replaces": False},
     "approx": {"bits": True, "boundary": True, "thresholds": True, "coefficients": False, "levels": False,
@@ -138,7 +138,7 @@ def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
         return value
 
     name = typed("op", "name", (str,))
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         fail("op", "name", f"{name!r} must be lower-case letters, digits and _, starting with a letter (max 48)")
     try:
         forward = expr.parse(typed("op", "forward", (str,)))

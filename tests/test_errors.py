@@ -28,7 +28,7 @@ def test_not_a_tensor():
 
 
 def test_unknown_op():
-    with pytest.raises(ValueError, match=r"unknown lowmem_ops activation 'gelu3'; available: regelu2, resilu2"):
+    with pytest.raises(ValueError, match=r"unknown lowmem_ops activation 'gelu3'; available: .*regelu2, .*resilu2"):
         lo.approx_activation(torch.zeros(2), "gelu3")
     with pytest.raises(ValueError, match="unknown lowmem_ops activation"):
         lo.nn.Approx("gelu3")
