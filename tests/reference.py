@@ -14,8 +14,16 @@ import torch.nn.functional as F
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "kernelgen" / "specs"
 
-# The exact functions each built-in op must reproduce in its forward pass.
-EXACT_FORWARD = {"regelu2": lambda x: F.gelu(x), "resilu2": lambda x: F.silu(x)}
+# The exact functions each built-in op must reproduce in its forward pass, from torch itself.
+EXACT_FORWARD = {
+    **{f"regelu{k}": F.gelu for k in (1, 2, 3, 4)},
+    **{f"resilu{k}": F.silu for k in (1, 2, 3, 4)},
+    "tanh_gelu2": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu2": lambda x: x * torch.sigmoid(1.702 * x),
+    "mish2": F.mish,
+    "softplus2": lambda x: F.softplus(x, threshold=1000.0),  # the exact function, no linear cut-off
+    "elu2": F.elu,
+}
 
 # The published coefficients (reference section 1), thresholds ascending.
 PUBLISHED = {
