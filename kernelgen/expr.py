@@ -58,6 +58,9 @@ class Expr:
     def triton_derivative(self) -> str:
         return _Printer(_TRITON).print(self.derivative())
 
+    def torch_derivative(self) -> str:
+        return _Printer(_TORCH).print(self.derivative())
+
     def torch(self) -> str:
         """Torch code for h; a single native call where the expression is one torch has fused."""
         for text, code in TORCH_NATIVE.items():

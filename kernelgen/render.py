@@ -11,6 +11,7 @@ import jinja2
 
 from .archs import DTYPES, TRITON_DTYPE, Arch, elementwise_config, norm_config
 from .expr import TRITON_HELPERS
+from .fit import asymptotes
 from .spec import Spec, to_f32
 
 ACTIVATION_TEMPLATE = "activation.py.j2"
@@ -113,6 +114,33 @@ def activation_variants(spec: Spec, arch: Arch) -> list[KernelVariant]:
                 const = {"WRITE_CODES": kernel == "forward", "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
                 fn = "forward_kernel"
             out.append(KernelVariant(spec.name, kernel, dtype, fn, sig, const, cfg["num_warps"]))
+    if spec.gated:
+        out += _gated_variants(spec, arch)
+    return out
+
+
+GATED_KERNELS = ("gated_forward", "gated_forward_approx", "gated_backward", "gated_backward_approx")
+
+
+def _gated_variants(spec: Spec, arch: Arch) -> list[KernelVariant]:
+    out = []
+    for kernel in GATED_KERNELS:
+        for dtype in DTYPES:
+            cfg = elementwise_config(arch, dtype, spec.codes_per_byte)
+            t = TRITON_DTYPE[dtype]
+            approx = kernel.endswith("approx")
+            if kernel.startswith("gated_forward"):
+                sig = {"gate_ptr": f"*{t}", "up_ptr": f"*{t}", "out_ptr": f"*{t}", "h_ptr": f"*{t}", "codes_ptr": "*u8",
+                       "n_elements": "i32", "WRITE_H": "constexpr", "WRITE_CODES": "constexpr", "BLOCK_BYTES": "constexpr"}
+                const = {"WRITE_H": approx, "WRITE_CODES": approx, "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
+                fn = "gated_forward_kernel"
+            else:
+                sig = {"dy_ptr": f"*{t}", "gate_ptr": f"*{t}", "up_ptr": f"*{t}", "h_ptr": f"*{t}", "codes_ptr": "*u8",
+                       "dgate_ptr": f"*{t}", "dup_ptr": f"*{t}", "n_elements": "i32", "APPROX": "constexpr",
+                       "NEED_GATE": "constexpr", "NEED_UP": "constexpr", "BLOCK_BYTES": "constexpr"}
+                const = {"APPROX": approx, "NEED_GATE": True, "NEED_UP": True, "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
+                fn = "gated_backward_kernel"
+            out.append(KernelVariant(spec.name, kernel, dtype, fn, sig, const, cfg["num_warps"]))
     return out
 
 
@@ -159,6 +187,8 @@ def render_activation(spec: Spec, arch: Arch) -> str:
     configs = [(repr((v.kernel, v.dtype)), repr({"BLOCK_BYTES": v.constexprs["BLOCK_BYTES"], "num_warps": v.num_warps}))
                for v in activation_variants(spec, arch)]
     forward = spec.forward.triton()
+    derivative = spec.forward.triton_derivative() if spec.gated else ""
+    asym = asymptotes(spec.forward) if spec.gated else None
     try:
         return _env().get_template(ACTIVATION_TEMPLATE).render(
             spec=spec,
@@ -175,11 +205,22 @@ def render_activation(spec: Spec, arch: Arch) -> str:
             cpb=spec.codes_per_byte,
             planes=spec.planes,
             field=spec.bits if spec.planes == 1 else 1,
-            uses_tanh="_tanh(" in forward,
+            uses_tanh="_tanh(" in forward + derivative,
+            derivative_triton=derivative,
+            slope_left=repr(asym.slope_left) if asym else "",
+            slope_right=repr(asym.slope_right) if asym else "",
             triton_helpers=TRITON_HELPERS.strip(),
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering {spec.name} for {arch.name} from templates/{ACTIVATION_TEMPLATE}: {err}") from err
+
+
+def _derivative_fields(s: Spec) -> dict:
+    if not s.gated:
+        return {}
+    asym = asymptotes(s.forward)
+    return {"derivative_torch": s.forward.torch_derivative(), "slope_left": repr(asym.slope_left),
+            "slope_right": repr(asym.slope_right)}
 
 
 def render_ops(specs: list[Spec]) -> str:
@@ -189,6 +230,7 @@ def render_ops(specs: list[Spec]) -> str:
             "description": s.description,
             "forward": s.forward,
             "replaces": s.replaces,
+            "gated": s.gated,
             "bits": s.bits,
             "boundary": s.boundary,
             "thresholds_f32": [repr(to_f32(c)) for c in s.thresholds],
@@ -196,6 +238,7 @@ def render_ops(specs: list[Spec]) -> str:
             "fit_error": repr(s.fit_error),
             "sha256": s.sha256,
             "forward_torch": s.forward.torch(),
+            **_derivative_fields(s),
         }
         for s in specs
     ]

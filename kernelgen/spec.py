@@ -24,7 +24,7 @@ BOUNDARIES = {
 }
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 _FIELDS = {
-    "op": {"name": True, "description": False, "forward": True, "replaces": False},
+    "op": {"name": True, "description": False, "forward": True, "replaces": False, "gated": False},
     "approx": {"bits": True, "boundary": True, "thresholds": True, "coefficients": False, "levels": False,
                "fit_error": True, "fit_source": False},
 }
@@ -40,6 +40,7 @@ class Spec:
     description: str
     forward: expr.Expr
     replaces: str
+    gated: bool  # also generate fused gated-MLP kernels: out = h(gate) * up
     bits: int
     boundary: str
     thresholds: tuple[float, ...]
@@ -188,6 +189,7 @@ def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
         description=typed("op", "description", (str,), ""),
         forward=forward,
         replaces=typed("op", "replaces", (str,), ""),
+        gated=typed("op", "gated", (bool,), False),
         bits=bits,
         boundary=boundary,
         thresholds=thresholds,

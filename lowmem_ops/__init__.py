@@ -5,6 +5,7 @@
     act = lo.nn.ReGELU2()    # drop-in for torch.nn.GELU(); lo.nn.ReSiLU2 for torch.nn.SiLU
     y = lo.ms_layernorm(x, d)   # saves its output, shared with the next linear; lo.ms_rmsnorm
     norm = lo.nn.MSLayerNorm(d) # drop-in for nn.LayerNorm; lo.nn.MSRMSNorm for nn.RMSNorm
+    out = lo.swiglu(gate, up)   # fused silu(gate) * up; lo.geglu; lo.nn.GatedMLP for LLaMA-style MLPs
 
 Importing this package needs torch only; the CUDA path imports triton when first used.
 """
@@ -12,6 +13,7 @@ Importing this package needs torch only; the CUDA path imports triton when first
 from . import nn
 from ._tree import load_tree as load
 from .activations import BACKENDS, approx_activation, available, regelu2, resilu2
+from .gated import geglu, gated, swiglu
 from .norms import ms_layernorm, ms_rmsnorm
 
-__all__ = ["nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2", "ms_layernorm", "ms_rmsnorm"]
+__all__ = ["nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2", "ms_layernorm", "ms_rmsnorm", "gated", "swiglu", "geglu"]

@@ -74,3 +74,34 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         levels = torch.tensor(op.levels, dtype=torch.float32, device=dy.device).to(compute)
         level = levels[unpack_codes(op, codes, dy.numel())]
     return (dy.to(compute) * level.view(dy.shape)).to(dy.dtype)
+
+
+def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool):
+    """out = h(gate) * up; with write_h also h(gate), with write_codes the codes of gate."""
+    compute = compute_dtype(gate.dtype)
+    h = op.forward(gate.to(compute))
+    out = (h * up.to(compute)).to(gate.dtype)
+    empty = torch.empty(0, dtype=gate.dtype, device=gate.device)
+    codes = pack_codes(op, gate) if write_codes else torch.empty(0, dtype=torch.uint8, device=gate.device)
+    return out, h.to(gate.dtype) if write_h else empty, codes
+
+
+def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: bool, need_up: bool):
+    compute = compute_dtype(dy.dtype)
+    dyc = dy.to(compute)
+    dgate = dup = torch.empty(0, dtype=dy.dtype, device=dy.device)
+    if approx:
+        if need_up:
+            dup = (dyc * h.to(compute)).to(dy.dtype)
+        if need_gate:
+            levels = torch.tensor(op.levels, dtype=torch.float32, device=dy.device).to(compute)
+            level = levels[unpack_codes(op, codes, dy.numel())].view(dy.shape)
+            dgate = (dyc * up.to(compute) * level).to(dy.dtype)
+        return dgate, dup
+    # exact: recompute h(gate) and its exact derivative (generated from the spec by sympy)
+    g = gate.to(compute)
+    if need_gate:
+        dgate = (dyc * up.to(compute) * op.derivative(g)).to(dy.dtype)
+    if need_up:
+        dup = (dyc * op.forward(g)).to(dy.dtype)
+    return dgate, dup

@@ -31,8 +31,10 @@ class OpInfo:
     levels: tuple[float, ...]  # float32-rounded, levels[code]
     boundary: str  # "lower": x == c_i takes the level below c_i
     forward: Callable[[torch.Tensor], torch.Tensor]  # h(x) on float32/float64 tensors
+    derivative: Callable[[torch.Tensor], torch.Tensor] | None  # exact h'(x), for gated ops
     description: str
     replaces: str
+    gated: bool  # fused gated-MLP kernels were generated too
     fit_error: float
     tree: Path
 
@@ -96,8 +98,9 @@ def load_tree(tree: str | Path) -> list[str]:
                 raise ValueError(f"op {name!r} from {tree} is already defined by {_ops[name].tree}")
             _ops[name] = OpInfo(
                 name=name, bits=s["bits"], thresholds=tuple(s["thresholds"]), levels=tuple(s["levels"]),
-                boundary=s["boundary"], forward=module.FORWARD[name], description=s["description"],
-                replaces=s["replaces"], fit_error=s["fit_error"], tree=tree,
+                boundary=s["boundary"], forward=module.FORWARD[name],
+                derivative=getattr(module, "DERIVATIVE", {}).get(name), description=s["description"],
+                replaces=s["replaces"], gated=s.get("gated", False), fit_error=s["fit_error"], tree=tree,
             )
             names.append(name)
         _loaded_trees.add(tree)

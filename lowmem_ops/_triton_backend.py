@@ -32,10 +32,7 @@ def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool) -> t
         return y, codes
     module = kernel_module(op.name, arch_for(x.device, op.tree, interpret), interpret)
     cfg = module.CONFIGS[("forward" if save_codes else "forward_nograd", _DTYPE_NAMES[x.dtype])]
-    if not save_codes:  # the kernel never touches it, but Triton wants a real pointer
-        codes_arg = _dummy_codes.setdefault(x.device, torch.zeros(16, dtype=torch.uint8, device=x.device))
-    else:
-        codes_arg = codes
+    codes_arg = codes if save_codes else _dummy(x.device)
     with device_guard(x):
         module.forward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
             x, y, codes_arg, n, WRITE_CODES=save_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"]
@@ -57,5 +54,46 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, interpret: bool)
     return dx
 
 
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A uint8 pointer for kernels that are told not to touch their codes (Triton wants a real one)."""
+    return _dummy_codes.setdefault(device, torch.zeros(16, dtype=torch.uint8, device=device))
+
+
 def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interpret: bool):
+    n = gate.numel()
+    out = torch.empty_like(gate)
+    h = torch.empty_like(gate) if write_h else torch.empty(0, dtype=gate.dtype, device=gate.device)
+    codes = torch.empty(op.n_code_bytes(n) if write_codes else 0, dtype=torch.uint8, device=gate.device)
+    if n == 0:
+        return out, h, codes
+    module = kernel_module(op.name, arch_for(gate.device, op.tree, interpret), interpret)
+    kind = "gated_forward_approx" if write_codes or write_h else "gated_forward"
+    cfg = module.CONFIGS[(kind, _DTYPE_NAMES[gate.dtype])]
+    with device_guard(gate):
+        module.gated_forward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
+            gate, up, out, h if write_h else out, codes if write_codes else _dummy(gate.device), n,
+            WRITE_H=write_h, WRITE_CODES=write_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"],
+        )
+    return out, h, codes
+
+
+def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: bool, need_up: bool, interpret: bool):
+    n = dy.numel()
+    dgate = torch.empty_like(dy) if need_gate else torch.empty(0, dtype=dy.dtype, device=dy.device)
+    dup = torch.empty_like(dy) if need_up else torch.empty(0, dtype=dy.dtype, device=dy.device)
+    if n == 0:
+        return dgate, dup
+    module = kernel_module(op.name, arch_for(dy.device, op.tree, interpret), interpret)
+    cfg = module.CONFIGS[("gated_backward_approx" if approx else "gated_backward", _DTYPE_NAMES[dy.dtype])]
+    # Tensors a variant does not read still need a pointer of the right type: dy stands in.
+    with device_guard(dy):
+        module.gated_backward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
+            dy, gate if gate is not None else dy, up if up is not None else dy, h if h is not None else dy,
+            codes if codes is not None else _dummy(dy.device), dgate if need_gate else dy, dup if need_up else dy, n,
+            APPROX=approx, NEED_GATE=need_gate, NEED_UP=need_up, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"],
+        )
+    return dgate, dup

@@ -107,4 +107,49 @@ class MSRMSNorm(_MSNorm):
                           affine="plain" if self.affine == "plain" else "inverse")
 
 
-__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm"]
+
+
+class GatedActivation(torch.nn.Module):
+    """act(gate) * up as one fused op: forward(gate, up). name: resilu2 (SwiGLU), regelu2 or
+    tanh_gelu2 (GeGLU); mode: auto | exact | approx (see lowmem_ops.gated)."""
+
+    def __init__(self, name: str = "resilu2", mode: str = "auto"):
+        super().__init__()
+        from .gated import MODES, _op
+
+        if mode not in MODES:
+            raise ValueError(f"GatedActivation: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.op_name, self.mode = _op(name).name, mode
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        from .gated import gated
+
+        return gated(gate, up, self.op_name, self.mode)
+
+    def extra_repr(self) -> str:
+        return f"{self.op_name!r}, mode={self.mode!r}"
+
+
+class GatedMLP(torch.nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)), the MLP of LLaMA / Qwen2 / Mistral / Gemma, with the
+    gated activation fused. Keeps the given projection modules (and their names), so PEFT adapters
+    on them and state_dict keys stay as they were."""
+
+    def __init__(self, gate_proj, up_proj, down_proj, act: str = "resilu2", mode: str = "auto"):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.act = GatedActivation(act, mode)
+
+    @classmethod
+    def from_mlp(cls, mlp: torch.nn.Module, act: str = "resilu2", mode: str = "auto") -> "GatedMLP":
+        """From any module with gate_proj, up_proj and down_proj (e.g. transformers' LlamaMLP)."""
+        missing = [n for n in ("gate_proj", "up_proj", "down_proj") if not hasattr(mlp, n)]
+        if missing:
+            raise ValueError(f"GatedMLP.from_mlp: {type(mlp).__name__} has no {', '.join(missing)}")
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, act, mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+
+__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm", "GatedActivation", "GatedMLP"]

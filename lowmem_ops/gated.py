@@ -1,0 +1,154 @@
+"""Fused gated MLP activations: out = h(gate) * up (SwiGLU: h = SiLU; GeGLU: h = GELU).
+
+Eager PyTorch keeps gate, h(gate) and up for `act(gate) * up`. Two fused alternatives:
+
+    exact   saves gate (and up when gate needs a gradient); recomputes h and the exact h' in backward
+    approx  saves the 2-bit codes of gate and up (when gate needs a gradient) and h(gate) (when up
+            does); d_gate uses the step derivative L[code]
+
+Which stores less depends on which inputs need gradients (docs/gated.md has the measured bytes);
+mode="auto" picks the smaller, preferring exact on a tie.
+
+    lowmem_ops::gated_fwd(gate, up, name, approx, need_gate, need_up) -> (out, h, codes)
+    lowmem_ops::gated_bwd(dy, gate?, up?, h?, codes?, name, approx, need_gate, need_up) -> (dgate, dup)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _torch_backend, _triton_backend
+from ._common import backend as pick_backend
+from ._common import check_float_tensor
+from ._tree import OpInfo, get_op
+
+MODES = ("auto", "exact", "approx")
+
+
+def saved_bytes(mode: str, numel: int, elem_size: int, bits: int, need_gate: bool, need_up: bool) -> int:
+    """What autograd keeps for one gated activation, in bytes (mode exact or approx)."""
+    tensor = numel * elem_size
+    codes = -(-numel * bits // 8)
+    if mode == "exact":
+        return (2 * tensor if need_gate else tensor if need_up else 0)
+    return (codes + tensor if need_gate else 0) + (tensor if need_up else 0)
+
+
+def choose_mode(numel: int, elem_size: int, bits: int, need_gate: bool, need_up: bool) -> str:
+    exact = saved_bytes("exact", numel, elem_size, bits, need_gate, need_up)
+    approx = saved_bytes("approx", numel, elem_size, bits, need_gate, need_up)
+    return "approx" if approx < exact else "exact"
+
+
+def _op(name: str) -> OpInfo:
+    op = get_op(name)
+    if not op.gated:
+        raise ValueError(f"lowmem_ops: {name!r} has no gated kernels (its spec lacks `gated = true`); "
+                         "gated ops: resilu2 (SwiGLU), regelu2 and tanh_gelu2 (GeGLU)")
+    return op
+
+
+def _check(gate, up, name):
+    check_float_tensor(gate, name, "gate")
+    check_float_tensor(up, name, "up")
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"lowmem_ops.{name}: gate and up must have one shape, dtype and device; got "
+                         f"{tuple(gate.shape)} {gate.dtype} {gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
+
+
+@torch.library.custom_op("lowmem_ops::gated_fwd", mutates_args=())
+def gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, need_gate: bool,
+              need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = _op(name)
+    _check(gate, up, name)
+    gate, up = gate.contiguous(), up.contiguous()
+    write_h, write_codes = approx and need_up, approx and need_gate
+    backend = pick_backend(gate)
+    if backend == "torch":
+        return _torch_backend.gated_forward(op, gate, up, write_h, write_codes)
+    return _triton_backend.gated_forward(op, gate, up, write_h, write_codes, backend == "triton-interpret")
+
+
+@gated_fwd.register_fake
+def _(gate, up, name, approx, need_gate, need_up):
+    op = _op(name)
+    _check(gate, up, name)
+    h = torch.empty_like(gate, memory_format=torch.contiguous_format) if approx and need_up else gate.new_empty(0)
+    codes = gate.new_empty((op.n_code_bytes(gate.numel()) if approx and need_gate else 0,), dtype=torch.uint8)
+    return torch.empty_like(gate, memory_format=torch.contiguous_format), h, codes
+
+
+@torch.library.custom_op("lowmem_ops::gated_bwd", mutates_args=())
+def gated_bwd(dy: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torch.Tensor], h: Optional[torch.Tensor],
+              codes: Optional[torch.Tensor], name: str, approx: bool, need_gate: bool,
+              need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    op = _op(name)
+    dy = dy.contiguous()
+    backend = pick_backend(dy)
+    if backend == "torch":
+        return _torch_backend.gated_backward(op, dy, gate, up, h, codes, approx, need_gate, need_up)
+    return _triton_backend.gated_backward(op, dy, gate, up, h, codes, approx, need_gate, need_up,
+                                          backend == "triton-interpret")
+
+
+@gated_bwd.register_fake
+def _(dy, gate, up, h, codes, name, approx, need_gate, need_up):
+    def grad(needed):
+        return torch.empty_like(dy, memory_format=torch.contiguous_format) if needed else dy.new_empty(0)
+
+    return grad(need_gate), grad(need_up)
+
+
+def _setup(ctx, inputs, output):
+    gate, up, name, approx, need_gate, need_up = inputs
+    _, h, codes = output
+    ctx.name, ctx.approx, ctx.need_gate, ctx.need_up = name, approx, need_gate, need_up
+    if approx:  # codes + up for d_gate; h(gate) for d_up
+        ctx.save_for_backward(None, up if need_gate else None, h if need_up else None, codes if need_gate else None)
+    else:  # gate for both; up only for d_gate
+        ctx.save_for_backward(gate, up if need_gate else None, None, None)
+
+
+def _backward(ctx, dout, _dh, _dcodes):
+    gate, up, h, codes = ctx.saved_tensors
+    dgate, dup = gated_bwd(dout, gate, up, h, codes, ctx.name, ctx.approx, ctx.need_gate, ctx.need_up)
+    return (dgate if ctx.need_gate else None), (dup if ctx.need_up else None), None, None, None, None
+
+
+def _no_double_backward(ctx, *_):
+    raise RuntimeError("lowmem_ops: double backward through a fused gated activation is not supported")
+
+
+gated_fwd.register_autograd(_backward, setup_context=_setup)
+gated_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -> torch.Tensor:
+    """h(gate) * up with the activation `name`, storing what `mode` says (see module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"lowmem_ops.gated: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    op = _op(name)
+    _check(gate, up, name)
+    grad = torch.is_grad_enabled()
+    need_gate, need_up = grad and gate.requires_grad, grad and up.requires_grad
+    if mode == "auto":
+        mode = choose_mode(gate.numel(), gate.element_size(), op.bits, need_gate, need_up)
+    return torch.ops.lowmem_ops.gated_fwd(gate, up, name, mode == "approx", need_gate, need_up)[0]
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """silu(gate) * up (LLaMA, Qwen, Mistral MLPs)."""
+    return gated(gate, up, "resilu2", mode)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", mode: str = "auto") -> torch.Tensor:
+    """gelu(gate) * up; approximate='tanh' for Gemma's gelu_pytorch_tanh."""
+    names = {"none": "regelu2", "tanh": "tanh_gelu2"}
+    if approximate not in names:
+        raise ValueError(f"lowmem_ops.geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return gated(gate, up, names[approximate], mode)
+
+
+__all__ = ["gated", "swiglu", "geglu", "saved_bytes", "choose_mode", "MODES"]
