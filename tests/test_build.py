@@ -34,7 +34,9 @@ def test_build_is_deterministic_and_complete(sm80_tree, tmp_path):
     assert set(manifest["ops"]) == names | {"ms_norm"}
     acts = [v for v in manifest["variants"] if v["op"] in names]
     norms = [v for v in manifest["variants"] if v["op"] == "ms_norm"]
-    assert len(acts) == len(names) * 3 * 3  # ops x {forward, forward_nograd, backward} x dtypes
+    gated = {s.name for s in spec.load_builtin() if s.gated}
+    # ops x {forward, forward_nograd, backward} x dtypes, + gated ops x {fwd, fwd approx, bwd, bwd approx} x dtypes
+    assert len(acts) == len(names) * 3 * 3 + len(gated) * 4 * 3
     # {layernorm, rmsnorm} x {plain, affine} x dtypes x (3 paths x {forward, backward}) + param_grad (affine)
     assert len(norms) == 2 * 3 * (2 * 3 * 2 + 1)
     for v in manifest["variants"]:
