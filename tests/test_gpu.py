@@ -76,3 +76,32 @@ def test_cuda_norms_match_torch_path(is_rms, width, dtype):
     for got, want in zip(out["cuda"], out["cpu"]):
         scale = max(1.0, want.abs().max().item())
         assert (got - want).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_gated_matches_torch_path(mode, dtype):
+    torch.manual_seed(0)
+    n = (1 << 20) + 7
+    g, u, dy = (torch.randn(n, dtype=dtype) * 3 for _ in range(3))
+    out = {}
+    for device in ("cuda", "cpu"):
+        gs, us = g.to(device).requires_grad_(True), u.to(device).requires_grad_(True)
+        y = lo.swiglu(gs, us, mode)
+        y.backward(dy.to(device))
+        out[device] = [t.detach().cpu().double() for t in (y, gs.grad, us.grad)]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for got, want in zip(out["cuda"], out["cpu"]):
+        assert ((got - want).abs() <= tol * (want.abs() + 1)).all()
+
+
+@pytest.mark.parametrize("name", ["regelu1", "regelu3", "regelu4"])
+def test_cuda_other_bit_widths(name):
+    x = torch.randn((1 << 20) + 3, dtype=torch.bfloat16) * 4
+    dy = torch.randn_like(x)
+    y_c, codes_c = approx_act_fwd(x.cuda(), name, True)
+    with ref.backend("torch"):
+        _, codes_t = approx_act_fwd(x, name, True)
+        dx_t = approx_act_bwd(dy, codes_t, name)
+    assert torch.equal(codes_c.cpu(), codes_t)
+    assert torch.equal(approx_act_bwd(dy.cuda(), codes_c, name).cpu(), dx_t)
