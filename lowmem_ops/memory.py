@@ -1,0 +1,176 @@
+"""Measure what autograd saves for backward during one forward pass, per module.
+
+    m = lo.memory.measure(model, **batch)      # or measure(model, x)
+    print(m)                                    # a table: bytes per module, shared tensors, cast copies
+    m.plot("memory.png", before=m0)             # a bar chart, optionally against an earlier measurement
+
+Every saved tensor is seen through torch.autograd.graph.saved_tensors_hooks, deduplicated by the
+storage it lives in (a view and its base count once), with parameters and buffers excluded (they
+exist anyway). Each storage is attributed to the innermost module running when it was first saved;
+a storage that a second module saves too is flagged as shared. A saved tensor made by a dtype cast
+(`.to(dtype)`) is flagged as a cast copy, with how many copies were cast from the same source:
+PEFT's default fp32 LoRA adapters make one per adapter.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class SavedStorage:
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    module: str  # first saver
+    also_saved_by: list[str] = field(default_factory=list)
+    cast_from: int | None = None  # id of the autograd node the cast copied from, if it is a cast copy
+
+
+@dataclass
+class Measurement:
+    storages: dict[int, SavedStorage]
+    label: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.storages.values())
+
+    def by_module(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for s in self.storages.values():
+            out[s.module] += s.nbytes
+        return dict(out)
+
+    @property
+    def shared(self) -> list[SavedStorage]:
+        return [s for s in self.storages.values() if s.also_saved_by]
+
+    def cast_copies(self) -> dict[int, list[SavedStorage]]:
+        """Saved tensors produced by dtype casts, grouped by the tensor they were cast from."""
+        groups: dict[int, list[SavedStorage]] = defaultdict(list)
+        for s in self.storages.values():
+            if s.cast_from is not None:
+                groups[s.cast_from].append(s)
+        return dict(groups)
+
+    def table(self, before: "Measurement | None" = None):
+        """A rich Table of bytes per module (and, with `before`, the change)."""
+        from rich.table import Table
+
+        title = f"saved for backward{': ' + self.label if self.label else ''}: {_mib(self.total_bytes)}"
+        if before is not None:
+            title += f" (before: {_mib(before.total_bytes)}, {self.total_bytes / max(before.total_bytes, 1):.3f}x)"
+        table = Table(title=title)
+        table.add_column("module")
+        if before is not None:
+            table.add_column("before", justify="right")
+        table.add_column("bytes", justify="right")
+        table.add_column("notes")
+        mine, theirs = self.by_module(), before.by_module() if before is not None else {}
+        notes = self._notes()
+        for name in sorted(set(mine) | set(theirs), key=lambda n: -max(mine.get(n, 0), theirs.get(n, 0))):
+            row = [name or "(top level)"]
+            if before is not None:
+                row.append(_mib(theirs.get(name, 0)))
+            table.add_row(*row, _mib(mine.get(name, 0)), notes.get(name, ""))
+        return table
+
+    def _notes(self) -> dict[str, str]:
+        notes: dict[str, list[str]] = defaultdict(list)
+        for s in self.shared:
+            notes[s.module].append(f"shared with {', '.join(s.also_saved_by)}")
+        for group in self.cast_copies().values():
+            for s in group:
+                notes[s.module].append(f"dtype-cast copy ({len(group)} from one source)")
+        return {k: "; ".join(dict.fromkeys(v)) for k, v in notes.items()}
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=120, file=io.StringIO())
+        console.print(self.table())
+        return console.file.getvalue()
+
+    def plot(self, path: str | Path, before: "Measurement | None" = None, top: int = 20) -> Path:
+        """A horizontal bar chart of the largest modules (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        mine, theirs = self.by_module(), before.by_module() if before is not None else {}
+        names = sorted(set(mine) | set(theirs), key=lambda n: -max(mine.get(n, 0), theirs.get(n, 0)))[:top][::-1]
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.5))
+        ys = range(len(names))
+        if before is not None:
+            ax.barh([y + 0.2 for y in ys], [theirs.get(n, 0) / 2**20 for n in names], height=0.4,
+                    label=f"before ({_mib(before.total_bytes)})")
+        ax.barh([y - 0.2 if before is not None else y for y in ys], [mine.get(n, 0) / 2**20 for n in names],
+                height=0.4 if before is not None else 0.7, label=f"{self.label or 'after'} ({_mib(self.total_bytes)})")
+        ax.set_yticks(list(ys), [n or "(top level)" for n in names])
+        ax.set_xlabel("MiB saved for backward")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**16 else f"{n} B"
+
+
+def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measurement:
+    """Run model(*args, **kwargs) once with grad enabled and record what autograd saves."""
+    excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    stack: list[str] = [""]
+    storages: dict[int, SavedStorage] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in excluded or storage.nbytes() == 0:
+            return t
+        here = stack[-1]
+        if key in storages:
+            s = storages[key]
+            if here != s.module and here not in s.also_saved_by:
+                s.also_saved_by.append(here)
+        else:
+            storages[key] = SavedStorage(storage.nbytes(), t.dtype, tuple(t.shape), here, cast_from=_cast_source(t))
+        return t
+
+    def enter(name):
+        def hook(module, args):
+            stack.append(name)  # returns None: the inputs stay as they are
+
+        return hook
+
+    def leave(module, args, output):
+        stack.pop()  # returns None: the output stays as it is
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return Measurement(storages, label)
+
+
+def _cast_source(t: torch.Tensor) -> int | None:
+    fn = t.grad_fn
+    if fn is not None and type(fn).__name__ == "ToCopyBackward0" and fn.next_functions and fn.next_functions[0][0] is not None:
+        return id(fn.next_functions[0][0])
+    return None
