@@ -96,50 +96,33 @@ class KernelVariant:
 
 
 KERNELS = ("forward", "forward_nograd", "backward")
+GATED_KERNELS = ("gated_forward", "gated_forward_approx", "gated_backward", "gated_backward_approx")
+
+# kernel -> (@triton.jit function, pointer arguments, constexpr flags). The signature is pointers,
+# then n_elements, then the flags, then BLOCK_BYTES: the order of the functions' parameters.
+_T, _U8 = "*{t}", "*u8"
+_GATED_FWD = {"gate_ptr": _T, "up_ptr": _T, "out_ptr": _T, "h_ptr": _T, "codes_ptr": _U8}
+_GATED_BWD = {"dy_ptr": _T, "gate_ptr": _T, "up_ptr": _T, "h_ptr": _T, "codes_ptr": _U8, "dgate_ptr": _T, "dup_ptr": _T}
+ELEMENTWISE_KERNELS = {
+    "forward": ("forward_kernel", {"x_ptr": _T, "y_ptr": _T, "codes_ptr": _U8}, {"WRITE_CODES": True}),
+    "forward_nograd": ("forward_kernel", {"x_ptr": _T, "y_ptr": _T, "codes_ptr": _U8}, {"WRITE_CODES": False}),
+    "backward": ("backward_kernel", {"dy_ptr": _T, "codes_ptr": _U8, "dx_ptr": _T}, {}),
+    "gated_forward": ("gated_forward_kernel", _GATED_FWD, {"WRITE_H": False, "WRITE_CODES": False}),
+    "gated_forward_approx": ("gated_forward_kernel", _GATED_FWD, {"WRITE_H": True, "WRITE_CODES": True}),
+    "gated_backward": ("gated_backward_kernel", _GATED_BWD, {"APPROX": False, "NEED_GATE": True, "NEED_UP": True}),
+    "gated_backward_approx": ("gated_backward_kernel", _GATED_BWD, {"APPROX": True, "NEED_GATE": True, "NEED_UP": True}),
+}
 
 
 def activation_variants(spec: Spec, arch: Arch) -> list[KernelVariant]:
     out = []
-    for kernel in KERNELS:
+    for kernel in KERNELS + (GATED_KERNELS if spec.gated else ()):
+        fn, pointers, flags = ELEMENTWISE_KERNELS[kernel]
         for dtype in DTYPES:
             cfg = elementwise_config(arch, dtype, spec.codes_per_byte)
-            t = TRITON_DTYPE[dtype]
-            if kernel == "backward":
-                sig = {"dy_ptr": f"*{t}", "codes_ptr": "*u8", "dx_ptr": f"*{t}", "n_elements": "i32", "BLOCK_BYTES": "constexpr"}
-                const = {"BLOCK_BYTES": cfg["BLOCK_BYTES"]}
-                fn = "backward_kernel"
-            else:
-                sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "codes_ptr": "*u8", "n_elements": "i32",
-                       "WRITE_CODES": "constexpr", "BLOCK_BYTES": "constexpr"}
-                const = {"WRITE_CODES": kernel == "forward", "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
-                fn = "forward_kernel"
-            out.append(KernelVariant(spec.name, kernel, dtype, fn, sig, const, cfg["num_warps"]))
-    if spec.gated:
-        out += _gated_variants(spec, arch)
-    return out
-
-
-GATED_KERNELS = ("gated_forward", "gated_forward_approx", "gated_backward", "gated_backward_approx")
-
-
-def _gated_variants(spec: Spec, arch: Arch) -> list[KernelVariant]:
-    out = []
-    for kernel in GATED_KERNELS:
-        for dtype in DTYPES:
-            cfg = elementwise_config(arch, dtype, spec.codes_per_byte)
-            t = TRITON_DTYPE[dtype]
-            approx = kernel.endswith("approx")
-            if kernel.startswith("gated_forward"):
-                sig = {"gate_ptr": f"*{t}", "up_ptr": f"*{t}", "out_ptr": f"*{t}", "h_ptr": f"*{t}", "codes_ptr": "*u8",
-                       "n_elements": "i32", "WRITE_H": "constexpr", "WRITE_CODES": "constexpr", "BLOCK_BYTES": "constexpr"}
-                const = {"WRITE_H": approx, "WRITE_CODES": approx, "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
-                fn = "gated_forward_kernel"
-            else:
-                sig = {"dy_ptr": f"*{t}", "gate_ptr": f"*{t}", "up_ptr": f"*{t}", "h_ptr": f"*{t}", "codes_ptr": "*u8",
-                       "dgate_ptr": f"*{t}", "dup_ptr": f"*{t}", "n_elements": "i32", "APPROX": "constexpr",
-                       "NEED_GATE": "constexpr", "NEED_UP": "constexpr", "BLOCK_BYTES": "constexpr"}
-                const = {"APPROX": approx, "NEED_GATE": True, "NEED_UP": True, "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
-                fn = "gated_backward_kernel"
+            sig = {name: kind.format(t=TRITON_DTYPE[dtype]) for name, kind in pointers.items()}
+            sig.update({"n_elements": "i32", **{f: "constexpr" for f in flags}, "BLOCK_BYTES": "constexpr"})
+            const = {**flags, "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
             out.append(KernelVariant(spec.name, kernel, dtype, fn, sig, const, cfg["num_warps"]))
     return out
 

@@ -67,35 +67,37 @@ def test_backward_without_codes_is_explained():
         y.sum().backward()
 
 
+BLOCK_TRITON = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'triton' or name.startswith('triton.'):\n"
+    "            raise ImportError('triton blocked for this test')\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
+
+
+def run_without_triton(code: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter where `import triton` fails."""
+    env = {k: v for k, v in os.environ.items() if k != "LOWMEM_OPS_BACKEND"}
+    return subprocess.run([sys.executable, "-c", BLOCK_TRITON + code], capture_output=True, text=True, env=env, timeout=120)
+
+
 def test_import_works_without_triton():
     """The CPU path needs torch only: block triton and use the ops."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'triton' or name.startswith('triton.'):\n"
-        "            raise ImportError('triton blocked for this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    out = run_without_triton(
         "import torch, lowmem_ops as lo\n"
         "x = torch.randn(10, requires_grad=True)\n"
         "lo.regelu2(x).sum().backward()\n"
         "assert 'triton' not in sys.modules\n"
         "print('ok', x.grad.shape)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "LOWMEM_OPS_BACKEND"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
 
 
 def test_kernels_without_triton_say_so():
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'triton' or name.startswith('triton.'):\n"
-        "            raise ImportError('triton blocked for this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    out = run_without_triton(
         "import os, torch, lowmem_ops as lo\n"
         "os.environ['LOWMEM_OPS_BACKEND'] = 'triton-interpret'\n"
         "try:\n"
@@ -103,5 +105,4 @@ def test_kernels_without_triton_say_so():
         "except RuntimeError as err:\n"
         "    print(err)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "lowmem_ops needs triton to run its kernels" in out.stdout, out.stderr
