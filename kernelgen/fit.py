@@ -165,6 +165,14 @@ def error_of(h: expr_mod.Expr, thresholds, levels) -> float:
 
 def fit(h: expr_mod.Expr | str, bits: int) -> Fit:
     """Fit `bits`-bit levels and thresholds to h. Deterministic; a few seconds at most."""
+    from threadpoolctl import threadpool_limits
+
+    # The matrices are tiny (thousands x 15): a multi-threaded BLAS only spins (10x slower seen).
+    with threadpool_limits(limits=1):
+        return _fit(h, bits)
+
+
+def _fit(h: expr_mod.Expr | str, bits: int) -> Fit:
     from scipy.optimize import minimize
 
     if isinstance(h, str):
