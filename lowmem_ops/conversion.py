@@ -1,0 +1,211 @@
+"""One call that makes a model store less: swap activations, norms and gated MLPs, verify, explain.
+
+    report = lo.convert(model, example_inputs=batch)   # changes `model` in place; returns a Report
+    print(report)                                        # what changed, what was skipped and why
+
+What is swapped (options turn each part off):
+- activations: torch.nn.GELU / SiLU / Mish / ELU / Softplus and the activation modules Hugging Face
+  models hold (GELUActivation, NewGELUActivation, GELUTanh, QuickGELUActivation, SiLUActivation,
+  MishActivation) -> the 2-bit approximate op with the same forward;
+- norms: torch.nn.LayerNorm / RMSNorm and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
+  Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm in inverse mode, which keeps
+  gamma/beta as they are (no folding), so it is exact in every topology, post-LN included;
+- gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
+  Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto").
+
+With example inputs, the model is run before and after (in eval mode, so dropout does not blur the
+comparison; training flags are restored); outputs must agree within the dtype's
+tolerance, otherwise the changes are retried one by one and those that break agreement are undone
+and reported. The memory saved is measured with lowmem_ops.memory. Nothing is lost on failure:
+every swapped module keeps the original's parameters (the same Parameter objects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import memory
+from .gated import MODES
+from .nn import Approx, GatedMLP, MSLayerNorm, MSRMSNorm
+
+# class name -> (op name, check that the instance computes exactly that function)
+_ACTIVATIONS = {
+    "GELU": ("regelu2", lambda m: getattr(m, "approximate", "none") == "none"),
+    "GELUActivation": ("regelu2", lambda m: True),  # erf GELU, through torch or in Python
+    "SiLU": ("resilu2", lambda m: True),
+    "SiLUActivation": ("resilu2", lambda m: True),
+    "Mish": ("mish2", lambda m: True),
+    "MishActivation": ("mish2", lambda m: True),
+    "Softplus": ("softplus2", lambda m: getattr(m, "beta", 1.0) == 1.0),
+    "ELU": ("elu2", lambda m: getattr(m, "alpha", 1.0) == 1.0),
+    "NewGELUActivation": ("tanh_gelu2", lambda m: True),
+    "GELUTanh": ("tanh_gelu2", lambda m: True),
+    "PytorchGELUTanh": ("tanh_gelu2", lambda m: True),
+    "QuickGELUActivation": ("quick_gelu2", lambda m: True),
+}
+_GATED_ACT = {"regelu2": "regelu2", "resilu2": "resilu2", "tanh_gelu2": "tanh_gelu2"}
+
+
+@dataclass
+class Change:
+    path: str
+    before: str
+    after: str
+    status: str = "applied"  # applied | undone
+    reason: str = ""
+
+
+@dataclass
+class Report:
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, why)
+    max_difference: float | None = None
+    tolerance: float | None = None
+    memory_before: memory.Measurement | None = None
+    memory_after: memory.Measurement | None = None
+
+    @property
+    def applied(self) -> list[Change]:
+        return [c for c in self.changes if c.status == "applied"]
+
+    def __str__(self) -> str:
+        lines = [f"lowmem_ops.convert: {len(self.applied)} modules swapped, "
+                 f"{len(self.changes) - len(self.applied)} undone, {len(self.skipped)} left alone"]
+        for c in self.changes:
+            extra = f" ({c.reason})" if c.reason else ""
+            lines.append(f"  {c.status:8s} {c.path or '(model)'}: {c.before} -> {c.after}{extra}")
+        for path, why in self.skipped:
+            lines.append(f"  skipped  {path}: {why}")
+        if self.max_difference is not None:
+            lines.append(f"  verified: max |output difference| {self.max_difference:.3g} (tolerance {self.tolerance:.3g})")
+        if self.memory_before is not None and self.memory_after is not None:
+            b, a = self.memory_before.total_bytes, self.memory_after.total_bytes
+            lines.append(f"  saved for backward: {b / 2**20:.2f} MiB -> {a / 2**20:.2f} MiB ({a / max(b, 1):.3f}x)")
+        return "\n".join(lines)
+
+
+def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated: bool, gated_mode: str):
+    """The module to put in place of `module`, or (None, reason) / (None, None) when not ours."""
+    name = type(module).__name__
+    if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        act = _ACTIVATIONS.get(type(module.act_fn).__name__)
+        if act and act[1](module.act_fn) and act[0] in _GATED_ACT:
+            return GatedMLP.from_mlp(module, act=_GATED_ACT[act[0]], mode=gated_mode), None
+        return None, f"gated MLP with activation {type(module.act_fn).__name__}, which has no fused kernel"
+    if activations and name in _ACTIVATIONS:
+        op, exact = _ACTIVATIONS[name]
+        if not exact(module):
+            return None, f"{name} with non-default arguments has no built-in approximation"
+        return Approx(op), None
+    if norms and isinstance(module, torch.nn.LayerNorm):
+        new = MSLayerNorm(module.normalized_shape, eps=module.eps, affine="inverse" if module.elementwise_affine else "none",
+                          bias=module.bias is not None)
+        return _adopt(new, module), None
+    if norms and (isinstance(module, torch.nn.RMSNorm) or name.endswith("RMSNorm")):
+        weight = getattr(module, "weight", None)
+        eps = getattr(module, "eps", None) if isinstance(module, torch.nn.RMSNorm) else getattr(module, "variance_epsilon", None)
+        if weight is None or eps is None or "Gemma" in name:  # Gemma scales by (1 + weight)
+            return None, f"{name}: unknown parameterisation"
+        new = MSRMSNorm(tuple(weight.shape), eps=eps, affine="inverse")
+        return _adopt(new, module), None
+    return None, None
+
+
+def _adopt(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
+    """Give `new` the very Parameter objects of `old` (optimizer state, PEFT, tied weights survive)."""
+    for pname in ("weight", "bias"):
+        p = getattr(old, pname, None)
+        if isinstance(p, torch.nn.Parameter):
+            setattr(new, pname, p)
+    return new
+
+
+def _tolerance(outputs) -> float:
+    dtypes = {t.dtype for t in _tensors(outputs)}
+    return 5e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-3
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "values"):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _run(model, inputs):
+    """One deterministic forward: eval mode (no dropout), no grad; training flags restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+def _difference(a, b) -> float:
+    diffs = [((x.float() - y.float()).abs() / (1 + y.float().abs())).max().item()
+             for x, y in zip(_tensors(a), _tensors(b)) if x.is_floating_point() and x.numel()]
+    return max(diffs, default=0.0)
+
+
+def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
+            gated: bool = True, gated_mode: str = "auto", measure_memory: bool = True) -> Report:
+    """Swap, in place, what stores less; verify on example_inputs (a tensor, tuple or dict of kwargs)."""
+    if gated_mode not in MODES:
+        raise ValueError(f"lowmem_ops.convert: gated_mode must be one of {', '.join(MODES)}, got {gated_mode!r}")
+    report = Report()
+    reference = _run(model, example_inputs) if example_inputs is not None else None
+    if example_inputs is not None and measure_memory:
+        report.memory_before = _measure(model, example_inputs, "before")
+
+    planned = []  # (parent, attribute, old, new, Change)
+    claimed: set[str] = set()
+    for path, module in model.named_modules():
+        if any(path.startswith(c + ".") for c in claimed):
+            continue  # inside a module we already replace (a gated MLP's projections)
+        new, why = _replacement(module, activations, norms, gated, gated_mode)
+        if new is None:
+            if why:
+                report.skipped.append((path, why))
+            continue
+        if not path:
+            report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
+            continue
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        planned.append((parent, attr, module, new, Change(path, type(module).__name__, type(new).__name__)))
+        claimed.add(path)
+    for parent, attr, _, new, change in planned:
+        setattr(parent, attr, new)
+        report.changes.append(change)
+
+    if reference is not None and planned:
+        tol = report.tolerance = _tolerance(reference)
+        diff = _difference(_run(model, example_inputs), reference)
+        if diff > tol:  # find the culprits: keep each change only if the model still agrees with it
+            for parent, attr, old, _, _ in planned:
+                setattr(parent, attr, old)
+            for parent, attr, old, new, change in planned:
+                setattr(parent, attr, new)
+                one = _difference(_run(model, example_inputs), reference)
+                if one > tol:
+                    setattr(parent, attr, old)
+                    change.status, change.reason = "undone", f"outputs moved by {one:.3g} > {tol:.3g}"
+            diff = _difference(_run(model, example_inputs), reference)
+        report.max_difference = diff
+    if example_inputs is not None and measure_memory:
+        report.memory_after = _measure(model, example_inputs, "after")
+    return report
+
+
+def _measure(model, inputs, label):
+    if isinstance(inputs, dict):
+        return memory.measure(model, label=label, **inputs)
+    return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)

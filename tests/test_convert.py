@@ -1,0 +1,109 @@
+"""lowmem_ops.convert on real architectures built from config: swaps, verification, undo, memory."""
+
+import pytest
+import torch
+
+import lowmem_ops as lo
+from lowmem_ops import conversion
+
+transformers = pytest.importorskip("transformers")
+
+
+def llama():
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300)
+    return transformers.LlamaForCausalLM(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
+
+
+def bert():
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                  vocab_size=300)
+    return transformers.BertModel(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
+
+
+def vit():
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                 image_size=32, patch_size=8)
+    return transformers.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+# (builder, swapped module types, ceiling on the saved-bytes ratio measured in this test's setting)
+CASES = {
+    "llama": (llama, {"MSRMSNorm", "GatedMLP"}, 0.70),
+    "gpt2": (gpt2, {"MSLayerNorm", "Approx"}, 0.60),
+    "bert": (bert, {"MSLayerNorm", "Approx"}, 0.85),  # post-LN: dropout after the norm ends some sharing
+    "vit": (vit, {"MSLayerNorm", "Approx"}, 0.75),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_convert_real_architectures(arch):
+    torch.manual_seed(0)
+    build, kinds, ceiling = CASES[arch]
+    model, batch = build()
+    params_before = {id(p) for p in model.parameters()}
+    report = lo.convert(model, example_inputs=batch)
+    assert report.applied and not [c for c in report.changes if c.status == "undone"], str(report)
+    assert {c.after for c in report.applied} == kinds
+    assert report.max_difference <= report.tolerance
+    assert {id(p) for p in model.parameters()} == params_before  # the same Parameter objects
+    ratio = report.memory_after.total_bytes / report.memory_before.total_bytes
+    assert ratio <= ceiling, str(report)
+    assert model.training  # restored after the eval-mode checks
+    out = model(**batch)
+    loss = (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().square().mean()
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_convert_with_peft_lora():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model, batch = llama()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"]))
+    report = lo.convert(model, example_inputs=batch)
+    assert any(c.after == "GatedMLP" for c in report.applied), str(report)
+    assert report.max_difference <= report.tolerance
+    lora = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n for n in lora)  # adapters kept, still the only trainable weights
+
+
+def test_a_wrong_swap_is_undone(monkeypatch):
+    """A swap that changes the forward (here GELU mapped to SiLU on purpose) is found and undone."""
+    monkeypatch.setitem(conversion._ACTIVATIONS, "GELUActivation", ("resilu2", lambda m: True))
+    torch.manual_seed(0)
+    model, batch = vit()
+    report = lo.convert(model, example_inputs=batch)
+    undone = [c for c in report.changes if c.status == "undone"]
+    assert undone and all(c.before == "GELUActivation" for c in undone)
+    assert all(c.before == "LayerNorm" for c in report.applied)
+    assert report.max_difference <= report.tolerance
+    assert "undone" in str(report) and "outputs moved by" in str(report)
+
+
+def test_options_turn_parts_off():
+    torch.manual_seed(0)
+    model, batch = llama()
+    report = lo.convert(model, example_inputs=batch, norms=False, gated=False)
+    assert {c.after for c in report.applied} == {"Approx"}  # the MLPs' SiLU alone
+    model, batch = llama()
+    assert lo.convert(model, example_inputs=batch, activations=False, norms=False, gated=False).applied == []
+    model, batch = gpt2()
+    report = lo.convert(model, example_inputs=batch, norms=False, measure_memory=False)
+    assert {c.after for c in report.applied} == {"Approx"} and report.memory_before is None
+
+
+def test_convert_without_examples_and_bad_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.LayerNorm(4))
+    report = lo.convert(model)
+    assert report.max_difference is None and len(report.applied) == 2
+    assert isinstance(model[1], lo.nn.Approx) and isinstance(model[2], lo.nn.MSLayerNorm)
+    with pytest.raises(ValueError, match="gated_mode must be one of"):
+        lo.convert(model, gated_mode="fast")
+    tanh_gelu = torch.nn.Sequential(torch.nn.GELU(approximate="tanh"))
+    assert lo.convert(tanh_gelu).skipped == [("0", "GELU with non-default arguments has no built-in approximation")]
