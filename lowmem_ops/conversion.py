@@ -11,7 +11,9 @@ What is swapped (options turn each part off):
   Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm in inverse mode, which keeps
   gamma/beta as they are (no folding), so it is exact in every topology, post-LN included;
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
-  Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto").
+  Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
+- PEFT LoRA adapters kept in float32 by default -> the base layer's dtype, so no adapter casts its
+  input (each cast is a new tensor that is saved and shares nothing).
 
 With example inputs, the model is run before and after (in eval mode, so dropout does not blur the
 comparison; training flags are restored); outputs must agree within the dtype's
@@ -155,15 +157,39 @@ def _difference(a, b) -> float:
     return max(diffs, default=0.0)
 
 
+def _align_lora_dtypes(model: torch.nn.Module, report: Report) -> None:
+    """PEFT keeps LoRA adapters in float32 by default and casts the input for each adapter: three
+    float32 copies of one bf16 activation for q, k and v, none of them shared with the norm before.
+    Put each adapter in its base layer's dtype, so nothing is cast."""
+    for path, module in model.named_modules():
+        lora_a, base = getattr(module, "lora_A", None), getattr(module, "base_layer", None)
+        weight = getattr(base, "weight", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or weight is None or not weight.is_floating_point():
+            continue
+        adapters = [m for name in ("lora_A", "lora_B") for m in getattr(module, name).values()]
+        dtypes = {p.dtype for m in adapters for p in m.parameters()}
+        if dtypes and dtypes != {weight.dtype}:
+            for m in adapters:
+                m.to(weight.dtype)
+            before = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+            report.changes.append(Change(path, f"LoRA adapters in {before}", f"in {str(weight.dtype).removeprefix('torch.')}"))
+
+
 def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
-            gated: bool = True, gated_mode: str = "auto", measure_memory: bool = True) -> Report:
-    """Swap, in place, what stores less; verify on example_inputs (a tensor, tuple or dict of kwargs)."""
+            gated: bool = True, gated_mode: str = "auto", lora_dtype: bool = True,
+            measure_memory: bool = True) -> Report:
+    """Swap, in place, what stores less; verify on example_inputs (a tensor, tuple or dict of kwargs).
+
+    lora_dtype: put PEFT LoRA adapters in their base layer's dtype (they then train in that dtype;
+    keep float32 master weights in the optimizer if you need them, or pass False)."""
     if gated_mode not in MODES:
         raise ValueError(f"lowmem_ops.convert: gated_mode must be one of {', '.join(MODES)}, got {gated_mode!r}")
     report = Report()
     reference = _run(model, example_inputs) if example_inputs is not None else None
     if example_inputs is not None and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
+    if lora_dtype:
+        _align_lora_dtypes(model, report)
 
     planned = []  # (parent, attribute, old, new, Change)
     claimed: set[str] = set()

@@ -107,3 +107,35 @@ def test_convert_without_examples_and_bad_mode():
         lo.convert(model, gated_mode="fast")
     tanh_gelu = torch.nn.Sequential(torch.nn.GELU(approximate="tanh"))
     assert lo.convert(tanh_gelu).skipped == [("0", "GELU with non-default arguments has no built-in approximation")]
+
+
+def _lora_all_linears(model, r=8):
+    peft = pytest.importorskip("peft")
+    names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, target_modules=names))
+
+
+@pytest.mark.parametrize("adapters", ["peft default (fp32)", "bf16"])
+def test_issue_targets_vit_b(adapters):
+    """ViT-B/16, 2 layers, batch 8, LoRA r=8 on every linear, bf16 (reference section 3)."""
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072,
+                                 image_size=224, patch_size=16)
+    model = _lora_all_linears(transformers.ViTModel(cfg, add_pooling_layer=False).to(torch.bfloat16))
+    if adapters == "bf16":
+        model.to(torch.bfloat16)
+    report = lo.convert(model, example_inputs={"pixel_values": torch.randn(8, 3, 224, 224, dtype=torch.bfloat16)})
+    ratio = report.memory_after.total_bytes / report.memory_before.total_bytes
+    assert report.max_difference <= report.tolerance
+    assert ratio <= (0.45 if adapters.startswith("peft") else 0.70), str(report)
+
+
+def test_issue_target_llama():
+    """LLaMA-style d=1024, 2 layers, 4 x 512 tokens, LoRA r=8 on every linear, PEFT defaults, bf16."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                                   num_key_value_heads=16, vocab_size=1000)
+    model = _lora_all_linears(transformers.LlamaModel(cfg).to(torch.bfloat16))
+    report = lo.convert(model, example_inputs={"input_ids": torch.randint(0, 1000, (4, 512))})
+    assert report.max_difference <= report.tolerance
+    assert report.memory_after.total_bytes / report.memory_before.total_bytes <= 0.55, str(report)
