@@ -11,10 +11,10 @@ Importing this package needs torch only; the CUDA path imports triton when first
 """
 
 from . import memory, nn
-from .conversion import convert
+from .conversion import convert, export
 from ._tree import load_tree as load
 from .activations import BACKENDS, approx_activation, available, regelu2, resilu2
 from .gated import geglu, gated, swiglu
 from .norms import ms_layernorm, ms_rmsnorm
 
-__all__ = ["convert", "memory", "nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2", "ms_layernorm", "ms_rmsnorm", "gated", "swiglu", "geglu"]
+__all__ = ["convert", "export", "memory", "nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2", "ms_layernorm", "ms_rmsnorm", "gated", "swiglu", "geglu"]

@@ -91,6 +91,8 @@ class Report:
 def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated: bool, gated_mode: str):
     """The module to put in place of `module`, or (None, reason) / (None, None) when not ours."""
     name = type(module).__name__
+    if type(module).__module__.startswith("lowmem_ops"):
+        return None, None  # already ours (convert() called twice)
     if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         act = _ACTIVATIONS.get(type(module.act_fn).__name__)
         if act and act[1](module.act_fn) and act[0] in _GATED_ACT:
@@ -208,8 +210,10 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
         parent = model.get_submodule(parent_path)
         planned.append((parent, attr, module, new, Change(path, type(module).__name__, type(new).__name__)))
         claimed.add(path)
-    for parent, attr, _, new, change in planned:
+    originals = _originals(model)
+    for parent, attr, old, new, change in planned:
         setattr(parent, attr, new)
+        originals[change.path] = old  # for lowmem_ops.export; it shares the very Parameters
         report.changes.append(change)
 
     if reference is not None and planned:
@@ -223,6 +227,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
                 one = _difference(_run(model, example_inputs), reference)
                 if one > tol:
                     setattr(parent, attr, old)
+                    originals.pop(change.path)
                     change.status, change.reason = "undone", f"outputs moved by {one:.3g} > {tol:.3g}"
             diff = _difference(_run(model, example_inputs), reference)
         report.max_difference = diff
@@ -235,3 +240,54 @@ def _measure(model, inputs, label):
     if isinstance(inputs, dict):
         return memory.measure(model, label=label, **inputs)
     return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)
+
+
+_ORIGINALS = "_lowmem_ops_originals"
+
+
+def _originals(model: torch.nn.Module) -> dict:
+    if not hasattr(model, _ORIGINALS):
+        # A plain attribute, not a submodule: it must not add keys to state_dict or parameters().
+        object.__setattr__(model, _ORIGINALS, {})
+    return getattr(model, _ORIGINALS)
+
+
+_STOCK_ACTIVATIONS = {
+    "regelu": lambda: torch.nn.GELU(), "resilu": lambda: torch.nn.SiLU(),
+    "tanh_gelu": lambda: torch.nn.GELU(approximate="tanh"), "mish": lambda: torch.nn.Mish(),
+    "softplus": lambda: torch.nn.Softplus(), "elu": lambda: torch.nn.ELU(),
+}
+
+
+def export(model: torch.nn.Module) -> torch.nn.Module:
+    """Put standard modules back, in place, and return the model: what convert() swapped gets its
+    original module again (which holds the same, trained, Parameters); ops built by hand become
+    their torch equivalents. state_dict / save_pretrained then load into the stock architecture."""
+    originals = _originals(model)
+    for path in sorted(originals, key=len, reverse=True):
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, originals.pop(path))
+    for path, module in list(model.named_modules()):
+        if not path:
+            continue
+        stock = _stock(module)
+        if stock is not None:
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), attr, stock)
+    return model
+
+
+def _stock(module: torch.nn.Module):
+    if isinstance(module, MSLayerNorm):
+        if module.affine == "plain":
+            return None
+        new = torch.nn.LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                                 bias=module.bias is not None)
+        return _adopt(new, module)
+    if isinstance(module, MSRMSNorm):
+        new = torch.nn.RMSNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine)
+        return _adopt(new, module)
+    if isinstance(module, Approx):
+        family = module.op_name.rstrip("0123456789")
+        return _STOCK_ACTIVATIONS[family]() if family in _STOCK_ACTIVATIONS else None
+    return None

@@ -139,3 +139,33 @@ def test_issue_target_llama():
     report = lo.convert(model, example_inputs={"input_ids": torch.randint(0, 1000, (4, 512))})
     assert report.max_difference <= report.tolerance
     assert report.memory_after.total_bytes / report.memory_before.total_bytes <= 0.55, str(report)
+
+
+def test_export_round_trip_through_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    model, batch = llama()
+    lo.convert(model, example_inputs=batch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**batch).logits.float().square().mean().backward()
+    opt.step()  # trained weights must survive the export
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch).logits
+    lo.export(model)
+    assert not any(type(m).__module__.startswith("lowmem_ops") for m in model.modules())
+    model.save_pretrained(tmp_path)
+    stock = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        got = stock(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_export_of_hand_built_modules():
+    model = torch.nn.Sequential(lo.nn.MSLayerNorm(8), lo.nn.Approx("regelu2"), lo.nn.MSRMSNorm(8), lo.nn.ReSiLU2())
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 8)
+    want = model(x)
+    lo.export(model)
+    assert [type(m).__name__ for m in model] == ["LayerNorm", "GELU", "RMSNorm", "SiLU"]
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
