@@ -169,3 +169,18 @@ def test_export_of_hand_built_modules():
     lo.export(model)
     assert [type(m).__name__ for m in model] == ["LayerNorm", "GELU", "RMSNorm", "SiLU"]
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_steps_through_the_hf_trainer(tmp_path):
+    torch.manual_seed(0)
+    model, _ = llama()
+    data = [{"input_ids": torch.randint(0, 300, (32,))} for _ in range(8)]
+    for row in data:
+        row["labels"] = row["input_ids"].clone()
+    report = lo.convert(model, example_inputs={"input_ids": torch.stack([r["input_ids"] for r in data[:2]])})
+    assert report.applied
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, logging_steps=1, save_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
