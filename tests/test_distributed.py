@@ -58,6 +58,7 @@ def _worker(rank, world, port, kind, out_dir):
             grads = {n: p.grad.full_tensor() for n, p in m.named_parameters()}
         if rank == 0:
             torch.save({n: g.detach().clone() for n, g in grads.items()}, os.path.join(out_dir, f"{kind}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
