@@ -1,0 +1,24 @@
+"""A shortened run of tune/fidelity.py: converted models train like the originals."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("transformers")
+
+_spec = importlib.util.spec_from_file_location("fidelity", Path(__file__).resolve().parent.parent / "tune" / "fidelity.py")
+fidelity = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fidelity)
+
+
+@pytest.mark.parametrize("task", ["vit", "llama"])
+def test_converted_model_trains_like_the_original(task):
+    r = fidelity.run(task, steps=60)
+    assert r["converted_modules"] >= 5
+    base, conv = r["final_loss"]["baseline"], r["final_loss"]["converted"]
+    first = r["baseline"]["losses"][0]
+    assert base < 0.85 * first and conv < 0.85 * first  # both learn
+    assert abs(conv - base) <= 0.15 * base, (base, conv)  # and alike (the full run's tolerance is in docs/convert.md)
+    assert r["accuracy_points_apart"] <= 5.0
