@@ -15,6 +15,12 @@ def llama():
     return transformers.LlamaForCausalLM(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
 
 
+def qwen2():
+    cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300)
+    return transformers.Qwen2ForCausalLM(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
+
+
 def gpt2():
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
@@ -35,6 +41,7 @@ def vit():
 # (builder, swapped module types, ceiling on the saved-bytes ratio measured in this test's setting)
 CASES = {
     "llama": (llama, {"MSRMSNorm", "GatedMLP"}, 0.70),
+    "qwen2": (qwen2, {"MSRMSNorm", "GatedMLP"}, 0.75),
     "gpt2": (gpt2, {"MSLayerNorm", "Approx"}, 0.60),
     "bert": (bert, {"MSLayerNorm", "Approx"}, 0.85),  # post-LN: dropout after the norm ends some sharing
     "vit": (vit, {"MSLayerNorm", "Approx"}, 0.75),
