@@ -129,7 +129,7 @@ def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
             if required and key not in data[table]:
                 fail(table, key, "missing required field")
 
-    op, ap = data["op"], data["approx"]
+    ap = data["approx"]
 
     def typed(table: str, key: str, kinds: tuple, default=None):
         value = data[table].get(key, default)

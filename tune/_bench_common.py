@@ -316,3 +316,10 @@ def summary_table(records: list[dict], phases: Iterable[str], title: str, ratio_
             cells.append(fmt_ratio(geomean(ratios)) if ratios else "-")
         table.add_row(op, *cells)
     return table
+
+
+def start(args: argparse.Namespace) -> tuple[str, float | None]:
+    """Seed torch; the device's name and, on CUDA, its peak DRAM bandwidth (GB/s, None if unknown)."""
+    torch.manual_seed(args.seed)
+    name = device_name(args.device)
+    return name, (peak_bandwidth(name, args.peak_gbps) if args.device == "cuda" else None)

@@ -31,9 +31,9 @@ from rich.table import Table
 
 # The sibling module must come before lowmem_ops: it puts this checkout first on sys.path.
 from _bench_common import (DTYPE_SHORT, DTYPES, Timer, add_bandwidth, add_common_args, add_device_arg,
-                           add_grouped_rows, bandwidth_cells, check_device, device_name, environment, fmt_numel,
-                           fmt_ratio, header_line, make_timer, new_table, parse_sizes, peak_bandwidth,
-                           resolve_common_args, summary_table, write_json)
+                           add_grouped_rows, bandwidth_cells, check_device, environment, fmt_numel,
+                           fmt_ratio, header_line, make_timer, new_table, parse_sizes,
+                           resolve_common_args, start, summary_table, write_json)
 import lowmem_ops as lo
 
 # Our op -> the exact torch activation it replaces (F.gelu's default is the erf form, as ours).
@@ -185,9 +185,7 @@ def print_targets(console: Console, targets: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
-    torch.manual_seed(args.seed)
-    name = device_name(args.device)
-    peak_gbps = peak_bandwidth(name, args.peak_gbps) if args.device == "cuda" else None
+    name, peak_gbps = start(args)
     env = environment(args, name, peak_gbps)
     console.print(header_line(env), highlight=False)
     if args.device == "cuda" and peak_gbps is None:

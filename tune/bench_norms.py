@@ -42,9 +42,9 @@ from rich.table import Table
 
 # The sibling module must come before lowmem_ops: it puts this checkout first on sys.path.
 from _bench_common import (DTYPE_SHORT, DTYPES, Timer, add_bandwidth, add_common_args, add_device_arg,
-                           add_grouped_rows, bandwidth_cells, check_device, device_name, environment, fmt_bytes,
-                           fmt_ratio, header_line, make_timer, new_table, parse_size, parse_sizes, peak_bandwidth,
-                           resolve_common_args, summary_table, write_json)
+                           add_grouped_rows, bandwidth_cells, check_device, environment, fmt_bytes,
+                           fmt_ratio, header_line, make_timer, new_table, parse_size, parse_sizes,
+                           resolve_common_args, start, summary_table, write_json)
 import lowmem_ops as lo
 
 Norm = Callable[..., torch.Tensor]  # (x, *params) -> y
@@ -303,9 +303,7 @@ def saved_table(saved: list[dict], tokens: int, impls: list[str]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
-    torch.manual_seed(args.seed)
-    name = device_name(args.device)
-    peak_gbps = peak_bandwidth(name, args.peak_gbps) if args.device == "cuda" else None
+    name, peak_gbps = start(args)
     liger, liger_note = load_liger(args.device)
     env = {**environment(args, name, peak_gbps), "tokens": args.tokens, "liger": liger_note,
            "linear_out_features": LINEAR_OUT_FEATURES}
