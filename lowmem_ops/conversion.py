@@ -32,20 +32,23 @@ from . import memory
 from .gated import MODES
 from .nn import Approx, GatedMLP, MSLayerNorm, MSRMSNorm
 
-# class name -> (op name, check that the instance computes exactly that function)
+# class name -> the op with exactly that forward for this instance (None: its arguments have no match)
 _ACTIVATIONS = {
-    "GELU": ("regelu2", lambda m: getattr(m, "approximate", "none") == "none"),
-    "GELUActivation": ("regelu2", lambda m: True),  # erf GELU, through torch or in Python
-    "SiLU": ("resilu2", lambda m: True),
-    "SiLUActivation": ("resilu2", lambda m: True),
-    "Mish": ("mish2", lambda m: True),
-    "MishActivation": ("mish2", lambda m: True),
-    "Softplus": ("softplus2", lambda m: getattr(m, "beta", 1.0) == 1.0),
-    "ELU": ("elu2", lambda m: getattr(m, "alpha", 1.0) == 1.0),
-    "NewGELUActivation": ("tanh_gelu2", lambda m: True),
-    "GELUTanh": ("tanh_gelu2", lambda m: True),
-    "PytorchGELUTanh": ("tanh_gelu2", lambda m: True),
-    "QuickGELUActivation": ("quick_gelu2", lambda m: True),
+    "GELU": lambda m: {"none": "regelu2", "tanh": "tanh_gelu2"}.get(getattr(m, "approximate", "none")),
+    "GELUActivation": lambda m: "regelu2",  # erf GELU, through torch or in Python
+    "SiLU": lambda m: "resilu2",
+    "SiLUActivation": lambda m: "resilu2",
+    "Mish": lambda m: "mish2",
+    "MishActivation": lambda m: "mish2",
+    "Softplus": lambda m: "softplus2" if getattr(m, "beta", 1.0) == 1.0 else None,
+    "ELU": lambda m: "elu2" if getattr(m, "alpha", 1.0) == 1.0 else None,
+    # all the tanh form 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), however written
+    "NewGELUActivation": lambda m: "tanh_gelu2",
+    "GELUTanh": lambda m: "tanh_gelu2",
+    "PytorchGELUTanh": lambda m: "tanh_gelu2",
+    "FastGELUActivation": lambda m: "tanh_gelu2",
+    "AccurateGELUActivation": lambda m: "tanh_gelu2",
+    "QuickGELUActivation": lambda m: "quick_gelu2",
 }
 _GATED_ACT = {"regelu2": "regelu2", "resilu2": "resilu2", "tanh_gelu2": "tanh_gelu2"}
 
@@ -94,14 +97,15 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
     if type(module).__module__.startswith("lowmem_ops"):
         return None, None  # already ours (convert() called twice)
     if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        act = _ACTIVATIONS.get(type(module.act_fn).__name__)
-        if act and act[1](module.act_fn) and act[0] in _GATED_ACT:
-            return GatedMLP.from_mlp(module, act=_GATED_ACT[act[0]], mode=gated_mode), None
+        pick = _ACTIVATIONS.get(type(module.act_fn).__name__)
+        op = pick(module.act_fn) if pick else None
+        if op in _GATED_ACT:
+            return GatedMLP.from_mlp(module, act=_GATED_ACT[op], mode=gated_mode), None
         return None, f"gated MLP with activation {type(module.act_fn).__name__}, which has no fused kernel"
     if activations and name in _ACTIVATIONS:
-        op, exact = _ACTIVATIONS[name]
-        if not exact(module):
-            return None, f"{name} with non-default arguments has no built-in approximation"
+        op = _ACTIVATIONS[name](module)
+        if op is None:
+            return None, f"{name} with these arguments has no built-in approximation"
         return Approx(op), None
     if norms and isinstance(module, torch.nn.LayerNorm):
         new = MSLayerNorm(module.normalized_shape, eps=module.eps, affine="inverse" if module.elementwise_affine else "none",

@@ -82,7 +82,7 @@ def test_convert_with_peft_lora():
 
 def test_a_wrong_swap_is_undone(monkeypatch):
     """A swap that changes the forward (here GELU mapped to SiLU on purpose) is found and undone."""
-    monkeypatch.setitem(conversion._ACTIVATIONS, "GELUActivation", ("resilu2", lambda m: True))
+    monkeypatch.setitem(conversion._ACTIVATIONS, "GELUActivation", lambda m: "resilu2")
     torch.manual_seed(0)
     model, batch = vit()
     report = lo.convert(model, example_inputs=batch)
@@ -112,8 +112,10 @@ def test_convert_without_examples_and_bad_mode():
     assert isinstance(model[1], lo.nn.Approx) and isinstance(model[2], lo.nn.MSLayerNorm)
     with pytest.raises(ValueError, match="gated_mode must be one of"):
         lo.convert(model, gated_mode="fast")
-    tanh_gelu = torch.nn.Sequential(torch.nn.GELU(approximate="tanh"))
-    assert lo.convert(tanh_gelu).skipped == [("0", "GELU with non-default arguments has no built-in approximation")]
+    acts = torch.nn.Sequential(torch.nn.GELU(approximate="tanh"), torch.nn.ELU(alpha=0.5))
+    report = lo.convert(acts)
+    assert isinstance(acts[0], lo.nn.Approx) and acts[0].op_name == "tanh_gelu2"
+    assert report.skipped == [("1", "ELU with these arguments has no built-in approximation")]
 
 
 def _lora_all_linears(model, r=8):
