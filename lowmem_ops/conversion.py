@@ -91,8 +91,10 @@ class Report:
         return "\n".join(lines)
 
 
-def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated: bool, gated_mode: str):
-    """The module to put in place of `module`, or (None, reason) / (None, None) when not ours."""
+def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated: bool, gated_mode: str,
+                 folded: bool = False):
+    """The module to put in place of `module`, or (None, reason) / (None, None) when not ours.
+    folded: the norm's affine goes into its consumers, so the new norm has none."""
     name = type(module).__name__
     if type(module).__module__.startswith("lowmem_ops"):
         return None, None  # already ours (convert() called twice)
@@ -108,16 +110,16 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
             return None, f"{name} with these arguments has no built-in approximation"
         return Approx(op), None
     if norms and isinstance(module, torch.nn.LayerNorm):
-        new = MSLayerNorm(module.normalized_shape, eps=module.eps, affine="inverse" if module.elementwise_affine else "none",
-                          bias=module.bias is not None)
-        return _adopt(new, module), None
+        affine = "inverse" if module.elementwise_affine and not folded else "none"
+        new = MSLayerNorm(module.normalized_shape, eps=module.eps, affine=affine, bias=module.bias is not None)
+        return (new if folded else _adopt(new, module)), None
     if norms and (isinstance(module, torch.nn.RMSNorm) or name.endswith("RMSNorm")):
         weight = getattr(module, "weight", None)
         eps = getattr(module, "eps", None) if isinstance(module, torch.nn.RMSNorm) else getattr(module, "variance_epsilon", None)
         if weight is None or eps is None or "Gemma" in name:  # Gemma scales by (1 + weight)
             return None, f"{name}: unknown parameterisation"
-        new = MSRMSNorm(tuple(weight.shape), eps=eps, affine="inverse")
-        return _adopt(new, module), None
+        new = MSRMSNorm(tuple(weight.shape), eps=eps, affine="none" if folded else "inverse")
+        return (new if folded else _adopt(new, module)), None
     return None, None
 
 
@@ -182,10 +184,13 @@ def _align_lora_dtypes(model: torch.nn.Module, report: Report) -> None:
 
 
 def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
-            gated: bool = True, gated_mode: str = "auto", lora_dtype: bool = True,
+            gated: bool = True, gated_mode: str = "auto", fold: bool = True, lora_dtype: bool = True,
             measure_memory: bool = True) -> Report:
     """Swap, in place, what stores less; verify on example_inputs (a tensor, tuple or dict of kwargs).
 
+    fold: fold a norm's gamma/beta into its consumers when, on the example inputs, every consumer is a
+    plain nn.Linear or GPT-2 Conv1D (untied weight; a bias wherever beta is non-zero) and the output
+    is not returned; other norms use inverse mode.
     lora_dtype: put PEFT LoRA adapters in their base layer's dtype (they then train in that dtype;
     keep float32 master weights in the optimizer if you need them, or pass False)."""
     if gated_mode not in MODES:
@@ -197,12 +202,14 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     if lora_dtype:
         _align_lora_dtypes(model, report)
 
-    planned = []  # (parent, attribute, old, new, Change)
+    consumers = _observe_norm_consumers(model, example_inputs) if norms and fold and example_inputs is not None else {}
+    planned: list[_Swap] = []
     claimed: set[str] = set()
     for path, module in model.named_modules():
         if any(path.startswith(c + ".") for c in claimed):
             continue  # inside a module we already replace (a gated MLP's projections)
-        new, why = _replacement(module, activations, norms, gated, gated_mode)
+        targets = _fold_targets(model, module, consumers.get(path))
+        new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets))
         if new is None:
             if why:
                 report.skipped.append((path, why))
@@ -211,28 +218,32 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
             report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
             continue
         parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        planned.append((parent, attr, module, new, Change(path, type(module).__name__, type(new).__name__)))
+        after = type(new).__name__ + (f" (affine folded into {', '.join(p for p, _ in targets)})" if targets else "")
+        planned.append(_Swap(model.get_submodule(parent_path), attr, module, new,
+                             Change(path, type(module).__name__, after), targets or []))
         claimed.add(path)
-    originals = _originals(model)
-    for parent, attr, old, new, change in planned:
-        setattr(parent, attr, new)
-        originals[change.path] = old  # for lowmem_ops.export; it shares the very Parameters
-        report.changes.append(change)
+    originals, folded = _originals(model), _folded(model)
+    for swap in planned:
+        swap.apply()
+        originals[swap.change.path] = swap.old  # for lowmem_ops.export; it shares the very Parameters
+        if swap.folds:
+            folded.add(swap.change.path)
+        report.changes.append(swap.change)
 
     if reference is not None and planned:
         tol = report.tolerance = _tolerance(reference)
         diff = _difference(_run(model, example_inputs), reference)
         if diff > tol:  # find the culprits: keep each change only if the model still agrees with it
-            for parent, attr, old, _, _ in planned:
-                setattr(parent, attr, old)
-            for parent, attr, old, new, change in planned:
-                setattr(parent, attr, new)
+            for swap in reversed(planned):
+                swap.undo()
+            for swap in planned:
+                swap.apply()
                 one = _difference(_run(model, example_inputs), reference)
                 if one > tol:
-                    setattr(parent, attr, old)
-                    originals.pop(change.path)
-                    change.status, change.reason = "undone", f"outputs moved by {one:.3g} > {tol:.3g}"
+                    swap.undo()
+                    originals.pop(swap.change.path)
+                    folded.discard(swap.change.path)
+                    swap.change.status, swap.change.reason = "undone", f"outputs moved by {one:.3g} > {tol:.3g}"
             diff = _difference(_run(model, example_inputs), reference)
         report.max_difference = diff
     if example_inputs is not None and measure_memory:
@@ -246,7 +257,127 @@ def _measure(model, inputs, label):
     return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)
 
 
+@dataclass
+class _Swap:
+    """One planned change, which can be applied and undone (module swap, plus folded weights)."""
+
+    parent: torch.nn.Module
+    attr: str
+    old: torch.nn.Module
+    new: torch.nn.Module
+    change: Change
+    folds: list  # (path, nn.Linear) consumers the old norm's affine goes into
+    _saved: list = field(default_factory=list)
+
+    def apply(self) -> None:
+        setattr(self.parent, self.attr, self.new)
+        gamma = getattr(self.old, "weight", None)
+        beta = getattr(self.old, "bias", None)
+        self._saved = []
+        with torch.no_grad():
+            for _, linear in self.folds:
+                w, b = linear.weight, linear.bias
+                self._saved.append((w.detach().clone(), None if b is None else b.detach().clone()))
+                # nn.Linear's weight is (out, in); GPT-2's Conv1D keeps it transposed, (in, out)
+                w32 = w.float() if type(linear) is torch.nn.Linear else w.float().t()
+                if beta is not None and b is not None:  # b' = b + W beta, with W before scaling
+                    b.copy_((b.float() + w32 @ beta.float().reshape(-1)).to(b.dtype))
+                scaled = w32 * gamma.float().reshape(1, -1)  # W' = W diag(gamma)
+                w.copy_((scaled if type(linear) is torch.nn.Linear else scaled.t()).to(w.dtype))
+
+    def undo(self) -> None:
+        setattr(self.parent, self.attr, self.old)
+        with torch.no_grad():
+            for (_, linear), (w, b) in zip(self.folds, self._saved):
+                linear.weight.copy_(w)
+                if b is not None:
+                    linear.bias.copy_(b)
+        self._saved = []
+
+
+class _UseRecorder(torch.overrides.TorchFunctionMode):
+    """Records every torch function that takes one of the watched tensors, and the module running."""
+
+    def __init__(self, watched: dict, stack: list, uses: dict):
+        super().__init__()
+        self.watched, self.stack, self.uses = watched, stack, uses
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and id(leaf) in self.watched:
+                self.uses[self.watched[id(leaf)]].append((getattr(func, "__name__", str(func)), self.stack[-1]))
+        return func(*args, **kwargs)
+
+
+def _observe_norm_consumers(model: torch.nn.Module, inputs) -> dict[str, list | None]:
+    """norm path -> [(function, module path)] of every use of its output on these inputs; None for a
+    norm whose output is also returned by the model (folding would change the output)."""
+    norms = {p: m for p, m in model.named_modules()
+             if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm")}
+    watched: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # keeps outputs alive, so their ids are not reused
+    uses: dict[str, list] = {p: [] for p in norms}
+    stack = [""]
+    handles = memory.track_modules(model, stack)
+    for path, module in norms.items():
+        def grab(m, a, out, path=path):
+            if isinstance(out, torch.Tensor):
+                watched[id(out)] = path
+                keep.append(out)
+        handles.append(module.register_forward_hook(grab))
+    try:
+        with _UseRecorder(watched, stack, uses):
+            out = _run(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    returned = {watched[id(t)] for t in _tensors(out) if id(t) in watched}
+    return {p: (None if p in returned else u) for p, u in uses.items()}
+
+
+def _fold_targets(model: torch.nn.Module, norm: torch.nn.Module, uses) -> list:
+    """The nn.Linear consumers to fold `norm`'s affine into, or [] when folding is not safe."""
+    gamma = getattr(norm, "weight", None)
+    if not uses or not isinstance(gamma, torch.nn.Parameter):
+        return []
+    beta = getattr(norm, "bias", None)
+    tied = _tied_parameters(model)
+    targets = {}
+    for func, path in uses:
+        if func in _METADATA:
+            continue
+        module = model.get_submodule(path) if path else model
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        linear = func == "linear" and type(module) is torch.nn.Linear
+        conv1d = func == "view" and type(module).__name__ == "Conv1D"  # GPT-2's: x.view(-1, nx) @ W + b
+        if not (linear or conv1d) or hasattr(parent, "lora_A"):
+            return []  # a non-linear use (residual, dropout, reshape), or a LoRA layer's adapters
+        if id(module.weight) in tied or (beta is not None and module.bias is None and bool(beta.detach().ne(0).any())):
+            return []
+        targets[path] = module
+    return sorted(targets.items())
+
+
+# Uses that read only a tensor's metadata (x.shape, x.size(), ...), never its values.
+_METADATA = {"__get__", "size", "dim", "numel", "ndimension", "stride", "is_contiguous", "element_size"}
+
+
+def _tied_parameters(model: torch.nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
 _ORIGINALS = "_lowmem_ops_originals"
+_FOLDED = "_lowmem_ops_folded"
+
+
+def _folded(model: torch.nn.Module) -> set:
+    if not hasattr(model, _FOLDED):
+        object.__setattr__(model, _FOLDED, set())
+    return getattr(model, _FOLDED)
 
 
 def _originals(model: torch.nn.Module) -> dict:
@@ -265,12 +396,20 @@ _STOCK_ACTIVATIONS = {
 
 def export(model: torch.nn.Module) -> torch.nn.Module:
     """Put standard modules back, in place, and return the model: what convert() swapped gets its
-    original module again (which holds the same, trained, Parameters); ops built by hand become
-    their torch equivalents. state_dict / save_pretrained then load into the stock architecture."""
-    originals = _originals(model)
+    original module again (which holds the same, trained, Parameters; a norm whose affine was folded
+    gets gamma = 1, beta = 0, the folded linear weights stay); ops built by hand become their torch
+    equivalents. state_dict / save_pretrained then load into the stock architecture."""
+    originals, folded = _originals(model), _folded(model)
     for path in sorted(originals, key=len, reverse=True):
         parent_path, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), attr, originals.pop(path))
+        original = originals.pop(path)
+        if path in folded:  # its affine lives in the linear layers now: identity here
+            folded.discard(path)
+            with torch.no_grad():
+                original.weight.fill_(1.0)
+                if getattr(original, "bias", None) is not None:
+                    original.bias.zero_()
+        setattr(model.get_submodule(parent_path), attr, original)
     for path, module in list(model.named_modules()):
         if not path:
             continue

@@ -147,6 +147,19 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
             storages[key] = SavedStorage(storage.nbytes(), t.dtype, tuple(t.shape), here, cast_from=_cast_source(t))
         return t
 
+    handles = track_modules(model, stack)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return Measurement(storages, label)
+
+
+def track_modules(model: torch.nn.Module, stack: list[str]) -> list:
+    """Hooks that keep stack[-1] the path of the innermost module running; returns their handles."""
+
     def enter(name):
         def hook(module, args):
             stack.append(name)  # returns None: the inputs stay as they are
@@ -160,13 +173,7 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave))
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return Measurement(storages, label)
+    return handles
 
 
 def _cast_source(t: torch.Tensor) -> int | None:
