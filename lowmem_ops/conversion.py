@@ -8,8 +8,10 @@ What is swapped (options turn each part off):
   models hold (GELUActivation, NewGELUActivation, GELUTanh, QuickGELUActivation, SiLUActivation,
   MishActivation) -> the 2-bit approximate op with the same forward;
 - norms: torch.nn.LayerNorm / RMSNorm and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
-  Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm in inverse mode, which keeps
-  gamma/beta as they are (no folding), so it is exact in every topology, post-LN included;
+  Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm, saving their output. With example
+  inputs, a norm whose output is read only by untied nn.Linear / Conv1D layers gets its gamma/beta
+  folded into them; every other norm keeps them in inverse mode (exact in any topology, post-LN
+  included);
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
 - PEFT LoRA adapters kept in float32 by default -> the base layer's dtype, so no adapter casts its
@@ -50,7 +52,7 @@ _ACTIVATIONS = {
     "AccurateGELUActivation": lambda m: "tanh_gelu2",
     "QuickGELUActivation": lambda m: "quick_gelu2",
 }
-_GATED_ACT = {"regelu2": "regelu2", "resilu2": "resilu2", "tanh_gelu2": "tanh_gelu2"}
+_GATED_OPS = {"regelu2", "resilu2", "tanh_gelu2"}  # the specs with fused gated kernels
 
 
 @dataclass
@@ -101,8 +103,8 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
     if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         pick = _ACTIVATIONS.get(type(module.act_fn).__name__)
         op = pick(module.act_fn) if pick else None
-        if op in _GATED_ACT:
-            return GatedMLP.from_mlp(module, act=_GATED_ACT[op], mode=gated_mode), None
+        if op in _GATED_OPS:
+            return GatedMLP.from_mlp(module, act=op, mode=gated_mode), None
         return None, f"gated MLP with activation {type(module.act_fn).__name__}, which has no fused kernel"
     if activations and name in _ACTIVATIONS:
         op = _ACTIVATIONS[name](module)
