@@ -42,7 +42,7 @@ def choose_mode(numel: int, elem_size: int, bits: int, need_gate: bool, need_up:
     return "approx" if approx < exact else "exact"
 
 
-def _op(name: str) -> OpInfo:
+def gated_op(name: str) -> OpInfo:
     op = get_op(name)
     if not op.gated:
         raise ValueError(f"lowmem_ops: {name!r} has no gated kernels (its spec lacks `gated = true`); "
@@ -61,7 +61,7 @@ def _check(gate, up, name):
 @torch.library.custom_op("lowmem_ops::gated_fwd", mutates_args=())
 def gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, need_gate: bool,
               need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    op = _op(name)
+    op = gated_op(name)
     _check(gate, up, name)
     gate, up = gate.contiguous(), up.contiguous()
     write_h, write_codes = approx and need_up, approx and need_gate
@@ -73,7 +73,7 @@ def gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, nee
 
 @gated_fwd.register_fake
 def _(gate, up, name, approx, need_gate, need_up):
-    op = _op(name)
+    op = gated_op(name)
     _check(gate, up, name)
     h = torch.empty_like(gate, memory_format=torch.contiguous_format) if approx and need_up else gate.new_empty(0)
     codes = gate.new_empty((op.n_code_bytes(gate.numel()) if approx and need_gate else 0,), dtype=torch.uint8)
@@ -84,7 +84,7 @@ def _(gate, up, name, approx, need_gate, need_up):
 def gated_bwd(dy: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torch.Tensor], h: Optional[torch.Tensor],
               codes: Optional[torch.Tensor], name: str, approx: bool, need_gate: bool,
               need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    op = _op(name)
+    op = gated_op(name)
     dy = dy.contiguous()
     backend = pick_backend(dy)
     if backend == "torch":
@@ -129,7 +129,7 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
     """h(gate) * up with the activation `name`, storing what `mode` says (see module docstring)."""
     if mode not in MODES:
         raise ValueError(f"lowmem_ops.gated: mode must be one of {', '.join(MODES)}, got {mode!r}")
-    op = _op(name)
+    op = gated_op(name)
     _check(gate, up, name)
     grad = torch.is_grad_enabled()
     need_gate, need_up = grad and gate.requires_grad, grad and up.requires_grad

@@ -6,6 +6,8 @@ import torch
 
 from ._tree import get_op
 from .activations import approx_activation
+from .gated import MODES, gated, gated_op
+from .norms import AFFINE_MODES, ms_layernorm, ms_rmsnorm
 
 
 class Approx(torch.nn.Module):
@@ -44,17 +46,11 @@ class ReSiLU2(Approx):
         self.inplace = inplace
 
 
-
-
 class _MSNorm(torch.nn.Module):
     """Shared by MSLayerNorm and MSRMSNorm: parameters and state_dict as torch's own modules."""
 
-    is_rms = False
-
     def __init__(self, normalized_shape, eps, elementwise_affine, bias, affine, device, dtype):
         super().__init__()
-        from .norms import AFFINE_MODES
-
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.eps = eps
         self.affine = affine if affine is not None else ("inverse" if elementwise_affine else "none")
@@ -85,8 +81,6 @@ class MSLayerNorm(_MSNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, affine, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .norms import ms_layernorm
-
         return ms_layernorm(x, self.normalized_shape, self.weight, self.bias, self.eps,
                             affine="plain" if self.affine == "plain" else "inverse")
 
@@ -94,19 +88,13 @@ class MSLayerNorm(_MSNorm):
 class MSRMSNorm(_MSNorm):
     """Drop-in for torch.nn.RMSNorm that saves its output (see MSLayerNorm). eps=None: finfo(dtype).eps."""
 
-    is_rms = True
-
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  affine: str | None = None, device=None, dtype=None):
         super().__init__(normalized_shape, eps, elementwise_affine, False, affine, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .norms import ms_rmsnorm
-
         return ms_rmsnorm(x, self.normalized_shape, self.weight, self.eps,
                           affine="plain" if self.affine == "plain" else "inverse")
-
-
 
 
 class GatedActivation(torch.nn.Module):
@@ -115,15 +103,11 @@ class GatedActivation(torch.nn.Module):
 
     def __init__(self, name: str = "resilu2", mode: str = "auto"):
         super().__init__()
-        from .gated import MODES, _op
-
         if mode not in MODES:
             raise ValueError(f"GatedActivation: mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.op_name, self.mode = _op(name).name, mode
+        self.op_name, self.mode = gated_op(name).name, mode
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        from .gated import gated
-
         return gated(gate, up, self.op_name, self.mode)
 
     def extra_repr(self) -> str:
