@@ -51,7 +51,8 @@ class Fit:
     evaluations: int
 
 
-def _numeric(e: sympy.Expr):
+def numeric(e: sympy.Expr):
+    """e as a numpy function of x (scipy supplies erf)."""
     return sympy.lambdify(expr_mod.X, e, modules=["scipy", "numpy"])
 
 
@@ -87,7 +88,7 @@ class _Problem:
     """E(c) with the levels solved exactly, on Gauss-Legendre panels split at every threshold."""
 
     def __init__(self, h: expr_mod.Expr, bits: int):
-        self.h = _numeric(h.sym)
+        self.h = numeric(h.sym)
         self.asym = asymptotes(h)
         self.m = 2**bits - 1
         self.evaluations = 0

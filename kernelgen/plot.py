@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import sympy
 
 from . import expr as expr_mod
-from .fit import asymptotes, error_of
+from .fit import asymptotes, error_of, numeric
 
 
 def plot(forward: expr_mod.Expr, thresholds, levels, title: str, out: Path) -> float:
@@ -18,8 +17,7 @@ def plot(forward: expr_mod.Expr, thresholds, levels, title: str, out: Path) -> f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h = sympy.lambdify(expr_mod.X, forward.sym, modules=["scipy", "numpy"])
-    dh = sympy.lambdify(expr_mod.X, forward.derivative(), modules=["scipy", "numpy"])
+    h, dh = numeric(forward.sym), numeric(forward.derivative())
     c, lv = np.asarray(thresholds, dtype=float), np.asarray(levels, dtype=float)
     span = max(6.0, 1.3 * float(np.max(np.abs(c))))
     x = np.linspace(-span, span, 2001)

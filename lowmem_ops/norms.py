@@ -160,7 +160,13 @@ def inverse_is_safe(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return bool(ok.all())
 
 
-def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, what):
+def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, what):
+    """The public norms' one path: validate, then torch's norm (plain, or inverse mode's fallback)
+    or the memory-sharing op."""
+    if affine not in ("inverse", "plain"):
+        raise ValueError(f"lowmem_ops.{what}: affine must be 'inverse' or 'plain', got {affine!r}")
+    if affine == "plain":
+        return _plain(x, normalized_shape, weight, bias, eps, is_rms, _out_dtype(x, out_dtype))
     n_cols = _n_cols(x, normalized_shape, what)
     _check(x, weight, bias, n_cols, what)
     out = _out_dtype(x, out_dtype)
@@ -204,11 +210,7 @@ def ms_layernorm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight:
                  affine: str = "inverse") -> torch.Tensor:
     """LayerNorm that saves its output. Without weight/bias: the paper's form (fold the affine into
     the next linear). With them: inverse mode, or affine='plain' for torch's own layer_norm."""
-    if affine not in ("inverse", "plain"):
-        raise ValueError(f"lowmem_ops.ms_layernorm: affine must be 'inverse' or 'plain', got {affine!r}")
-    if affine == "plain":
-        return _plain(x, normalized_shape, weight, bias, eps, False, _out_dtype(x, out_dtype))
-    return _norm(x, normalized_shape, weight, bias, eps, False, out_dtype, "ms_layernorm")
+    return _norm(x, normalized_shape, weight, bias, eps, False, out_dtype, affine, "ms_layernorm")
 
 
 def ms_rmsnorm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: Optional[torch.Tensor] = None,
@@ -216,11 +218,7 @@ def ms_rmsnorm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: O
     """RMSNorm that saves its output (see ms_layernorm). eps=None means torch.finfo(x.dtype).eps, as F.rms_norm."""
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    if affine not in ("inverse", "plain"):
-        raise ValueError(f"lowmem_ops.ms_rmsnorm: affine must be 'inverse' or 'plain', got {affine!r}")
-    if affine == "plain":
-        return _plain(x, normalized_shape, weight, None, eps, True, _out_dtype(x, out_dtype))
-    return _norm(x, normalized_shape, weight, None, eps, True, out_dtype, "ms_rmsnorm")
+    return _norm(x, normalized_shape, weight, None, eps, True, out_dtype, affine, "ms_rmsnorm")
 
 
 __all__ = ["ms_layernorm", "ms_rmsnorm", "inverse_is_safe", "AFFINE_MODES", "INVERSE_RULE"]
