@@ -2,8 +2,13 @@
 
     spec.py    TOML spec -> validated Spec
     expr.py    forward expression -> sympy -> Triton / torch code
-    archs.py   static arch table and launch configs
-    render.py  Jinja templates -> source
-    build.py   ahead-of-time compile, manifest, atomic install, freshness check
-    cli.py     the `kernelgen` command
+    archs.py   static arch table and the static launch configs
+    space.py   launch-config spaces and shape buckets (templates/*.space.toml)
+    render.py  Jinja templates -> source; tuning groups and the kernels they compile
+    aot.py     ahead-of-time compiles in worker processes, resource usage per cubin
+    prune.py   static pruning (spills, shared memory) and occupancy ranking
+    tunedb.py  the tuning database tune/db/<arch>.json and choosing its winners
+    tuner.py   the measuring tuner: breadth-first search under a budget, CUDA timing
+    build.py   build an arch: compile, prune, bake configs, manifest, atomic install, freshness check
+    cli.py     the `kernelgen` command (tune_cli.py: its tune subcommand)
 """

@@ -1,13 +1,15 @@
 """Static table of the NVIDIA archs we build for, and the launch configs chosen from it.
 
 Nothing here asks a live device: an arch build must give the same result on a laptop, in CI and on
-the GPU itself. The measured tuning (tune/) replaces `static_config` where a tuning DB exists.
+the GPU itself. These configs are the static choice of each tuning group (kernelgen/space.py), which
+a measured winner from the tuning database replaces at build time (docs/tuning.md).
 Figures are the data-sheet values of each arch's reference GPU.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 
@@ -47,6 +49,30 @@ ARCHS: dict[str, Arch] = {
         Arch("sm100", 100, "B200", 148, 8000.0, 2048, 32, 65536, 255, 232448),
     )
 }
+
+# Peak DRAM bandwidth in GB/s of GPUs by torch.cuda.get_device_name (case-insensitive, first match
+# wins, so the more specific patterns come first): for the fraction of peak that tuning reports.
+GPU_PEAK_GBPS = [
+    (r"\bH200", 4800),                  # not GH200, whose memory differs
+    (r"\bB200", 8000),
+    (r"H100.*PCIe", 2039),
+    (r"H100.*(SXM|HBM3)", 3352),        # the SXM part reports itself as "H100 80GB HBM3"
+    (r"A100.*SXM.*80GB", 2039),
+    (r"A100.*40GB", 1555),
+    (r"L40S", 864),
+    (r"RTX A6000", 768),
+    (r"\bA10G?\b", 600),                # A10 and A10G, not A100
+    (r"RTX 4090", 1008),
+    (r"RTX 3090(?! Ti)", 936),
+]
+
+
+def gpu_peak_gbps(device_name: str) -> float | None:
+    for pattern, gbps in GPU_PEAK_GBPS:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return float(gbps)
+    return None
+
 
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

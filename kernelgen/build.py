@@ -6,26 +6,27 @@ Layout of a tree (default: generated/ in the repository, installed as lowmem_ops
     __init__.py
     ops.py                 arch-independent: specs as the runtime needs them, torch forward functions
     <arch>/__init__.py
-    <arch>/<op>.py         Triton kernels + launch configs for that arch
-    <arch>/manifest.json   per variant: registers, spills, shared memory, occupancy; source hashes
+    <arch>/<op>.py         Triton kernels for that arch
+    <arch>/configs.py      the launch config of every kernel, dtype and shape bucket (static or tuned)
+    <arch>/manifest.json   per compiled config: registers, spills, shared memory, occupancy, kept or
+                           dropped and why; per bucket: the choice; source hashes
 """
 
 from __future__ import annotations
 
 import difflib
 import filecmp
+import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
-import subprocess
 import tempfile
-from contextlib import contextmanager
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import render
+from . import aot, prune, render, space, tunedb
 from .archs import Arch
 from .render import KernelVariant
 from .spec import Spec
@@ -37,53 +38,8 @@ class BuildError(RuntimeError):
     """A build step failed; the message names the kernel, dtype and config where there is one."""
 
 
-@dataclass
-class CompileResult:
-    registers: int
-    spill_bytes: int  # local memory per thread (register spills and local arrays)
-    stack_bytes: int
-    shared_bytes: int
-
-
-# --- compiling -------------------------------------------------------------------------------
-
-_RES_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-
-
-def _resource_usage(cubin: bytes, where: str) -> tuple[int, int, int, int]:
-    import triton
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin)
-        tool = triton.knobs.nvidia.cuobjdump.path
-        out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True)
-    match = _RES_RE.search(out.stdout)
-    if out.returncode != 0 or not match:
-        raise BuildError(f"{where}: cannot read resource usage with cuobjdump: {out.stderr.strip() or out.stdout}")
-    reg, stack, shared, local = (int(g) for g in match.groups())
-    return reg, stack, shared, local
-
-
-def compile_variant(module, variant: KernelVariant, arch: Arch) -> CompileResult:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    where = f"{variant.key} for {arch.name} with config {variant.config}"
-    pointer_args = [i for i, v in enumerate(variant.signature.values()) if v.startswith("*")]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in pointer_args}
-    try:
-        compiled = triton.compile(
-            ASTSource(fn=getattr(module, variant.fn), signature=variant.signature, constexprs=variant.constexprs, attrs=attrs),
-            target=GPUTarget("cuda", arch.capability, 32),
-            options={"num_warps": variant.num_warps},
-        )
-    except Exception as err:  # Triton raises many types; all mean the same to the user
-        raise BuildError(f"compiling {where}: {type(err).__name__}: {err}") from err
-    reg, stack, static_shared, local = _resource_usage(compiled.asm["cubin"], where)
-    return CompileResult(registers=reg, spill_bytes=local, stack_bytes=stack,
-                         shared_bytes=static_shared + int(compiled.metadata.shared))
+class BuildWarning(UserWarning):
+    pass
 
 
 def _import_path(path: Path, name: str):
@@ -96,40 +52,136 @@ def _import_path(path: Path, name: str):
     return module
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class BuildOptions:
+    workers: int = 1  # compile processes; 1 compiles in this process
+    recompile: bool = False  # ignore the results an earlier manifest recorded
+    db_dir: Path | None = None  # where <arch>.json tuning databases live; None: static configs only
+
+
 # --- one arch --------------------------------------------------------------------------------
 
-def _compile_file(path: Path, variants: list[KernelVariant], arch: Arch, progress) -> list[dict]:
-    module = _import_path(path, f"_kernelgen_build_{arch.name}_{path.stem}")
-    out = []
-    for variant in variants:
-        progress(f"{arch.name} {variant.key}")
-        res = compile_variant(module, variant, arch)
-        if res.registers > arch.max_regs_per_thread:
-            raise BuildError(f"{variant.key} for {arch.name}: {res.registers} registers exceed the arch limit")
-        out.append({
-            "op": variant.op,
-            "kernel": variant.kernel,
-            "dtype": variant.dtype,
-            "config": dict(sorted(variant.config.items())),
-            "registers": res.registers,
-            "spill_bytes": res.spill_bytes,
-            "stack_bytes": res.stack_bytes,
-            "shared_bytes": res.shared_bytes,
-            "occupancy": round(arch.occupancy(variant.num_warps, res.registers, res.shared_bytes), 4),
-        })
-    return out
+def groups_for(specs: list[Spec], arch: Arch, norms: bool) -> list[render.TuneGroup]:
+    groups = [g for s in specs for g in render.activation_groups(s, arch)]
+    return groups + (render.norm_groups(arch) if norms else [])
 
 
 def variant_count(specs: list[Spec], arch: Arch, norms: bool) -> int:
-    return sum(len(render.activation_variants(s, arch)) for s in specs) + (len(render.norm_variants(arch)) if norms else 0)
+    return len(render.variants(groups_for(specs, arch, norms)))
 
 
-def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool) -> None:
+def _previous_results(manifest: Path, triton_version: str) -> dict[str, dict]:
+    """compile_key -> recorded result, from the manifest an earlier build left (same Triton only)."""
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("compiled_with", {}).get("triton") != triton_version:
+        return {}
+    return {v["compile_key"]: v for v in data.get("variants", []) if isinstance(v, dict) and "compile_key" in v}
+
+
+def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[str, str], opts: BuildOptions,
+             previous: dict[str, dict], progress) -> list[tuple[str, aot.Outcome]]:
+    import triton
+
+    for op in sorted({v.op for v in variants}):  # a rendered file that does not import fails here, by name
+        _import_path(dest / f"{op}.py", f"_kernelgen_check_{arch.name}_{op}")
+    jobs = [aot.CompileJob(str(dest / f"{v.op}.py"), v.fn, v.signature, v.constexprs, v.num_warps, v.num_stages,
+                           arch.capability) for v in variants]
+    keys = [job.key(shas[v.op], triton.__version__) for job, v in zip(jobs, variants)]
+    outcomes: dict[int, aot.Outcome] = {}
+    for i, key in enumerate(keys):
+        if not opts.recompile and key in previous:
+            old = previous[key]
+            outcomes[i] = old["error"] if "error" in old else aot.from_dict(old)
+            progress(f"{arch.name} {variants[i].key} (recorded)")
+    todo = [i for i in range(len(jobs)) if i not in outcomes]
+    fresh = aot.compile_all([jobs[i] for i in todo], opts.workers,
+                            lambda k: progress(f"{arch.name} {variants[todo[k]].key} {variants[todo[k]].config}"))
+    outcomes.update(zip(todo, fresh))
+    return [(keys[i], outcomes[i]) for i in range(len(jobs))]
+
+
+def _manifest_variant(v: KernelVariant, key: str, outcome: aot.Outcome, verdict: prune.Verdict) -> dict:
+    row = {"op": v.op, "kernel": v.kernel, "dtype": v.dtype, "config": dict(sorted(v.config.items())),
+           "compile_key": key, "kept": verdict.kept, "reason": verdict.reason}
+    if isinstance(outcome, aot.CompileResult):
+        row.update(aot.to_dict(outcome), occupancy=verdict.occupancy)
+    else:
+        row["error"] = outcome
+    return row
+
+
+def _choose(groups, verdicts, db, shas, arch: Arch) -> tuple[list, list[dict]]:
+    """Per group: the tuned winner from the DB if there is one, else the static choice."""
+    import triton
+
+    sources = {g.key: shas[g.op] for g in groups}
+    stale = tunedb.stale_groups(db, sources)
+    if stale:
+        warnings.warn(f"{len(stale)} tuning groups of {arch.name} in the database were measured on other kernel "
+                      f"sources (templates or specs changed since), e.g. {'/'.join(stale[0])}: they get static "
+                      f"configs until `kernelgen tune --arch {arch.name}` measures them again",
+                      tunedb.TuneDBWarning, stacklevel=3)
+    baked, rows, spilling = [], [], []
+    for g in groups:
+        def verdict_of(c, g=g):
+            return verdicts[(g.op, g.kernel, g.dtype, space.config_id(c))]
+
+        ranked = prune.measuring_order(list(g.candidates), verdict_of)
+        static = ranked[0] if ranked else None
+        if static is None:
+            static = prune.least_spilling(list(g.candidates), verdict_of)
+            if static is None:
+                reasons = sorted({verdict_of(space.compile_part(c)).reason for c in g.candidates})
+                raise BuildError(f"{g.op}.{g.kernel}[{g.dtype}] for {arch.name}, bucket {g.bucket}: no config "
+                                 f"compiles: {'; '.join(reasons)}")
+            spilling.append(f"{g.op}.{g.kernel}[{g.dtype}] {g.bucket}")
+        tuned = tunedb.tuned_choice(db, g.key, sources[g.key], ranked, static, triton.__version__)
+        row = {"op": g.op, "kernel": g.kernel, "dtype": g.dtype, "bucket": g.bucket, "static": static,
+               "kept": len(ranked), "candidates": len(g.candidates)}
+        if tuned is None:
+            chosen, note = static, "static"
+        else:
+            chosen = tuned.config
+            speedup = f" {tuned.static_ms / tuned.ms:.2f}x" if tuned.static_ms else ""
+            note = f"tuned{speedup}"
+            row.update(tuned=chosen, ms=tuned.ms, static_ms=tuned.static_ms, gpu=tuned.key.gpu, triton=tuned.key.triton)
+        baked.append((g, chosen, note))
+        rows.append(row)
+    if spilling:
+        warnings.warn(f"{arch.name}: every candidate config spills registers for {len(spilling)} kernel buckets, "
+                      f"e.g. {spilling[0]}; built with the least spilling one (widen the space in "
+                      f"templates/*.space.toml)", BuildWarning, stacklevel=3)
+    return baked, rows
+
+
+def _tuned_with(rows: list[dict]) -> str:
+    sets = sorted({f"{r['gpu']}, Triton {r['triton']}" for r in rows if "gpu" in r})
+    return "measured on " + "; ".join(sets) if sets else ""
+
+
+def _json_rows(data: dict, row_keys: tuple[str, ...]) -> str:
+    """Indented JSON whose long lists (variants, choices) hold one compact object per line: diff-able."""
+    head = json.dumps({k: v for k, v in data.items() if k not in row_keys}, indent=2, sort_keys=True)
+    parts = []
+    for k in sorted(row_keys):
+        rows = ",\n".join("    " + json.dumps(r, sort_keys=True) for r in data[k])
+        parts.append(f'  "{k}": [\n{rows}\n  ]')
+    return head[:-2] + ",\n" + ",\n".join(parts) + "\n}\n"
+
+
+def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool, opts: BuildOptions,
+                previous_manifest: Path | None) -> None:
     import triton
 
     dest.mkdir(parents=True)
     (dest / "__init__.py").write_text(TREE_DOC)
-    variants_out = []
     files = {}
     for spec in specs:
         path = dest / f"{spec.name}.py"
@@ -140,8 +192,8 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
             "spec_sha256": spec.sha256,
             "template": render.ACTIVATION_TEMPLATE,
             "template_sha256": render.template_sha256(render.ACTIVATION_TEMPLATE),
+            "source_sha256": _sha256(path),
         }
-        variants_out += _compile_file(path, render.activation_variants(spec, arch), arch, progress)
     if norms:
         path = dest / f"{render.NORM_FILE}.py"
         path.write_text(render.render_norm(arch))
@@ -149,53 +201,62 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
             "file": path.name,
             "template": render.NORM_TEMPLATE,
             "template_sha256": render.template_sha256(render.NORM_TEMPLATE),
+            "source_sha256": _sha256(path),
         }
-        variants_out += _compile_file(path, render.norm_variants(arch), arch, progress)
+    shas = {op: f["source_sha256"] for op, f in files.items()}
+    groups = groups_for(specs, arch, norms)
+    variants = render.variants(groups)
+    previous = _previous_results(previous_manifest, triton.__version__) if previous_manifest else {}
+    compiled = _compile(variants, dest, arch, shas, opts, previous, progress)
+    verdicts, rows = {}, []
+    for v, (key, outcome) in zip(variants, compiled):
+        verdict = prune.judge(arch, v.num_warps, outcome)
+        verdicts[(v.op, v.kernel, v.dtype, space.config_id(v.config))] = verdict
+        rows.append(_manifest_variant(v, key, outcome, verdict))
+    db = tunedb.load_or_warn(tunedb.db_path(opts.db_dir, arch.name), arch.name) if opts.db_dir else tunedb.TuneDB(arch.name)
+    baked, choices = _choose(groups, verdicts, db, shas, arch)
+    (dest / f"{render.CONFIGS_FILE}.py").write_text(render.render_configs(arch, baked, _tuned_with(choices)))
     manifest = {
         "arch": arch.name,
         "capability": arch.capability,
         "reference_gpu": arch.reference_gpu,
         "compiled_with": {"triton": triton.__version__, "integer_args": "i32", "pointer_alignment": 16},
+        "spaces": {"activation": space.ACTIVATION_SPACE, "norm": space.NORM_SPACE},
         "ops": files,
-        "variants": variants_out,
+        "pruning": {"compiled": len(rows), "kept": sum(r["kept"] for r in rows),
+                    "dropped": sum(not r["kept"] for r in rows)},
+        "variants": sorted(rows, key=lambda r: (r["op"], r["kernel"], r["dtype"], space.config_id(r["config"]))),
+        "choices": choices,
     }
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (dest / "manifest.json").write_text(_json_rows(manifest, ("choices", "variants")))
 
 
-def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: bool) -> None:
+def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: bool, opts: BuildOptions,
+           previous: Path) -> None:
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "__init__.py").write_text(TREE_DOC)
     (stage / "ops.py").write_text(render.render_ops(specs))
     for arch in archs:
-        _build_arch(specs, arch, stage / arch.name, progress, norms)
-
-
-@contextmanager
-def _quiet_fp_fusion_warning():
-    # Triton 3.9 warns on every compile unless this is set; the default (fusion on) is what we want.
-    had = "TRITON_DEFAULT_FP_FUSION" in os.environ
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    try:
-        yield
-    finally:
-        if not had:
-            os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)
+        _build_arch(specs, arch, stage / arch.name, progress, norms, opts, previous / arch.name / "manifest.json")
 
 
 # --- public entry points -----------------------------------------------------------------------
 
-def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True) -> None:
+def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True,
+          opts: BuildOptions | None = None) -> None:
     """Build into `out`. Nothing in `out` changes unless every render and compile succeeded.
-    norms=False leaves out the norm kernels (a user's tree of their own activations)."""
+    norms=False leaves out the norm kernels (a user's tree of their own activations). Compile
+    results `out`'s manifests recorded for the same source, config and Triton are reused."""
+    opts = opts or BuildOptions()
     if not specs:
         raise BuildError("no specs to build")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead_stages(out)
     prefix = f".{out.name}-stage-{os.getpid()}-"
-    with tempfile.TemporaryDirectory(prefix=prefix, dir=out.parent) as tmp, _quiet_fp_fusion_warning():
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=out.parent) as tmp:
         stage = Path(tmp) / "tree"
-        _stage(specs, archs, stage, progress, norms)
+        _stage(specs, archs, stage, progress, norms, opts, out)
         _install(stage, out, [a.name for a in archs], Path(tmp))
 
 
@@ -230,12 +291,15 @@ def _install(stage: Path, out: Path, arch_names: list[str], scratch: Path) -> No
         os.replace(stage / arch, target)
 
 
-def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True) -> list[str]:
-    """Rebuild into a scratch folder and compare with `out`. Returns the problems (empty: fresh)."""
+def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True,
+          opts: BuildOptions | None = None) -> list[str]:
+    """Rebuild into a scratch folder and compare with `out`. Returns the problems (empty: fresh).
+    With opts.recompile the compile results are redone, not taken from `out`'s manifests."""
+    opts = opts or BuildOptions()
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="kernelgen-check-") as tmp, _quiet_fp_fusion_warning():
+    with tempfile.TemporaryDirectory(prefix="kernelgen-check-") as tmp:
         stage = Path(tmp) / "tree"
-        _stage(specs, archs, stage, progress, norms)
+        _stage(specs, archs, stage, progress, norms, opts, out)
         problems = []
         wanted = ["__init__.py", "ops.py"] + [
             str(p.relative_to(stage)) for a in archs for p in sorted((stage / a.name).iterdir())
@@ -255,7 +319,16 @@ def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
         return problems
 
 
+def _checkout() -> Path | None:
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").exists() else None
+
+
 def default_out() -> Path | None:
     """generated/ beside kernelgen/ in a checkout (what lowmem_ops loads there), else None."""
-    candidate = Path(__file__).resolve().parent.parent / "generated"
-    return candidate if (candidate.parent / "pyproject.toml").exists() else None
+    return _checkout() / "generated" if _checkout() else None
+
+
+def default_db_dir() -> Path | None:
+    """tune/db/ of a checkout, else None."""
+    return _checkout() / "tune" / "db" if _checkout() else None

@@ -1,9 +1,11 @@
-"""The `kernelgen` command: build and list kernels."""
+"""The `kernelgen` command: build, tune, list, fit, new, plot."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from . import archs as archs_mod
 from . import build as build_mod
 from . import spec as spec_mod
 from .render import RenderError
+from .tuner import TuneError
 
 
 def _specs(paths: list[str] | None) -> list[spec_mod.Spec]:
@@ -32,6 +35,8 @@ def _cmd_build(args) -> int:
     if out is None:
         raise ValueError("kernelgen is not running from a checkout: pass --out DIR for the generated tree")
     norms = not args.spec  # a tree of the user's own activations; the norms live in the built-in tree
+    db_dir = Path(args.db) if args.db else build_mod.default_db_dir()
+    opts = build_mod.BuildOptions(workers=args.jobs, recompile=args.recompile, db_dir=db_dir)
     total = sum(build_mod.variant_count(specs, a, norms) for a in arch_list)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -41,11 +46,15 @@ def _cmd_build(args) -> int:
         def progress(msg: str) -> None:
             bar.update(task, advance=1, description=f"compiling {msg}")
 
-        if args.check:
-            problems = build_mod.check(specs, arch_list, out, progress, norms)
-        else:
-            build_mod.build(specs, arch_list, out, progress, norms)
-            problems = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if args.check:
+                problems = build_mod.check(specs, arch_list, out, progress, norms, opts)
+            else:
+                build_mod.build(specs, arch_list, out, progress, norms, opts)
+                problems = []
+    for w in caught:
+        print(f"kernelgen build: warning: {w.message}", file=sys.stderr)
     elapsed = time.perf_counter() - start
     names = ", ".join(a.name for a in arch_list)
     if problems:
@@ -121,7 +130,8 @@ def _cmd_new(args) -> int:
     print(f"wrote {path}")
     if args.no_build:
         return 0
-    build_args = argparse.Namespace(arch=args.arch, spec=[str(path)], out=args.out, check=False)
+    build_args = argparse.Namespace(arch=args.arch, spec=[str(path)], out=args.out, check=False, jobs=os.cpu_count() or 1,
+                                    recompile=False, db=None)
     return _cmd_build(build_args)
 
 
@@ -139,6 +149,34 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _tune_arch(name: str) -> archs_mod.Arch:
+    """native: the arch of this machine's GPU; smXX: that arch (measuring it needs such a GPU)."""
+    if name != "native":
+        return archs_mod.resolve(name)[0]
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--arch native needs a CUDA GPU, and this machine has none "
+                         "(`kernelgen tune --arch smXX --report` reads a database without one)")
+    major, minor = torch.cuda.get_device_capability()
+    return archs_mod.resolve(f"sm{10 * major + minor}")[0]
+
+
+def _cmd_tune(args) -> int:
+    from rich.console import Console
+
+    from . import tune_cli
+
+    arch = _tune_arch(args.arch)
+    db_dir = Path(args.db) if args.db else build_mod.default_db_dir()
+    if db_dir is None:
+        raise ValueError("kernelgen is not running from a checkout: pass --db DIR for the tuning database")
+    console = Console(stderr=True)
+    if args.report:  # a wide table: not wrapped to 80 columns when piped to a file
+        return tune_cli.report(arch, db_dir, Console(width=None if sys.stdout.isatty() else 200), args)
+    return tune_cli.measure(arch, db_dir, _specs(args.spec), console, args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kernelgen", description="Generate approximate-backprop Triton kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -147,6 +185,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--spec", action="append", metavar="FILE", help="build this spec file instead of the built-ins (repeatable)")
     b.add_argument("--out", metavar="DIR", help="the generated tree to write (default: generated/ of this checkout)")
     b.add_argument("--check", action="store_true", help="rebuild in a scratch folder and fail if the tree differs")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="compile in N worker processes (default: one per CPU; 1 compiles in this process)")
+    b.add_argument("--recompile", action="store_true",
+                   help="compile every config again instead of reusing the results the tree's manifests recorded")
+    b.add_argument("--db", metavar="DIR", help="tuning databases <arch>.json to bake (default: tune/db of this checkout)")
     b.set_defaults(run=_cmd_build)
     ls = sub.add_parser("list", help="the ops, their bits, coefficients and fit error")
     ls.add_argument("--spec", action="append", metavar="FILE", help="list this spec file instead of the built-ins")
@@ -167,6 +210,18 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--out", default="kernels", help="the generated tree to build into (default ./kernels)")
     n.add_argument("--no-build", action="store_true", help="only write the spec")
     n.set_defaults(run=_cmd_new)
+    t = sub.add_parser("tune", help="measure launch configs on this GPU into tune/db/<arch>.json (or --report it)")
+    t.add_argument("--arch", required=True, help="native (this GPU) or one of " + ", ".join(archs_mod.ARCHS))
+    t.add_argument("--report", action="store_true", help="print what the database holds: best vs static, bandwidth")
+    t.add_argument("--budget", type=float, default=600.0, metavar="S", help="stop measuring after S seconds (600)")
+    t.add_argument("--ops", help="only these ops, comma-separated (ms_norm for the norms)")
+    t.add_argument("--kernels", help="only kernels whose name contains one of these, comma-separated")
+    t.add_argument("--dtypes", help="only these dtypes, comma-separated (default: the spaces' dtypes)")
+    t.add_argument("--compile-timeout", type=float, default=120.0, metavar="S", help="per config (120)")
+    t.add_argument("--spec", action="append", metavar="FILE", help="tune a tree of these specs (with --out)")
+    t.add_argument("--out", metavar="DIR", help="the generated tree to tune (default: generated/ of this checkout)")
+    t.add_argument("--db", metavar="DIR", help="where <arch>.json lives (default: tune/db of this checkout)")
+    t.set_defaults(run=_cmd_tune)
     pl = sub.add_parser("plot", help="draw h vs g and h' vs the levels of an op (PNG)")
     pl.add_argument("name")
     pl.add_argument("--spec", action="append", metavar="FILE", help="look in these spec files instead of the built-ins")
@@ -179,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (spec_mod.SpecError, build_mod.BuildError, RenderError, ValueError) as err:  # FitError, ExprError too
+    except (spec_mod.SpecError, build_mod.BuildError, RenderError, TuneError, ValueError) as err:  # FitError,
+        # ExprError, SpaceError, DBError too
         print(f"kernelgen {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import jinja2
 
-from .archs import DTYPES, TRITON_DTYPE, Arch, elementwise_config, norm_config
+from . import space
+from .archs import DTYPES, TRITON_DTYPE, Arch
 from .expr import TRITON_HELPERS
 from .fit import asymptotes
 from .spec import Spec, to_f32
@@ -17,6 +18,8 @@ from .spec import Spec, to_f32
 ACTIVATION_TEMPLATE = "activation.py.j2"
 OPS_TEMPLATE = "ops.py.j2"
 NORM_TEMPLATE = "norm.py.j2"
+CONFIGS_TEMPLATE = "configs.py.j2"
+CONFIGS_FILE = "configs"
 
 
 class RenderError(RuntimeError):
@@ -73,33 +76,58 @@ def _pack_rounds(spec: Spec) -> list[dict]:
 class KernelVariant:
     """One compiled unit: a kernel function of a generated file, for a dtype, with a config.
 
-    `signature` and `constexprs` are what triton.compile gets; they mirror what the runtime
+    `signature` and the constexprs are what triton.compile gets; they mirror what the runtime
     launches with: pointers 16-byte aligned (torch's allocator guarantees it and Triton's JIT
     specialises on it) and integer sizes as i32, as Triton specialises them below 2**31.
     """
 
     op: str  # the generated file's stem: regelu2, ms_norm, ...
-    kernel: str  # forward | forward_nograd | backward | layernorm.forward | ...
+    kernel: str  # forward | backward | layernorm.affine.forward | ...: what a tuning group names
     dtype: str
     fn: str  # the @triton.jit function in that file
     signature: dict
-    constexprs: dict
-    num_warps: int
+    flags: dict  # constexprs that select what the kernel does (WRITE_CODES, IS_RMS, ...)
+    config: dict  # tunable constexprs + num_warps (+ num_stages): what a compiled config is
 
     @property
     def key(self) -> str:
         return f"{self.op}.{self.kernel}[{self.dtype}]"
 
     @property
-    def config(self) -> dict:
-        return {**{k: v for k, v in self.constexprs.items() if k.isupper()}, "num_warps": self.num_warps}
+    def constexprs(self) -> dict:
+        return {**self.flags, **{k: v for k, v in self.config.items() if k not in ("num_warps", "num_stages")}}
+
+    @property
+    def num_warps(self) -> int:
+        return self.config["num_warps"]
+
+    @property
+    def num_stages(self) -> int | None:
+        return self.config.get("num_stages")
+
+
+@dataclass(frozen=True)
+class TuneGroup:
+    """One choice `kernelgen build` bakes: a kernel of an op, for a dtype and a shape bucket, among
+    candidate configs (the static one first). `index` is the bucket's position in configs.py."""
+
+    op: str
+    kernel: str
+    dtype: str
+    bucket: str
+    index: tuple[int, ...]
+    candidates: tuple[dict, ...]
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.op, self.kernel, self.dtype, self.bucket)
 
 
 KERNELS = ("forward", "forward_nograd", "backward")
 GATED_KERNELS = ("gated_forward", "gated_forward_approx", "gated_backward", "gated_backward_approx")
 
-# kernel -> (@triton.jit function, pointer arguments, constexpr flags). The signature is pointers,
-# then n_elements, then the flags, then BLOCK_BYTES: the order of the functions' parameters.
+# kernel -> (@triton.jit function, pointer arguments, flags). The signature is pointers, then
+# n_elements, then the flags, then BLOCK_BYTES: the order of the functions' parameters.
 _T, _U8 = "*{t}", "*u8"
 _GATED_FWD = {"gate_ptr": _T, "up_ptr": _T, "out_ptr": _T, "h_ptr": _T, "codes_ptr": _U8}
 _GATED_BWD = {"dy_ptr": _T, "gate_ptr": _T, "up_ptr": _T, "h_ptr": _T, "codes_ptr": _U8, "dgate_ptr": _T, "dup_ptr": _T}
@@ -114,61 +142,90 @@ ELEMENTWISE_KERNELS = {
 }
 
 
-def activation_variants(spec: Spec, arch: Arch) -> list[KernelVariant]:
+def activation_kernels(spec: Spec) -> tuple[str, ...]:
+    return KERNELS + (GATED_KERNELS if spec.gated else ())
+
+
+def activation_groups(spec: Spec, arch: Arch) -> list[TuneGroup]:
+    sp = space.activation_space()
     out = []
-    for kernel in KERNELS + (GATED_KERNELS if spec.gated else ()):
-        fn, pointers, flags = ELEMENTWISE_KERNELS[kernel]
+    for kernel in activation_kernels(spec):
         for dtype in DTYPES:
-            cfg = elementwise_config(arch, dtype, spec.codes_per_byte)
-            sig = {name: kind.format(t=TRITON_DTYPE[dtype]) for name, kind in pointers.items()}
-            sig.update({"n_elements": "i32", **{f: "constexpr" for f in flags}, "BLOCK_BYTES": "constexpr"})
-            const = {**flags, "BLOCK_BYTES": cfg["BLOCK_BYTES"]}
-            out.append(KernelVariant(spec.name, kernel, dtype, fn, sig, const, cfg["num_warps"]))
+            candidates = tuple(sp.configs(arch, dtype, spec.codes_per_byte))
+            out += [TuneGroup(spec.name, kernel, dtype, label, (i,), candidates) for i, label in enumerate(sp.buckets)]
     return out
+
+
+def _activation_variant(op: str, kernel: str, dtype: str, config: dict) -> KernelVariant:
+    fn, pointers, flags = ELEMENTWISE_KERNELS[kernel]
+    sig = {name: kind.format(t=TRITON_DTYPE[dtype]) for name, kind in pointers.items()}
+    sig.update({"n_elements": "i32", **{f: "constexpr" for f in flags}, "BLOCK_BYTES": "constexpr"})
+    return KernelVariant(op, kernel, dtype, fn, sig, dict(flags), dict(config))
 
 
 NORM_FILE = "ms_norm"
 NORM_KINDS = ("layernorm", "rmsnorm")
 
 
-def norm_variants(arch: Arch) -> list[KernelVariant]:
-    """forward and backward of LayerNorm and RMSNorm, without and with the (inverted) affine, for a
-    narrow and the widest single-pass row and for the looped path."""
-    cfg = norm_config(arch)
-    paths = [("single", 1024, cfg["single_warps"][1024]),
-             ("single", cfg["max_single_block"], cfg["single_warps"][cfg["max_single_block"]]),
-             ("loop", cfg["loop_block"], cfg["loop_warps"])]
+def norm_kernel(kind: str, affine: bool, stage: str) -> str:
+    return f"{kind}{'.affine' if affine else ''}.{stage}"
+
+
+def norm_groups(arch: Arch) -> list[TuneGroup]:
+    """forward and backward of LayerNorm and RMSNorm, without and with the (inverted) affine, and
+    the looped path's dgamma/dbeta kernel, per (row width, row count) bucket."""
+    sp = space.norm_space()
     out = []
     for kind in NORM_KINDS:
         for affine in (False, True):
-            for dtype in DTYPES:
-                t = TRITON_DTYPE[dtype]
-                for path, block, warps in paths:
-                    flags = {"IS_RMS": kind == "rmsnorm", "AFFINE": affine, "HAS_BIAS": affine and kind == "layernorm",
-                             "BLOCK_N": block, "SINGLE_PASS": path == "single"}
-                    suffix = ".affine" if affine else ""
-                    fwd = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-                           "n_cols": "i32", "eps": "fp32"}
-                    bwd = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-                           "dx_ptr": f"*{t}", "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
-                    for kernel, sig in (("forward", fwd), ("backward", bwd)):
-                        sig = {**sig, **{k: "constexpr" for k in flags}}
-                        out.append(KernelVariant(NORM_FILE, f"{kind}{suffix}.{kernel}.{path}{block}", dtype,
-                                                 f"{kernel}_kernel", sig, dict(flags), warps))
-                if affine:  # wide rows' dgamma/dbeta
-                    sig = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "w_ptr": "*fp32", "b_ptr": "*fp32", "dw_ptr": "*fp32",
-                           "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
-                           "HAS_BIAS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
-                    const = {"HAS_BIAS": kind == "layernorm", "BLOCK_R": cfg["param_grad_block_r"],
-                             "BLOCK_C": cfg["param_grad_block_c"]}
-                    out.append(KernelVariant(NORM_FILE, f"{kind}{suffix}.param_grad", dtype, "param_grad_kernel",
-                                             sig, const, cfg["param_grad_warps"]))
+            for stage in ("forward", "backward", "param_grad"):
+                if stage == "param_grad" and not affine:
+                    continue
+                for dtype in DTYPES:
+                    for w, wlabel in enumerate(sp.width_buckets):
+                        candidates = tuple(sp.configs(arch, stage, dtype, w))
+                        out += [TuneGroup(NORM_FILE, norm_kernel(kind, affine, stage), dtype, f"{wlabel},{rlabel}",
+                                          (w, r), candidates) for r, rlabel in enumerate(sp.row_buckets)]
+    return out
+
+
+def _norm_variant(kernel: str, dtype: str, config: dict) -> KernelVariant:
+    kind, *rest = kernel.split(".")
+    affine, stage = rest[0] == "affine", rest[-1]
+    t = TRITON_DTYPE[dtype]
+    if stage == "param_grad":
+        sig = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "w_ptr": "*fp32", "b_ptr": "*fp32", "dw_ptr": "*fp32",
+               "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+               "HAS_BIAS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+        return KernelVariant(NORM_FILE, kernel, dtype, "param_grad_kernel", sig,
+                             {"HAS_BIAS": kind == "layernorm"}, dict(config))
+    flags = {"IS_RMS": kind == "rmsnorm", "AFFINE": affine, "HAS_BIAS": affine and kind == "layernorm"}
+    if stage == "forward":
+        sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+               "n_cols": "i32", "eps": "fp32"}
+    else:
+        sig = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+               "dx_ptr": f"*{t}", "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
+    sig.update({k: "constexpr" for k in (*flags, "BLOCK_N", "SINGLE_PASS")})
+    return KernelVariant(NORM_FILE, kernel, dtype, f"{stage}_kernel", sig, flags, dict(config))
+
+
+def variants(groups: list[TuneGroup]) -> list[KernelVariant]:
+    """Every distinct compiled kernel the groups' candidates need (launch-only parameters aside)."""
+    seen, out = set(), []
+    for g in groups:
+        for c in g.candidates:
+            cfg = space.compile_part(c)
+            ident = (g.op, g.kernel, g.dtype, space.config_id(cfg))
+            if ident in seen:
+                continue
+            seen.add(ident)
+            make = _norm_variant if g.op == NORM_FILE else lambda k, d, c, op=g.op: _activation_variant(op, k, d, c)
+            out.append(make(g.kernel, g.dtype, cfg))
     return out
 
 
 def render_activation(spec: Spec, arch: Arch) -> str:
-    configs = [(repr((v.kernel, v.dtype)), repr({"BLOCK_BYTES": v.constexprs["BLOCK_BYTES"], "num_warps": v.num_warps}))
-               for v in activation_variants(spec, arch)]
     forward = spec.forward.triton()
     derivative = spec.forward.triton_derivative() if spec.gated else ""
     asym = asymptotes(spec.forward) if spec.gated else None
@@ -183,7 +240,6 @@ def render_activation(spec: Spec, arch: Arch) -> str:
             compare=">" if spec.boundary == "lower" else ">=",
             forward_triton=forward,
             level_select=_level_select(tuple(to_f32(v) for v in spec.levels)),
-            configs=configs,
             pack_rounds=_pack_rounds(spec),
             cpb=spec.codes_per_byte,
             planes=spec.planes,
@@ -237,8 +293,22 @@ def render_ops(specs: list[Spec]) -> str:
 
 def render_norm(arch: Arch) -> str:
     try:
-        return _env().get_template(NORM_TEMPLATE).render(
-            arch=arch, cfg=norm_config(arch), template_sha256=template_sha256(NORM_TEMPLATE)
-        )
+        return _env().get_template(NORM_TEMPLATE).render(arch=arch, template_sha256=template_sha256(NORM_TEMPLATE))
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the norm kernels for {arch.name} from templates/{NORM_TEMPLATE}: {err}") from err
+
+
+def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned_with: str) -> str:
+    """configs.py of an arch: every group's chosen config, with a note on where it came from."""
+    act = [(repr((g.op, g.kernel, g.dtype, *g.index)), repr(cfg), note) for g, cfg, note in choices if g.op != NORM_FILE]
+    norm = [(repr((g.kernel, g.dtype, *g.index)), repr(cfg), note) for g, cfg, note in choices if g.op == NORM_FILE]
+    n_tuned = sum(note.startswith("tuned") for _, _, note in choices)
+    try:
+        return _env().get_template(CONFIGS_TEMPLATE).render(
+            arch=arch, template_sha256=template_sha256(CONFIGS_TEMPLATE), activation=act, norm=norm,
+            n_tuned=n_tuned, n_total=len(choices), tuned_with=f" ({tuned_with})" if n_tuned else "",
+            element_bounds=repr(space.activation_space().element_bounds),
+            norm_widths=repr(space.norm_space().widths), norm_row_bounds=repr(space.norm_space().row_bounds),
+        )
+    except jinja2.TemplateError as err:
+        raise RenderError(f"rendering the launch configs for {arch.name} from templates/{CONFIGS_TEMPLATE}: {err}") from err

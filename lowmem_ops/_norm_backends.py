@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._common import compute_dtype
+from . import _configs
 from ._tree import builtin_tree, kernel_module_file
 from ._triton_backend import arch_for, device_guard
 
@@ -50,53 +51,60 @@ def torch_backward(dy, y, rstd, weight, bias, is_rms, x_dtype):
 
 def _module(device: torch.device, interpret: bool):
     tree = builtin_tree()
-    return kernel_module_file(tree, arch_for(device, tree, interpret), NORM_FILE, interpret)
+    arch = arch_for(device, tree, interpret)
+    return kernel_module_file(tree, arch, NORM_FILE, interpret), tree, arch
 
 
-def _launch_params(module, n_cols: int) -> dict:
-    if n_cols <= module.MAX_SINGLE_BLOCK:
-        block = 1 << max(0, (n_cols - 1).bit_length())
-        return {"BLOCK_N": block, "SINGLE_PASS": True, "num_warps": module.SINGLE_WARPS[block]}
-    return {"BLOCK_N": module.LOOP_BLOCK, "SINGLE_PASS": False, "num_warps": module.LOOP_WARPS}
+def kernel_name(is_rms: bool, affine: bool, stage: str) -> str:
+    """The kernel's name in configs.py and the tuning DB: layernorm.affine.backward, ..."""
+    return f"{'rmsnorm' if is_rms else 'layernorm'}{'.affine' if affine else ''}.{stage}"
 
 
-def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret):
+def _launch_args(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k != "PROGRAMS_PER_SM"}  # a grid size, not a kernel argument
+
+
+def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict | None = None):
+    """`cfg`: a launch config to use instead of the baked one (the tuner's)."""
     rows, cols = x.shape
     y = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:
         return y, rstd
-    module = _module(x.device, interpret)
+    module, tree, arch = _module(x.device, interpret)
+    cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, weight is not None, "forward"), x.dtype, rows, cols)
     w = weight if weight is not None else rstd  # never read when AFFINE is off
     b = bias if bias is not None else w
     with device_guard(x):
         module.forward_kernel[(rows,)](
             x, y, rstd, w, b, cols, eps, IS_RMS=is_rms, AFFINE=weight is not None, HAS_BIAS=bias is not None,
-            **_launch_params(module, cols),
+            **_launch_args(cfg),
         )
     return y, rstd
 
 
-def _backward_programs(module, device, rows, interpret) -> int:
+def _backward_programs(cfg: dict, device, rows, interpret) -> int:
     if interpret or device.type != "cuda":
         return min(rows, 4)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(rows, sms * module.BACKWARD_PROGRAMS_PER_SM)
+    return min(rows, sms * cfg["PROGRAMS_PER_SM"])
 
 
-def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret):
+def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret, cfg: dict | None = None,
+                    param_cfg: dict | None = None):
+    """`cfg` / `param_cfg`: launch configs of the backward / dgamma kernels instead of the baked ones."""
     rows, cols = y.shape
     dx = torch.empty((rows, cols), dtype=x_dtype, device=y.device)
     affine, has_bias = weight is not None, bias is not None
     if rows == 0:
         zeros = torch.zeros(cols, dtype=torch.float32, device=y.device)
         return dx, zeros if affine else None, zeros if has_bias else None
-    module = _module(y.device, interpret)
-    params = _launch_params(module, cols)
+    module, tree, arch = _module(y.device, interpret)
+    cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "backward"), y.dtype, rows, cols)
     w = weight if affine else rstd  # placeholders are never read when AFFINE / HAS_BIAS are off
     b = bias if has_bias else w
-    if params["SINGLE_PASS"]:
-        programs = _backward_programs(module, y.device, rows, interpret)
+    if cfg["SINGLE_PASS"]:
+        programs = _backward_programs(cfg, y.device, rows, interpret)
         # One partial dgamma / dbeta row per program, summed below (deterministic: no atomics).
         dw = torch.zeros((programs, cols), dtype=torch.float32, device=y.device) if affine else rstd
         db = torch.zeros((programs, cols), dtype=torch.float32, device=y.device) if has_bias else dw
@@ -105,17 +113,17 @@ def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret):
         dw = db = rstd
     with device_guard(y):
         module.backward_kernel[(programs,)](
-            dy, y, rstd, w, b, dx, dw, db, rows, cols, IS_RMS=is_rms, AFFINE=affine, HAS_BIAS=has_bias, **params
+            dy, y, rstd, w, b, dx, dw, db, rows, cols, IS_RMS=is_rms, AFFINE=affine, HAS_BIAS=has_bias,
+            **_launch_args(cfg),
         )
         if not affine:
             return dx, None, None
-        if params["SINGLE_PASS"]:
+        if cfg["SINGLE_PASS"]:
             return dx, dw.sum(dim=0), db.sum(dim=0) if has_bias else None
+        pcfg = param_cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "param_grad"), y.dtype, rows, cols)
         dw = torch.empty(cols, dtype=torch.float32, device=y.device)
         db = torch.empty(cols, dtype=torch.float32, device=y.device) if has_bias else dw
-        block_c = module.PARAM_GRAD_BLOCK_C
-        module.param_grad_kernel[(-(-cols // block_c),)](
-            dy, y, w, b, dw, db, rows, cols, HAS_BIAS=has_bias, BLOCK_R=module.PARAM_GRAD_BLOCK_R,
-            BLOCK_C=block_c, num_warps=module.PARAM_GRAD_WARPS,
+        module.param_grad_kernel[(-(-cols // pcfg["BLOCK_C"]),)](
+            dy, y, w, b, dw, db, rows, cols, HAS_BIAS=has_bias, **pcfg,
         )
     return dx, dw, db if has_bias else None

@@ -66,11 +66,11 @@ def builtin_tree() -> Path:
         return Path(__file__).resolve().parent.parent / "generated"
 
 
-def _tree_key(tree: Path) -> str:
+def tree_key(tree: Path) -> str:
     return "t" + hashlib.sha1(str(tree).encode()).hexdigest()[:12]
 
 
-def _import_file(path: Path, module_name: str) -> ModuleType:
+def import_file(path: Path, module_name: str) -> ModuleType:
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -91,7 +91,7 @@ def load_tree(tree: str | Path) -> list[str]:
         ops_file = tree / "ops.py"
         if not ops_file.is_file():
             raise FileNotFoundError(f"{tree} is not a kernelgen tree: it has no ops.py (build one with `kernelgen build`)")
-        module = _import_file(ops_file, f"lowmem_ops._trees.{_tree_key(tree)}.ops")
+        module = import_file(ops_file, f"lowmem_ops._trees.{tree_key(tree)}.ops")
         names = []
         for name, s in module.SPECS.items():
             if name in _ops and _ops[name].tree != tree:
@@ -190,9 +190,9 @@ def kernel_module_file(tree: Path, arch: str, stem: str, interpret: bool) -> Mod
     except ImportError as err:
         raise RuntimeError(f"lowmem_ops needs triton to run its kernels ({err}): `pip install triton`, "
                            "or LOWMEM_OPS_BACKEND=torch for the torch implementation") from None
-    name = f"lowmem_ops._trees.{_tree_key(tree)}.{arch}.{stem}" + ("_interpret" if interpret else "")
+    name = f"lowmem_ops._trees.{tree_key(tree)}.{arch}.{stem}" + ("_interpret" if interpret else "")
     if not interpret:
-        return _import_file(path, name)
+        return import_file(path, name)
     # triton itself is imported above as configured, so its own @jit helpers stay consistent with
     # the rest of the process; only our kernels' decorators see TRITON_INTERPRET=1. Generated code
     # therefore calls Triton builtins only (see kernelgen/expr.py).
@@ -205,7 +205,7 @@ def kernel_module_file(tree: Path, arch: str, stem: str, interpret: bool) -> Mod
         before = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"
         try:
-            return _import_file(path, name)
+            return import_file(path, name)
         finally:
             if before is None:
                 os.environ.pop("TRITON_INTERPRET", None)

@@ -6,9 +6,8 @@ import contextlib
 
 import torch
 
+from . import _configs
 from ._tree import OpInfo, kernel_module, lowest_arch, pick_arch
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _dummy_codes: dict[torch.device, torch.Tensor] = {}
 
 
@@ -24,14 +23,21 @@ def _grid(n: int, op: OpInfo, block_bytes: int) -> tuple[int]:
     return (-(-n_bytes // block_bytes),)
 
 
-def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(op: OpInfo, kernel: str, t: torch.Tensor, interpret: bool, cfg: dict | None):
+    """The kernel module and the launch config: `cfg` if given (the tuner's), else the baked one."""
+    arch = arch_for(t.device, op.tree, interpret)
+    module = kernel_module(op.name, arch, interpret)
+    return module, cfg or _configs.activation(op.tree, arch, op.name, kernel, t.dtype, t.numel())
+
+
+def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool,
+            cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.numel()
     y = torch.empty_like(x)
     codes = torch.empty(op.n_code_bytes(n) if save_codes else 0, dtype=torch.uint8, device=x.device)
     if n == 0:
         return y, codes
-    module = kernel_module(op.name, arch_for(x.device, op.tree, interpret), interpret)
-    cfg = module.CONFIGS[("forward" if save_codes else "forward_nograd", _DTYPE_NAMES[x.dtype])]
+    module, cfg = _launch(op, "forward" if save_codes else "forward_nograd", x, interpret, cfg)
     codes_arg = codes if save_codes else _dummy(x.device)
     with device_guard(x):
         module.forward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
@@ -40,13 +46,12 @@ def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool) -> t
     return y, codes
 
 
-def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, interpret: bool) -> torch.Tensor:
+def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, interpret: bool, cfg: dict | None = None) -> torch.Tensor:
     n = dy.numel()
     dx = torch.empty_like(dy)
     if n == 0:
         return dx
-    module = kernel_module(op.name, arch_for(dy.device, op.tree, interpret), interpret)
-    cfg = module.CONFIGS[("backward", _DTYPE_NAMES[dy.dtype])]
+    module, cfg = _launch(op, "backward", dy, interpret, cfg)
     with device_guard(dy):
         module.backward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
             dy, codes, dx, n, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"]
@@ -63,16 +68,15 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interpret: bool):
+def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interpret: bool, cfg: dict | None = None):
     n = gate.numel()
     out = torch.empty_like(gate)
     h = torch.empty_like(gate) if write_h else torch.empty(0, dtype=gate.dtype, device=gate.device)
     codes = torch.empty(op.n_code_bytes(n) if write_codes else 0, dtype=torch.uint8, device=gate.device)
     if n == 0:
         return out, h, codes
-    module = kernel_module(op.name, arch_for(gate.device, op.tree, interpret), interpret)
     kind = "gated_forward_approx" if write_codes or write_h else "gated_forward"
-    cfg = module.CONFIGS[(kind, _DTYPE_NAMES[gate.dtype])]
+    module, cfg = _launch(op, kind, gate, interpret, cfg)
     with device_guard(gate):
         module.gated_forward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
             gate, up, out, h if write_h else out, codes if write_codes else _dummy(gate.device), n,
@@ -81,14 +85,14 @@ def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interp
     return out, h, codes
 
 
-def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: bool, need_up: bool, interpret: bool):
+def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: bool, need_up: bool, interpret: bool,
+                   cfg: dict | None = None):
     n = dy.numel()
     dgate = torch.empty_like(dy) if need_gate else torch.empty(0, dtype=dy.dtype, device=dy.device)
     dup = torch.empty_like(dy) if need_up else torch.empty(0, dtype=dy.dtype, device=dy.device)
     if n == 0:
         return dgate, dup
-    module = kernel_module(op.name, arch_for(dy.device, op.tree, interpret), interpret)
-    cfg = module.CONFIGS[("gated_backward_approx" if approx else "gated_backward", _DTYPE_NAMES[dy.dtype])]
+    module, cfg = _launch(op, "gated_backward_approx" if approx else "gated_backward", dy, interpret, cfg)
     # Tensors a variant does not read still need a pointer of the right type: dy stands in.
     with device_guard(dy):
         module.gated_backward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](

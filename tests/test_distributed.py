@@ -61,6 +61,9 @@ def _worker(rank, world, port, kind, out_dir):
         dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's normal exit: gloo's threads occasionally abort it ("terminate
+    # called without an active exception", SIGABRT) after all the work is done and saved.
+    os._exit(0)
 
 
 def _free_port() -> int:

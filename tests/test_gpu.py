@@ -105,3 +105,31 @@ def test_cuda_other_bit_widths(name):
         dx_t = approx_act_bwd(dy, codes_t, name)
     assert torch.equal(codes_c.cpu(), codes_t)
     assert torch.equal(approx_act_bwd(dy.cuda(), codes_c, name).cpu(), dx_t)
+
+
+def test_tuner_measures_for_real_and_every_kept_config_gives_the_same_result(tmp_path):
+    """The measuring path on a GPU: a tiny budget over two groups, real do_bench times in the DB,
+    and every kept config of those groups computing exactly what the static one does."""
+    from kernelgen import archs, spec, tuner, tunedb
+    from lowmem_ops._tree import builtin_tree
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = archs.ARCHS.get(f"sm{10 * major + minor}")
+    if arch is None or not (builtin_tree() / arch.name).exists():
+        pytest.skip("no build for this GPU's arch")
+    tasks = tuner.plan(spec.load_builtin(), arch, builtin_tree(), True,
+                       lambda g: g.dtype == "bfloat16" and g.index[-1] == 0 and
+                       g.key[:2] in {("regelu2", "forward"), ("ms_norm", "rmsnorm.affine.backward")})
+    assert tasks
+    db = tunedb.TuneDB(arch.name)
+    measure = tuner.CudaMeasure(builtin_tree(), arch)
+    stats = tuner.search(tasks, db, measure, gpu=torch.cuda.get_device_name(), triton="test", budget_s=60)
+    assert stats.measured > 0 and stats.failed == 0
+    for entry in db.entries.values():
+        assert all(0 < r.ms < 100 for r in entry.results.values())
+    for t in tasks[:2]:
+        outs = [measure._launcher(t, c)() for c in t.ranked]
+        for other in outs[1:]:
+            for a, b in zip(outs[0], other):
+                if isinstance(a, torch.Tensor):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -5,19 +5,21 @@ import pytest
 import torch
 
 import lowmem_ops as lo
+from lowmem_ops import _configs
 from lowmem_ops._tree import builtin_tree, kernel_module, lowest_arch
 from lowmem_ops.activations import approx_act_bwd, approx_act_fwd
 
 from . import reference as ref
 
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _block(name, dtype):
-    """Elements per program of the config the interpreter runs (the lowest built arch)."""
-    module = kernel_module(name, lowest_arch(builtin_tree()), interpret=True)
-    return module.CONFIGS[("forward", _NAMES[dtype])]["BLOCK_BYTES"] * module.CODES_PER_BYTE
+    """Elements per program of the config the interpreter runs for small tensors (the lowest built
+    arch's smallest size bucket)."""
+    tree, arch = builtin_tree(), lowest_arch(builtin_tree())
+    module = kernel_module(name, arch, interpret=True)
+    return _configs.activation(tree, arch, name, "forward", dtype, 1)["BLOCK_BYTES"] * module.CODES_PER_BYTE
 
 
 def _both(name, x, dy):

@@ -25,7 +25,10 @@ def test_wheel_contents(wheel):
     for arch in ("sm80", "sm86", "sm89", "sm90", "sm100"):
         assert f"lowmem_ops/_generated/{arch}/manifest.json" in names
         assert f"lowmem_ops/_generated/{arch}/regelu2.py" in names
-    assert {"lowmem_ops/_generated/ops.py", "kernelgen/templates/activation.py.j2", "kernelgen/specs/regelu2.toml"} <= names
+        assert f"lowmem_ops/_generated/{arch}/configs.py" in names
+    assert {"lowmem_ops/_generated/ops.py", "kernelgen/templates/activation.py.j2", "kernelgen/specs/regelu2.toml",
+            "kernelgen/templates/activation.space.toml", "kernelgen/templates/norm.space.toml",
+            "kernelgen/templates/configs.py.j2"} <= names
 
 
 def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
@@ -35,11 +38,14 @@ def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
     code = (
         "import os, torch, lowmem_ops as lo, kernelgen.spec as s, kernelgen.build as b\n"
         "assert lo.__file__.startswith(os.environ['TARGET']), lo.__file__\n"
-        "assert len(s.load_builtin()) >= 2 and b.default_out() is None\n"
+        "assert len(s.load_builtin()) >= 2 and b.default_out() is None and b.default_db_dir() is None\n"
+        "import kernelgen.space as sp\n"
+        "assert sp.activation_space().dtypes and sp.norm_space().widths\n"
         "x = torch.randn(3000, requires_grad=True)\n"
         "lo.regelu2(x).sum().backward()\n"
         "os.environ['LOWMEM_OPS_BACKEND'] = 'triton-interpret'\n"
         "y = lo.resilu2(x)\n"
+        "z = lo.ms_rmsnorm(torch.randn(4, 96), 96)\n"
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target), "TARGET": str(target)}

@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+from kernelgen.archs import gpu_peak_gbps  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 DTYPES = {
@@ -33,21 +35,6 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 DTYPE_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-# Peak DRAM bandwidth in GB/s, matched against torch.cuda.get_device_name (case-insensitive, first
-# match wins, so the more specific patterns come first). Unknown GPUs need --peak-gbps.
-PEAK_GBPS = [
-    (r"\bH200", 4800),                  # not GH200, whose memory differs
-    (r"\bB200", 8000),
-    (r"H100.*PCIe", 2039),
-    (r"H100.*(SXM|HBM3)", 3352),        # the SXM part reports itself as "H100 80GB HBM3"
-    (r"A100.*SXM.*80GB", 2039),
-    (r"A100.*40GB", 1555),
-    (r"L40S", 864),
-    (r"\bA10G?\b", 600),                # A10 and A10G, not A100
-    (r"RTX 4090", 1008),
-    (r"RTX 3090(?! Ti)", 936),
-]
 
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any listed GPU's L2, so every rep reads from DRAM
 
@@ -186,12 +173,7 @@ def add_bandwidth(rec: dict, impl: str, n_bytes: int, peak_gbps: float | None) -
 
 
 def peak_bandwidth(device_name: str, override: float | None) -> float | None:
-    if override:
-        return override
-    for pattern, gbps in PEAK_GBPS:
-        if re.search(pattern, device_name, re.IGNORECASE):
-            return float(gbps)
-    return None
+    return override or gpu_peak_gbps(device_name)
 
 
 def device_name(device: str) -> str:
