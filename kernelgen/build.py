@@ -86,7 +86,8 @@ def _previous_results(manifest: Path, triton_version: str) -> dict[str, dict]:
 
 
 def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[str, str], opts: BuildOptions,
-             previous: dict[str, dict], progress) -> list[tuple[str, aot.Outcome]]:
+             previous: dict[str, dict], progress) -> tuple[list[tuple[str, aot.Outcome]], int]:
+    """(compile key, outcome) per variant, and how many were compiled (the rest were recorded)."""
     import triton
 
     for op in sorted({v.op for v in variants}):  # a rendered file that does not import fails here, by name
@@ -104,7 +105,7 @@ def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[s
     fresh = aot.compile_all([jobs[i] for i in todo], opts.workers,
                             lambda k: progress(f"{arch.name} {variants[todo[k]].key} {variants[todo[k]].config}"))
     outcomes.update(zip(todo, fresh))
-    return [(keys[i], outcomes[i]) for i in range(len(jobs))]
+    return [(keys[i], outcomes[i]) for i in range(len(jobs))], len(todo)
 
 
 def _manifest_variant(v: KernelVariant, key: str, outcome: aot.Outcome, verdict: prune.Verdict) -> dict:
@@ -177,7 +178,8 @@ def _json_rows(data: dict, row_keys: tuple[str, ...]) -> str:
 
 
 def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool, opts: BuildOptions,
-                previous_manifest: Path | None) -> None:
+                previous_manifest: Path | None) -> int:
+    """Build one arch into `dest`; returns how many kernels it compiled (not reused)."""
     import triton
 
     dest.mkdir(parents=True)
@@ -207,7 +209,7 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
     groups = groups_for(specs, arch, norms)
     variants = render.variants(groups)
     previous = _previous_results(previous_manifest, triton.__version__) if previous_manifest else {}
-    compiled = _compile(variants, dest, arch, shas, opts, previous, progress)
+    compiled, n_compiled = _compile(variants, dest, arch, shas, opts, previous, progress)
     verdicts, rows = {}, []
     for v, (key, outcome) in zip(variants, compiled):
         verdict = prune.judge(arch, v.num_warps, outcome)
@@ -229,24 +231,26 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
         "choices": choices,
     }
     (dest / "manifest.json").write_text(_json_rows(manifest, ("choices", "variants")))
+    return n_compiled
 
 
 def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: bool, opts: BuildOptions,
-           previous: Path) -> None:
+           previous: Path) -> int:
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "__init__.py").write_text(TREE_DOC)
     (stage / "ops.py").write_text(render.render_ops(specs))
-    for arch in archs:
-        _build_arch(specs, arch, stage / arch.name, progress, norms, opts, previous / arch.name / "manifest.json")
+    return sum(_build_arch(specs, arch, stage / arch.name, progress, norms, opts, previous / arch.name / "manifest.json")
+               for arch in archs)
 
 
 # --- public entry points -----------------------------------------------------------------------
 
 def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True,
-          opts: BuildOptions | None = None) -> None:
+          opts: BuildOptions | None = None) -> int:
     """Build into `out`. Nothing in `out` changes unless every render and compile succeeded.
     norms=False leaves out the norm kernels (a user's tree of their own activations). Compile
-    results `out`'s manifests recorded for the same source, config and Triton are reused."""
+    results `out`'s manifests recorded for the same source, config and Triton are reused; returns
+    how many kernels were compiled afresh."""
     opts = opts or BuildOptions()
     if not specs:
         raise BuildError("no specs to build")
@@ -256,8 +260,9 @@ def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
     prefix = f".{out.name}-stage-{os.getpid()}-"
     with tempfile.TemporaryDirectory(prefix=prefix, dir=out.parent) as tmp:
         stage = Path(tmp) / "tree"
-        _stage(specs, archs, stage, progress, norms, opts, out)
+        n_compiled = _stage(specs, archs, stage, progress, norms, opts, out)
         _install(stage, out, [a.name for a in archs], Path(tmp))
+    return n_compiled
 
 
 def _sweep_dead_stages(out: Path) -> None:

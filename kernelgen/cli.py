@@ -48,10 +48,11 @@ def _cmd_build(args) -> int:
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            compiled = None
             if args.check:
                 problems = build_mod.check(specs, arch_list, out, progress, norms, opts)
             else:
-                build_mod.build(specs, arch_list, out, progress, norms, opts)
+                compiled = build_mod.build(specs, arch_list, out, progress, norms, opts)
                 problems = []
     for w in caught:
         print(f"kernelgen build: warning: {w.message}", file=sys.stderr)
@@ -64,7 +65,8 @@ def _cmd_build(args) -> int:
         return 1
     verb = "is fresh" if args.check else "built"
     what = f"{len(specs)} activations" + (" + norms" if norms else "")
-    console.print(f"{out}: {what}, {total} variants {verb} for {names} in {elapsed:.1f} s")
+    how = "" if compiled is None else f" ({compiled} compiled, {total - compiled} reused from the manifests)"
+    print(f"{out}: {what}, {total} kernel configs {verb} for {names}{how} in {elapsed:.1f} s")  # unwrapped
     return 0
 
 

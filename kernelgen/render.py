@@ -1,4 +1,5 @@
-"""Render specs into Triton source (one file per op and arch) and the arch-independent ops module."""
+"""Render specs into Triton source (one file per op and arch), the arch-independent ops module and
+each arch's baked launch configs; enumerate the tuning groups and the kernels they compile."""
 
 from __future__ import annotations
 
@@ -220,8 +221,10 @@ def variants(groups: list[TuneGroup]) -> list[KernelVariant]:
             if ident in seen:
                 continue
             seen.add(ident)
-            make = _norm_variant if g.op == NORM_FILE else lambda k, d, c, op=g.op: _activation_variant(op, k, d, c)
-            out.append(make(g.kernel, g.dtype, cfg))
+            if g.op == NORM_FILE:
+                out.append(_norm_variant(g.kernel, g.dtype, cfg))
+            else:
+                out.append(_activation_variant(g.op, g.kernel, g.dtype, cfg))
     return out
 
 

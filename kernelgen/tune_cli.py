@@ -100,12 +100,13 @@ def report(arch: Arch, db_dir: Path, console, args) -> int:
               + ("" if path.exists() else f" (no such file); run `kernelgen tune --arch native` on an {arch.name} GPU"))
         return 0
     table = Table(title=f"{path}: tuned vs static launch configs")
-    for col in ("op", "kernel", "dtype", "bucket", "GPU", "configs", "static ms", "best ms", "speed-up", "GB/s",
-                "of peak", "best config", "state"):
-        table.add_column(col, justify="right" if col in ("configs", "static ms", "best ms", "speed-up", "GB/s", "of peak") else "left")
-    for r in sorted(rows, key=lambda r: (r["op"], r["kernel"], r["dtype"], r["bucket"], r["gpu"])):
+    numeric = ("configs", "static us", "best us", "speed-up", "GB/s", "of peak")
+    for col in ("op", "kernel", "dtype", "bucket", "GPU") + numeric + ("best config", "state"):
+        table.add_column(col, justify="right" if col in numeric else "left")
+    order = {b: i for i, b in enumerate(space.activation_space().buckets + space.norm_space().buckets)}
+    for r in sorted(rows, key=lambda r: (r["op"], r["kernel"], r["dtype"], order.get(r["bucket"], -1), r["bucket"], r["gpu"])):
         table.add_row(r["op"], r["kernel"], r["dtype"], r["bucket"], r["gpu"], f"{r['ok']}/{r['configs']}",
-                      _ms(r["static_ms"]), _ms(r["best_ms"]), f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+                      _us(r["static_ms"]), _us(r["best_ms"]), f"{r['speedup']:.2f}x" if r["speedup"] else "-",
                       f"{r['gbps']:.0f}" if r["gbps"] else "-", f"{r['peak']:.0%}" if r["peak"] else "-",
                       r["best_config"], r["state"])
     console.print(table)
@@ -131,8 +132,8 @@ def _as_group(r: dict) -> render.TuneGroup:
     return render.TuneGroup(r["op"], r["kernel"], r["dtype"], r["bucket"], (), ())
 
 
-def _ms(v: float | None) -> str:
-    return f"{v:.4f}" if v is not None else "-"
+def _us(ms: float | None) -> str:
+    return f"{ms * 1e3:.1f}" if ms is not None else "-"
 
 
 def _row(e: tunedb.Entry, current: dict[str, str]) -> dict:

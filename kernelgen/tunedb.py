@@ -79,21 +79,22 @@ class TuneDB:
         self.entries[key].results[config_id(config)] = Result(float(ms), error)
 
     def to_json(self) -> str:
-        entries = []
+        """Sorted JSON with one entry header and one result per line: small diffs, stable bytes."""
+        blocks = []
         for key in sorted(self.entries):
             e = self.entries[key]
-            entries.append({
-                **{f: getattr(key, f) for f in EntryKey.__dataclass_fields__},
-                "problem": e.problem,
-                "bytes_moved": e.bytes_moved,
-                "static": json.loads(e.static),
-                "results": [
-                    {"config": json.loads(cid), "ms": r.ms if math.isfinite(r.ms) else None,
-                     **({"error": r.error} if r.error else {})}
-                    for cid, r in sorted(e.results.items())
-                ],
-            })
-        return json.dumps({"format": FORMAT, "arch": self.arch, "entries": entries}, indent=1, sort_keys=True) + "\n"
+            head = {**{f: getattr(key, f) for f in EntryKey.__dataclass_fields__}, "problem": e.problem,
+                    "bytes_moved": e.bytes_moved, "static": json.loads(e.static)}
+            results = [
+                {"config": json.loads(cid), "ms": float(f"{r.ms:.6g}") if math.isfinite(r.ms) else None,
+                 **({"error": r.error} if r.error else {})}
+                for cid, r in sorted(e.results.items())
+            ]
+            lines = ",\n".join("      " + json.dumps(r, sort_keys=True) for r in results)
+            blocks.append("    " + json.dumps(head, sort_keys=True)[:-1] + ', "results": [\n' + lines + "\n    ]}")
+        body = ",\n".join(blocks)
+        return (f'{{\n  "arch": {json.dumps(self.arch)},\n  "entries": [\n{body}\n  ],\n  "format": {FORMAT}\n}}\n'
+                if blocks else f'{{\n  "arch": {json.dumps(self.arch)},\n  "entries": [],\n  "format": {FORMAT}\n}}\n')
 
     def save(self, path: Path) -> None:
         """Write atomically: a temp file in the same folder, then rename over the old one."""

@@ -8,6 +8,7 @@ import torch
 
 from . import _configs
 from ._tree import OpInfo, kernel_module, lowest_arch, pick_arch
+
 _dummy_codes: dict[torch.device, torch.Tensor] = {}
 
 
