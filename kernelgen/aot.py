@@ -87,6 +87,27 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int, int]:
     return reg, stack, shared, local
 
 
+@contextlib.contextmanager
+def _ptxas_report():
+    """Yield a buffer that receives ptxas' -v report of the compiles inside. Spills are only there;
+    Triton prints it when asked, and only when it runs ptxas, so the on-disk cache is bypassed (the
+    build keeps its own cache: the manifests). Everything touched is restored afterwards."""
+    import triton
+
+    knobs, log = triton.knobs, io.StringIO()
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    had_fusion = "TRITON_DEFAULT_FP_FUSION" in os.environ
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unless set; 1 is its default
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            yield log
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+        if not had_fusion:
+            os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)
+
+
 def compile_one(job: CompileJob) -> Outcome:
     """Compile in this process. Any error comes back as its message (Triton raises many types)."""
     try:
@@ -99,23 +120,13 @@ def compile_one(job: CompileJob) -> Outcome:
         options = {"num_warps": job.num_warps}
         if job.num_stages is not None:
             options["num_stages"] = job.num_stages
-        # Spills are only in ptxas' -v report, which Triton prints when asked; a cached kernel skips
-        # ptxas, so compile afresh (the build keeps its own results cache, the manifests).
-        log = io.StringIO()
-        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unless set; fusion on is its default
-        knobs = triton.knobs
-        saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
-        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
-        try:
-            with contextlib.redirect_stdout(log):
-                compiled = triton.compile(
-                    ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature,
-                              constexprs=job.constexprs, attrs=attrs),
-                    target=GPUTarget("cuda", job.capability, 32),
-                    options=options,
-                )
-        finally:
-            knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+        with _ptxas_report() as log:
+            compiled = triton.compile(
+                ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature, constexprs=job.constexprs,
+                          attrs=attrs),
+                target=GPUTarget("cuda", job.capability, 32),
+                options=options,
+            )
         spills = _SPILL_RE.findall(log.getvalue())
         if not spills:
             raise RuntimeError("ptxas printed no spill report")

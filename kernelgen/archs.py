@@ -106,13 +106,12 @@ def elementwise_config(arch: Arch, dtype: str, codes_per_byte: int) -> dict[str,
 
 
 def norm_config(arch: Arch) -> dict:
-    """Row-wise norms: one program per row. Rows up to max_single_block columns sit in registers
-    (at most 16 float32 values per thread per row tensor, so the backward's four row tensors fit
-    without spilling); wider rows loop over loop_block chunks. The backward runs a few programs per
-    SM, each over many rows, so the dgamma/dbeta partial sums stay few."""
+    """Row-wise norms, the static table: a row that fits takes one pass with at most 16 float32
+    values per thread per row tensor; wider rows loop over loop_block chunks. The backward runs a few
+    programs per SM, each over many rows, so the dgamma/dbeta partial sums stay few. Pruning drops
+    what spills (the 8192-wide backward does at 16 warps: 128 registers per thread at most)."""
     warps = {1 << p: min(16, max(1, (1 << p) // 256)) for p in range(0, 14)}  # 1 .. 8192 columns
     return {
-        "max_single_block": 8192,
         "single_warps": warps,
         "loop_block": 4096,
         "loop_warps": 8,

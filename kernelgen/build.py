@@ -99,7 +99,10 @@ def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[s
     for i, key in enumerate(keys):
         if not opts.recompile and key in previous:
             old = previous[key]
-            outcomes[i] = old["error"] if "error" in old else aot.from_dict(old)
+            try:
+                outcomes[i] = str(old["error"]) if "error" in old else aot.from_dict(old)
+            except (KeyError, TypeError, ValueError):  # a damaged record: compile it again
+                continue
             progress(f"{arch.name} {variants[i].key} (recorded)")
     todo = [i for i in range(len(jobs)) if i not in outcomes]
     fresh = aot.compile_all([jobs[i] for i in todo], opts.workers,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import prune, render, space, tunedb
-from .archs import DTYPE_BYTES, Arch, norm_config
+from .archs import DTYPE_BYTES, Arch
 from .spec import Spec
 
 
@@ -293,8 +293,7 @@ class CudaMeasure:
         if stage == "backward":
             return lambda: nb.triton_backward(a["dy"], a["y"], a["rstd"], a["w"], a["b"], a["is_rms"], a["dtype"], it, cfg)
         # dgamma/dbeta runs after the looped backward: time both, the backward at its static config
-        static = norm_config(self.arch)
-        loop = {"BLOCK_N": static["loop_block"], "SINGLE_PASS": False, "num_warps": static["loop_warps"], "num_stages": 3}
+        loop = space.norm_space().configs(self.arch, "backward", g.dtype, len(space.norm_space().widths))[0]
         return lambda: nb.triton_backward(a["dy"], a["y"], a["rstd"], a["w"], a["b"], a["is_rms"], a["dtype"], it,
                                           loop, param_cfg=cfg)
 
