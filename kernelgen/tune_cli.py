@@ -9,16 +9,20 @@ from pathlib import Path
 
 from . import build as build_mod
 from . import render, space, tunedb, tuner
-from .archs import Arch, gpu_peak_gbps
+from .archs import DTYPES, Arch, gpu_peak_gbps
 
 
 def _split(text: str | None) -> set[str] | None:
     return {t.strip() for t in text.split(",") if t.strip()} if text else None
 
 
-def _selector(args, default_dtypes: set[str]):
+def _selector(args, default_dtypes: set[str], known_ops: set[str] | None = None):
     ops, kernels = _split(args.ops), _split(args.kernels)
     dtypes = _split(args.dtypes) or default_dtypes
+    if dtypes - set(DTYPES):
+        raise ValueError(f"--dtypes: unknown {', '.join(sorted(dtypes - set(DTYPES)))}; choose from {', '.join(DTYPES)}")
+    if known_ops is not None and ops and ops - known_ops:
+        raise ValueError(f"--ops: unknown {', '.join(sorted(ops - known_ops))}; choose from {', '.join(sorted(known_ops))}")
 
     def select(g: render.TuneGroup) -> bool:
         return ((ops is None or g.op in ops) and g.dtype in dtypes
@@ -57,7 +61,8 @@ def measure(arch: Arch, db_dir: Path, specs, console, args) -> int:
         db = tunedb.load(path, arch.name)
     except tunedb.DBError as err:  # never overwrite what we cannot read: it may be someone's measurements
         raise tuner.TuneError(f"{err}; fix or move that file, then tune again") from None
-    tasks = tuner.plan(specs, arch, out, norms, _selector(args, _space_dtypes()))
+    known = {s.name for s in specs} | ({render.NORM_FILE} if norms else set())
+    tasks = tuner.plan(specs, arch, out, norms, _selector(args, _space_dtypes(), known))
     if not tasks:
         raise tuner.TuneError("nothing to tune: no group matches --ops / --kernels / --dtypes with two or more "
                               "configs that survived pruning")

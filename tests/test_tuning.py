@@ -519,8 +519,17 @@ def test_cli_report(tree, tmp_path, capsys):
     assert cli.main(["tune", "--arch", "sm90", "--report", "--db", str(db_dir)]) == 0
     assert "no measurements for sm90" in capsys.readouterr().out
     _fake_tune(tree, db_dir, {"resilu2"})
+    assert cli.main(["tune", "--arch", "sm90", "--report", "--db", str(db_dir), "--dtypes", "bf16"]) == 1
+    assert "--dtypes: unknown bf16; choose from float32, float16, bfloat16" in capsys.readouterr().err
     assert cli.main(["tune", "--arch", "sm90", "--report", "--db", str(db_dir), "--out", str(tree),
                      "--kernels", "backward"]) == 0
     out = capsys.readouterr().out
     assert "resilu2" in out and "2.00x" in out and "geometric mean 2.000x" in out and "fresh" in out
     assert "forward_nograd" not in out
+
+
+def test_cli_report_names_a_corrupt_db(tmp_path, capsys):
+    (tmp_path / "sm90.json").write_text('{"format": 1, "arch": "sm90", "entries": [{"op": 3}]}')
+    assert cli.main(["tune", "--arch", "sm90", "--report", "--db", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'sm90.json'}: entries[0].op: must be a non-empty string, got 3" in err
