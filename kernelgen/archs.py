@@ -110,7 +110,7 @@ def norm_config(arch: Arch) -> dict:
     values per thread per row tensor; wider rows loop over loop_block chunks. The backward runs a few
     programs per SM, each over many rows, so the dgamma/dbeta partial sums stay few. Pruning drops
     what spills (the 8192-wide backward does at 16 warps: 128 registers per thread at most)."""
-    warps = {1 << p: min(16, max(1, (1 << p) // 256)) for p in range(0, 14)}  # 1 .. 8192 columns
+    warps = {1 << p: min(16, max(1, (1 << p) // 256)) for p in range(0, 17)}  # 1 .. 65536 columns
     return {
         "single_warps": warps,
         "loop_block": 4096,

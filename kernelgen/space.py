@@ -202,8 +202,8 @@ def load_norm(path: Path) -> NormSpace:
     data = _read(path)
     single, loop, param = (_table(data, t, path) for t in ("single", "loop", "param_grad"))
     widths = _ints(single, "widths", path, "single")
-    if list(widths) != sorted(set(widths)):
-        raise SpaceError(f"{path}: [single] widths must be strictly increasing, got {list(widths)}")
+    if list(widths) != sorted(set(widths)) or widths[-1] > 65536:
+        raise SpaceError(f"{path}: [single] widths must be strictly increasing and at most 65536, got {list(widths)}")
     ept = _ints(single, "elements_per_thread", path, "single", length=2, power_of_two=False)
     if ept[0] > ept[1]:
         raise SpaceError(f"{path}: [single] elements_per_thread is (min, max), got {list(ept)}")
