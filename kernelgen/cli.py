@@ -66,7 +66,8 @@ def _cmd_build(args) -> int:
     verb = "is fresh" if args.check else "built"
     what = f"{len(specs)} activations" + (" + norms" if norms else "")
     how = "" if compiled is None else f" ({compiled} compiled, {total - compiled} reused from the manifests)"
-    print(f"{out}: {what}, {total} kernel configs {verb} for {names}{how} in {elapsed:.1f} s")  # unwrapped
+    print(f"{out}: {what}, {total} kernel configs {verb} for {names}{how} in {elapsed:.1f} s",
+          file=sys.stderr)  # status on stderr, as the progress bar; unwrapped
     return 0
 
 
