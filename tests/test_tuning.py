@@ -533,3 +533,35 @@ def test_cli_report_names_a_corrupt_db(tmp_path, capsys):
     assert cli.main(["tune", "--arch", "sm90", "--report", "--db", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path / 'sm90.json'}: entries[0].op: must be a non-empty string, got 3" in err
+
+
+def test_cli_tune_end_to_end_on_a_pretend_gpu(tmp_path, monkeypatch, capsys):
+    """`kernelgen tune` as on a GPU, with CUDA faked and the launches run by the interpreter on CPU:
+    the DB it writes is valid, holds every candidate of the selected groups, and a rerun reuses it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Pretend H200")
+    launched = []
+
+    def timer(fn):
+        launched.append(fn())
+        return 0.25 if len(launched) % 2 else 0.5
+
+    real = tuner.CudaMeasure
+    monkeypatch.setattr(tuner, "CudaMeasure", lambda tree, arch, compile_timeout_s: real(
+        tree, arch, device="cpu", interpret=True, timer=timer, max_elements=2048))
+    argv = ["tune", "--arch", "native", "--db", str(tmp_path), "--ops", "resilu2", "--kernels", "backward",
+            "--dtypes", "bfloat16"]
+    assert cli.main(argv) == 0
+    db = tunedb.load(tmp_path / "sm90.json", "sm90")
+    tasks = _plan(builtin_tree(), {"resilu2"})
+    # --kernels matches by substring: backward, gated_backward, gated_backward_approx; 4 buckets each
+    tasks = [t for t in tasks if "backward" in t.group.kernel and t.group.dtype == "bfloat16"]
+    assert len(db.entries) == len(tasks) == 12 and len(launched) == sum(len(t.ranked) for t in tasks) == 72
+    for e in db.entries.values():
+        assert e.key.gpu == "Pretend H200" and set(e.results) == {space.config_id(c) for c in next(
+            t.ranked for t in tasks if t.group.key == e.key.group)}
+    assert "wrote" in capsys.readouterr().err
+    launched.clear()
+    assert cli.main(argv) == 0 and launched == []  # everything already measured
+    assert "reused 72 from the database" in capsys.readouterr().err.replace("\n", " ")
