@@ -132,13 +132,20 @@ def available() -> list[str]:
 
 
 def built_archs(tree: Path) -> dict[int, str]:
-    """capability -> arch folder, for the arch folders of `tree` that hold a manifest."""
+    """capability -> arch folder, for the arch folders of `tree` that hold a manifest. Runs on every
+    kernel launch: a manifest (hundreds of KB) is parsed once per version of the file, not per call."""
     found = {}
     for child in tree.iterdir():
         manifest = child / "manifest.json"
         if child.is_dir() and manifest.is_file():
-            found[json.loads(manifest.read_text())["capability"]] = child.name
+            st = manifest.stat()
+            found[_manifest_capability(str(manifest), st.st_mtime_ns, st.st_size)] = child.name
     return dict(sorted(found.items()))
+
+
+@lru_cache(maxsize=None)
+def _manifest_capability(path: str, mtime_ns: int, size: int) -> int:
+    return json.loads(Path(path).read_text())["capability"]
 
 
 _warned: set[tuple[Path, int]] = set()
