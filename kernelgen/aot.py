@@ -87,6 +87,12 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int, int]:
     return reg, stack, shared, local
 
 
+def one_line(err: BaseException) -> str:
+    """An error as its type and first message line: what the manifest and the tuning DB record."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 @contextlib.contextmanager
 def _ptxas_report():
     """Yield a buffer that receives ptxas' -v report of the compiles inside. Spills are only there;
@@ -134,8 +140,7 @@ def compile_one(job: CompileJob) -> Outcome:
         return CompileResult(reg, sum(int(s) for s, _ in spills), sum(int(ld) for _, ld in spills), stack, local,
                              static_shared + int(compiled.metadata.shared))
     except Exception as err:
-        lines = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        return one_line(err)
 
 
 def _encode(outcome: Outcome) -> str:

@@ -98,7 +98,7 @@ def report(arch: Arch, db_dir: Path, console, args) -> int:
         raise tuner.TuneError(str(err)) from None
     manifest = _manifest(Path(args.out) if args.out else build_mod.default_out(), arch)
     current = {op: f["source_sha256"] for op, f in manifest.get("ops", {}).items()}
-    select = _selector(args, {"float32", "float16", "bfloat16"})
+    select = _selector(args, set(DTYPES))
     rows = [r for r in (_row(e, current) for e in db.entries.values()) if select(_as_group(r))]
     if not rows:
         print(f"{path}: no measurements for {arch.name}"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import prune, render, space, tunedb
+from .aot import one_line
 from .archs import DTYPE_BYTES, Arch
 from .spec import Spec
 
@@ -39,7 +40,6 @@ class Task:
     ranked: tuple[dict, ...]  # kept candidates, measuring order: the static choice, then by occupancy
     problem: tuple[int, ...]  # (n,) or (rows, cols)
     bytes_moved: int
-    bits: int  # code bits of the op (0 for norms)
 
     @property
     def static(self) -> dict:
@@ -108,9 +108,8 @@ def plan(specs: list[Spec], arch: Arch, tree: Path, norms: bool, select: Callabl
         if len(ordered) < 2:
             continue  # nothing to choose between
         problem = problem_of(g)
-        b = bits.get(g.op, 0)
         tasks.append(Task(g, manifest["ops"][g.op]["source_sha256"], tuple(ordered), problem,
-                          bytes_moved(g, problem, b), b))
+                          bytes_moved(g, problem, bits.get(g.op, 0))))
     return tasks
 
 
@@ -132,16 +131,15 @@ def search(tasks: list[Task], db: tunedb.TuneDB, measure: Callable[[Task, dict],
     `measure` returns milliseconds; an exception scores the config as infinitely slow."""
     stats = SearchStats()
     deadline = clock() + budget_s
-    keys = {id(t): tunedb.EntryKey(*t.group.key, t.source_sha256, triton, gpu) for t in tasks}
-    for t in tasks:
-        db.entry(keys[id(t)], list(t.problem), t.bytes_moved, t.static)
+    entries = [db.entry(tunedb.EntryKey(*t.group.key, t.source_sha256, triton, gpu), list(t.problem), t.bytes_moved,
+                        t.static) for t in tasks]
     depth = max((len(t.ranked) for t in tasks), default=0)
     for r in range(depth):
         stats.rounds = r + 1
-        for t in tasks:
+        for t, entry in zip(tasks, entries):
             if r >= len(t.ranked):
                 continue
-            config, entry = t.ranked[r], db.entries[keys[id(t)]]
+            config = t.ranked[r]
             if space.config_id(config) in entry.results:
                 stats.reused += 1
                 progress(t, config, entry.results[space.config_id(config)].ms)
@@ -155,10 +153,9 @@ def search(tasks: list[Task], db: tunedb.TuneDB, measure: Callable[[Task, dict],
                 if not ms > 0 or not math.isfinite(ms):
                     raise RuntimeError(f"the timer returned {ms!r}")
             except Exception as err:  # out of resources, timeouts, launch errors: never stop the run
-                lines = str(err).strip().splitlines()
-                ms, error = math.inf, f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+                ms, error = math.inf, one_line(err)
                 stats.failed += 1
-            db.record(keys[id(t)], config, ms, error)
+            db.record(entry.key, config, ms, error)
             stats.measured += 1
             progress(t, config, ms)
         save()  # after every round: an interrupted run keeps what it measured

@@ -280,7 +280,7 @@ def test_tuned_choice_prefers_current_triton_and_allowed_configs():
 def _task(name, n_configs, source="s" * 64):
     g = render.TuneGroup(name, "forward", "bfloat16", "n<=65536", (0,), ())
     ranked = tuple({"BLOCK_BYTES": 64 << i, "num_warps": 4} for i in range(n_configs))
-    return tuner.Task(g, source, ranked, (65536,), 400000, 2)
+    return tuner.Task(g, source, ranked, (65536,), 400000)
 
 
 class FakeClock:
