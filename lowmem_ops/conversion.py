@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import memory
+from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
+from ._snapshot import Snapshot, state_kept
 from .gated import MODES
 from .nn import Approx, GatedMLP, MSLayerNorm, MSRMSNorm
 
@@ -111,18 +113,42 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         if op is None:
             return None, f"{name} with these arguments has no built-in approximation"
         return Approx(op), None
+    if norms and isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and not _has_torch_forward(module):
+        # e.g. ConvNeXt's channels-first LayerNorm: same parameters, another computation
+        return None, f"{name} overrides {type(module).__mro__[1].__name__}.forward, so it may compute something else"
     if norms and isinstance(module, torch.nn.LayerNorm):
         affine = "inverse" if module.elementwise_affine and not folded else "none"
         new = MSLayerNorm(module.normalized_shape, eps=module.eps, affine=affine, bias=module.bias is not None)
         return (new if folded else _adopt(new, module)), None
-    if norms and (isinstance(module, torch.nn.RMSNorm) or name.endswith("RMSNorm")):
+    if norms and isinstance(module, torch.nn.RMSNorm):  # eps None: finfo(dtype).eps in both
+        affine = "inverse" if module.weight is not None and not folded else "none"
+        new = MSRMSNorm(module.normalized_shape, eps=module.eps, affine=affine)
+        return (new if folded else _adopt(new, module)), None
+    if norms and name.endswith("RMSNorm"):
         weight = getattr(module, "weight", None)
-        eps = getattr(module, "eps", None) if isinstance(module, torch.nn.RMSNorm) else getattr(module, "variance_epsilon", None)
+        eps = getattr(module, "variance_epsilon", None)
         if weight is None or eps is None or "Gemma" in name:  # Gemma scales by (1 + weight)
             return None, f"{name}: unknown parameterisation"
         new = MSRMSNorm(tuple(weight.shape), eps=eps, affine="none" if folded else "inverse")
         return (new if folded else _adopt(new, module)), None
     return None, None
+
+
+def _has_torch_forward(norm: torch.nn.Module) -> bool:
+    """Whether a LayerNorm / RMSNorm (or subclass) computes torch's norm: its forward is torch's own."""
+    base = torch.nn.LayerNorm if isinstance(norm, torch.nn.LayerNorm) else torch.nn.RMSNorm
+    return type(norm).forward is base.forward
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    """A module convert may swap for an MS norm (whose output is watched on the example inputs)."""
+    return not type(module).__module__.startswith("lowmem_ops") and (
+        isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm"))
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    """A layer a norm's affine can be folded into: nn.Linear or GPT-2's Conv1D (x.view(-1, nx) @ W + b)."""
+    return type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D"
 
 
 def _adopt(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
@@ -149,28 +175,40 @@ def _tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def _run(model, inputs):
-    """One deterministic forward: eval mode (no dropout), no grad; training flags restored after."""
+def _run(model, inputs, grad: bool = False):
+    """One deterministic forward: eval mode (no dropout), no grad unless asked; training flags,
+    buffers and the RNG as they were after. grad=True builds the autograd graph, so an op that
+    autograd rejects in training (an in-place write into a saved output) fails here too."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
-            return model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        with state_kept(model), torch.set_grad_enabled(grad):
+            out = model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        return out
     finally:
         for m, training in modes.items():
             m.train(training)
 
 
+@torch.no_grad()
 def _difference(a, b) -> float:
     diffs = [((x.float() - y.float()).abs() / (1 + y.float().abs())).max().item()
              for x, y in zip(_tensors(a), _tensors(b)) if x.is_floating_point() and x.numel()]
     return max(diffs, default=0.0)
 
 
-def _align_lora_dtypes(model: torch.nn.Module, report: Report) -> None:
+def _describe(error: BaseException) -> str:
+    """One line for the report: the exception's type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(error).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
+
+
+def _lora_retypes(model: torch.nn.Module) -> list["_Retype"]:
     """PEFT keeps LoRA adapters in float32 by default and casts the input for each adapter: three
     float32 copies of one bf16 activation for q, k and v, none of them shared with the norm before.
     Put each adapter in its base layer's dtype, so nothing is cast."""
+    retypes = []
     for path, module in model.named_modules():
         lora_a, base = getattr(module, "lora_A", None), getattr(module, "base_layer", None)
         weight = getattr(base, "weight", None)
@@ -179,10 +217,10 @@ def _align_lora_dtypes(model: torch.nn.Module, report: Report) -> None:
         adapters = [m for name in ("lora_A", "lora_B") for m in getattr(module, name).values()]
         dtypes = {p.dtype for m in adapters for p in m.parameters()}
         if dtypes and dtypes != {weight.dtype}:
-            for m in adapters:
-                m.to(weight.dtype)
             before = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-            report.changes.append(Change(path, f"LoRA adapters in {before}", f"in {str(weight.dtype).removeprefix('torch.')}"))
+            change = Change(path, f"LoRA adapters in {before}", f"in {str(weight.dtype).removeprefix('torch.')}")
+            retypes.append(_Retype(adapters, weight.dtype, change))
+    return retypes
 
 
 def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
@@ -190,161 +228,316 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
             measure_memory: bool = True) -> Report:
     """Swap, in place, what stores less; verify on example_inputs (a tensor, tuple or dict of kwargs).
 
+    Transactional: a change that cannot be made, raises, or moves the outputs is undone and reported;
+    whatever happens, the model is left either with the verified changes or exactly as it was. Its
+    buffers (BatchNorm statistics) and the global RNG are left as they were.
+
     fold: fold a norm's gamma/beta into its consumers when, on the example inputs, every consumer is a
-    plain nn.Linear or GPT-2 Conv1D (untied weight; a bias wherever beta is non-zero) and the output
-    is not returned; other norms use inverse mode.
+    plain nn.Linear or GPT-2 Conv1D (untied weight, held under one name, called only on this norm's
+    output, its weight used nowhere else; a bias wherever beta is non-zero) and the output is not
+    returned; other norms use inverse mode. A norm whose output is modified in place is left alone.
     lora_dtype: put PEFT LoRA adapters in their base layer's dtype (they then train in that dtype;
     keep float32 master weights in the optimizer if you need them, or pass False)."""
     if gated_mode not in MODES:
         raise ValueError(f"lowmem_ops.convert: gated_mode must be one of {', '.join(MODES)}, got {gated_mode!r}")
     report = Report()
-    reference = _run(model, example_inputs) if example_inputs is not None else None
-    if example_inputs is not None and measure_memory:
+    examples = example_inputs is not None
+    reference = _run(model, example_inputs) if examples else None
+    if examples and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
-    if lora_dtype:
-        _align_lora_dtypes(model, report)
+    observation = _observe(model, example_inputs) if norms and examples else None
 
-    consumers = _observe_norm_consumers(model, example_inputs) if norms and fold and example_inputs is not None else {}
-    planned: list[_Swap] = []
-    claimed: set[str] = set()
-    for path, module in model.named_modules():
-        if any(path.startswith(c + ".") for c in claimed):
-            continue  # inside a module we already replace (a gated MLP's projections)
-        targets = _fold_targets(model, module, consumers.get(path))
-        new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets))
-        if new is None:
-            if why:
-                report.skipped.append((path, why))
-            continue
-        if not path:
-            report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
-            continue
-        parent_path, _, attr = path.rpartition(".")
-        after = type(new).__name__ + (f" (affine folded into {', '.join(p for p, _ in targets)})" if targets else "")
-        planned.append(_Swap(model.get_submodule(parent_path), attr, module, new,
-                             Change(path, type(module).__name__, after), targets or []))
-        claimed.add(path)
-    originals, folded = _originals(model), _folded(model)
-    for swap in planned:
-        swap.apply()
-        originals[swap.change.path] = swap.old  # for lowmem_ops.export; it shares the very Parameters
-        if swap.folds:
-            folded.add(swap.change.path)
-        report.changes.append(swap.change)
-
-    if reference is not None and planned:
-        tol = report.tolerance = _tolerance(reference)
-        diff = _difference(_run(model, example_inputs), reference)
-        if diff > tol:  # find the culprits: keep each change only if the model still agrees with it
-            for swap in reversed(planned):
-                swap.undo()
-            for swap in planned:
-                swap.apply()
-                one = _difference(_run(model, example_inputs), reference)
-                if one > tol:
-                    swap.undo()
-                    originals.pop(swap.change.path)
-                    folded.discard(swap.change.path)
-                    swap.change.status, swap.change.reason = "undone", f"outputs moved by {one:.3g} > {tol:.3g}"
-            diff = _difference(_run(model, example_inputs), reference)
-        report.max_difference = diff
-    if example_inputs is not None and measure_memory:
-        report.memory_after = _measure(model, example_inputs, "after")
+    actions = _lora_retypes(model) if lora_dtype else []
+    actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
+                     gated_mode=gated_mode, fold=fold)
+    before = Snapshot(model, writes=[t for a in actions for t in a.writes], keep=(_originals(model), folded(model)))
+    try:
+        check = _checker(model, example_inputs, reference, report) if examples else (lambda: None)
+        _apply_verified(model, actions, check)
+        if examples and measure_memory and any(a.change.status == "applied" for a in actions):
+            try:
+                report.memory_after = _measure(model, example_inputs, "after")
+            except Exception as e:  # a training-mode forward that only the converted model fails
+                before.restore()
+                for a in actions:
+                    if a.change.status == "applied":
+                        a.change.status, a.change.reason = "undone", f"training-mode forward failed: {_describe(e)}"
+                report.max_difference = None
+        if examples and measure_memory and report.memory_after is None:
+            report.memory_after = report.memory_before  # nothing changed
+        _record(model, [a for a in actions if a.change.status == "applied"])
+    except BaseException:
+        before.restore()  # an unexpected failure (or an interrupt): nothing half done
+        raise
+    report.changes.extend(a.change for a in actions)
     return report
 
 
 def _measure(model, inputs, label):
-    if isinstance(inputs, dict):
-        return memory.measure(model, label=label, **inputs)
-    return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)
+    with state_kept(model):  # train mode: dropout draws random numbers, BatchNorm updates its statistics
+        if isinstance(inputs, dict):
+            return memory.measure(model, label=label, **inputs)
+        return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)
+
+
+def _checker(model, inputs, reference, report: Report):
+    """check() -> None when the model's outputs (eval mode, graph built) agree with `reference`
+    within the dtype's tolerance, else why not; records the difference in the report."""
+    tol = report.tolerance = _tolerance(reference)
+
+    def check():
+        diff = report.max_difference = _difference(_run(model, inputs, grad=True), reference)
+        return None if diff <= tol else f"outputs moved by {diff:.3g} > {tol:.3g}"
+
+    return check
+
+
+def _attempt(actions, check):
+    """Apply the actions and check: None when all is well, else what went wrong."""
+    try:
+        for action in actions:
+            action.apply()
+        return check()
+    except Exception as e:
+        return _describe(e)
+
+
+def _apply_verified(model: torch.nn.Module, actions: list, check) -> None:
+    """Apply every action and check the model. When the check fails or anything raises, roll all of
+    them back and apply them one at a time, keeping each only if the model still passes with it;
+    the ones dropped are marked undone, with the reason."""
+    if not actions:
+        return
+    everything = Snapshot(model, writes=[t for a in actions for t in a.writes])
+    if _attempt(actions, check) is None:
+        return
+    everything.restore()
+    for action in actions:
+        one = Snapshot(model, writes=action.writes)
+        problem = _attempt([action], check)
+        if problem is not None:
+            one.restore()
+            action.change.status, action.change.reason = "undone", problem
+    problem = _attempt([], check)  # those kept, together
+    if problem is not None:
+        everything.restore()
+        for action in actions:
+            if action.change.status == "applied":
+                action.change.status, action.change.reason = "undone", f"together with the others: {problem}"
+        check()  # the difference in the report is the unchanged model's
 
 
 @dataclass
 class _Swap:
-    """One planned change, which can be applied and undone (module swap, plus folded weights)."""
+    """Put `new` in place of `old` under every name the model holds it by, folding old's affine
+    into `folds` (path, linear layer). Undone by restoring a Snapshot taken before."""
 
-    parent: torch.nn.Module
-    attr: str
+    sites: list  # (parent module, attribute, path)
     old: torch.nn.Module
     new: torch.nn.Module
     change: Change
-    folds: list  # (path, nn.Linear) consumers the old norm's affine goes into
-    _saved: list = field(default_factory=list)
+    folds: list
+
+    @property
+    def writes(self) -> list:
+        return [p for _, linear in self.folds for p in (linear.weight, linear.bias) if p is not None]
 
     def apply(self) -> None:
-        setattr(self.parent, self.attr, self.new)
-        gamma = getattr(self.old, "weight", None)
-        beta = getattr(self.old, "bias", None)
-        self._saved = []
+        for parent, attr, _ in self.sites:
+            setattr(parent, attr, self.new)
+        gamma, beta = getattr(self.old, "weight", None), getattr(self.old, "bias", None)
         with torch.no_grad():
             for _, linear in self.folds:
-                w, b = linear.weight, linear.bias
-                self._saved.append((w.detach().clone(), None if b is None else b.detach().clone()))
-                # nn.Linear's weight is (out, in); GPT-2's Conv1D keeps it transposed, (in, out)
-                w32 = w.float() if type(linear) is torch.nn.Linear else w.float().t()
-                if beta is not None and b is not None:  # b' = b + W beta, with W before scaling
-                    b.copy_((b.float() + w32 @ beta.float().reshape(-1)).to(b.dtype))
-                scaled = w32 * gamma.float().reshape(1, -1)  # W' = W diag(gamma)
-                w.copy_((scaled if type(linear) is torch.nn.Linear else scaled.t()).to(w.dtype))
-
-    def undo(self) -> None:
-        setattr(self.parent, self.attr, self.old)
-        with torch.no_grad():
-            for (_, linear), (w, b) in zip(self.folds, self._saved):
+                w, b = fold_affine(linear.weight, linear.bias, gamma, beta, transposed(linear))
                 linear.weight.copy_(w)
                 if b is not None:
                     linear.bias.copy_(b)
-        self._saved = []
+
+
+@dataclass
+class _Retype:
+    """Cast PEFT adapters to their base layer's dtype (each Parameter keeps its object, gets new data)."""
+
+    adapters: list
+    dtype: torch.dtype
+    change: Change
+    writes: list = field(default_factory=list)  # nothing written in place: the Snapshot keeps the old data
+
+    def apply(self) -> None:
+        for m in self.adapters:
+            m.to(self.dtype)
+
+
+def _module_paths(model: torch.nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name the model holds it by (a module registered twice has two)."""
+    paths: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    return paths
+
+
+def _plan(model, observation, report: Report, *, activations, norms, gated, gated_mode, fold) -> list[_Swap]:
+    """The swaps to make, one per module object (at all its names); what cannot be swapped is a
+    report line."""
+    paths = _module_paths(model)
+    tied = _tied_parameters(model)
+    planned: list[_Swap] = []
+    claimed: list[str] = []  # modules replaced whole (a gated MLP): what is inside stays as it is
+    done: set[int] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        if id(module) in done or any(path.startswith(c + ".") for c in claimed):
+            continue
+        done.add(id(module))
+        try:
+            swap = _swap_for(model, path, module, paths[id(module)], observation, tied, report,
+                             activations=activations, norms=norms, gated=gated, gated_mode=gated_mode, fold=fold)
+        except Exception as e:  # e.g. an op missing from the loaded kernel tree
+            report.skipped.append((path, f"could not be converted: {_describe(e)}"))
+            continue
+        if swap is not None:
+            planned.append(swap)
+            claimed += [p for _, _, p in swap.sites]
+    for swap in planned:  # a name inside a module replaced whole is not the model's any more
+        swap.sites = [s for s in swap.sites if not any(s[2].startswith(c + ".") for c in claimed)]
+    return planned
+
+
+def _swap_for(model, path, module, names, observation, tied, report, *, activations, norms, gated, gated_mode, fold):
+    """The swap for one module (held under `names`), or None, with a report line when it is skipped."""
+    shared = len(names) > 1
+    watched = observation is not None and id(module) in observation.uses
+    if watched and id(module) in observation.modified:
+        if _replacement(module, activations, norms, gated, gated_mode)[0] is not None:
+            report.skipped.append((path, f"{observation.modified[id(module)]}; a memory-sharing norm saves "
+                                         "that output for backward, so torch's norm stays"))
+        return None
+    targets = _fold_targets(model, module, observation, tied) if watched and fold and not shared else []
+    new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets))
+    if new is None:
+        if why:
+            report.skipped.append((path, why))
+        return None
+    if not path:
+        report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
+        return None
+    after = type(new).__name__
+    if targets:
+        after += f" (affine folded into {', '.join(p for p, _ in targets)})"
+    if shared:
+        after += f" (the same module is also at {', '.join(names[1:])})"
+    sites = [(model.get_submodule(p.rpartition(".")[0]), p.rpartition(".")[2], p) for p in names]
+    return _Swap(sites, module, new, Change(path, type(module).__name__, after), targets)
+
+
+def _record(model: torch.nn.Module, applied: list) -> None:
+    """Bookkeeping for lowmem_ops.export and state_dict: the original module under each name it had
+    (the same object for all of a shared module's names), and the folds."""
+    originals, folds = _originals(model), folded(model)
+    for swap in applied:
+        if not isinstance(swap, _Swap):
+            continue
+        for _, _, path in swap.sites:
+            originals[path] = swap.old  # it shares the very Parameters with the new module
+        if swap.folds:
+            folds[swap.change.path] = Fold(swap.new, swap.old, [linear for _, linear in swap.folds])
+    if folds:
+        install_state_dict_hooks(model)
+
+
+@dataclass
+class _Observation:
+    """What one run on the example inputs showed about each norm's output and each linear layer."""
+
+    uses: dict = field(default_factory=dict)      # id(norm) -> [(function, module path)] reading its output; None: returned
+    modified: dict = field(default_factory=dict)  # id(norm) -> how its output was modified in place
+    inputs: dict = field(default_factory=dict)    # id(linear) -> per call, id(norm) whose output it got (None: other)
+    foreign: set = field(default_factory=set)     # ids of linear parameters read outside their own module's forward
 
 
 class _UseRecorder(torch.overrides.TorchFunctionMode):
-    """Records every torch function that takes one of the watched tensors, and the module running."""
+    """Records every torch function that takes a watched norm output, in-place writes into one, and
+    reads of a linear layer's parameters from outside that layer's forward."""
 
-    def __init__(self, watched: dict, stack: list, uses: dict):
+    def __init__(self, outputs: dict, owners: dict, stack: list, seen: _Observation):
         super().__init__()
-        self.watched, self.stack, self.uses = watched, stack, uses
+        self.outputs, self.owners, self.stack, self.seen = outputs, owners, stack, seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name, here = getattr(func, "__name__", str(func)), self.stack[-1]
         for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(leaf, torch.Tensor) and id(leaf) in self.watched:
-                self.uses[self.watched[id(leaf)]].append((getattr(func, "__name__", str(func)), self.stack[-1]))
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            if id(leaf) in self.outputs:
+                self.seen.uses[self.outputs[id(leaf)][0]].append((name, here))
+            owner = self.owners.get(id(leaf))
+            if owner is not None and owner != here and name not in _METADATA:
+                self.seen.foreign.add(id(leaf))
+        target = _written_in_place(name, args, kwargs)
+        if target is not None and id(target) in self.outputs:
+            self.seen.modified.setdefault(self.outputs[id(target)][0],
+                                          f"its output is modified in place by {name} in {here or 'the model'}")
         return func(*args, **kwargs)
 
 
-def _observe_norm_consumers(model: torch.nn.Module, inputs) -> dict[str, list | None]:
-    """norm path -> [(function, module path)] of every use of its output on these inputs; None for a
-    norm whose output is also returned by the model (folding would change the output)."""
-    norms = {p: m for p, m in model.named_modules()
-             if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm")}
-    watched: dict[int, str] = {}
-    keep: list[torch.Tensor] = []  # keeps outputs alive, so their ids are not reused
-    uses: dict[str, list] = {p: [] for p in norms}
+_IN_PLACE_OPERATORS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                       "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
+
+
+def _written_in_place(name: str, args, kwargs):
+    """The tensor a call writes into (x.add_(..), x += .., x[i] = .., F.relu(x, inplace=True), out=), or None."""
+    if isinstance(kwargs.get("out"), torch.Tensor):
+        return kwargs["out"]
+    if args and isinstance(args[0], torch.Tensor) and (
+            kwargs.get("inplace") is True or name in _IN_PLACE_OPERATORS
+            or (name.endswith("_") and not name.startswith("_"))):
+        return args[0]
+    return None
+
+
+def _observe(model: torch.nn.Module, inputs) -> _Observation:
+    """Run the model once on the inputs, watching every norm's output and every linear layer."""
+    norms = {id(m): m for _, m in model.named_modules() if _is_norm(m)}
+    linears = {id(m): (p, m) for p, m in model.named_modules() if _is_linear(m)}
+    seen = _Observation(uses={i: [] for i in norms}, inputs={i: [] for i in linears})
+    outputs: dict[int, tuple] = {}  # id(output) -> (id(norm), output, its version counter then); keeps them alive
+    owners = {id(p): path for path, m in linears.values() for p in (m.weight, m.bias) if p is not None}
     stack = [""]
     handles = memory.track_modules(model, stack)
-    for path, module in norms.items():
-        def grab(m, a, out, path=path):
-            if isinstance(out, torch.Tensor):
-                watched[id(out)] = path
-                keep.append(out)
-        handles.append(module.register_forward_hook(grab))
+
+    def produced(module, args, out):
+        if isinstance(out, torch.Tensor):
+            outputs[id(out)] = (id(module), out, out._version)
+
+    def called(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        seen.inputs[id(module)].append(outputs[id(x)][0] if id(x) in outputs else None)
+
+    handles += [m.register_forward_hook(produced) for m in norms.values()]
+    handles += [m.register_forward_pre_hook(called, with_kwargs=True) for _, m in linears.values()]
     try:
-        with _UseRecorder(watched, stack, uses):
+        with _UseRecorder(outputs, owners, stack, seen):
             out = _run(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    returned = {watched[id(t)] for t in _tensors(out) if id(t) in watched}
-    return {p: (None if p in returned else u) for p, u in uses.items()}
+    for t in _tensors(out):
+        if id(t) in outputs:
+            seen.uses[outputs[id(t)][0]] = None  # returned: folding would change the model's output
+    for norm, out, version in outputs.values():
+        if out._version != version:  # any in-place write, through a view or not, bumps it
+            seen.modified.setdefault(norm, "its output is modified in place")
+    return seen
 
 
-def _fold_targets(model: torch.nn.Module, norm: torch.nn.Module, uses) -> list:
-    """The nn.Linear consumers to fold `norm`'s affine into, or [] when folding is not safe."""
-    gamma = getattr(norm, "weight", None)
+def _fold_targets(model: torch.nn.Module, norm: torch.nn.Module, seen: _Observation, tied: set) -> list:
+    """The linear consumers to fold `norm`'s affine into, or [] when folding is not safe: each must
+    receive this norm's output in every call and have its weight read nowhere else."""
+    uses, gamma = seen.uses.get(id(norm)), getattr(norm, "weight", None)
     if not uses or not isinstance(gamma, torch.nn.Parameter):
         return []
     beta = getattr(norm, "bias", None)
-    tied = _tied_parameters(model)
+    paths = _module_paths(model)
     targets = {}
     for func, path in uses:
         if func in _METADATA:
@@ -355,10 +548,21 @@ def _fold_targets(model: torch.nn.Module, norm: torch.nn.Module, uses) -> list:
         conv1d = func == "view" and type(module).__name__ == "Conv1D"  # GPT-2's: x.view(-1, nx) @ W + b
         if not (linear or conv1d) or hasattr(parent, "lora_A"):
             return []  # a non-linear use (residual, dropout, reshape), or a LoRA layer's adapters
-        if id(module.weight) in tied or (beta is not None and module.bias is None and bool(beta.detach().ne(0).any())):
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        if (any(id(p) in tied or id(p) in seen.foreign for p in params)
+                or len(paths[id(module)]) > 1  # registered under two names
+                or any(source != id(norm) for source in seen.inputs.get(id(module), [None]))  # other inputs too
+                or not _fold_fits(gamma, module)
+                or (beta is not None and module.bias is None and bool(beta.detach().ne(0).any()))):
             return []
         targets[path] = module
     return sorted(targets.items())
+
+
+def _fold_fits(gamma: torch.Tensor, linear: torch.nn.Module) -> bool:
+    """gamma scales the features the layer reads: the norm is over exactly its input's last dimension
+    (a multi-dimensional normalized_shape cannot be folded into a layer that reads the last one only)."""
+    return gamma.numel() == in_features(linear) == gamma.shape[-1]
 
 
 # Uses that read only a tensor's metadata (x.shape, x.size(), ...), never its values.
@@ -373,16 +577,10 @@ def _tied_parameters(model: torch.nn.Module) -> set[int]:
 
 
 _ORIGINALS = "_lowmem_ops_originals"
-_FOLDED = "_lowmem_ops_folded"
-
-
-def _folded(model: torch.nn.Module) -> set:
-    if not hasattr(model, _FOLDED):
-        object.__setattr__(model, _FOLDED, set())
-    return getattr(model, _FOLDED)
 
 
 def _originals(model: torch.nn.Module) -> dict:
+    """path -> the module convert() replaced there (for lowmem_ops.export)."""
     if not hasattr(model, _ORIGINALS):
         # A plain attribute, not a submodule: it must not add keys to state_dict or parameters().
         object.__setattr__(model, _ORIGINALS, {})
@@ -398,34 +596,36 @@ _STOCK_ACTIVATIONS = {
 
 def export(model: torch.nn.Module) -> torch.nn.Module:
     """Put standard modules back, in place, and return the model: what convert() swapped gets its
-    original module again (which holds the same, trained, Parameters; a norm whose affine was folded
-    gets gamma = 1, beta = 0, the folded linear weights stay); ops built by hand become their torch
-    equivalents. state_dict / save_pretrained then load into the stock architecture."""
-    originals, folded = _originals(model), _folded(model)
+    original module again under every name it had (which holds the same, trained, Parameters; a
+    norm whose affine was folded gets gamma = 1, beta = 0, the folded linear weights stay); ops
+    built by hand become their torch equivalents. state_dict / save_pretrained then load into the
+    stock architecture."""
+    originals, folds = _originals(model), folded(model)
     for path in sorted(originals, key=len, reverse=True):
         parent_path, _, attr = path.rpartition(".")
         original = originals.pop(path)
-        if path in folded:  # its affine lives in the linear layers now: identity here
-            folded.discard(path)
+        if folds.pop(path, None) is not None:  # its affine lives in the linear layers now: identity here
             with torch.no_grad():
                 original.weight.fill_(1.0)
                 if getattr(original, "bias", None) is not None:
                     original.bias.zero_()
         setattr(model.get_submodule(parent_path), attr, original)
-    for path, module in list(model.named_modules()):
+    if not folds:
+        remove_state_dict_hooks(model)
+    stocks: dict[int, torch.nn.Module | None] = {}  # one stock module per object, under all its names
+    for path, module in list(model.named_modules(remove_duplicate=False)):
         if not path:
             continue
-        stock = _stock(module)
-        if stock is not None:
+        if id(module) not in stocks:
+            stocks[id(module)] = _stock(module)
+        if stocks[id(module)] is not None:
             parent_path, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), attr, stock)
+            setattr(model.get_submodule(parent_path), attr, stocks[id(module)])
     return model
 
 
 def _stock(module: torch.nn.Module):
     if isinstance(module, MSLayerNorm):
-        if module.affine == "plain":
-            return None
         new = torch.nn.LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
                                  bias=module.bias is not None)
         return _adopt(new, module)

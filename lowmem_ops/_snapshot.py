@@ -1,0 +1,74 @@
+"""Undo for model surgery, and model runs that leave no trace (used by lowmem_ops.convert).
+
+    snap = Snapshot(model, writes=[linear.weight])   # before changing the model
+    ...                                              # swap modules, write into linear.weight, cast adapters
+    snap.restore()                                   # every module, Parameter and buffer as it was, bitwise
+
+    with state_kept(model):                          # BatchNorm statistics and the RNG untouched
+        model(x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from itertools import chain
+
+import torch
+
+
+class Snapshot:
+    """What a conversion can change, taken before it changes anything: which module sits under each
+    name, which Parameter and buffer objects each module holds, the data tensor behind every
+    Parameter (a dtype cast replaces it), the values of the tensors named in `writes` (written in
+    place) and the contents of the dicts and sets in `keep` (bookkeeping). restore() puts all of it back."""
+
+    def __init__(self, model: torch.nn.Module, writes=(), keep=()):
+        modules = list(model.modules())
+        self._structure = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules]
+        self._data = [(p, p.data) for m in modules for p in m._parameters.values() if p is not None]
+        unique = {id(t): t for t in writes if t is not None}
+        self._values = [(t, t.detach().clone()) for t in unique.values()]
+        self._kept = [(k, dict(k) if isinstance(k, dict) else set(k)) for k in keep]
+
+    def restore(self) -> None:
+        for module, children, params, buffers in self._structure:
+            for now, then in ((module._modules, children), (module._parameters, params), (module._buffers, buffers)):
+                if not _same_entries(now, then):
+                    now.clear()
+                    now.update(then)
+        for p, data in self._data:
+            if not _same_tensor(p, data):
+                p.data = data
+        with torch.no_grad():
+            for t, value in self._values:
+                t.copy_(value)
+        for kept, contents in self._kept:
+            kept.clear()
+            kept.update(contents)
+
+
+def _same_entries(now: dict, then: dict) -> bool:
+    return list(now) == list(then) and all(now[k] is v for k, v in then.items())
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
+
+
+@contextlib.contextmanager
+def state_kept(model: torch.nn.Module):
+    """Run the model without changing it: every buffer (BatchNorm running statistics, counters) gets its
+    object and values back, and the random number generators of the CPU and of the CUDA devices the
+    model is on are forked, so dropout during a measurement consumes nothing of the user's stream."""
+    buffers = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    tensors = chain(model.parameters(), (b for *_, b, _ in buffers))
+    devices = sorted({t.device.index for t in tensors if t.device.type == "cuda" and t.device.index is not None})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for module, name, buffer, value in buffers:
+                    module._buffers[name] = buffer
+                    buffer.copy_(value)
