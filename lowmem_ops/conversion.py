@@ -7,21 +7,27 @@ What is swapped (options turn each part off):
 - activations: torch.nn.GELU / SiLU / Mish / ELU / Softplus and the activation modules Hugging Face
   models hold (GELUActivation, NewGELUActivation, GELUTanh, QuickGELUActivation, SiLUActivation,
   MishActivation) -> the 2-bit approximate op with the same forward;
-- norms: torch.nn.LayerNorm / RMSNorm and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
-  Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm, saving their output. With example
-  inputs, a norm whose output is read only by untied nn.Linear / Conv1D layers gets its gamma/beta
-  folded into them; every other norm keeps them in inverse mode (exact in any topology, post-LN
-  included);
+- norms: torch.nn.LayerNorm / RMSNorm (not subclasses that override forward) and RMSNorm classes
+  of the LLaMA family (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm,
+  saving their output. With example inputs, a norm whose output is read only by untied nn.Linear /
+  Conv1D layers, each called only on that output, gets its gamma/beta folded into them; every
+  other norm keeps them in inverse mode (exact in any topology, post-LN included); a norm whose
+  output is modified in place stays torch's (the MS norm saves that output for backward);
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
 - PEFT LoRA adapters kept in float32 by default -> the base layer's dtype, so no adapter casts its
   input (each cast is a new tensor that is saved and shares nothing).
 
+A module held under several names is one object: swapped under all of them, restored under all.
+
 With example inputs, the model is run before and after (in eval mode, so dropout does not blur the
-comparison; training flags are restored); outputs must agree within the dtype's
-tolerance, otherwise the changes are retried one by one and those that break agreement are undone
-and reported. The memory saved is measured with lowmem_ops.memory. Nothing is lost on failure:
-every swapped module keeps the original's parameters (the same Parameter objects).
+comparison, building the autograd graph, so what autograd rejects fails here; training flags,
+buffers and the RNG state are restored); outputs must agree within the dtype's tolerance, otherwise
+the changes are rolled back and retried one by one, and those that raise or break agreement are
+undone and reported. Transactional: any failure restores every module, Parameter, buffer and folded
+weight bitwise (lowmem_ops._snapshot). The memory saved is measured with lowmem_ops.memory. Every
+swapped module keeps the original's parameters (the same Parameter objects); a folded norm's
+state_dict keys stay (lowmem_ops._folding), so checkpoints load both ways.
 """
 
 from __future__ import annotations
@@ -407,9 +413,12 @@ def _swap_for(model, path, module, names, observation, tied, report, *, activati
     shared = len(names) > 1
     watched = observation is not None and id(module) in observation.uses
     if watched and id(module) in observation.modified:
-        if _replacement(module, activations, norms, gated, gated_mode)[0] is not None:
-            report.skipped.append((path, f"{observation.modified[id(module)]}; a memory-sharing norm saves "
-                                         "that output for backward, so torch's norm stays"))
+        new, why = _replacement(module, activations, norms, gated, gated_mode)
+        if new is not None:
+            why = (f"{observation.modified[id(module)]}; a memory-sharing norm saves that output for "
+                   "backward, so torch's norm stays")
+        if why:
+            report.skipped.append((path, why))
         return None
     targets = _fold_targets(model, module, observation, tied) if watched and fold and not shared else []
     new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets))
