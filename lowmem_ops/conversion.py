@@ -395,7 +395,7 @@ def _plan(model, observation, report: Report, *, activations, norms, gated, gate
             continue
         done.add(id(module))
         try:
-            swap = _swap_for(model, path, module, paths[id(module)], observation, tied, report,
+            swap = _swap_for(model, path, module, paths, observation, tied, report,
                              activations=activations, norms=norms, gated=gated, gated_mode=gated_mode, fold=fold)
         except Exception as e:  # e.g. an op missing from the loaded kernel tree
             report.skipped.append((path, f"could not be converted: {_describe(e)}"))
@@ -408,8 +408,9 @@ def _plan(model, observation, report: Report, *, activations, norms, gated, gate
     return planned
 
 
-def _swap_for(model, path, module, names, observation, tied, report, *, activations, norms, gated, gated_mode, fold):
-    """The swap for one module (held under `names`), or None, with a report line when it is skipped."""
+def _swap_for(model, path, module, paths, observation, tied, report, *, activations, norms, gated, gated_mode, fold):
+    """The swap for one module (held under paths[id(module)]), or None, with a report line when it is skipped."""
+    names = paths[id(module)]
     shared = len(names) > 1
     watched = observation is not None and id(module) in observation.uses
     if watched and id(module) in observation.modified:
@@ -420,7 +421,7 @@ def _swap_for(model, path, module, names, observation, tied, report, *, activati
         if why:
             report.skipped.append((path, why))
         return None
-    targets = _fold_targets(model, module, observation, tied) if watched and fold and not shared else []
+    targets = _fold_targets(model, module, observation, tied, paths) if watched and fold and not shared else []
     new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets))
     if new is None:
         if why:
@@ -539,14 +540,13 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     return seen
 
 
-def _fold_targets(model: torch.nn.Module, norm: torch.nn.Module, seen: _Observation, tied: set) -> list:
+def _fold_targets(model: torch.nn.Module, norm: torch.nn.Module, seen: _Observation, tied: set, paths: dict) -> list:
     """The linear consumers to fold `norm`'s affine into, or [] when folding is not safe: each must
     receive this norm's output in every call and have its weight read nowhere else."""
     uses, gamma = seen.uses.get(id(norm)), getattr(norm, "weight", None)
     if not uses or not isinstance(gamma, torch.nn.Parameter):
         return []
     beta = getattr(norm, "bias", None)
-    paths = _module_paths(model)
     targets = {}
     for func, path in uses:
         if func in _METADATA:
