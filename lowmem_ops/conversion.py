@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import memory
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
@@ -102,9 +103,10 @@ class Report:
 
 
 def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated: bool, gated_mode: str,
-                 folded: bool = False):
+                 folded: bool = False, observation: "_Observation | None" = None):
     """The module to put in place of `module`, or (None, reason) / (None, None) when not ours.
-    folded: the norm's affine goes into its consumers, so the new norm has none."""
+    folded: the norm's affine goes into its consumers, so the new norm has none.
+    observation: what the example inputs showed (a norm subclass's forward checked against torch's)."""
     name = type(module).__name__
     if type(module).__module__.startswith("lowmem_ops"):
         return None, None  # already ours (convert() called twice)
@@ -119,9 +121,12 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         if op is None:
             return None, f"{name} with these arguments has no built-in approximation"
         return Approx(op), None
-    if norms and isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and not _has_torch_forward(module):
+    if norms and isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and not _has_torch_forward(module, observation):
         # e.g. ConvNeXt's channels-first LayerNorm: same parameters, another computation
-        return None, f"{name} overrides {type(module).__mro__[1].__name__}.forward, so it may compute something else"
+        base = _torch_norm_class(module).__name__
+        if observation is None:
+            return None, f"{name} overrides {base}.forward, so it may compute something else (example inputs would check it)"
+        return None, f"{name} overrides {base}.forward and was not seen to compute torch's {base} on the example inputs"
     if norms and isinstance(module, torch.nn.LayerNorm):
         affine = "inverse" if module.elementwise_affine and not folded else "none"
         new = MSLayerNorm(module.normalized_shape, eps=module.eps, affine=affine, bias=module.bias is not None)
@@ -140,10 +145,28 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
     return None, None
 
 
-def _has_torch_forward(norm: torch.nn.Module) -> bool:
-    """Whether a LayerNorm / RMSNorm (or subclass) computes torch's norm: its forward is torch's own."""
-    base = torch.nn.LayerNorm if isinstance(norm, torch.nn.LayerNorm) else torch.nn.RMSNorm
-    return type(norm).forward is base.forward
+def _torch_norm_class(norm: torch.nn.Module) -> type:
+    return torch.nn.LayerNorm if isinstance(norm, torch.nn.LayerNorm) else torch.nn.RMSNorm
+
+
+def _has_torch_forward(norm: torch.nn.Module, observation: "_Observation | None" = None) -> bool:
+    """Whether a LayerNorm / RMSNorm (or subclass) computes torch's norm: its forward is torch's own,
+    or (timm's LayerNorm) every call on the example inputs returned exactly torch's norm of its input."""
+    if type(norm).forward is _torch_norm_class(norm).forward:
+        return True
+    return observation is not None and observation.matches_torch.get(id(norm)) is True
+
+
+def _torch_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What torch's own LayerNorm / RMSNorm forward computes with this module's arguments."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
+def _is_named_rmsnorm(module: torch.nn.Module) -> bool:
+    """An RMSNorm known by its class name only (LLaMA family), not torch's."""
+    return not isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and type(module).__name__.endswith("RMSNorm")
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
@@ -330,7 +353,7 @@ def _apply_verified(model: torch.nn.Module, actions: list, check) -> None:
         for action in actions:
             if action.change.status == "applied":
                 action.change.status, action.change.reason = "undone", f"together with the others: {problem}"
-        check()  # the difference in the report is the unchanged model's
+        _attempt([], check)  # the difference in the report is the unchanged model's
 
 
 @dataclass
@@ -414,7 +437,7 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
     shared = len(names) > 1
     watched = observation is not None and id(module) in observation.uses
     if watched and id(module) in observation.modified:
-        new, why = _replacement(module, activations, norms, gated, gated_mode)
+        new, why = _replacement(module, activations, norms, gated, gated_mode, observation=observation)
         if new is not None:
             why = (f"{observation.modified[id(module)]}; a memory-sharing norm saves that output for "
                    "backward, so torch's norm stays")
@@ -422,7 +445,7 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
             report.skipped.append((path, why))
         return None
     targets = _fold_targets(model, module, observation, tied, paths) if watched and fold and not shared else []
-    new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets))
+    new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets), observation=observation)
     if new is None:
         if why:
             report.skipped.append((path, why))
@@ -462,6 +485,7 @@ class _Observation:
     modified: dict = field(default_factory=dict)  # id(norm) -> how its output was modified in place
     inputs: dict = field(default_factory=dict)    # id(linear) -> per call, id(norm) whose output it got (None: other)
     foreign: set = field(default_factory=set)     # ids of linear parameters read outside their own module's forward
+    matches_torch: dict = field(default_factory=dict)  # id(norm subclass overriding forward) -> every call was torch's norm
 
 
 class _UseRecorder(torch.overrides.TorchFunctionMode):
@@ -471,9 +495,12 @@ class _UseRecorder(torch.overrides.TorchFunctionMode):
     def __init__(self, outputs: dict, owners: dict, stack: list, seen: _Observation):
         super().__init__()
         self.outputs, self.owners, self.stack, self.seen = outputs, owners, stack, seen
+        self.paused = False  # while convert's own checks run inside a hook
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
         name, here = getattr(func, "__name__", str(func)), self.stack[-1]
         for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
             if not isinstance(leaf, torch.Tensor):
@@ -515,18 +542,30 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     stack = [""]
     handles = memory.track_modules(model, stack)
 
-    def produced(module, args, out):
-        if isinstance(out, torch.Tensor):
-            outputs[id(out)] = (id(module), out, out._version)
+    def produced(module, args, kwargs, out):
+        if not isinstance(out, torch.Tensor):
+            return
+        outputs[id(out)] = (id(module), out, out._version)
+        if type(module).forward is not _torch_norm_class(module).forward and not _is_named_rmsnorm(module):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            recorder.paused = True
+            try:
+                same = isinstance(x, torch.Tensor) and torch.equal(_torch_norm(module, x), out)
+            except Exception:  # torch's norm does not even take this input (channels-first)
+                same = False
+            finally:
+                recorder.paused = False
+            seen.matches_torch[id(module)] = seen.matches_torch.get(id(module), True) and same
 
     def called(module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()), None)
         seen.inputs[id(module)].append(outputs[id(x)][0] if id(x) in outputs else None)
 
-    handles += [m.register_forward_hook(produced) for m in norms.values()]
+    handles += [m.register_forward_hook(produced, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_pre_hook(called, with_kwargs=True) for _, m in linears.values()]
+    recorder = _UseRecorder(outputs, owners, stack, seen)
     try:
-        with _UseRecorder(outputs, owners, stack, seen):
+        with recorder:
             out = _run(model, inputs)
     finally:
         for h in handles:

@@ -128,9 +128,29 @@ def test_a_norm_subclass_with_its_own_forward_is_left_alone():
     want = model(x).detach()
     report = lo.convert(model, example_inputs=x)
     assert type(model[1]) is ChannelsFirstLayerNorm
-    assert report.skipped == [("1", "ChannelsFirstLayerNorm overrides LayerNorm.forward, so it may compute something else")]
+    assert report.skipped == [("1", "ChannelsFirstLayerNorm overrides LayerNorm.forward and was not seen to compute "
+                                    "torch's LayerNorm on the example inputs")]
     assert [c.path for c in report.applied] == ["3"]  # the GELU
     torch.testing.assert_close(model(x), want)
+
+
+class TimmLayerNorm(nn.LayerNorm):
+    """timm's: overrides forward, computes torch's LayerNorm all the same."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def test_a_norm_subclass_that_computes_torchs_norm_is_converted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), TimmLayerNorm(8), nn.Linear(8, 4))
+    _randomise_affine(model[1])
+    x = torch.randn(4, 8)
+    report = lo.convert(model, example_inputs=x)
+    assert _folded(report) == {"1"} and isinstance(model[1], lo.nn.MSLayerNorm), str(report)
+    model = nn.Sequential(nn.Linear(8, 8), TimmLayerNorm(8))
+    report = lo.convert(model)  # nothing to check it on: left alone
+    assert type(model[1]) is TimmLayerNorm and "example inputs would check it" in report.skipped[0][1]
 
 
 def test_a_multi_dimensional_norm_is_not_folded_into_a_smaller_linear():
@@ -144,7 +164,7 @@ def test_a_multi_dimensional_norm_is_not_folded_into_a_smaller_linear():
 
 # Each forced past the check that now prevents it: the failure comes during apply or verification.
 FORCED = {
-    "channels-first subclass": (_convnext_block, "_has_torch_forward", lambda norm: True, "ValueError"),
+    "channels-first subclass": (_convnext_block, "_has_torch_forward", lambda norm, observation=None: True, "ValueError"),
     "2-d norm folded into a smaller linear": (_two_dim_norm, "_fold_fits", lambda gamma, linear: True, "ValueError"),
     "in-place op after the norm": (_inplace_after_norm, "_observe", None, "RuntimeError"),
 }
@@ -179,7 +199,7 @@ def test_a_failure_during_convert_leaves_the_model_exactly_as_it_was(case, monke
 
 
 def test_one_failing_swap_is_undone_and_the_others_kept(monkeypatch):
-    monkeypatch.setattr(conversion, "_has_torch_forward", lambda norm: True)
+    monkeypatch.setattr(conversion, "_has_torch_forward", lambda norm, observation=None: True)
     torch.manual_seed(0)
     model, x = _convnext_block()
     norm, params = model[1], [id(p) for p in model[1].parameters()]
