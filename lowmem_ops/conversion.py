@@ -7,9 +7,9 @@ What is swapped (options turn each part off):
 - activations: torch.nn.GELU / SiLU / Mish / ELU / Softplus and the activation modules Hugging Face
   models hold (GELUActivation, NewGELUActivation, GELUTanh, QuickGELUActivation, SiLUActivation,
   MishActivation) -> the 2-bit approximate op with the same forward;
-- norms: torch.nn.LayerNorm / RMSNorm (not subclasses that override forward) and RMSNorm classes
-  of the LLaMA family (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm,
-  saving their output. With example inputs, a norm whose output is read only by untied nn.Linear /
+- norms: torch.nn.LayerNorm / RMSNorm (a subclass overriding forward only when it computes torch's
+  norm on every call on the example inputs) and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
+  Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm, saving their output. With example inputs, a norm whose output is read only by untied nn.Linear /
   Conv1D layers, each called only on that output, gets its gamma/beta folded into them; every
   other norm keeps them in inverse mode (exact in any topology, post-LN included); a norm whose
   output is modified in place stays torch's (the MS norm saves that output for backward);
