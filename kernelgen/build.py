@@ -296,6 +296,7 @@ def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
     out = Path(out)
     _refuse_foreign_out(out)
     _refuse_builtin_out(specs, out, norms)
+    _refuse_foreign_files_in_archs(out, archs, specs)
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead_stages(out)
     if out.is_dir():
@@ -339,6 +340,26 @@ def _refuse_builtin_out(specs: list[Spec], out: Path, norms: bool) -> None:
     if not norms or sorted((s.name, s.sha256) for s in specs) != ours:
         raise BuildError(f"{out} is the built-in tree of lowmem_ops: a tree of other specs would replace its "
                          "kernels. Build into a folder of your own (--out kernels) and load it with lo.load")
+
+
+def _refuse_foreign_files_in_archs(out: Path, archs: list[Arch], specs: list[Spec]) -> None:
+    """A rebuilt arch folder replaces the old one whole: files in it that no build wrote (what its
+    manifest lists, or what this build writes) would be deleted, so they stop the build first."""
+    for arch in archs:
+        folder = out / arch.name
+        if not folder.is_dir():
+            continue
+        ours = {"__init__.py", f"{render.CONFIGS_FILE}.py", "manifest.json", "__pycache__", f"{render.NORM_FILE}.py"}
+        ours |= {f"{s.name}.py" for s in specs}
+        try:
+            ours |= {str(f.get("file")) for f in json.loads((folder / "manifest.json").read_text())["ops"].values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # a damaged manifest is reported on its own (_previous_results)
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+        if foreign:
+            raise BuildError(f"{folder} holds files no kernelgen build wrote ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}): a build replaces that folder whole. Move "
+                             "them out of it, then build again")
 
 
 def _sweep_dead_stages(out: Path) -> None:

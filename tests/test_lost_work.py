@@ -175,7 +175,7 @@ def test_killed_install_leaves_a_complete_arch_and_a_rerun_finishes(exchange, tm
         monkeypatch.setattr(build, "_exchange", lambda a, b: False)
     specs, sm80 = spec.load_builtin(), archs.resolve("sm80")
     committed = snapshot(COMMITTED / "sm80")
-    old = dict(committed, **{"OLD_BUILD": b"an older build's folder"})
+    old = dict(committed, **{"__init__.py": b"# an older build's folder\n"})
     # Render and compile once; every build below installs a copy of that stage (the install is under test).
     staged = tmp_path / "staged"
     build._stage(specs, sm80, staged, lambda msg: None, True, build.BuildOptions(), small_copy(tmp_path / "seed"))
@@ -184,7 +184,7 @@ def test_killed_install_leaves_a_complete_arch_and_a_rerun_finishes(exchange, tm
     while True:
         step += 1
         out = small_copy(tmp_path / f"kill{step}" / "generated")
-        (out / "sm80" / "OLD_BUILD").write_bytes(old["OLD_BUILD"])  # tells the old folder from the new
+        (out / "sm80" / "__init__.py").write_bytes(old["__init__.py"])  # tells the old folder from the new
         with monkeypatch.context() as m:
             seen = kill_at(m, out, step)
             try:
@@ -233,3 +233,18 @@ def test_each_half_done_swap_is_used_then_recovered(siblings, target_left, tmp_p
     build.recover_swaps(out)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sm80"]
     assert ((out / "sm80" / "ROLE").read_text() if (out / "sm80" / "ROLE").exists() else "") == want
+
+
+def test_files_of_the_user_inside_an_arch_folder_stop_the_build(tmp_path):
+    """A rebuilt arch folder replaces the old one whole: a file no build wrote is not deleted silently.
+    A stale kernel of an op the old manifest lists is the build's own and goes."""
+    specs, sm80 = spec.load_builtin(), archs.resolve("sm80")
+    tree = small_copy(tmp_path / "tree")
+    (tree / "sm80" / "my_results.csv").write_text("1,2,3")
+    before = snapshot(tree)
+    with pytest.raises(build.BuildError, match=r"sm80 holds files no kernelgen build wrote \(my_results.csv\)"):
+        build.build(specs, sm80, tree)
+    assert snapshot(tree) == before
+    (tree / "sm80" / "my_results.csv").unlink()
+    build.build(specs[1:], sm80, tree, norms=True)  # drop an op: its kernel file is the build's to remove
+    assert not (tree / "sm80" / f"{specs[0].name}.py").exists()
