@@ -285,9 +285,9 @@ def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: b
 
 def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True,
           opts: BuildOptions | None = None) -> int:
-    """Build into `out`. Nothing in `out` changes unless every render and compile succeeded, and
-    then each arch folder is swapped in by one rename (see _swap_in). `out` must be new, empty or a
-    kernelgen tree (it holds MARKER). norms=False leaves out the norm kernels (a user's tree of their
+    """Build into `out`. Nothing in `out` changes unless every render and compile succeeded; then
+    each arch folder is swapped in so that a kill at any point leaves a complete arch (_swap_in).
+    `out` must be new, empty or a kernelgen tree (it holds MARKER). norms=False leaves out the norm kernels (a user's tree of their
     own activations). Compile results `out`'s manifests recorded for the same source, config and
     Triton are reused; returns how many kernels were compiled afresh."""
     opts = opts or BuildOptions()

@@ -197,9 +197,10 @@ def _scan_archs(tree: Path) -> tuple[dict[int, str], list[tuple[tuple, str]]]:
 
 
 def manifest_problem(tree: Path, arch: str, manifest: Path, problem: str) -> str:
-    return (f"lowmem_ops: {manifest}: {problem}; the {arch} kernels of {tree} are not used. Rebuild them with "
-            f"`kernelgen build --arch {arch} --out {tree}` (the built-in tree: `git checkout generated/` in a "
-            f"checkout, else reinstall lowmem-ops)")
+    return (f"lowmem_ops: {manifest}: {problem}; the {arch} kernels of {tree} are not used. Restore the file "
+            f"(the built-in tree: `git checkout generated/` in a checkout, else reinstall lowmem-ops) or rebuild "
+            f"the arch with `kernelgen build --arch {arch} --recompile --out {tree}` (and the --spec files of a tree "
+            f"of your own)")
 
 
 @lru_cache(maxsize=None)

@@ -50,7 +50,7 @@ def test_a_broken_arch_is_skipped_with_a_warning_naming_the_file(damage, tmp_pat
         assert _tree.pick_arch(tree, 86) == "sm80"
     about = [str(w.message) for w in caught if str(manifest) in str(w.message)]
     assert len(about) == 1, [str(w.message) for w in caught]  # once, not per launch
-    assert f"kernelgen build --arch sm86 --out {tree}" in about[0] and "git checkout generated/" in about[0]
+    assert f"kernelgen build --arch sm86 --recompile --out {tree}" in about[0] and "git checkout generated/" in about[0]
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
