@@ -3,6 +3,7 @@ a manifest, and swap the result into place only when everything succeeded.
 
 Layout of a tree (default: generated/ in the repository, installed as lowmem_ops._generated):
 
+    .kernelgen-tree        marks the folder as a kernelgen tree: builds write only into such (or empty) folders
     __init__.py
     ops.py                 arch-independent: specs as the runtime needs them, torch forward functions
     <arch>/__init__.py
@@ -14,24 +15,33 @@ Layout of a tree (default: generated/ in the repository, installed as lowmem_ops
 
 from __future__ import annotations
 
+import ctypes
 import difflib
+import errno
 import filecmp
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import aot, prune, render, space, tunedb
+from . import spec as spec_mod
 from .archs import Arch
 from .render import KernelVariant
 from .spec import Spec
 
 TREE_DOC = '"""Kernels rendered by kernelgen. Do not edit: run `kernelgen build`."""\n'
+MARKER = ".kernelgen-tree"
+MARKER_TEXT = ("A tree of kernels written by `kernelgen build`. A build into this folder replaces __init__.py,\n"
+               "ops.py and the arch folders it builds (sm80, ...) and leaves every other file alone; a build\n"
+               "refuses a folder without this file unless the folder is empty.\n")
 
 
 class BuildError(RuntimeError):
@@ -75,14 +85,28 @@ def variant_count(specs: list[Spec], arch: Arch, norms: bool) -> int:
 
 
 def _previous_results(manifest: Path, triton_version: str) -> dict[str, dict]:
-    """compile_key -> recorded result, from the manifest an earlier build left (same Triton only)."""
+    """compile_key -> recorded result, from the manifest an earlier build left (same Triton only).
+    A manifest that is there but damaged is a BuildError: silently compiling every config again
+    would take minutes per arch and hide the damage."""
+    if not manifest.is_file():
+        return {}
     try:
         data = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BuildError(damaged_manifest(manifest, f"not valid JSON ({err})")) from None
+    if not isinstance(data, dict) or not isinstance(data.get("compiled_with"), dict) \
+            or not isinstance(data.get("variants"), list):
+        raise BuildError(damaged_manifest(manifest, 'not a manifest: it needs "compiled_with" (an object) and '
+                                                    '"variants" (a list)'))
+    if data["compiled_with"].get("triton") != triton_version:
         return {}
-    if not isinstance(data, dict) or data.get("compiled_with", {}).get("triton") != triton_version:
-        return {}
-    return {v["compile_key"]: v for v in data.get("variants", []) if isinstance(v, dict) and "compile_key" in v}
+    return {v["compile_key"]: v for v in data["variants"] if isinstance(v, dict) and "compile_key" in v}
+
+
+def damaged_manifest(manifest: Path, problem: str) -> str:
+    return (f"{manifest}: {problem}. It records the compile results a build reuses: restore it (`git checkout -- "
+            f"{manifest}` where it is committed), or pass --recompile to compile every config of the arch again "
+            f"(minutes)")
 
 
 def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[str, str], opts: BuildOptions,
@@ -211,7 +235,8 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
     shas = {op: f["source_sha256"] for op, f in files.items()}
     groups = groups_for(specs, arch, norms)
     variants = render.variants(groups)
-    previous = _previous_results(previous_manifest, triton.__version__) if previous_manifest else {}
+    previous = {} if opts.recompile or previous_manifest is None else _previous_results(previous_manifest,
+                                                                                         triton.__version__)
     compiled, n_compiled = _compile(variants, dest, arch, shas, opts, previous, progress)
     verdicts, rows = {}, []
     for v, (key, outcome) in zip(variants, compiled):
@@ -239,7 +264,17 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
 
 def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: bool, opts: BuildOptions,
            previous: Path) -> int:
+    import triton
+
+    if not opts.recompile:
+        for arch in archs:  # every damaged manifest is reported before the first compile, not minutes later
+            manifest = previous / arch.name / "manifest.json"
+            _previous_results(manifest, triton.__version__)
+            if (previous / arch.name).is_dir() and not manifest.is_file():
+                warnings.warn(f"{manifest} is missing: every config of {arch.name} is compiled again (minutes)",
+                              BuildWarning, stacklevel=3)
     stage.mkdir(parents=True, exist_ok=True)
+    (stage / MARKER).write_text(MARKER_TEXT)
     (stage / "__init__.py").write_text(TREE_DOC)
     (stage / "ops.py").write_text(render.render_ops(specs))
     return sum(_build_arch(specs, arch, stage / arch.name, progress, norms, opts, previous / arch.name / "manifest.json")
@@ -250,22 +285,81 @@ def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: b
 
 def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True,
           opts: BuildOptions | None = None) -> int:
-    """Build into `out`. Nothing in `out` changes unless every render and compile succeeded.
-    norms=False leaves out the norm kernels (a user's tree of their own activations). Compile
-    results `out`'s manifests recorded for the same source, config and Triton are reused; returns
-    how many kernels were compiled afresh."""
+    """Build into `out`. Nothing in `out` changes unless every render and compile succeeded; then
+    each arch folder is swapped in so that a kill at any point leaves a complete arch (_swap_in).
+    `out` must be new, empty or a kernelgen tree (it holds MARKER). norms=False leaves out the norm kernels (a user's tree of their
+    own activations). Compile results `out`'s manifests recorded for the same source, config and
+    Triton are reused; returns how many kernels were compiled afresh."""
     opts = opts or BuildOptions()
     if not specs:
         raise BuildError("no specs to build")
     out = Path(out)
+    _refuse_foreign_out(out)
+    _refuse_builtin_out(specs, out, norms)
+    _refuse_foreign_files_in_archs(out, archs, specs)
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead_stages(out)
+    if out.is_dir():
+        recover_swaps(out)  # an earlier build killed mid-swap: its manifests are the ones to reuse
     prefix = f".{out.name}-stage-{os.getpid()}-"
     with tempfile.TemporaryDirectory(prefix=prefix, dir=out.parent) as tmp:
         stage = Path(tmp) / "tree"
         n_compiled = _stage(specs, archs, stage, progress, norms, opts, out)
-        _install(stage, out, [a.name for a in archs], Path(tmp))
+        _install(stage, out, [a.name for a in archs])
     return n_compiled
+
+
+def is_kernelgen_tree(folder: Path) -> bool:
+    """Holds MARKER, or is a tree built before the marker existed (its __init__.py is TREE_DOC, and it
+    has the ops.py kernelgen writes)."""
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        return (folder / "__init__.py").read_text() == TREE_DOC and \
+            (folder / "ops.py").read_text().startswith("# Generated by kernelgen")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _refuse_foreign_out(out: Path) -> None:
+    """A build replaces files of `out`: only a kernelgen tree's, never a folder of the user's."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out} is a file, not a folder: choose another --out for the generated tree")
+    if out.is_dir() and any(out.iterdir()) and not is_kernelgen_tree(out):
+        raise BuildError(f"{out} is not empty and is not a kernelgen tree (it has no {MARKER}): a build would "
+                         f"replace files there. Choose a new or empty folder for --out, or move {out} away first")
+
+
+def _refuse_builtin_out(specs: list[Spec], out: Path, norms: bool) -> None:
+    """generated/ of the checkout is the tree lowmem_ops ships: a build of other specs (or without the
+    norms) would delete its kernels."""
+    builtin = default_out()
+    if builtin is None or out.resolve() != builtin.resolve():
+        return
+    ours = sorted((s.name, s.sha256) for s in spec_mod.load_builtin())
+    if not norms or sorted((s.name, s.sha256) for s in specs) != ours:
+        raise BuildError(f"{out} is the built-in tree of lowmem_ops: a tree of other specs would replace its "
+                         "kernels. Build into a folder of your own (--out kernels) and load it with lo.load")
+
+
+def _refuse_foreign_files_in_archs(out: Path, archs: list[Arch], specs: list[Spec]) -> None:
+    """A rebuilt arch folder replaces the old one whole: files in it that no build wrote (what its
+    manifest lists, or what this build writes) would be deleted, so they stop the build first."""
+    for arch in archs:
+        folder = out / arch.name
+        if not folder.is_dir():
+            continue
+        ours = {"__init__.py", f"{render.CONFIGS_FILE}.py", "manifest.json", "__pycache__", f"{render.NORM_FILE}.py"}
+        ours |= {f"{s.name}.py" for s in specs}
+        try:
+            ours |= {str(f.get("file")) for f in json.loads((folder / "manifest.json").read_text())["ops"].values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # a damaged manifest is reported on its own (_previous_results)
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+        if foreign:
+            raise BuildError(f"{folder} holds files no kernelgen build wrote ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}): a build replaces that folder whole. Move "
+                             "them out of it, then build again")
 
 
 def _sweep_dead_stages(out: Path) -> None:
@@ -287,16 +381,79 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _install(stage: Path, out: Path, arch_names: list[str], scratch: Path) -> None:
-    """Move the staged files into `out`: each file by atomic rename, each arch folder by a swap."""
+def _install(stage: Path, out: Path, arch_names: list[str]) -> None:
+    """Move the staged files into `out`: each file by atomic rename, each arch folder by _swap_in."""
     out.mkdir(exist_ok=True)
-    for name in ("__init__.py", "ops.py"):
+    for name in (MARKER, "__init__.py", "ops.py"):
         os.replace(stage / name, out / name)
     for arch in arch_names:
+        _swap_in(stage / arch, out, arch)
+
+
+def _incoming(out: Path, arch: str) -> Path:
+    return out / f".{arch}.incoming"
+
+
+def _outgoing(out: Path, arch: str) -> Path:
+    return out / f".{arch}.outgoing"
+
+
+def _swap_in(staged: Path, out: Path, arch: str) -> None:
+    """Replace out/<arch> with the complete folder `staged` so that a kill at any point leaves a
+    complete arch: the new folder first becomes the sibling .<arch>.incoming (one rename), then
+    trades places with <arch> in one atomic exchange where the OS has one (Linux renameat2). Else
+    <arch> moves aside to .<arch>.outgoing and .incoming takes its name: a kill between those two
+    renames leaves <arch> missing and both siblings complete. The runtime then uses a sibling
+    (lowmem_ops/_tree.py, arch_folders), and the next build finishes the swap (recover_swaps)."""
+    target, incoming, outgoing = out / arch, _incoming(out, arch), _outgoing(out, arch)
+    os.rename(staged, incoming)
+    if not target.exists():
+        os.rename(incoming, target)
+    elif _exchange(incoming, target):
+        shutil.rmtree(incoming)  # the old arch now
+    else:
+        os.rename(target, outgoing)
+        os.rename(incoming, target)
+        shutil.rmtree(outgoing)
+
+
+def recover_swaps(out: Path) -> None:
+    """Finish what a build killed inside _swap_in left: where <arch> is missing, the sibling that was
+    coming in takes its name (else the one going out comes back); every other sibling is removed."""
+    for sibling in sorted(out.glob(".*.incoming")) + sorted(out.glob(".*.outgoing")):
+        arch = sibling.name[1:].rsplit(".", 1)[0]
         target = out / arch
-        if target.exists():
-            os.replace(target, scratch / f"old-{arch}")
-        os.replace(stage / arch, target)
+        if sibling.is_dir() and not target.exists():
+            os.rename(sibling, target)
+        elif sibling.is_dir():
+            shutil.rmtree(sibling)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the OS, the C library
+    or the file system has no such call, and the caller swaps by two renames."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
+@functools.cache
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, musl
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True,
@@ -305,11 +462,13 @@ def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
     With opts.recompile the compile results are redone, not taken from `out`'s manifests."""
     opts = opts or BuildOptions()
     out = Path(out)
+    problems = _missing_or_damaged(archs, out)
+    if problems:  # at once: a rebuild to compare with would take minutes and cannot come out fresh
+        return problems
     with tempfile.TemporaryDirectory(prefix="kernelgen-check-") as tmp:
         stage = Path(tmp) / "tree"
         _stage(specs, archs, stage, progress, norms, opts, out)
-        problems = []
-        wanted = ["__init__.py", "ops.py"] + [
+        wanted = [MARKER, "__init__.py", "ops.py"] + [
             str(p.relative_to(stage)) for a in archs for p in sorted((stage / a.name).iterdir())
         ]
         for rel in wanted:
@@ -325,6 +484,27 @@ def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
                            and not (stage / a.name / p.name).exists()) if (out / a.name).exists() else []
             problems += [f"{out / a.name / name}: not produced by any spec (stale leftover)" for name in extra]
         return problems
+
+
+def _missing_or_damaged(archs: list[Arch], out: Path) -> list[str]:
+    """The arch folders and manifests of `out` that are missing or unreadable."""
+    import triton
+
+    problems = [f"{sibling}: left by a build that was stopped while it swapped an arch folder in: run the build "
+                "again to finish it" for sibling in sorted(out.glob(".*.incoming")) + sorted(out.glob(".*.outgoing"))]
+    for a in archs:
+        manifest = out / a.name / "manifest.json"
+        if not (out / a.name).is_dir():
+            problems.append(f"{out / a.name}: missing (not built: run `kernelgen build --arch {a.name}`)")
+        elif not manifest.is_file():
+            problems.append(f"{manifest}: missing: restore it (`git checkout -- {manifest}` where it is committed), "
+                            f"or rebuild with `kernelgen build --arch {a.name} --recompile`")
+        else:
+            try:
+                _previous_results(manifest, triton.__version__)
+            except BuildError as err:
+                problems.append(str(err))
+    return problems
 
 
 def _checkout() -> Path | None:

@@ -24,6 +24,21 @@ def _specs(paths: list[str] | None) -> list[spec_mod.Spec]:
     return specs
 
 
+def _build_out(args) -> Path:
+    """--out; without it a user's specs go to ./kernels (as `kernelgen new`), the built-ins to generated/.
+    A tree of a user's specs never goes into generated/: it would delete the built-in kernels."""
+    if args.out is not None:
+        if not args.out.strip():
+            raise ValueError("--out is empty: give the folder for the generated tree (e.g. --out kernels)")
+        return Path(args.out)
+    if args.spec:
+        return Path("kernels")
+    out = build_mod.default_out()
+    if out is None:
+        raise ValueError("kernelgen is not running from a checkout: pass --out DIR for the generated tree")
+    return out
+
+
 def _cmd_build(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -31,9 +46,7 @@ def _cmd_build(args) -> int:
     console = Console(stderr=True)
     arch_list = archs_mod.resolve(args.arch)
     specs = _specs(args.spec)
-    out = Path(args.out) if args.out else build_mod.default_out()
-    if out is None:
-        raise ValueError("kernelgen is not running from a checkout: pass --out DIR for the generated tree")
+    out = _build_out(args)
     norms = not args.spec  # a tree of the user's own activations; the norms live in the built-in tree
     db_dir = Path(args.db) if args.db else build_mod.default_db_dir()
     opts = build_mod.BuildOptions(workers=args.jobs, recompile=args.recompile, db_dir=db_dir)
@@ -186,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="render and compile kernels ahead of time for an arch")
     b.add_argument("--arch", required=True, help=f"one of {', '.join(archs_mod.ARCHS)} or all")
     b.add_argument("--spec", action="append", metavar="FILE", help="build this spec file instead of the built-ins (repeatable)")
-    b.add_argument("--out", metavar="DIR", help="the generated tree to write (default: generated/ of this checkout)")
+    b.add_argument("--out", metavar="DIR", help="the generated tree to write: a new or empty folder, or a kernelgen "
+                   "tree (default: generated/ of this checkout; with --spec: ./kernels)")
     b.add_argument("--check", action="store_true", help="rebuild in a scratch folder and fail if the tree differs")
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="compile in N worker processes (default: one per CPU; 1 compiles in this process)")

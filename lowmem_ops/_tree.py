@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import threading
 import warnings
@@ -21,6 +22,8 @@ from types import ModuleType
 from typing import Callable
 
 import torch
+
+from ._tree_specs import check_ops_module
 
 
 @dataclass(frozen=True)
@@ -91,18 +94,25 @@ def load_tree(tree: str | Path) -> list[str]:
         ops_file = tree / "ops.py"
         if not ops_file.is_file():
             raise FileNotFoundError(f"{tree} is not a kernelgen tree: it has no ops.py (build one with `kernelgen build`)")
-        module = import_file(ops_file, f"lowmem_ops._trees.{tree_key(tree)}.ops")
-        names = []
-        for name, s in module.SPECS.items():
-            if name in _ops and _ops[name].tree != tree:
-                raise ValueError(f"op {name!r} from {tree} is already defined by {_ops[name].tree}")
-            _ops[name] = OpInfo(
-                name=name, bits=s["bits"], thresholds=tuple(s["thresholds"]), levels=tuple(s["levels"]),
-                boundary=s["boundary"], forward=module.FORWARD[name],
-                derivative=getattr(module, "DERIVATIVE", {}).get(name), description=s["description"],
-                replaces=s["replaces"], gated=s.get("gated", False), fit_error=s["fit_error"], tree=tree,
-            )
-            names.append(name)
+        module_name = f"lowmem_ops._trees.{tree_key(tree)}.ops"
+        try:
+            module = import_file(ops_file, module_name)
+            check_ops_module(tree, module)
+        except BaseException:
+            sys.modules.pop(module_name, None)  # a repaired tree at this path is imported afresh
+            raise
+        # all or nothing: every op is checked before the first one is registered
+        infos = [OpInfo(
+            name=name, bits=s["bits"], thresholds=tuple(s["thresholds"]), levels=tuple(s["levels"]),
+            boundary=s["boundary"], forward=module.FORWARD[name],
+            derivative=getattr(module, "DERIVATIVE", {}).get(name), description=s["description"],
+            replaces=s["replaces"], gated=s.get("gated", False), fit_error=s["fit_error"], tree=tree,
+        ) for name, s in module.SPECS.items()]
+        for info in infos:
+            if info.name in _ops and _ops[info.name].tree != tree:
+                raise ValueError(f"op {info.name!r} from {tree} is already defined by {_ops[info.name].tree}")
+        _ops.update((info.name, info) for info in infos)
+        names = [info.name for info in infos]
         _loaded_trees.add(tree)
         return names
 
@@ -131,30 +141,100 @@ def available() -> list[str]:
     return sorted(_ops)
 
 
+# `kernelgen build` swaps a rebuilt arch folder in through these siblings (kernelgen/build.py,
+# _swap_in); a build killed mid-swap can leave <arch> missing and one of them complete.
+_SWAP_SIBLING = re.compile(r"\.(?P<arch>[^.]+)\.(?P<role>incoming|outgoing)")
+
+
+def arch_folders(tree: Path) -> dict[str, Path]:
+    """arch name -> the folder holding it: <arch>, or, where a killed build left <arch> missing, the
+    complete sibling it was swapping in (preferred: the newer build) or out."""
+    regular, siblings = {}, {}
+    for child in sorted(tree.iterdir()):
+        m = _SWAP_SIBLING.fullmatch(child.name)
+        if m and child.is_dir():
+            siblings.setdefault(m["arch"], {})[m["role"]] = child
+        elif not child.name.startswith((".", "_")) and child.is_dir():
+            regular[child.name] = child
+    folders = dict(regular)
+    for arch, found in siblings.items():
+        if arch not in regular:
+            folders[arch] = found.get("incoming", found.get("outgoing"))
+            _warn_once(("swap", folders[arch]), f"lowmem_ops: {tree / arch} is missing: a `kernelgen build` was "
+                       f"stopped while it swapped that folder; using the complete {folders[arch].name}. Run the "
+                       f"build again to finish it.")
+    return folders
+
+
 def built_archs(tree: Path) -> dict[int, str]:
-    """capability -> arch folder, for the arch folders of `tree` that hold a manifest. Runs on every
-    kernel launch: a manifest (hundreds of KB) is parsed once per version of the file, not per call."""
-    found = {}
-    for child in tree.iterdir():
-        manifest = child / "manifest.json"
-        if child.is_dir() and manifest.is_file():
+    """capability -> arch folder name, for the arch folders of `tree` with a sound manifest. An arch
+    whose manifest.json is damaged or missing is skipped with a warning naming the file, so one broken
+    arch does not stop the others. Runs on every kernel launch: a manifest (hundreds of KB) is parsed
+    once per version of the file, not per call."""
+    found, problems = _scan_archs(tree)
+    for key, message in problems:
+        _warn_once(key, message)
+    return found
+
+
+def _scan_archs(tree: Path) -> tuple[dict[int, str], list[tuple[tuple, str]]]:
+    found, problems = {}, []
+    for arch, folder in arch_folders(tree).items():
+        manifest = folder / "manifest.json"
+        try:
             st = manifest.stat()
-            found[_manifest_capability(str(manifest), st.st_mtime_ns, st.st_size)] = child.name
-    return dict(sorted(found.items()))
+        except OSError:
+            if (folder / "configs.py").is_file():  # an arch folder (not some other directory) lost its manifest
+                problems.append((("manifest", manifest), manifest_problem(tree, arch, manifest, "missing")))
+            continue
+        capability = _manifest_capability(str(manifest), st.st_mtime_ns, st.st_size)
+        if isinstance(capability, str):
+            problems.append((("manifest", manifest, st.st_mtime_ns, st.st_size),
+                             manifest_problem(tree, arch, manifest, capability)))
+            continue
+        found.setdefault(capability, folder.name)
+    return dict(sorted(found.items())), problems
+
+
+def manifest_problem(tree: Path, arch: str, manifest: Path, problem: str) -> str:
+    return (f"lowmem_ops: {manifest}: {problem}; the {arch} kernels of {tree} are not used. Restore the file "
+            f"(the built-in tree: `git checkout generated/` in a checkout, else reinstall lowmem-ops) or rebuild "
+            f"the arch with `kernelgen build --arch {arch} --recompile --out {tree}` (and the --spec files of a tree "
+            f"of your own)")
 
 
 @lru_cache(maxsize=None)
-def _manifest_capability(path: str, mtime_ns: int, size: int) -> int:
-    return json.loads(Path(path).read_text())["capability"]
+def _manifest_capability(path: str, mtime_ns: int, size: int) -> int | str:
+    """The capability a manifest records, or what is wrong with it (cached too: not re-read per launch)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        return f"cannot be read ({err})"
+    except ValueError as err:
+        return f"not valid JSON ({err})"
+    if not isinstance(data, dict) or "capability" not in data:
+        return 'has no "capability" field'
+    capability = data["capability"]
+    if not isinstance(capability, int) or isinstance(capability, bool) or capability <= 0:
+        return f'"capability" must be a positive integer such as 80, got {capability!r}'
+    return capability
 
 
-_warned: set[tuple[Path, int]] = set()
+_warned: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
 
 
 def _built_or_fail(tree: Path) -> dict[int, str]:
     archs = built_archs(tree)
     if not archs:
-        raise RuntimeError(f"{tree} holds no built arch: run `kernelgen build --arch sm80` (or the arch of your GPU)")
+        problems = "".join(f"\n  {message}" for _, message in _scan_archs(tree)[1])
+        raise RuntimeError(f"{tree} holds no built arch: run `kernelgen build --arch sm80` (or the arch of your "
+                           f"GPU){problems}")
     return archs
 
 
