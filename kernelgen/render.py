@@ -1,14 +1,25 @@
 """Render specs into Triton source (one file per op and arch), the arch-independent ops module and
-each arch's baked launch configs; enumerate the tuning groups and the kernels they compile."""
+each arch's baked launch configs; enumerate the tuning groups and the kernels they compile.
+
+No free text reaches generated code unquoted, by construction of the template environment: a
+template may emit (a) code this module printed itself, marked with `code()`, (b) integers and
+plain words (identifiers, hex digests), and (c) any text through `| py`, which writes it as an
+ASCII Python string literal (no line break, no quote can escape it). Anything else is a
+RenderError: text from a spec, a file name or a tuning database cannot become a line of code,
+even if a future template forgets to quote it. `| py` is for code or comment positions, never
+inside a string literal.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import jinja2
+from markupsafe import Markup
 
 from . import space
 from .archs import DTYPES, TRITON_DTYPE, Arch
@@ -35,14 +46,57 @@ def template_dir() -> Path:
         return Path(__file__).resolve().parent.parent / "templates"
 
 
+def code(text: str) -> Markup:
+    """Mark text this module generated as code (printed expressions, float reprs, config dicts):
+    templates emit it verbatim. Never for text that came from a file."""
+    return Markup(text)
+
+
+def _quoted(value) -> Markup:
+    """The `py` filter: text as an ASCII Python string literal, e.g. 'it\\'s\\n'."""
+    if not isinstance(value, str):
+        raise RenderError(f"| py quotes text, got {type(value).__name__} {value!r:.80}")
+    return Markup(ascii(str(value)))
+
+
+_WORD = re.compile(r"[A-Za-z0-9_]*")  # identifiers, arch names, hex digests: safe anywhere
+
+
+def _finalize(value):
+    """Every {{ ... }} passes through here (then through escaping, a no-op on what is let through)."""
+    if isinstance(value, (Markup, int)) or isinstance(value, str) and _WORD.fullmatch(value):
+        return value
+    raise RenderError(f"a template emits {type(value).__name__} {value!r:.80} unquoted: "
+                      "write text with | py, or mark code printed by kernelgen with render.code()")
+
+
+def _join(values, sep: str = "") -> Markup:
+    """join whose items pass the same check as {{ ... }} (jinja's would only HTML-escape them)."""
+    return Markup(sep).join(Markup(str(_finalize(v))) for v in values)
+
+
+def _indent_block(text, *args, **kwargs):
+    if not isinstance(text, Markup):  # a block of the template itself is Markup
+        raise RenderError(f"| indent applies to template blocks only, got {type(text).__name__}")
+    return Markup(jinja2.filters.do_indent(str(text), *args, **kwargs))
+
+
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,  # a missing variable is an error, never an empty string
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        # Markup is the mark of "code or quoted": autoescape keeps macro output and the filters below
+        # in Markup, and _finalize refuses any other str but a plain word.
+        autoescape=True,
+        finalize=_finalize,
     )
+    # Only filters that cannot turn text into Markup unchecked (jinja's safe, tojson, format, ... can).
+    env.filters = {"py": _quoted, "join": _join, "indent": _indent_block, "length": len,
+                   "reverse": lambda seq: list(reversed(list(seq)))}
+    return env
 
 
 def template_sha256(name: str) -> str:
@@ -56,12 +110,16 @@ def spec_file_label(spec: Spec) -> str:
     return f"kernelgen/specs/{path.name}" if path.resolve().parent == builtin.resolve() else path.name
 
 
-def _level_select(levels: tuple[float, ...]) -> str:
+def _num(value: float) -> Markup:
+    return code(repr(float(value)))
+
+
+def _level_select(levels: tuple[float, ...]) -> Markup:
     # A chain of selects: Triton has no gather from a constant table. 2**k - 1 compares per element.
     expr = repr(levels[-1])
-    for code in range(len(levels) - 2, -1, -1):
-        expr = f"tl.where(code == {code}, {levels[code]!r}, {expr})"
-    return expr
+    for c in range(len(levels) - 2, -1, -1):
+        expr = f"tl.where(code == {c}, {levels[c]!r}, {expr})"
+    return code(expr)
 
 
 def _pack_rounds(spec: Spec) -> list[dict]:
@@ -238,20 +296,20 @@ def render_activation(spec: Spec, arch: Arch) -> str:
             arch=arch,
             spec_file=spec_file_label(spec),
             template_sha256=template_sha256(ACTIVATION_TEMPLATE),
-            thresholds=[repr(to_f32(c)) for c in spec.thresholds],
-            levels=[repr(to_f32(v)) for v in spec.levels],
-            compare=">" if spec.boundary == "lower" else ">=",
-            forward_triton=forward,
+            thresholds=[_num(to_f32(c)) for c in spec.thresholds],
+            levels=[_num(to_f32(v)) for v in spec.levels],
+            compare=code(">" if spec.boundary == "lower" else ">="),
+            forward_triton=code(forward),
             level_select=_level_select(tuple(to_f32(v) for v in spec.levels)),
             pack_rounds=_pack_rounds(spec),
             cpb=spec.codes_per_byte,
             planes=spec.planes,
             field=spec.bits if spec.planes == 1 else 1,
             uses_tanh="_tanh(" in forward + derivative,
-            derivative_triton=derivative,
-            slope_left=repr(asym.slope_left) if asym else "",
-            slope_right=repr(asym.slope_right) if asym else "",
-            triton_helpers=TRITON_HELPERS.strip(),
+            derivative_triton=code(derivative),
+            slope_left=_num(asym.slope_left) if asym else "",
+            slope_right=_num(asym.slope_right) if asym else "",
+            triton_helpers=code(TRITON_HELPERS.strip()),
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering {spec.name} for {arch.name} from templates/{ACTIVATION_TEMPLATE}: {err}") from err
@@ -261,8 +319,8 @@ def _derivative_fields(s: Spec) -> dict:
     if not s.gated:
         return {}
     asym = asymptotes(s.forward)
-    return {"derivative_torch": s.forward.torch_derivative(), "slope_left": repr(asym.slope_left),
-            "slope_right": repr(asym.slope_right)}
+    return {"derivative_torch": code(s.forward.torch_derivative()), "slope_left": _num(asym.slope_left),
+            "slope_right": _num(asym.slope_right)}
 
 
 def render_ops(specs: list[Spec]) -> str:
@@ -275,11 +333,11 @@ def render_ops(specs: list[Spec]) -> str:
             "gated": s.gated,
             "bits": s.bits,
             "boundary": s.boundary,
-            "thresholds_f32": [repr(to_f32(c)) for c in s.thresholds],
-            "levels_f32": [repr(to_f32(v)) for v in s.levels],
-            "fit_error": repr(s.fit_error),
+            "thresholds_f32": [_num(to_f32(c)) for c in s.thresholds],
+            "levels_f32": [_num(to_f32(v)) for v in s.levels],
+            "fit_error": _num(s.fit_error),
             "sha256": s.sha256,
-            "forward_torch": s.forward.torch(),
+            "forward_torch": code(s.forward.torch()),
             **_derivative_fields(s),
         }
         for s in specs
@@ -301,17 +359,27 @@ def render_norm(arch: Arch) -> str:
         raise RenderError(f"rendering the norm kernels for {arch.name} from templates/{NORM_TEMPLATE}: {err}") from err
 
 
+_NOTE = re.compile(r"static|tuned( [0-9]+\.[0-9]+x)?")
+
+
 def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned_with: str) -> str:
     """configs.py of an arch: every group's chosen config, with a note on where it came from."""
-    act = [(repr((g.op, g.kernel, g.dtype, *g.index)), repr(cfg), note) for g, cfg, note in choices if g.op != NORM_FILE]
-    norm = [(repr((g.kernel, g.dtype, *g.index)), repr(cfg), note) for g, cfg, note in choices if g.op == NORM_FILE]
+    def row(key: tuple, cfg: dict, note: str) -> tuple[Markup, Markup, Markup]:
+        # Keys and configs are printed as Python literals; the note is kernelgen's own ("tuned 1.23x").
+        if not _NOTE.fullmatch(note):
+            raise RenderError(f"unexpected note {note!r:.80} for {key!r}")
+        return code(repr(key)), code(repr({str(k): int(v) for k, v in cfg.items()})), code(note)
+
+    act = [row((g.op, g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op != NORM_FILE]
+    norm = [row((g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op == NORM_FILE]
     n_tuned = sum(note.startswith("tuned") for _, _, note in choices)
     try:
         return _env().get_template(CONFIGS_TEMPLATE).render(
             arch=arch, template_sha256=template_sha256(CONFIGS_TEMPLATE), activation=act, norm=norm,
-            n_tuned=n_tuned, n_total=len(choices), tuned_with=f" ({tuned_with})" if n_tuned else "",
-            element_bounds=repr(space.activation_space().element_bounds),
-            norm_widths=repr(space.norm_space().widths), norm_row_bounds=repr(space.norm_space().row_bounds),
+            n_tuned=n_tuned, n_total=len(choices), tuned_with=tuned_with if n_tuned else "",
+            element_bounds=code(repr(space.activation_space().element_bounds)),
+            norm_widths=code(repr(space.norm_space().widths)),
+            norm_row_bounds=code(repr(space.norm_space().row_bounds)),
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the launch configs for {arch.name} from templates/{CONFIGS_TEMPLATE}: {err}") from err
