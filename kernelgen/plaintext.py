@@ -29,6 +29,12 @@ _CONTROL_NAMES = {0x09: "TAB", 0x0A: "LINE FEED", 0x0B: "LINE TABULATION", 0x0C:
                   0x1E: "RECORD SEPARATOR", 0x85: "NEXT LINE", 0x00: "NUL", 0x1B: "ESCAPE", 0x7F: "DELETE"}
 
 
+def clean(text: str) -> str:
+    """`text` with every refused character replaced by a space: for text kernelgen records itself
+    (a compiler's error message), so that what it writes it can read back."""
+    return "".join(" " if problem(ch) else ch for ch in text)
+
+
 def problem(text: str, allow: str = "") -> str | None:
     """None if `text` is one line of printable text, else what is wrong with it (naming the first
     offending character). `allow`: characters accepted anyway (an expression may span lines)."""

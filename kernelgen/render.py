@@ -1,13 +1,13 @@
 """Render specs into Triton source (one file per op and arch), the arch-independent ops module and
 each arch's baked launch configs; enumerate the tuning groups and the kernels they compile.
 
-No free text reaches generated code unquoted, by construction of the template environment: a
-template may emit (a) code this module printed itself, marked with `code()`, (b) integers and
-plain words (identifiers, hex digests), and (c) any text through `| py`, which writes it as an
-ASCII Python string literal (no line break, no quote can escape it). Anything else is a
-RenderError: text from a spec, a file name or a tuning database cannot become a line of code,
-even if a future template forgets to quote it. `| py` is for code or comment positions, never
-inside a string literal.
+No free text reaches generated code, by construction: every value handed to a template is checked
+(_template_vars) to be an integer, a plain word (identifier, hex digest), or text this module has
+marked for where it goes: `Code` (printed here: expressions, float reprs, config dicts), `Quoted`
+(any text as an ASCII Python string literal: no quote or line break can end it) or `CommentText`
+(text refused if it holds a line break or control character: safe after a `#`). A spec's
+description, a file name or a tuning database's GPU name handed over bare is a RenderError, so a
+future template cannot paste it into code by mistake.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
-from markupsafe import Markup
 
+from . import plaintext
 from . import space
 from .archs import DTYPES, TRITON_DTYPE, Arch
 from .expr import TRITON_HELPERS
@@ -46,57 +46,68 @@ def template_dir() -> Path:
         return Path(__file__).resolve().parent.parent / "templates"
 
 
-def code(text: str) -> Markup:
-    """Mark text this module generated as code (printed expressions, float reprs, config dicts):
-    templates emit it verbatim. Never for text that came from a file."""
-    return Markup(text)
+class Code(str):
+    """Code this module printed itself; emitted verbatim."""
 
 
-def _quoted(value) -> Markup:
-    """The `py` filter: text as an ASCII Python string literal, e.g. 'it\\'s\\n'."""
-    if not isinstance(value, str):
-        raise RenderError(f"| py quotes text, got {type(value).__name__} {value!r:.80}")
-    return Markup(ascii(str(value)))
+class Quoted(str):
+    """Text as an ASCII Python string literal: quoted('it\'s') is the 7 characters 'it\\'s'."""
 
 
-_WORD = re.compile(r"[A-Za-z0-9_]*")  # identifiers, arch names, hex digests: safe anywhere
+class CommentText(str):
+    """One line of printable text, for a position after `#`."""
+
+
+def quoted(text: str) -> Quoted:
+    return Quoted(ascii(str(text)))
+
+
+def comment_text(text: str, what: str) -> CommentText:
+    bad = plaintext.problem(str(text))
+    if bad:
+        raise RenderError(f"{what}: {bad}")
+    return CommentText(text)
+
+
+_WORD = re.compile(r"[A-Za-z0-9_]*")  # identifiers, arch names, hex digests: harmless anywhere
+
+
+def _template_vars(value, where: str = "template variables"):
+    """`value`, after checking that nothing in it is text a template could paste unmarked."""
+    if isinstance(value, (Code, Quoted, CommentText, int)):  # bool is an int
+        return value
+    if isinstance(value, str):
+        if _WORD.fullmatch(value):
+            return value
+        raise RenderError(f"{where}: text {value!r:.60} handed to a template unmarked; wrap it in "
+                          "quoted(), comment_text() or (if printed by kernelgen) Code()")
+    if isinstance(value, dict):
+        return {k: _template_vars(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_template_vars(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise RenderError(f"{where}: {type(value).__name__} handed to a template; pass its fields")
 
 
 def _finalize(value):
-    """Every {{ ... }} passes through here (then through escaping, a no-op on what is let through)."""
-    if isinstance(value, (Markup, int)) or isinstance(value, str) and _WORD.fullmatch(value):
+    # Only strings and integers print; a None or a float would print as Python spells it, silently.
+    if isinstance(value, (str, int)):
         return value
-    raise RenderError(f"a template emits {type(value).__name__} {value!r:.80} unquoted: "
-                      "write text with | py, or mark code printed by kernelgen with render.code()")
-
-
-def _join(values, sep: str = "") -> Markup:
-    """join whose items pass the same check as {{ ... }} (jinja's would only HTML-escape them)."""
-    return Markup(sep).join(Markup(str(_finalize(v))) for v in values)
-
-
-def _indent_block(text, *args, **kwargs):
-    if not isinstance(text, Markup):  # a block of the template itself is Markup
-        raise RenderError(f"| indent applies to template blocks only, got {type(text).__name__}")
-    return Markup(jinja2.filters.do_indent(str(text), *args, **kwargs))
+    raise RenderError(f"a template prints {type(value).__name__} {value!r:.60}")
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,  # a missing variable is an error, never an empty string
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
-        # Markup is the mark of "code or quoted": autoescape keeps macro output and the filters below
-        # in Markup, and _finalize refuses any other str but a plain word.
-        autoescape=True,
         finalize=_finalize,
     )
-    # Only filters that cannot turn text into Markup unchecked (jinja's safe, tojson, format, ... can).
-    env.filters = {"py": _quoted, "join": _join, "indent": _indent_block, "length": len,
-                   "reverse": lambda seq: list(reversed(list(seq)))}
-    return env
+
+
+def _render(template: str, **variables) -> str:
+    return _env().get_template(template).render(**_template_vars(variables))
 
 
 def template_sha256(name: str) -> str:
@@ -110,16 +121,16 @@ def spec_file_label(spec: Spec) -> str:
     return f"kernelgen/specs/{path.name}" if path.resolve().parent == builtin.resolve() else path.name
 
 
-def _num(value: float) -> Markup:
-    return code(repr(float(value)))
+def _num(value: float) -> Code:
+    return Code(repr(float(value)))
 
 
-def _level_select(levels: tuple[float, ...]) -> Markup:
+def _level_select(levels: tuple[float, ...]) -> Code:
     # A chain of selects: Triton has no gather from a constant table. 2**k - 1 compares per element.
     expr = repr(levels[-1])
     for c in range(len(levels) - 2, -1, -1):
         expr = f"tl.where(code == {c}, {levels[c]!r}, {expr})"
-    return code(expr)
+    return Code(expr)
 
 
 def _pack_rounds(spec: Spec) -> list[dict]:
@@ -286,30 +297,42 @@ def variants(groups: list[TuneGroup]) -> list[KernelVariant]:
     return out
 
 
+def _arch_vars(arch: Arch) -> dict:
+    return {"name": arch.name}
+
+
+def _spec_vars(spec: Spec) -> dict:
+    """What the activation template shows of a spec; free text only after a `#`."""
+    return {"name": spec.name, "sha256": spec.sha256, "bits": spec.bits, "boundary": spec.boundary,
+            "gated": spec.gated, "description": comment_text(spec.description, f"{spec.name}: [op].description"),
+            "forward": {"text": comment_text(spec.forward.text, f"{spec.name}: [op].forward")}}
+
+
 def render_activation(spec: Spec, arch: Arch) -> str:
     forward = spec.forward.triton()
     derivative = spec.forward.triton_derivative() if spec.gated else ""
     asym = asymptotes(spec.forward) if spec.gated else None
     try:
-        return _env().get_template(ACTIVATION_TEMPLATE).render(
-            spec=spec,
-            arch=arch,
-            spec_file=spec_file_label(spec),
+        return _render(
+            ACTIVATION_TEMPLATE,
+            spec=_spec_vars(spec),
+            arch=_arch_vars(arch),
+            spec_file=comment_text(spec_file_label(spec), f"{spec.name}: the spec's file name"),
             template_sha256=template_sha256(ACTIVATION_TEMPLATE),
             thresholds=[_num(to_f32(c)) for c in spec.thresholds],
             levels=[_num(to_f32(v)) for v in spec.levels],
-            compare=code(">" if spec.boundary == "lower" else ">="),
-            forward_triton=code(forward),
+            compare=Code(">" if spec.boundary == "lower" else ">="),
+            forward_triton=Code(forward),
             level_select=_level_select(tuple(to_f32(v) for v in spec.levels)),
             pack_rounds=_pack_rounds(spec),
             cpb=spec.codes_per_byte,
             planes=spec.planes,
             field=spec.bits if spec.planes == 1 else 1,
             uses_tanh="_tanh(" in forward + derivative,
-            derivative_triton=code(derivative),
+            derivative_triton=Code(derivative),
             slope_left=_num(asym.slope_left) if asym else "",
             slope_right=_num(asym.slope_right) if asym else "",
-            triton_helpers=code(TRITON_HELPERS.strip()),
+            triton_helpers=Code(TRITON_HELPERS.strip()),
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering {spec.name} for {arch.name} from templates/{ACTIVATION_TEMPLATE}: {err}") from err
@@ -319,7 +342,7 @@ def _derivative_fields(s: Spec) -> dict:
     if not s.gated:
         return {}
     asym = asymptotes(s.forward)
-    return {"derivative_torch": code(s.forward.torch_derivative()), "slope_left": _num(asym.slope_left),
+    return {"derivative_torch": Code(s.forward.torch_derivative()), "slope_left": _num(asym.slope_left),
             "slope_right": _num(asym.slope_right)}
 
 
@@ -327,9 +350,9 @@ def render_ops(specs: list[Spec]) -> str:
     rows = [
         {
             "name": s.name,
-            "description": s.description,
-            "forward": s.forward,
-            "replaces": s.replaces,
+            "description": quoted(s.description),
+            "forward": {"text": quoted(s.forward.text)},
+            "replaces": quoted(s.replaces),
             "gated": s.gated,
             "bits": s.bits,
             "boundary": s.boundary,
@@ -337,15 +360,16 @@ def render_ops(specs: list[Spec]) -> str:
             "levels_f32": [_num(to_f32(v)) for v in s.levels],
             "fit_error": _num(s.fit_error),
             "sha256": s.sha256,
-            "forward_torch": code(s.forward.torch()),
+            "forward_torch": Code(s.forward.torch()),
             **_derivative_fields(s),
         }
         for s in specs
     ]
     try:
-        return _env().get_template(OPS_TEMPLATE).render(
+        return _render(
+            OPS_TEMPLATE,
             specs=rows,
-            spec_files=[spec_file_label(s) for s in specs],
+            spec_files=[comment_text(spec_file_label(s), f"{s.name}: the spec's file name") for s in specs],
             template_sha256=template_sha256(OPS_TEMPLATE),
         )
     except jinja2.TemplateError as err:
@@ -354,32 +378,34 @@ def render_ops(specs: list[Spec]) -> str:
 
 def render_norm(arch: Arch) -> str:
     try:
-        return _env().get_template(NORM_TEMPLATE).render(arch=arch, template_sha256=template_sha256(NORM_TEMPLATE))
+        return _render(NORM_TEMPLATE, arch=_arch_vars(arch), template_sha256=template_sha256(NORM_TEMPLATE))
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the norm kernels for {arch.name} from templates/{NORM_TEMPLATE}: {err}") from err
 
 
-_NOTE = re.compile(r"static|tuned( [0-9]+\.[0-9]+x)?")
+_NOTE = re.compile(r"static|tuned( [0-9]+\.[0-9]+x)?")  # what build._choose writes
 
 
 def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned_with: str) -> str:
-    """configs.py of an arch: every group's chosen config, with a note on where it came from."""
-    def row(key: tuple, cfg: dict, note: str) -> tuple[Markup, Markup, Markup]:
-        # Keys and configs are printed as Python literals; the note is kernelgen's own ("tuned 1.23x").
+    """configs.py of an arch: every group's chosen config, with a note on where it came from.
+    `tuned_with` names the GPUs and Triton versions of the tuning DB: text from that file."""
+    def row(key: tuple, cfg: dict, note: str) -> tuple[Code, Code, Code]:
         if not _NOTE.fullmatch(note):
             raise RenderError(f"unexpected note {note!r:.80} for {key!r}")
-        return code(repr(key)), code(repr({str(k): int(v) for k, v in cfg.items()})), code(note)
+        return Code(repr(key)), Code(repr({str(k): int(v) for k, v in cfg.items()})), Code(note)
 
     act = [row((g.op, g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op != NORM_FILE]
     norm = [row((g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op == NORM_FILE]
     n_tuned = sum(note.startswith("tuned") for _, _, note in choices)
     try:
-        return _env().get_template(CONFIGS_TEMPLATE).render(
-            arch=arch, template_sha256=template_sha256(CONFIGS_TEMPLATE), activation=act, norm=norm,
-            n_tuned=n_tuned, n_total=len(choices), tuned_with=tuned_with if n_tuned else "",
-            element_bounds=code(repr(space.activation_space().element_bounds)),
-            norm_widths=code(repr(space.norm_space().widths)),
-            norm_row_bounds=code(repr(space.norm_space().row_bounds)),
+        return _render(
+            CONFIGS_TEMPLATE,
+            arch=_arch_vars(arch), template_sha256=template_sha256(CONFIGS_TEMPLATE), activation=act, norm=norm,
+            n_tuned=n_tuned, n_total=len(choices),
+            tuned_with=comment_text(f" ({tuned_with})" if n_tuned else "", f"{arch.name}: the tuning database's GPU names"),
+            element_bounds=Code(repr(space.activation_space().element_bounds)),
+            norm_widths=Code(repr(space.norm_space().widths)),
+            norm_row_bounds=Code(repr(space.norm_space().row_bounds)),
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the launch configs for {arch.name} from templates/{CONFIGS_TEMPLATE}: {err}") from err
