@@ -11,6 +11,7 @@ through import, the torch path and the interpreted Triton path.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import tokenize
@@ -169,7 +170,7 @@ def test_render_refuses_unchecked_text_by_construction(tmp_path):
 
 DB_ENTRY = {"op": "myact", "kernel": "forward", "dtype": "float32", "bucket": "n<=65536", "source_sha256": "a" * 64,
             "triton": "3.9.0", "gpu": "NVIDIA H200", "problem": [65536], "bytes_moved": 524288,
-            "static": {"VEC": 4, "num_warps": 4}, "results": [{"config": {"VEC": 4, "num_warps": 4}, "ms": 0.01}]}
+            "static": {"BLOCK_BYTES": 256, "num_warps": 4}, "results": [{"config": {"BLOCK_BYTES": 256, "num_warps": 4}, "ms": 0.01}]}
 
 
 def db_text(**changes) -> str:
@@ -181,7 +182,7 @@ def db_text(**changes) -> str:
 def test_db_strings_refused_or_data(tmp_path, field):
     marker = tmp_path / "ran"
     for value in payloads(marker):
-        changes = ({"results": [{"config": {"VEC": 4, "num_warps": 4}, "ms": None, "error": value}]}
+        changes = ({"results": [{"config": {"BLOCK_BYTES": 256, "num_warps": 4}, "ms": None, "error": value}]}
                    if field == "error" else {field: value})
         try:
             db = tunedb.parse(db_text(**changes), "sm80", "db.json")
@@ -208,7 +209,7 @@ def test_db_error_messages_written_by_kernelgen_read_back(tmp_path):
     cleaned, so the DB kernelgen writes is one it accepts."""
     db = tunedb.parse(db_text(), "sm80", "db.json")
     key = next(iter(db.entries))
-    db.record(key, {"VEC": 8, "num_warps": 4}, float("inf"), "CompilationError:\nat 1:2\x1b[31m bad\u2028")
+    db.record(key, {"BLOCK_BYTES": 512, "num_warps": 4}, float("inf"), "CompilationError:\nat 1:2\x1b[31m bad\u2028")
     db.save(tmp_path / "sm80.json")
     again = tunedb.load(tmp_path / "sm80.json", "sm80")
     errors = [r.error for r in again.entries[key].results.values() if r.error]
@@ -223,8 +224,7 @@ NASTY = "it's \"quoted\" ''' \"\"\" \\ \\n # {{ x }} é 😀 \u202e"
 @pytest.fixture(scope="module")
 def built_tree(tmp_path_factory):
     """A tree of one op whose text fields hold every accepted nasty character, built with a tuning
-    DB whose GPU name does too: first without the DB (to learn the kernel's source hash), then
-    again with it (the compile results are reused from the first build's manifest)."""
+    DB whose GPU name does too (its entry keyed by the source the build will render)."""
     root = tmp_path_factory.mktemp("nasty")
     marker = root / "ran"
     code = run_payload(marker)
@@ -235,8 +235,7 @@ def built_tree(tmp_path_factory):
     path.write_bytes(tomli_w.dumps(data).encode())
     s = spec.load(path)
     out = root / "tree"
-    build.build([s], [ARCH], out, norms=False)
-    source_sha = json.loads((out / "sm80" / "manifest.json").read_text())["ops"]["nastyact"]["source_sha256"]
+    source_sha = hashlib.sha256(render.render_activation(s, ARCH).encode()).hexdigest()
     db_dir = root / "db"
     db_dir.mkdir()
     gpu = f"GPU \"x\" ''' \\ # {code}"
@@ -252,7 +251,7 @@ def test_built_tree_runs_text_as_data(built_tree):
 
     out, marker, op, gpu = built_tree
     configs = (out / "sm80" / "configs.py").read_text()
-    assert "1 of 54 choices are tuned" in configs and gpu in configs  # the DB's entry was baked, as a comment
+    assert "1 of 36 choices are tuned" in configs and gpu in configs  # the DB's entry was baked, as a comment
     assert lo.load(out) == ["nastyact"]
     info = get_op("nastyact")
     assert info.description == op["description"] and info.replaces == op["replaces"]
