@@ -55,8 +55,7 @@ class ExprError(ValueError):
 
 
 def to_f32(value: float) -> float:
-    """The float32 nearest to value (round to nearest even), as a Python float; OverflowError if
-    that is beyond float32's range."""
+    """The float32 nearest to value (round to nearest even), as a Python float (inf beyond float32's range)."""
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
@@ -312,11 +311,7 @@ def _constant(e) -> float:
         value = float(e)
     except (TypeError, ValueError, OverflowError):
         value = math.nan
-    try:
-        finite = math.isfinite(value) and math.isfinite(to_f32(value))
-    except OverflowError:
-        finite = False
-    if not finite:
+    if not (math.isfinite(value) and math.isfinite(to_f32(value))):
         raise ExprError(f"the constant {sympy.sstr(e)[:60]} is not a finite float32 (|c| <= 3.4e38)")
     if value != 0 and to_f32(value) == 0:
         raise ExprError(f"the constant {sympy.sstr(e)[:60]} underflows to 0 in float32 (|c| >= 1.4e-45)")
