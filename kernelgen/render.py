@@ -392,7 +392,7 @@ def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned
     def row(key: tuple, cfg: dict, note: str) -> tuple[Code, Code, Code]:
         if not _NOTE.fullmatch(note):
             raise RenderError(f"unexpected note {note!r:.80} for {key!r}")
-        return Code(repr(key)), Code(repr({str(k): int(v) for k, v in cfg.items()})), Code(note)
+        return Code(repr(key)), Code(repr(dict(cfg))), Code(note)  # configs come from the spaces
 
     act = [row((g.op, g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op != NORM_FILE]
     norm = [row((g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op == NORM_FILE]

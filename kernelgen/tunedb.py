@@ -152,7 +152,7 @@ def _text(value, where: str, field: str | None = None, max_len: int = MAX_TEXT) 
 
 def _config(cfg, where: str) -> dict:
     _need(isinstance(cfg, dict) and cfg and all(isinstance(k, str) and _CONFIG_NAME.fullmatch(k) and isinstance(v, int)
-                                                and not isinstance(v, bool) for k, v in cfg.items()),
+                                                for k, v in cfg.items()),  # bools too: SINGLE_PASS
           where, f"must map parameter names to integers, got {cfg!r:.120}")
     return cfg
 
