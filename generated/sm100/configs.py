@@ -630,222 +630,222 @@ ACTIVATION = {
 NORM_WIDTHS = (512, 1024, 2048, 4096, 8192)
 NORM_ROW_BOUNDS = (1024, 16384)
 NORM = {
-    ('layernorm.forward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.forward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.forward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.forward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('layernorm.affine.forward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('layernorm.affine.forward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.forward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.forward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.forward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('layernorm.affine.forward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('layernorm.affine.forward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.param_grad', 'float32', 0, 0): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
     ('layernorm.affine.param_grad', 'float32', 0, 1): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
     ('layernorm.affine.param_grad', 'float32', 0, 2): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
@@ -900,222 +900,222 @@ NORM = {
     ('layernorm.affine.param_grad', 'bfloat16', 5, 0): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
     ('layernorm.affine.param_grad', 'bfloat16', 5, 1): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
     ('layernorm.affine.param_grad', 'bfloat16', 5, 2): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
-    ('rmsnorm.forward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.forward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.forward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': 1, 'num_warps': 16},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': 1, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': 1, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 1, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 1, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': 0, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.forward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.forward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 2, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 2, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 2, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': True, 'num_warps': 8, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.param_grad', 'float32', 0, 0): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
     ('rmsnorm.affine.param_grad', 'float32', 0, 1): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
     ('rmsnorm.affine.param_grad', 'float32', 0, 2): {'BLOCK_R': 32, 'BLOCK_C': 128, 'num_warps': 4, 'num_stages': 3},  # static
