@@ -12,6 +12,7 @@ future template cannot paste it into code by mistake.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -95,7 +96,9 @@ def _finalize(value):
     raise RenderError(f"a template prints {type(value).__name__} {value!r:.60}")
 
 
+@functools.lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
+    """One environment per process: it caches the compiled templates (and reloads a changed file)."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,  # a missing variable is an error, never an empty string
