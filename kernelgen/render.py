@@ -52,7 +52,8 @@ class Code(str):
 
 
 class Quoted(str):
-    """Text as an ASCII Python string literal: quoted('it\'s') is the 7 characters 'it\\'s'."""
+    """Text as an ASCII Python string literal (ascii()): no quote, backslash or line break in the
+    text can end it, and non-ASCII characters read back exactly whatever the file's encoding."""
 
 
 class CommentText(str):
