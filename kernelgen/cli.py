@@ -134,14 +134,25 @@ def _cmd_fit(args) -> int:
 def _cmd_new(args) -> int:
     from rich.console import Console
 
-    from . import expr, fit, specfile
+    from . import expr, fit, plaintext, specfile
 
-    if not spec_mod.NAME_RE.match(args.name):
-        raise ValueError(f"name {args.name!r} must be lower-case letters, digits and _, starting with a letter")
-    f = fit.fit(expr.parse(args.expr), args.bits)
-    _print_fit(Console(), args.name, f)
+    # Every argument is checked before the fit (seconds) and before anything is written.
+    if spec_mod.name_problem(args.name):
+        raise ValueError(f"name: {spec_mod.name_problem(args.name)}")
+    for field in ("description", "replaces"):
+        bad = plaintext.problem(getattr(args, field))
+        if bad:
+            raise ValueError(f"--{field}: {bad}")
     path = Path(args.dir) / f"{args.name}.toml"
-    specfile.write(path, specfile.render(args.name, args.expr, f, args.description, args.replaces))
+    if path.exists() and not args.force:
+        raise ValueError(f"{path} already exists; pass --force to overwrite it")
+    h = expr.parse(args.expr)
+    f = fit.fit(h, args.bits)
+    _print_fit(Console(), args.name, f)
+    try:  # the canonical expression text: what the spec validates and the kernels print
+        specfile.write(path, specfile.render(args.name, h.text, f, args.description, args.replaces), args.force)
+    except FileExistsError as err:  # appeared while fitting
+        raise ValueError(str(err)) from None
     spec_mod.load(path)  # what we wrote must read back
     print(f"wrote {path}")
     if args.no_build:
@@ -226,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--arch", default="sm80", help="arch to build for (default sm80; all for every arch)")
     n.add_argument("--out", default="kernels", help="the generated tree to build into (default ./kernels)")
     n.add_argument("--no-build", action="store_true", help="only write the spec")
+    n.add_argument("--force", action="store_true", help="overwrite NAME.toml if it exists")
     n.set_defaults(run=_cmd_new)
     t = sub.add_parser("tune", help="measure launch configs on this GPU into tune/db/<arch>.json (or --report it)")
     t.add_argument("--arch", required=True, help="native (this GPU) or one of " + ", ".join(archs_mod.ARCHS))

@@ -10,9 +10,13 @@ derivative is the tests' reference and the exact gated-MLP backward).
 from __future__ import annotations
 
 import ast
+import math
+import struct
 from dataclasses import dataclass
 
 import sympy
+
+from . import plaintext
 
 X = sympy.Symbol("x", real=True)
 
@@ -40,13 +44,24 @@ _COMPARE = {ast.Gt: sympy.StrictGreaterThan, ast.GtE: sympy.GreaterThan,
             ast.Lt: sympy.StrictLessThan, ast.LtE: sympy.LessThan}
 
 
+# Bounds that keep parsing, sympy and the printers well inside Python's recursion limit.
+MAX_CHARS = 2000
+MAX_DEPTH = 40  # nesting of operators and calls
+MAX_NODES = 400
+
+
 class ExprError(ValueError):
     """An expression uses something outside the supported language."""
 
 
+def to_f32(value: float) -> float:
+    """The float32 nearest to value (round to nearest even), as a Python float (inf beyond float32's range)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 @dataclass(frozen=True)
 class Expr:
-    text: str
+    text: str  # canonical: printed back from the checked syntax tree (no comments, one line)
     sym: sympy.Expr
 
     def derivative(self) -> sympy.Expr:
@@ -60,6 +75,17 @@ class Expr:
 
     def torch_derivative(self) -> str:
         return _Printer(_TORCH).print(self.derivative())
+
+    def check_printable(self, derivative: bool) -> None:
+        """ExprError unless h (and h' if `derivative`) print as code whose every constant is a
+        finite float32: a constant beyond float32 would otherwise fail deep in the Triton compiler."""
+        what = [("", self.sym)] + ([("its derivative ", self.derivative())] if derivative else [])
+        for label, sym in what:
+            try:
+                for target in (_TRITON, _TORCH):
+                    _Printer(target).print(sym)
+            except ExprError as err:
+                raise ExprError(f"{self.text!r}: {label}{err}") from None
 
     def torch(self) -> str:
         """Torch code for h; a single native call where the expression is one torch has fused."""
@@ -83,43 +109,79 @@ _NATIVE_SYMS: dict[str, sympy.Expr] = {}
 
 
 def parse(text: str) -> Expr:
+    """Check `text` against the language and build it. The Expr's text is the canonical spelling
+    of what was checked (comments and line breaks gone), so what is stored is what was validated."""
+    if not isinstance(text, str):
+        raise ExprError(f"an expression must be a string, got {type(text).__name__}")
+    if len(text) > MAX_CHARS:
+        raise ExprError(f"expression of {len(text)} characters; at most {MAX_CHARS}")
+    bad = plaintext.problem(text, allow="\t\n\r")  # an expression may be laid out over lines
+    if bad:
+        raise ExprError(f"{_quote(text)} {bad}")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
-        raise ExprError(f"cannot parse {text!r}: {err.msg}") from None
+        raise ExprError(f"cannot parse {_quote(text)}: {err.msg}") from None
+    except (RecursionError, MemoryError):
+        raise ExprError(f"{_quote(text)} is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    _check_size(tree, text)
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
-            raise ExprError(f"unsupported syntax {type(node).__name__!r} in {text!r}")
+            raise ExprError(f"unsupported syntax {type(node).__name__!r} in {_quote(text)}")
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
                 name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
-                raise ExprError(f"unknown function {name!r} in {text!r}; supported: {', '.join(sorted(FUNCTIONS))}")
+                raise ExprError(f"unknown function {name!r} in {_quote(text)}; supported: {', '.join(sorted(FUNCTIONS))}")
             arity = FUNCTIONS[node.func.id][0]
             if len(node.args) != arity or node.keywords:
-                raise ExprError(f"function {node.func.id!r} takes {arity} argument(s) in {text!r}")
+                raise ExprError(f"function {node.func.id!r} takes {arity} argument(s) in {_quote(text)}")
         elif isinstance(node, ast.Compare) and len(node.ops) != 1:
-            raise ExprError(f"chained comparison in {text!r}: write one comparison per where()")
+            raise ExprError(f"chained comparison in {_quote(text)}: write one comparison per where()")
         elif isinstance(node, ast.Name):
             if node.id != "x" and node.id not in CONSTANTS and node.id not in FUNCTIONS:
-                raise ExprError(f"unknown name {node.id!r} in {text!r}; the variable is 'x', constants: pi, e")
+                raise ExprError(f"unknown name {node.id!r} in {_quote(text)}; the variable is 'x', constants: pi, e")
         elif isinstance(node, ast.Constant) and (isinstance(node.value, bool) or not isinstance(node.value, (int, float))):
-            raise ExprError(f"unsupported constant {node.value!r} in {text!r}")
+            raise ExprError(f"unsupported constant {node.value!r} in {_quote(text)}")
     _check_conditions(tree.body, text, in_condition=False)
     sym = _build(tree.body)
     if sym.free_symbols - {X}:
-        raise ExprError(f"{text!r} depends on something other than x")
+        raise ExprError(f"{_quote(text)} depends on something other than x")
     if X not in sym.free_symbols:
-        raise ExprError(f"{text!r} does not depend on x")
-    return Expr(text=text, sym=sym)
+        raise ExprError(f"{_quote(text)} does not depend on x")
+    if sym.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+        raise ExprError(f"{_quote(text)} is not finite (an infinite constant, a division by zero or a log of zero?)")
+    if sym.has(sympy.I):
+        raise ExprError(f"{_quote(text)} has a complex constant (a square root or log of a negative number?)")
+    e = Expr(text=ast.unparse(tree.body), sym=sym)
+    e.check_printable(derivative=False)  # every constant the kernels would hold fits float32
+    return e
+
+
+def _quote(text: str) -> str:
+    """text for a message: quoted (one line), and shortened if long."""
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _check_size(tree: ast.AST, text: str) -> None:
+    """Depth and node count, without recursion (a deep tree is what is being refused)."""
+    count, stack = 0, [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise ExprError(f"{_quote(text)} is nested too deeply (at most {MAX_DEPTH} levels)")
+        if count > MAX_NODES:
+            raise ExprError(f"{_quote(text)} is too large (at most {MAX_NODES} syntax nodes)")
+        stack += [(child, depth + 1) for child in ast.iter_child_nodes(node)]
 
 
 def _check_conditions(node: ast.AST, text: str, in_condition: bool) -> None:
     """Comparisons only as where()'s condition, and where()'s condition only a comparison."""
     if isinstance(node, ast.Compare) and not in_condition:
-        raise ExprError(f"a comparison can only be the first argument of where() in {text!r}")
+        raise ExprError(f"a comparison can only be the first argument of where() in {_quote(text)}")
     if isinstance(node, ast.Call) and node.func.id == "where":
         if not isinstance(node.args[0], ast.Compare):
-            raise ExprError(f"where()'s first argument must be a comparison such as x > 0 in {text!r}")
+            raise ExprError(f"where()'s first argument must be a comparison such as x > 0 in {_quote(text)}")
         _check_conditions(node.args[0].left, text, False)
         _check_conditions(node.args[0].comparators[0], text, False)
         for arg in node.args[1:]:
@@ -189,7 +251,7 @@ class _Printer:
 
     def print(self, e) -> str:
         if not e.free_symbols:
-            value = float(e)
+            value = _constant(e)
             return repr(value) if value >= 0 else f"({value!r})"
         if e == X:
             return "x"
@@ -197,7 +259,7 @@ class _Printer:
             return "(" + " + ".join(self.print(a) for a in _ordered(e.args)) + ")"
         if isinstance(e, sympy.Mul):
             # Fold every constant factor into one float, so sqrt(2)/2 prints as 0.7071067811865476.
-            coeff = float(sympy.Mul(*[a for a in e.args if not a.free_symbols]))
+            coeff = _constant(sympy.Mul(*[a for a in e.args if not a.free_symbols]))
             rest = _ordered(a for a in e.args if a.free_symbols)
             nums = [a for a in rest if not (isinstance(a, sympy.Pow) and a.exp.is_negative)]
             dens = [1 / a for a in rest if isinstance(a, sympy.Pow) and a.exp.is_negative]
@@ -241,6 +303,19 @@ class _Printer:
             if isinstance(e, cls):
                 return fmt.format(self.print(e.args[0]))
         raise ExprError(f"cannot print {e} ({type(e).__name__})")
+
+
+def _constant(e) -> float:
+    """A constant of the printed code: a real number that float32 holds (kernels compute in it)."""
+    try:
+        value = float(e)
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if not (math.isfinite(value) and math.isfinite(to_f32(value))):
+        raise ExprError(f"the constant {sympy.sstr(e)[:60]} is not a finite float32 (|c| <= 3.4e38)")
+    if value != 0 and to_f32(value) == 0:
+        raise ExprError(f"the constant {sympy.sstr(e)[:60]} underflows to 0 in float32 (|c| >= 1.4e-45)")
+    return value
 
 
 def _ordered(args):

@@ -70,8 +70,9 @@ def asymptotes(h: expr_mod.Expr) -> Asymptotes:
             try:
                 slopes = [float(df(mpmath.mpf(p))) for p in probes]
                 offsets = [float(f(mpmath.mpf(p)) - slopes[-1] * p) for p in probes]
-            except (ZeroDivisionError, OverflowError, ValueError) as err:
-                raise FitError(f"cannot evaluate {h.text!r} towards {'+' if side > 0 else '-'}inf: {err}") from None
+            except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:  # TypeError: complex
+                raise FitError(f"{h.text!r} is not a finite real number towards {'+' if side > 0 else '-'}inf "
+                               f"(at x = {p}: {err}); kernelgen fit needs h defined on the whole real line") from None
             end = "+inf" if side > 0 else "-inf"
             if not all(np.isfinite(slopes)) or max(slopes) - min(slopes) > 1e-6 * max(1.0, abs(slopes[-1])):
                 raise FitError(f"the derivative of {h.text!r} does not settle to a constant towards {end} "
@@ -89,9 +90,22 @@ class _Problem:
 
     def __init__(self, h: expr_mod.Expr, bits: int):
         self.h = numeric(h.sym)
+        self._check_finite(h)
         self.asym = asymptotes(h)
         self.m = 2**bits - 1
         self.evaluations = 0
+
+    def _check_finite(self, h: expr_mod.Expr) -> None:
+        """The fit integrates h over [-RANGE, RANGE]: h must be a finite real number at every node."""
+        x, _ = self.nodes(np.array([]))
+        with np.errstate(all="ignore"):
+            y = np.broadcast_to(np.asarray(self.h(x)), x.shape)
+        bad = ~np.isfinite(y) if np.isrealobj(y) else ~(np.isfinite(y) & (y.imag == 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise FitError(f"{h.text!r} is not a finite real number at x = {x[i]:.6g} (h = {y[i]}) and "
+                           f"{int(bad.sum()) - 1} more of the {len(x)} points in [-{RANGE:g}, {RANGE:g}]; "
+                           "kernelgen fit needs h defined on the whole real line")
 
     def nodes(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         inside = c[(c > -RANGE) & (c < RANGE)]

@@ -1,15 +1,27 @@
 """Render specs into Triton source (one file per op and arch), the arch-independent ops module and
-each arch's baked launch configs; enumerate the tuning groups and the kernels they compile."""
+each arch's baked launch configs; enumerate the tuning groups and the kernels they compile.
+
+No free text reaches generated code, by construction: every value handed to a template is checked
+(_template_vars) to be an integer, a plain word (identifier, hex digest), or text this module has
+marked for where it goes: `Code` (printed here: expressions, float reprs, config dicts), `Quoted`
+(any text as an ASCII Python string literal: no quote or line break can end it) or `CommentText`
+(text refused if it holds a line break or control character: safe after a `#`). A spec's
+description, a file name or a tuning database's GPU name handed over bare is a RenderError, so a
+future template cannot paste it into code by mistake.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import jinja2
 
+from . import plaintext
 from . import space
 from .archs import DTYPES, TRITON_DTYPE, Arch
 from .expr import TRITON_HELPERS
@@ -35,14 +47,71 @@ def template_dir() -> Path:
         return Path(__file__).resolve().parent.parent / "templates"
 
 
+class Code(str):
+    """Code this module printed itself; emitted verbatim."""
+
+
+class Quoted(str):
+    """Text as an ASCII Python string literal (ascii()): no quote, backslash or line break in the
+    text can end it, and non-ASCII characters read back exactly whatever the file's encoding."""
+
+
+class CommentText(str):
+    """One line of printable text, for a position after `#`."""
+
+
+def quoted(text: str) -> Quoted:
+    return Quoted(ascii(str(text)))
+
+
+def comment_text(text: str, what: str) -> CommentText:
+    bad = plaintext.problem(str(text))
+    if bad:
+        raise RenderError(f"{what}: {bad}")
+    return CommentText(text)
+
+
+_WORD = re.compile(r"[A-Za-z0-9_]*")  # identifiers, arch names, hex digests: harmless anywhere
+
+
+def _template_vars(value, where: str = "template variables"):
+    """`value`, after checking that nothing in it is text a template could paste unmarked."""
+    if isinstance(value, (Code, Quoted, CommentText, int)):  # bool is an int
+        return value
+    if isinstance(value, str):
+        if _WORD.fullmatch(value):
+            return value
+        raise RenderError(f"{where}: text {value!r:.60} handed to a template unmarked; wrap it in "
+                          "quoted(), comment_text() or (if printed by kernelgen) Code()")
+    if isinstance(value, dict):
+        return {k: _template_vars(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_template_vars(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise RenderError(f"{where}: {type(value).__name__} handed to a template; pass its fields")
+
+
+def _finalize(value):
+    # Only strings and integers print; a None or a float would print as Python spells it, silently.
+    if isinstance(value, (str, int)):
+        return value
+    raise RenderError(f"a template prints {type(value).__name__} {value!r:.60}")
+
+
+@functools.lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
+    """One environment per process: it caches the compiled templates (and reloads a changed file)."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,  # a missing variable is an error, never an empty string
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        finalize=_finalize,
     )
+
+
+def _render(template: str, **variables) -> str:
+    return _env().get_template(template).render(**_template_vars(variables))
 
 
 def template_sha256(name: str) -> str:
@@ -56,12 +125,16 @@ def spec_file_label(spec: Spec) -> str:
     return f"kernelgen/specs/{path.name}" if path.resolve().parent == builtin.resolve() else path.name
 
 
-def _level_select(levels: tuple[float, ...]) -> str:
+def _num(value: float) -> Code:
+    return Code(repr(float(value)))
+
+
+def _level_select(levels: tuple[float, ...]) -> Code:
     # A chain of selects: Triton has no gather from a constant table. 2**k - 1 compares per element.
     expr = repr(levels[-1])
-    for code in range(len(levels) - 2, -1, -1):
-        expr = f"tl.where(code == {code}, {levels[code]!r}, {expr})"
-    return expr
+    for c in range(len(levels) - 2, -1, -1):
+        expr = f"tl.where(code == {c}, {levels[c]!r}, {expr})"
+    return Code(expr)
 
 
 def _pack_rounds(spec: Spec) -> list[dict]:
@@ -228,30 +301,42 @@ def variants(groups: list[TuneGroup]) -> list[KernelVariant]:
     return out
 
 
+def _arch_vars(arch: Arch) -> dict:
+    return {"name": arch.name}
+
+
+def _spec_vars(spec: Spec) -> dict:
+    """What the activation template shows of a spec; free text only after a `#`."""
+    return {"name": spec.name, "sha256": spec.sha256, "bits": spec.bits, "boundary": spec.boundary,
+            "gated": spec.gated, "description": comment_text(spec.description, f"{spec.name}: [op].description"),
+            "forward": {"text": comment_text(spec.forward.text, f"{spec.name}: [op].forward")}}
+
+
 def render_activation(spec: Spec, arch: Arch) -> str:
     forward = spec.forward.triton()
     derivative = spec.forward.triton_derivative() if spec.gated else ""
     asym = asymptotes(spec.forward) if spec.gated else None
     try:
-        return _env().get_template(ACTIVATION_TEMPLATE).render(
-            spec=spec,
-            arch=arch,
-            spec_file=spec_file_label(spec),
+        return _render(
+            ACTIVATION_TEMPLATE,
+            spec=_spec_vars(spec),
+            arch=_arch_vars(arch),
+            spec_file=comment_text(spec_file_label(spec), f"{spec.name}: the spec's file name"),
             template_sha256=template_sha256(ACTIVATION_TEMPLATE),
-            thresholds=[repr(to_f32(c)) for c in spec.thresholds],
-            levels=[repr(to_f32(v)) for v in spec.levels],
-            compare=">" if spec.boundary == "lower" else ">=",
-            forward_triton=forward,
+            thresholds=[_num(to_f32(c)) for c in spec.thresholds],
+            levels=[_num(to_f32(v)) for v in spec.levels],
+            compare=Code(">" if spec.boundary == "lower" else ">="),
+            forward_triton=Code(forward),
             level_select=_level_select(tuple(to_f32(v) for v in spec.levels)),
             pack_rounds=_pack_rounds(spec),
             cpb=spec.codes_per_byte,
             planes=spec.planes,
             field=spec.bits if spec.planes == 1 else 1,
             uses_tanh="_tanh(" in forward + derivative,
-            derivative_triton=derivative,
-            slope_left=repr(asym.slope_left) if asym else "",
-            slope_right=repr(asym.slope_right) if asym else "",
-            triton_helpers=TRITON_HELPERS.strip(),
+            derivative_triton=Code(derivative),
+            slope_left=_num(asym.slope_left) if asym else "",
+            slope_right=_num(asym.slope_right) if asym else "",
+            triton_helpers=Code(TRITON_HELPERS.strip()),
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering {spec.name} for {arch.name} from templates/{ACTIVATION_TEMPLATE}: {err}") from err
@@ -261,33 +346,34 @@ def _derivative_fields(s: Spec) -> dict:
     if not s.gated:
         return {}
     asym = asymptotes(s.forward)
-    return {"derivative_torch": s.forward.torch_derivative(), "slope_left": repr(asym.slope_left),
-            "slope_right": repr(asym.slope_right)}
+    return {"derivative_torch": Code(s.forward.torch_derivative()), "slope_left": _num(asym.slope_left),
+            "slope_right": _num(asym.slope_right)}
 
 
 def render_ops(specs: list[Spec]) -> str:
     rows = [
         {
             "name": s.name,
-            "description": s.description,
-            "forward": s.forward,
-            "replaces": s.replaces,
+            "description": quoted(s.description),
+            "forward": {"text": quoted(s.forward.text)},
+            "replaces": quoted(s.replaces),
             "gated": s.gated,
             "bits": s.bits,
             "boundary": s.boundary,
-            "thresholds_f32": [repr(to_f32(c)) for c in s.thresholds],
-            "levels_f32": [repr(to_f32(v)) for v in s.levels],
-            "fit_error": repr(s.fit_error),
+            "thresholds_f32": [_num(to_f32(c)) for c in s.thresholds],
+            "levels_f32": [_num(to_f32(v)) for v in s.levels],
+            "fit_error": _num(s.fit_error),
             "sha256": s.sha256,
-            "forward_torch": s.forward.torch(),
+            "forward_torch": Code(s.forward.torch()),
             **_derivative_fields(s),
         }
         for s in specs
     ]
     try:
-        return _env().get_template(OPS_TEMPLATE).render(
+        return _render(
+            OPS_TEMPLATE,
             specs=rows,
-            spec_files=[spec_file_label(s) for s in specs],
+            spec_files=[comment_text(spec_file_label(s), f"{s.name}: the spec's file name") for s in specs],
             template_sha256=template_sha256(OPS_TEMPLATE),
         )
     except jinja2.TemplateError as err:
@@ -296,22 +382,34 @@ def render_ops(specs: list[Spec]) -> str:
 
 def render_norm(arch: Arch) -> str:
     try:
-        return _env().get_template(NORM_TEMPLATE).render(arch=arch, template_sha256=template_sha256(NORM_TEMPLATE))
+        return _render(NORM_TEMPLATE, arch=_arch_vars(arch), template_sha256=template_sha256(NORM_TEMPLATE))
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the norm kernels for {arch.name} from templates/{NORM_TEMPLATE}: {err}") from err
 
 
+_NOTE = re.compile(r"static|tuned( [0-9]+\.[0-9]+x)?")  # what build._choose writes
+
+
 def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned_with: str) -> str:
-    """configs.py of an arch: every group's chosen config, with a note on where it came from."""
-    act = [(repr((g.op, g.kernel, g.dtype, *g.index)), repr(cfg), note) for g, cfg, note in choices if g.op != NORM_FILE]
-    norm = [(repr((g.kernel, g.dtype, *g.index)), repr(cfg), note) for g, cfg, note in choices if g.op == NORM_FILE]
+    """configs.py of an arch: every group's chosen config, with a note on where it came from.
+    `tuned_with` names the GPUs and Triton versions of the tuning DB: text from that file."""
+    def row(key: tuple, cfg: dict, note: str) -> tuple[Code, Code, Code]:
+        if not _NOTE.fullmatch(note):
+            raise RenderError(f"unexpected note {note!r:.80} for {key!r}")
+        return Code(repr(key)), Code(repr(dict(cfg))), Code(note)  # configs come from the spaces
+
+    act = [row((g.op, g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op != NORM_FILE]
+    norm = [row((g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op == NORM_FILE]
     n_tuned = sum(note.startswith("tuned") for _, _, note in choices)
     try:
-        return _env().get_template(CONFIGS_TEMPLATE).render(
-            arch=arch, template_sha256=template_sha256(CONFIGS_TEMPLATE), activation=act, norm=norm,
-            n_tuned=n_tuned, n_total=len(choices), tuned_with=f" ({tuned_with})" if n_tuned else "",
-            element_bounds=repr(space.activation_space().element_bounds),
-            norm_widths=repr(space.norm_space().widths), norm_row_bounds=repr(space.norm_space().row_bounds),
+        return _render(
+            CONFIGS_TEMPLATE,
+            arch=_arch_vars(arch), template_sha256=template_sha256(CONFIGS_TEMPLATE), activation=act, norm=norm,
+            n_tuned=n_tuned, n_total=len(choices),
+            tuned_with=comment_text(f" ({tuned_with})" if n_tuned else "", f"{arch.name}: the tuning database's GPU names"),
+            element_bounds=Code(repr(space.activation_space().element_bounds)),
+            norm_widths=Code(repr(space.norm_space().widths)),
+            norm_row_bounds=Code(repr(space.norm_space().row_bounds)),
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the launch configs for {arch.name} from templates/{CONFIGS_TEMPLATE}: {err}") from err

@@ -7,22 +7,27 @@ offending field when it can be found, the field, and what is wrong.
 from __future__ import annotations
 
 import hashlib
+import keyword
 import math
 import re
-import struct
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import expr
+from . import expr, plaintext
+from .expr import to_f32
 
 SUPPORTED_BITS = (1, 2, 3, 4)
 BOUNDARIES = {
     "lower": "x == c_i takes the level below c_i (code = number of thresholds strictly below x)",
     "upper": "x == c_i takes the level above c_i (code = number of thresholds at or below x)",
 }
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")  # always with fullmatch: `$` would let a trailing newline through
+# An op's name becomes <arch>/<name>.py and <name>_forward in ops.py: it must not be a file the tree
+# layout already uses (kernelgen/build.py) nor a Python keyword.
+RESERVED_NAMES = frozenset({"configs", "ops", "ms_norm", "manifest", "__init__"}
+                           | {k for k in keyword.kwlist + keyword.softkwlist if k.islower()})
 _FIELDS = {
     "op": {"name": True, "description": False, "forward": True, "replaces": False, "gated": False},
     "approx": {"bits": True, "boundary": True, "thresholds": True, "coefficients": False, "levels": False,
@@ -109,11 +114,24 @@ def _line_of(text: str, table: str, key: str | None) -> int | None:
     return None
 
 
+def name_problem(name: str) -> str | None:
+    """What is wrong with `name` as an op name, or None."""
+    if not NAME_RE.fullmatch(name):
+        return f"{name!r} must be lower-case letters, digits and _, starting with a letter (max 48)"
+    if name in RESERVED_NAMES:
+        return f"{name!r} is reserved (a file of the generated tree or a Python keyword); choose another name"
+    return None
+
+
+def _label(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else repr(key)  # a message stays one line
+
+
 def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
     def fail(table: str, key: str | None, problem: str) -> None:
         line = _line_of(text, table, key) or _line_of(text, table, None)  # else the table header
         where = f"{path}:{line}" if line else f"{path}"
-        field = f"[{table}].{key}" if key else f"[{table}]"
+        field = f"[{_label(table)}].{_label(key)}" if key else f"[{_label(table)}]"
         raise SpecError(f"{where}: {field}: {problem}")
 
     for table in data:
@@ -138,11 +156,23 @@ def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
             fail(table, key, f"must be {names}, got {type(value).__name__} {value!r}")
         return value
 
+    def text_field(table: str, key: str) -> str:
+        value = typed(table, key, (str,), "")
+        bad = plaintext.problem(value)
+        if bad:
+            fail(table, key, bad)
+        return value
+
     name = typed("op", "name", (str,))
-    if not NAME_RE.match(name):
-        fail("op", "name", f"{name!r} must be lower-case letters, digits and _, starting with a letter (max 48)")
+    if name_problem(name):
+        fail("op", "name", name_problem(name))
+    description, replaces = text_field("op", "description"), text_field("op", "replaces")
+    fit_source = text_field("approx", "fit_source")
+    gated = typed("op", "gated", (bool,), False)
     try:
         forward = expr.parse(typed("op", "forward", (str,)))
+        if gated:  # the gated kernels print h' too
+            forward.check_printable(derivative=True)
     except expr.ExprError as err:
         fail("op", "forward", str(err))
 
@@ -160,6 +190,8 @@ def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 fail("approx", key, f"every value must be a finite number, got {v!r}")
+            if not math.isfinite(to_f32(float(v))):  # kernels hold these as float32 constants
+                fail("approx", key, f"{v!r} overflows float32 (|value| <= 3.4e38)")
         return tuple(float(v) for v in values)
 
     m = 2**bits - 1
@@ -178,6 +210,8 @@ def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
     if has_coeff:
         coeff = numbers("coefficients", m)
         levels = tuple([0.0] + [math.fsum(coeff[: j + 1]) for j in range(m)])
+        if not all(math.isfinite(to_f32(v)) for v in levels):
+            fail("approx", "coefficients", f"a level (prefix sum) overflows float32: {list(levels)}")
     else:
         levels = numbers("levels", m + 1)
 
@@ -186,21 +220,17 @@ def _validate(data: dict, path: Path, text: str, sha: str) -> Spec:
         fail("approx", "fit_error", f"must be a finite number >= 0, got {fit_error!r}")
     return Spec(
         name=name,
-        description=typed("op", "description", (str,), ""),
+        description=description,
         forward=forward,
-        replaces=typed("op", "replaces", (str,), ""),
-        gated=typed("op", "gated", (bool,), False),
+        replaces=replaces,
+        gated=gated,
         bits=bits,
         boundary=boundary,
         thresholds=thresholds,
         levels=levels,
         fit_error=float(fit_error),
-        fit_source=typed("approx", "fit_source", (str,), ""),
+        fit_source=fit_source,
         path=str(path),
         sha256=sha,
     )
 
-
-def to_f32(value: float) -> float:
-    """The float32 nearest to value (round to nearest even), as a Python float."""
-    return struct.unpack("f", struct.pack("f", value))[0]

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import plaintext
 from .space import config_id
 
 FORMAT = 1
@@ -76,6 +78,7 @@ class TuneDB:
         return self.entries[key]
 
     def record(self, key: EntryKey, config: dict, ms: float, error: str = "") -> None:
+        error = plaintext.clean(error)[:MAX_ERROR]  # as parse() will accept it back
         self.entries[key].results[config_id(config)] = Result(float(ms), error)
 
     def to_json(self) -> str:
@@ -119,14 +122,38 @@ def _need(cond: bool, where: str, what: str) -> None:
         raise DBError(f"{where}: {what}")
 
 
-def _text(value, where: str) -> str:
-    _need(isinstance(value, str) and value != "", where, f"must be a non-empty string, got {value!r}")
+# The shape of every key field. The DB comes from another machine, maybe another person: its text
+# reaches configs.py (quoted, render.py) and the manifest, so each field is held to what kernelgen
+# itself writes there; the free-text one (the GPU's name) to one line of printable text.
+_KEY_FORMATS = {
+    "op": (re.compile(r"[a-z][a-z0-9_]{0,47}"), "an op name"),
+    "kernel": (re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*"), "a kernel name such as layernorm.affine.forward"),
+    "dtype": (re.compile(r"[a-z0-9]{1,16}"), "a dtype name such as bfloat16"),
+    "bucket": (re.compile(r"[a-z]+(<=|>)[0-9]+(,[a-z]+(<=|>)[0-9]+)*"), "a bucket label such as n<=65536"),
+    "source_sha256": (re.compile(r"[0-9a-f]{64}"), "64 lower-case hex digits"),
+    "triton": (re.compile(r"[0-9A-Za-z.+_-]{1,64}"), "a version such as 3.2.0"),
+}
+_CONFIG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+MAX_TEXT = 200  # the GPU's name
+MAX_ERROR = 2000  # a measurement's error message
+
+
+def _text(value, where: str, field: str | None = None, max_len: int = MAX_TEXT) -> str:
+    _need(isinstance(value, str) and value != "", where, f"must be a non-empty string, got {value!r:.80}")
+    if field in _KEY_FORMATS:
+        pattern, what = _KEY_FORMATS[field]
+        _need(pattern.fullmatch(value) is not None, where, f"must be {what}, got {value!r:.80}")
+    else:
+        _need(len(value) <= max_len, where, f"must be at most {max_len} characters, got {len(value)}")
+        bad = plaintext.problem(value)
+        _need(bad is None, where, f"{value!r:.80} {bad}")
     return value
 
 
 def _config(cfg, where: str) -> dict:
-    _need(isinstance(cfg, dict) and cfg and all(isinstance(k, str) and isinstance(v, int) for k, v in cfg.items()),
-          where, f"must map names to integers, got {cfg!r}")
+    _need(isinstance(cfg, dict) and cfg and all(isinstance(k, str) and _CONFIG_NAME.fullmatch(k) and isinstance(v, int)
+                                                for k, v in cfg.items()),  # bools too: SINGLE_PASS
+          where, f"must map parameter names to integers, got {cfg!r:.120}")
     return cfg
 
 
@@ -143,7 +170,7 @@ def parse(text: str, arch: str, where: str) -> TuneDB:
     for i, e in enumerate(data["entries"]):
         at = f"{where}: entries[{i}]"
         _need(isinstance(e, dict), at, "must be an object")
-        key = EntryKey(**{f: _text(e.get(f), f"{at}.{f}") for f in EntryKey.__dataclass_fields__})
+        key = EntryKey(**{f: _text(e.get(f), f"{at}.{f}", f) for f in EntryKey.__dataclass_fields__})
         _need(key not in db.entries, at, "repeats an earlier entry's key")
         problem, moved = e.get("problem"), e.get("bytes_moved")
         _need(isinstance(problem, list) and problem and all(isinstance(n, int) and n > 0 for n in problem),
@@ -160,6 +187,8 @@ def parse(text: str, arch: str, where: str) -> TuneDB:
                   f"{rat}.ms", f"must be a positive number or null, got {ms!r}")
             error = r.get("error", "")
             _need(isinstance(error, str), f"{rat}.error", "must be a string")
+            if error:
+                _text(error, f"{rat}.error", max_len=MAX_ERROR)
             _need(config_id(cfg) not in entry.results, rat, "repeats a config of this entry")
             entry.results[config_id(cfg)] = Result(math.inf if ms is None else float(ms), error)
     return db

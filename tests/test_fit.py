@@ -136,3 +136,45 @@ def test_random_activations_end_to_end(tmp_path_factory, family, a, b, s, bits):
             y.backward(dy)
         torch.testing.assert_close(y.detach().double(), want.double(), rtol=2e-6, atol=2e-6)
         torch.testing.assert_close(x.grad.double(), ref.grad(name, x, dy), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("x/0", "'x/0' is not finite"),
+    ("log(x)", "'log(x)' is not a finite real number at x = -"),
+    ("sqrt(x)", "'sqrt(x)' is not a finite real number at x = -"),
+    ("x * log(x - 50)", "is not a finite real number at x = "),
+    ("exp(1000) * x", "is not a finite float32"),
+])
+def test_cli_fit_refuses_functions_undefined_on_the_real_line(text, problem, capsys):
+    """Domain errors are one line naming the expression and where it is not finite, never a traceback."""
+    assert cli.main(["fit", "--expr", text, "--bits", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kernelgen fit: error: ") and problem in err and "\n" not in err, err
+
+
+def test_cli_new_refuses_to_overwrite_and_checks_arguments_first(tmp_path, capsys):
+    path = tmp_path / "myact.toml"
+    path.write_text("# my hand-edited spec\n")
+    argv = ["new", "myact", "--expr", "x * sigmoid(x)", "--bits", "1", "--dir", str(tmp_path), "--no-build"]
+    assert cli.main(argv) == 1
+    assert "myact.toml already exists; pass --force to overwrite it" in capsys.readouterr().err
+    assert path.read_text() == "# my hand-edited spec\n"
+    assert cli.main(argv + ["--force"]) == 0
+    assert spec.load(path).name == "myact"
+    for bad, needle in [(["configs"], "name: 'configs' is reserved"), (["ab\n"], "name: 'ab\\n' must be"),
+                        (["other", "--description", "a\nb"], "--description: contains U+000A")]:
+        assert cli.main(["new", *bad, "--expr", "x * sigmoid(x)", "--dir", str(tmp_path), "--no-build"]) == 1
+        assert needle in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["myact.toml"]
+
+
+@pytest.mark.parametrize("description", ['it\'s "quoted" \\ \\n \\u0041 \'\'\' """', "GELU 😀 é ∫ \u00a0 \U0010fffd",
+                                         "[op]\\nname = 'x'"])
+def test_cli_new_writes_toml_that_reads_back(tmp_path, description):
+    import tomllib
+
+    assert cli.main(["new", "myact", "--expr", "x * sigmoid(x)", "--bits", "1", "--dir", str(tmp_path), "--no-build",
+                     "--description", description, "--replaces", description[::-1]]) == 0
+    data = tomllib.loads((tmp_path / "myact.toml").read_text(encoding="utf-8"))
+    assert data["op"]["description"] == description and data["op"]["replaces"] == description[::-1]
+    assert spec.load(tmp_path / "myact.toml").description == description

@@ -123,3 +123,46 @@ def test_expression_language_is_closed():
         with pytest.raises(expr.ExprError, match=needle):
             expr.parse(bad)
     assert math.isclose(float(expr.parse("sqrt(2) * x").derivative()), math.sqrt(2))
+
+
+DEEP = "exp(" * 200 + "x" + ")" * 200
+
+
+@pytest.mark.parametrize("old, new, field, problem", [
+    ('"x * sigmoid(x)"', '"1e400 * x"', "[op].forward", "is not finite"),
+    ('"x * sigmoid(x)"', '"exp(1000) * x"', "[op].forward", "exp(1000) is not a finite float32"),
+    ('"x * sigmoid(x)"', '"10**400 * x"', "[op].forward", "is not a finite float32"),
+    ('"x * sigmoid(x)"', '"x * 1e-50"', "[op].forward", "underflows to 0 in float32"),
+    ('"x * sigmoid(x)"', '"x / 0"', "[op].forward", "is not finite"),
+    ('"x * sigmoid(x)"', '"x * sqrt(-1)"', "[op].forward", "complex"),
+    ('"x * sigmoid(x)"', f'"{DEEP}"', "[op].forward", "nested too deeply"),
+    ('"x * sigmoid(x)"', '"' + "-" * 5000 + 'x"', "[op].forward", "at most 2000"),
+    ('"x * sigmoid(x)"', '"x' + " + x" * 100 + '"', "[op].forward", "nested too deeply"),
+    ("[-1.0, 0.0, 1.0]", "[-1.0, 0.0, 1e39]", "[approx].thresholds", "1e+39 overflows float32"),
+    ("coefficients = [0.25, 0.5, 0.25]", "levels = [0.0, 1.0, 2.0, -1e39]", "[approx].levels", "overflows float32"),
+    ("coefficients = [0.25, 0.5, 0.25]", "coefficients = [3e38, 3e38, 0.25]", "[approx].coefficients", "overflows float32"),
+    ('name = "myact"', 'name = "myact\\n"', "[op].name", "lower-case letters"),
+    ('name = "myact"', 'name = "configs"', "[op].name", "'configs' is reserved"),
+    ('name = "myact"', 'name = "ops"', "[op].name", "reserved"),
+    ('name = "myact"', 'name = "ms_norm"', "[op].name", "reserved"),
+    ('name = "myact"', 'name = "manifest"', "[op].name", "reserved"),
+    ('name = "myact"', 'name = "lambda"', "[op].name", "reserved"),
+    ('name = "myact"', 'name = "myact"\ndescription = "a\\rb"', "[op].description", "U+000D (CARRIAGE RETURN)"),
+    ('name = "myact"', 'name = "myact"\nreplaces = "a\\u2029b"', "[op].replaces", "U+2029"),
+    ("fit_error = 0.5", 'fit_error = 0.5\nfit_source = "a\\u0085b"', "[approx].fit_source", "U+0085"),
+])
+def test_values_kernels_cannot_hold_are_refused_in_one_line(tmp_path, old, new, field, problem):
+    """Each would otherwise pass validation and fail deep in the Triton compiler, raise a
+    RecursionError, or break the generated tree."""
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(spec.SpecError) as err:
+        spec.load(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:") and f": {field}: " in msg and problem in msg, msg
+    assert "\n" not in msg and len(msg) < 400
+
+
+def test_expressions_are_stored_canonical():
+    e = expr.parse("(x *  # a comment\n  sigmoid(x))  # another")
+    assert e.text == "x * sigmoid(x)" and e.sym == expr.parse("x*sigmoid(x)").sym

@@ -3,7 +3,7 @@
 # template sha256: e3a09ccacee43f1474ef28347891c7e0406bf1900ac9ef784b2bcd9672539ea3
 #
 # tanh_gelu2: tanh-approximated GELU forward (Gemma, GPT-2), 2-bit derivative in backward
-# forward  h(x) = 0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x**3)))   (computed exactly, in float32)
+# forward  h(x) = 0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))   (computed exactly, in float32)
 # backward dx = dy * L[code], a 2-bit code per element:
 #   code = number of thresholds c_i strictly below x, comparing x in float32
 #   thresholds (float32)     = -3.1628801822662354, -7.186127248814955e-10, 3.1628801822662354
