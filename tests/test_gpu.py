@@ -142,9 +142,9 @@ def test_cuda_ops_on_views_match_torch_path(layout):
 
     rows, cols = 33, 1000
     torch.manual_seed(1)
-    leaves = [torch.randn(leaf_shape(layout, k, rows, cols), dtype=torch.bfloat16) * 3 for k in (0, 1, 0)]
+    leaves = [torch.randn(leaf_shape(layout, k, rows, cols)) * 3 for k in (0, 1, 0)]
     w = torch.rand(cols) + 0.5
-    dy = torch.randn(rows, cols, dtype=torch.bfloat16)
+    dy = torch.randn(rows, cols)
     out = {}
     for device in ("cuda", "cpu"):
         ls = [t.to(device).requires_grad_(True) for t in leaves]
@@ -155,4 +155,4 @@ def test_cuda_ops_on_views_match_torch_path(layout):
         out[device] = [t.detach().cpu().double() for t in [y, ws.grad] + [t.grad for t in ls]]
     for got, want in zip(out["cuda"], out["cpu"]):
         scale = max(1.0, want.abs().max().item())
-        assert (got - want).abs().max().item() <= 3e-2 * scale
+        assert (got - want).abs().max().item() <= 1e-3 * scale  # a layout bug is off by O(1)
