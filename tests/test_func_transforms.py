@@ -171,3 +171,19 @@ def test_double_backward_still_refused():
     (dx,) = torch.autograd.grad(lo.ms_layernorm(x, 5, w).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward through a memory-sharing norm is not supported"):
         dx.sum().backward()
+
+
+def test_forward_ad_support_keeps_no_input_alive():
+    """jvp needs the input, but it is saved for forward-mode AD only: in training the op still keeps
+    nothing of its input (the whole point of the ops)."""
+    import gc
+    import weakref
+
+    leaf = torch.randn(4, 8, requires_grad=True)
+    for f in (lo.regelu2, lambda a: lo.swiglu(a, torch.ones(4, 8), "approx"), lambda a: lo.ms_layernorm(a, 8)):
+        a = leaf * 2
+        alive = weakref.ref(a)
+        y = f(a)
+        del a
+        gc.collect()
+        assert alive() is None and y.grad_fn is not None
