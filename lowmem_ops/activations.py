@@ -5,6 +5,9 @@ Two torch.library custom ops carry them, so torch.compile(fullgraph=True) traces
     lowmem_ops::approx_act_fwd(x, name, save_codes) -> (y, codes)
     lowmem_ops::approx_act_bwd(dy, codes, name) -> dx
 
+Eager calls go through an autograd.Function around them that adds forward-mode AD (the exact
+tangent) and torch.func support; compiled code calls the ops directly (see _transforms).
+
 Under grad mode autograd saves only `codes`, ceil(numel * bits / 8) bytes; without grad (no_grad,
 inference_mode, or an input that does not require grad) no codes are computed and nothing is saved.
 

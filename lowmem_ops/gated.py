@@ -11,6 +11,9 @@ mode="auto" picks the smaller, preferring exact on a tie.
 
     lowmem_ops::gated_fwd(gate, up, name, approx, need_gate, need_up) -> (out, h, codes)
     lowmem_ops::gated_bwd(dy, gate?, up?, h?, codes?, name, approx, need_gate, need_up) -> (dgate, dup)
+
+Eager calls go through an autograd.Function around them that adds forward-mode AD (the exact
+tangent) and torch.func support; compiled code calls the ops directly (see _transforms).
 """
 
 from __future__ import annotations
