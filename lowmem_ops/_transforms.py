@@ -6,10 +6,9 @@ differentiates the exact torch function (h(x), h(gate) * up, F.layer_norm / F.rm
 torch.func.vjp twice, which works both inside torch.func.jvp and under torch.autograd.forward_ad
 (where a nested forward-mode transform is not allowed).
 
-torch.func.grad, vjp, jvp, jacrev and jacfwd work (jacrev/jacfwd batch only the cotangents or
-tangents). vmap over an op's inputs, and so vmap(grad) for per-sample gradients, is refused with an
-error naming the op: the 1-4 bit codes are packed over the whole tensor, so a batched call cannot be
-split per sample.
+torch.func.grad, vjp, jacrev, jacfwd and vmap work. vmap (generate_vmap_rule) runs each custom op
+once per sample through torch's fallback for ops without a batching rule, so the codes stay per
+sample: correct, a loop over the batch in speed, and torch warns about that once.
 
 torch.compile: Dynamo cannot trace an autograd.Function with a custom jvp, so compiled code calls
 the custom ops directly (their register_autograd backward); see `use_custom_op`.
@@ -39,14 +38,6 @@ def exact_jvp(f: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[t
     (jv,) = transpose(tuple(tangents))
     return jv.to(out_dtype)
 
-
-CODES_NOT_PER_SAMPLE = "its saved low-bit codes are packed over the whole tensor and cannot be split per sample"
-
-
-def refuse_vmap(what: str, why: str, instead: str) -> None:
-    raise RuntimeError(f"lowmem_ops.{what}: torch.vmap over its inputs (as in vmap(grad(f)) for per-sample "
-                       f"gradients) is not supported: {why}. Loop over the batch instead, or use {instead} under "
-                       "vmap. (torch.func.grad, vjp, jvp, jacrev and jacfwd work.)")
 
 
 def call_directly(fn: Callable, message: str, *args):

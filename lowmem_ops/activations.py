@@ -116,6 +116,8 @@ approx_act_bwd.register_autograd(_double_backward, setup_context=_setup_bwd)
 class _ApproxActivation(torch.autograd.Function):
     """approx_act_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x, name, save_codes):
         return approx_act_fwd(x, name, save_codes)
@@ -135,10 +137,6 @@ class _ApproxActivation(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         op = get_op(ctx.name)
         return _transforms.exact_jvp(op.forward, (x,), (dx,), compute_dtype(x.dtype), x.dtype), None
-
-    @staticmethod
-    def vmap(info, in_dims, x, name, save_codes):
-        _transforms.refuse_vmap(name, _transforms.CODES_NOT_PER_SAMPLE, "the exact torch activation")
 
 
 def approx_activation(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -135,6 +135,8 @@ gated_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, input
 class _Gated(torch.autograd.Function):
     """gated_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(gate, up, name, approx, need_gate, need_up):
         return gated_fwd(gate, up, name, approx, need_gate, need_up)
@@ -156,10 +158,6 @@ class _Gated(torch.autograd.Function):
         out = _transforms.exact_jvp(lambda g, u: h(g) * u, (gate, up), (dgate, dup), compute_dtype(gate.dtype),
                                     gate.dtype)
         return out, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, gate, up, name, *_):
-        _transforms.refuse_vmap(name, _transforms.CODES_NOT_PER_SAMPLE, "act(gate) * up with torch's activation")
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -> torch.Tensor:

@@ -137,6 +137,8 @@ ms_norm_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inp
 class _MSNorm(torch.autograd.Function):
     """ms_norm_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x, weight, bias, n_cols, eps, is_rms, out_dtype):
         return ms_norm_fwd(x, weight, bias, n_cols, eps, is_rms, out_dtype)
@@ -166,11 +168,6 @@ class _MSNorm(torch.autograd.Function):
         dy = _transforms.exact_jvp(norm, [p for p, _ in present], [t for _, t in present], compute_dtype(x.dtype),
                                    ctx.out_dtype)
         return dy, None
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        what = "ms_rmsnorm" if args[5] else "ms_layernorm"
-        _transforms.refuse_vmap(what, "its custom ops have no batching rule", "torch's layer_norm / rms_norm")
 
 
 def _flat(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -3,7 +3,7 @@
 The forward is exact, so the tangent is the exact function's: it must equal torch.func.jvp of
 torch's own function (F.gelu, silu(gate) * up, F.layer_norm, ...) computed in float64, never zero or
 None. torch.func.grad gives what eager backward gives (the ops' approximate backward where they have
-one). vmap over an op's inputs is refused with an error naming the op."""
+one), and under vmap what a loop over the batch gives."""
 
 import pytest
 import torch
@@ -148,17 +148,27 @@ def test_jacobians():
     torch.testing.assert_close(jr.double(), torch.diag(ref.grad("regelu2", x, torch.ones_like(x))), rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("case, name", [("regelu2", "regelu2"), ("swiglu_exact", "resilu2"),
-                                        ("layernorm_affine", "ms_layernorm"), ("rmsnorm", "ms_rmsnorm")])
-def test_vmap_is_refused_by_name(case, name):
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's per-sample fallback
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_vmap_per_sample_gradients_equal_a_loop(case, backend):
+    """vmap(grad(f)) over the first input (per-sample gradients) and vmap(f) equal a loop over the batch:
+    each sample keeps its own codes."""
     f, shapes = CASES[case]
-    x, *rest = (t.float() for t in inputs(*shapes))
-    batched = x.expand(3, *x.shape).clone()  # a batch over the first input, e.g. per-sample gradients
+    x, *rest = (t.float() for t in inputs((3, *shapes[0]), *shapes[1:]))
     in_dims = (0,) + (None,) * len(rest)
-    with pytest.raises(RuntimeError, match=rf"lowmem_ops\.{name}: torch\.vmap over its inputs .* not supported"):
-        torch.vmap(f, in_dims)(batched, *rest)
-    with pytest.raises(RuntimeError, match=rf"lowmem_ops\.{name}: torch\.vmap"):
-        torch.vmap(torch.func.grad(lambda *a: f(*a).sum()), in_dims)(batched, *rest)
+    loss = lambda *a: f(*a).square().sum()  # noqa: E731
+    argnums = tuple(range(1 + len(rest)))
+    with ref.backend(backend):
+        y = torch.vmap(f, in_dims)(x, *rest)
+        got = torch.vmap(torch.func.grad(loss, argnums), in_dims)(x, *rest)
+        want_y = torch.stack([f(xi, *rest) for xi in x])
+        want = [torch.func.grad(loss, argnums)(xi, *rest) for xi in x]
+    torch.testing.assert_close(y, want_y)
+    for k, g in enumerate(got):
+        torch.testing.assert_close(g, torch.stack([w[k] for w in want]))
+    # and the per-sample gradient of x is eager backward's on that sample alone
+    torch.testing.assert_close(got[0][1], eager_grads(f, [x[1], *rest])[0])
 
 
 def test_double_backward_still_refused():
