@@ -12,7 +12,7 @@ import torch
 from ._common import compute_dtype
 from . import _configs
 from ._tree import builtin_tree, kernel_module_file
-from ._triton_backend import arch_for, device_guard
+from ._triton_backend import arch_for, dense, launch
 
 NORM_FILE = "ms_norm"
 
@@ -66,6 +66,7 @@ def _launch_args(cfg: dict) -> dict:
 
 def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict | None = None):
     """`cfg`: a launch config to use instead of the baked one (the tuner's)."""
+    x, weight, bias = dense(x), dense(weight), dense(bias)
     rows, cols = x.shape
     y = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -75,11 +76,8 @@ def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict
     cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, weight is not None, "forward"), x.dtype, rows, cols)
     w = weight if weight is not None else rstd  # never read when AFFINE is off
     b = bias if bias is not None else w
-    with device_guard(x):
-        module.forward_kernel[(rows,)](
-            x, y, rstd, w, b, cols, eps, IS_RMS=is_rms, AFFINE=weight is not None, HAS_BIAS=bias is not None,
-            **_launch_args(cfg),
-        )
+    launch(module.forward_kernel, (rows,), x, y, rstd, w, b, cols, eps, IS_RMS=is_rms, AFFINE=weight is not None,
+           HAS_BIAS=bias is not None, **_launch_args(cfg))
     return y, rstd
 
 
@@ -93,12 +91,14 @@ def _backward_programs(cfg: dict, device, rows, interpret) -> int:
 def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret, cfg: dict | None = None,
                     param_cfg: dict | None = None):
     """`cfg` / `param_cfg`: launch configs of the backward / dgamma kernels instead of the baked ones."""
+    dy, y, rstd, weight, bias = (dense(t) for t in (dy, y, rstd, weight, bias))
     rows, cols = y.shape
     dx = torch.empty((rows, cols), dtype=x_dtype, device=y.device)
     affine, has_bias = weight is not None, bias is not None
-    if rows == 0:
-        zeros = torch.zeros(cols, dtype=torch.float32, device=y.device)
-        return dx, zeros if affine else None, zeros if has_bias else None
+    if rows == 0:  # no rows: zero parameter gradients, one tensor each (outputs may not share storage)
+        def zeros(needed):
+            return torch.zeros(cols, dtype=torch.float32, device=y.device) if needed else None
+        return dx, zeros(affine), zeros(has_bias)
     module, tree, arch = _module(y.device, interpret)
     cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "backward"), y.dtype, rows, cols)
     w = weight if affine else rstd  # placeholders are never read when AFFINE / HAS_BIAS are off
@@ -111,19 +111,15 @@ def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret, cfg: 
     else:
         programs = rows
         dw = db = rstd
-    with device_guard(y):
-        module.backward_kernel[(programs,)](
-            dy, y, rstd, w, b, dx, dw, db, rows, cols, IS_RMS=is_rms, AFFINE=affine, HAS_BIAS=has_bias,
-            **_launch_args(cfg),
-        )
-        if not affine:
-            return dx, None, None
-        if cfg["SINGLE_PASS"]:
-            return dx, dw.sum(dim=0), db.sum(dim=0) if has_bias else None
-        pcfg = param_cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "param_grad"), y.dtype, rows, cols)
-        dw = torch.empty(cols, dtype=torch.float32, device=y.device)
-        db = torch.empty(cols, dtype=torch.float32, device=y.device) if has_bias else dw
-        module.param_grad_kernel[(-(-cols // pcfg["BLOCK_C"]),)](
-            dy, y, w, b, dw, db, rows, cols, HAS_BIAS=has_bias, **pcfg,
-        )
+    launch(module.backward_kernel, (programs,), dy, y, rstd, w, b, dx, dw, db, rows, cols, IS_RMS=is_rms,
+           AFFINE=affine, HAS_BIAS=has_bias, **_launch_args(cfg))
+    if not affine:
+        return dx, None, None
+    if cfg["SINGLE_PASS"]:
+        return dx, dw.sum(dim=0), db.sum(dim=0) if has_bias else None
+    pcfg = param_cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "param_grad"), y.dtype, rows, cols)
+    dw = torch.empty(cols, dtype=torch.float32, device=y.device)
+    db = torch.empty(cols, dtype=torch.float32, device=y.device) if has_bias else dw
+    launch(module.param_grad_kernel, (-(-cols // pcfg["BLOCK_C"]),), dy, y, w, b, dw, db, rows, cols,
+           HAS_BIAS=has_bias, **pcfg)
     return dx, dw, db if has_bias else None

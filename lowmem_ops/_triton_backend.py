@@ -24,39 +24,56 @@ def _grid(n: int, op: OpInfo, block_bytes: int) -> tuple[int]:
     return (-(-n_bytes // block_bytes),)
 
 
-def _launch(op: OpInfo, kernel: str, t: torch.Tensor, interpret: bool, cfg: dict | None):
+def _module_and_config(op: OpInfo, kernel: str, t: torch.Tensor, interpret: bool, cfg: dict | None):
     """The kernel module and the launch config: `cfg` if given (the tuner's), else the baked one."""
     arch = arch_for(t.device, op.tree, interpret)
     module = kernel_module(op.name, arch, interpret)
     return module, cfg or _configs.activation(op.tree, arch, op.name, kernel, t.dtype, t.numel())
 
 
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as the generated kernels read it: one flat row-major block. Every launcher passes its input
+    tensors through this; it copies only views (slices, chunks, transposes, expands)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """Launch a generated kernel. They index every tensor as a flat row-major array, so a strided view
+    would silently read or write the wrong elements: one here is a launcher bug, and it stops here."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and not a.is_contiguous():
+            names = getattr(kernel, "arg_names", None)
+            what = names[i] if names and i < len(names) else f"argument {i}"
+            raise RuntimeError(f"lowmem_ops: {what} of {getattr(kernel, '__name__', 'a kernel')} is a strided view "
+                               f"(shape {tuple(a.shape)}, strides {a.stride()}); kernels need dense tensors")
+    with device_guard(next(a for a in args if isinstance(a, torch.Tensor))):
+        kernel[grid](*args, **meta)
+
+
 def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool,
             cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    x = dense(x)
     n = x.numel()
     y = torch.empty_like(x)
     codes = torch.empty(op.n_code_bytes(n) if save_codes else 0, dtype=torch.uint8, device=x.device)
     if n == 0:
         return y, codes
-    module, cfg = _launch(op, "forward" if save_codes else "forward_nograd", x, interpret, cfg)
+    module, cfg = _module_and_config(op, "forward" if save_codes else "forward_nograd", x, interpret, cfg)
     codes_arg = codes if save_codes else _dummy(x.device)
-    with device_guard(x):
-        module.forward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
-            x, y, codes_arg, n, WRITE_CODES=save_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"]
-        )
+    launch(module.forward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
+           x, y, codes_arg, n, WRITE_CODES=save_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
     return y, codes
 
 
 def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, interpret: bool, cfg: dict | None = None) -> torch.Tensor:
+    dy, codes = dense(dy), dense(codes)
     n = dy.numel()
     dx = torch.empty_like(dy)
     if n == 0:
         return dx
-    module, cfg = _launch(op, "backward", dy, interpret, cfg)
-    with device_guard(dy):
-        module.backward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
-            dy, codes, dx, n, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"]
-        )
+    module, cfg = _module_and_config(op, "backward", dy, interpret, cfg)
+    launch(module.backward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
+           dy, codes, dx, n, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
     return dx
 
 
@@ -70,6 +87,7 @@ def device_guard(t: torch.Tensor):
 
 
 def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interpret: bool, cfg: dict | None = None):
+    gate, up = dense(gate), dense(up)
     n = gate.numel()
     out = torch.empty_like(gate)
     h = torch.empty_like(gate) if write_h else torch.empty(0, dtype=gate.dtype, device=gate.device)
@@ -77,28 +95,26 @@ def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interp
     if n == 0:
         return out, h, codes
     kind = "gated_forward_approx" if write_codes or write_h else "gated_forward"
-    module, cfg = _launch(op, kind, gate, interpret, cfg)
-    with device_guard(gate):
-        module.gated_forward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
-            gate, up, out, h if write_h else out, codes if write_codes else _dummy(gate.device), n,
-            WRITE_H=write_h, WRITE_CODES=write_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"],
-        )
+    module, cfg = _module_and_config(op, kind, gate, interpret, cfg)
+    launch(module.gated_forward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
+           gate, up, out, h if write_h else out, codes if write_codes else _dummy(gate.device), n,
+           WRITE_H=write_h, WRITE_CODES=write_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
     return out, h, codes
 
 
 def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: bool, need_up: bool, interpret: bool,
                    cfg: dict | None = None):
+    # gate and up are what autograd saved: the caller's own tensors, often views of a fused projection.
+    dy, gate, up, h, codes = (dense(t) for t in (dy, gate, up, h, codes))
     n = dy.numel()
     dgate = torch.empty_like(dy) if need_gate else torch.empty(0, dtype=dy.dtype, device=dy.device)
     dup = torch.empty_like(dy) if need_up else torch.empty(0, dtype=dy.dtype, device=dy.device)
     if n == 0:
         return dgate, dup
-    module, cfg = _launch(op, "gated_backward_approx" if approx else "gated_backward", dy, interpret, cfg)
+    module, cfg = _module_and_config(op, "gated_backward_approx" if approx else "gated_backward", dy, interpret, cfg)
     # Tensors a variant does not read still need a pointer of the right type: dy stands in.
-    with device_guard(dy):
-        module.gated_backward_kernel[_grid(n, op, cfg["BLOCK_BYTES"])](
-            dy, gate if gate is not None else dy, up if up is not None else dy, h if h is not None else dy,
-            codes if codes is not None else _dummy(dy.device), dgate if need_gate else dy, dup if need_up else dy, n,
-            APPROX=approx, NEED_GATE=need_gate, NEED_UP=need_up, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"],
-        )
+    launch(module.gated_backward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
+           dy, gate if gate is not None else dy, up if up is not None else dy, h if h is not None else dy,
+           codes if codes is not None else _dummy(dy.device), dgate if need_gate else dy, dup if need_up else dy, n,
+           APPROX=approx, NEED_GATE=need_gate, NEED_UP=need_up, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
     return dgate, dup

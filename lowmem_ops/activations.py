@@ -5,6 +5,9 @@ Two torch.library custom ops carry them, so torch.compile(fullgraph=True) traces
     lowmem_ops::approx_act_fwd(x, name, save_codes) -> (y, codes)
     lowmem_ops::approx_act_bwd(dy, codes, name) -> dx
 
+Eager calls go through an autograd.Function around them that adds forward-mode AD (the exact
+tangent) and torch.func support; compiled code calls the ops directly (see _transforms).
+
 Under grad mode autograd saves only `codes`, ceil(numel * bits / 8) bytes; without grad (no_grad,
 inference_mode, or an input that does not require grad) no codes are computed and nothing is saved.
 
@@ -20,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _torch_backend, _triton_backend
-from ._common import BACKENDS, check_float_tensor
+from . import _torch_backend, _transforms, _triton_backend
+from ._common import BACKENDS, check_float_tensor, compute_dtype
 from ._common import backend as pick_backend
 from ._tree import OpInfo, available, get_op
 
@@ -84,34 +87,65 @@ def _setup_fwd(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
-def _backward_fwd(ctx, dy, _dcodes):
+def _backward_fwd(ctx, dy, _dcodes, call=_transforms.call_directly):
     if not ctx.had_codes:
         raise RuntimeError(f"lowmem_ops.{ctx.name}: the forward ran with save_codes=False, so there is nothing to "
                            "backpropagate through; call the op through lowmem_ops, which saves codes when grad is needed")
     (codes,) = ctx.saved_tensors
-    return approx_act_bwd(dy, codes, ctx.name), None, None
+    return call(approx_act_bwd, _double_backward_message(ctx.name), dy, codes, ctx.name), None, None
 
 
 def _setup_bwd(ctx, inputs, output):
     ctx.name = inputs[2]
 
 
+def _double_backward_message(name: str) -> str:
+    return (f"lowmem_ops.{name}: double backward is not supported. Its backward uses a step-function derivative "
+            "stored as codes, whose own derivative is zero almost everywhere; use the exact torch activation where "
+            "second derivatives are needed.")
+
+
 def _double_backward(ctx, _ddx):
-    raise RuntimeError(f"lowmem_ops.{ctx.name}: double backward is not supported. Its backward uses a step-function "
-                       "derivative stored as codes, whose own derivative is zero almost everywhere; use the exact "
-                       "torch activation where second derivatives are needed.")
+    raise RuntimeError(_double_backward_message(ctx.name))
 
 
 approx_act_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 approx_act_bwd.register_autograd(_double_backward, setup_context=_setup_bwd)
 
 
+class _ApproxActivation(torch.autograd.Function):
+    """approx_act_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, name, save_codes):
+        return approx_act_fwd(x, name, save_codes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_fwd(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_forward(inputs[0])  # only kept while forward-mode AD runs
+
+    @staticmethod
+    def backward(ctx, dy, dcodes):
+        return _backward_fwd(ctx, dy, dcodes, call=_transforms.call_differentiable_once)
+
+    @staticmethod
+    def jvp(ctx, dx, _dname, _dsave):
+        (x,) = ctx.saved_tensors
+        op = get_op(ctx.name)
+        return _transforms.exact_jvp(op.forward, (x,), (dx,), compute_dtype(x.dtype), x.dtype), None
+
+
 def approx_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     """Apply the approximate activation `name` (see lowmem_ops.available()) to x."""
     _check_input(x, name)
     save_codes = torch.is_grad_enabled() and x.requires_grad
-    y, _ = torch.ops.lowmem_ops.approx_act_fwd(x, name, save_codes)
-    return y
+    if _transforms.use_custom_op():
+        return torch.ops.lowmem_ops.approx_act_fwd(x, name, save_codes)[0]
+    return _ApproxActivation.apply(x, name, save_codes)[0]
 
 
 def regelu2(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ mode="auto" picks the smaller, preferring exact on a tie.
 
     lowmem_ops::gated_fwd(gate, up, name, approx, need_gate, need_up) -> (out, h, codes)
     lowmem_ops::gated_bwd(dy, gate?, up?, h?, codes?, name, approx, need_gate, need_up) -> (dgate, dup)
+
+Eager calls go through an autograd.Function around them that adds forward-mode AD (the exact
+tangent) and torch.func support; compiled code calls the ops directly (see _transforms).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from . import _torch_backend, _triton_backend
+from . import _torch_backend, _transforms, _triton_backend
 from ._common import backend as pick_backend
-from ._common import check_float_tensor
+from ._common import check_float_tensor, compute_dtype
 from ._tree import OpInfo, get_op
 
 MODES = ("auto", "exact", "approx")
@@ -111,18 +114,50 @@ def _setup(ctx, inputs, output):
         ctx.save_for_backward(gate, up if need_gate else None, None, None)
 
 
-def _backward(ctx, dout, _dh, _dcodes):
+def _backward(ctx, dout, _dh, _dcodes, call=_transforms.call_directly):
     gate, up, h, codes = ctx.saved_tensors
-    dgate, dup = gated_bwd(dout, gate, up, h, codes, ctx.name, ctx.approx, ctx.need_gate, ctx.need_up)
+    dgate, dup = call(gated_bwd, NO_DOUBLE_BACKWARD, dout, gate, up, h, codes, ctx.name, ctx.approx, ctx.need_gate,
+                      ctx.need_up)
     return (dgate if ctx.need_gate else None), (dup if ctx.need_up else None), None, None, None, None
 
 
+NO_DOUBLE_BACKWARD = "lowmem_ops: double backward through a fused gated activation is not supported"
+
+
 def _no_double_backward(ctx, *_):
-    raise RuntimeError("lowmem_ops: double backward through a fused gated activation is not supported")
+    raise RuntimeError(NO_DOUBLE_BACKWARD)
 
 
 gated_fwd.register_autograd(_backward, setup_context=_setup)
 gated_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+class _Gated(torch.autograd.Function):
+    """gated_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gate, up, name, approx, need_gate, need_up):
+        return gated_fwd(gate, up, name, approx, need_gate, need_up)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_forward(inputs[0], inputs[1])  # only kept while forward-mode AD runs
+
+    @staticmethod
+    def backward(ctx, dout, dh, dcodes):
+        return _backward(ctx, dout, dh, dcodes, call=_transforms.call_differentiable_once)
+
+    @staticmethod
+    def jvp(ctx, dgate, dup, *_):
+        gate, up = ctx.saved_tensors
+        h = gated_op(ctx.name).forward
+        out = _transforms.exact_jvp(lambda g, u: h(g) * u, (gate, up), (dgate, dup), compute_dtype(gate.dtype),
+                                    gate.dtype)
+        return out, None, None
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -> torch.Tensor:
@@ -135,7 +170,10 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
     need_gate, need_up = grad and gate.requires_grad, grad and up.requires_grad
     if mode == "auto":
         mode = choose_mode(gate.numel(), gate.element_size(), op.bits, need_gate, need_up)
-    return torch.ops.lowmem_ops.gated_fwd(gate, up, name, mode == "approx", need_gate, need_up)[0]
+    args = (gate, up, name, mode == "approx", need_gate, need_up)
+    if _transforms.use_custom_op():
+        return torch.ops.lowmem_ops.gated_fwd(*args)[0]
+    return _Gated.apply(*args)[0]
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, mode: str = "auto") -> torch.Tensor:

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _norm_backends as nb
+from . import _transforms
 from ._common import backend as pick_backend
-from ._common import check_float_tensor
+from ._common import check_float_tensor, compute_dtype
 
 AFFINE_MODES = ("none", "inverse", "plain")
 # Recovering x_hat = (y - beta) / gamma multiplies y's rounding error by (|x_hat| + |beta/gamma|) / |x_hat|.
@@ -116,18 +117,69 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(y, rstd, weight, bias)
 
 
-def _backward(ctx, dy, _drstd):
+def _backward(ctx, dy, _drstd, call=_transforms.call_directly):
     y, rstd, weight, bias = ctx.saved_tensors
-    dx, dw, db = ms_norm_bwd(dy, y, rstd, weight, bias, ctx.n_cols, ctx.is_rms, ctx.x_dtype)
+    dx, dw, db = call(ms_norm_bwd, NO_DOUBLE_BACKWARD, dy, y, rstd, weight, bias, ctx.n_cols, ctx.is_rms, ctx.x_dtype)
     return dx, dw if ctx.has_weight else None, db if ctx.has_bias else None, None, None, None, None
 
 
+NO_DOUBLE_BACKWARD = "lowmem_ops: double backward through a memory-sharing norm is not supported"
+
+
 def _no_double_backward(ctx, *_):
-    raise RuntimeError("lowmem_ops: double backward through a memory-sharing norm is not supported")
+    raise RuntimeError(NO_DOUBLE_BACKWARD)
 
 
 ms_norm_fwd.register_autograd(_backward, setup_context=_setup)
 ms_norm_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+class _MSNorm(torch.autograd.Function):
+    """ms_norm_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, n_cols, eps, is_rms, out_dtype):
+        return ms_norm_fwd(x, weight, bias, n_cols, eps, is_rms, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        ctx.eps, ctx.out_dtype = inputs[4], output[0].dtype
+        ctx.save_for_forward(*inputs[:3])  # only kept while forward-mode AD runs
+
+    @staticmethod
+    def backward(ctx, dy, drstd):
+        return _backward(ctx, dy, drstd, call=_transforms.call_differentiable_once)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, *_):
+        x, weight, bias = ctx.saved_tensors
+        n, eps = ctx.n_cols, ctx.eps
+
+        def norm(x, weight=None, bias=None):  # torch's own norm, whose tangent is the exact one
+            x2, w, b = x.reshape(-1, n), _flat(weight), _flat(bias)
+            y = F.rms_norm(x2, (n,), w, eps) if ctx.is_rms else F.layer_norm(x2, (n,), w, b, eps)
+            return y.view(x.shape)
+
+        present = [(p, t) for p, t in ((x, dx), (weight, dweight), (bias, dbias)) if p is not None]
+        dy = _transforms.exact_jvp(norm, [p for p, _ in present], [t for _, t in present], compute_dtype(x.dtype),
+                                   ctx.out_dtype)
+        return dy, None
+
+
+def _flat(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return p.reshape(-1) if p is not None else None
+
+
+def _ms_norm(x, weight, bias, n_cols, eps, is_rms, out_dtype) -> torch.Tensor:
+    """The memory-sharing norm's output: through _MSNorm in eager code, the custom op under torch.compile."""
+    args = (x, weight, bias, n_cols, eps, is_rms, out_dtype)
+    if _transforms.use_custom_op():
+        return torch.ops.lowmem_ops.ms_norm_fwd(*args)[0]
+    return _MSNorm.apply(*args)[0]
 
 
 # --- the public functions --------------------------------------------------------------------------
@@ -172,7 +224,7 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
     out = _out_dtype(x, out_dtype)
     if weight is not None and not _inverse_allowed(weight, bias):
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
-    return torch.ops.lowmem_ops.ms_norm_fwd(x, weight, bias, n_cols, eps, is_rms, out)[0]
+    return _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)
 
 
 def _inverse_allowed(weight, bias) -> bool:
