@@ -80,30 +80,41 @@ def test_data_edit_after_a_safe_verdict_never_gives_a_wrong_gradient(backend, ed
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", MODULES)
-@pytest.mark.parametrize("width, dtype", [(16, torch.float32), (16, torch.bfloat16), (9000, torch.float32)],
-                         ids=["registers-fp32", "registers-bf16", "looped-fp32"])
-def test_rows_that_overflow_float32_match_float64_torch(backend, kind, width, dtype):
+# bfloat16 stops at 1e36: beyond it dx is subnormal in bfloat16, and the Triton interpreter's float32
+# -> bfloat16 cast gets subnormals wrong (the GPU's is right). float64 always takes the torch path.
+@pytest.mark.parametrize("width, dtype, scales", [(16, torch.float32, (1, 1e20, 1e30, 3e38)), (16, torch.bfloat16, (1, 1e20, 1e30, 1e36)),
+                                                  (9000, torch.float32, (1, 1e20, 1e30, 3e38)), (16, torch.float64, (1e160, 1e200, 1e250, 1e300))],
+                         ids=["registers-fp32", "registers-bf16", "looped-fp32", "fp64"])
+def test_rows_that_overflow_float32_match_float64_torch(backend, kind, width, dtype, scales):
     """Rows of scale 1, 1e20, 1e30 and up to float32's limit side by side. float32 torch gives NaN
-    (layer_norm) or zeros (rms_norm) for the large ones; the norms here match float64 torch."""
+    (layer_norm) or zeros (rms_norm) for the large ones; the norms here match float64 torch.
+    (float64: the same up to its own limit, where float64 torch overflows too: its reference is
+    torch on the row divided by its max with eps / max^2, far below float64's resolution, as 0.)"""
     is_rms = kind == "rmsnorm"
     gen = torch.Generator().manual_seed(width)
-    # bfloat16 stops at 1e36: beyond it dx is subnormal in bfloat16, and the Triton interpreter's
-    # float32 -> bfloat16 cast gets subnormals wrong (the GPU's is right).
-    top = 3e38 if dtype == torch.float32 else 1e36
-    scales = torch.tensor([1.0, 1e20, 1e30, top], dtype=torch.float64)[:, None]
-    x = (torch.randn(4, width, generator=gen, dtype=torch.float64) * scales).clamp(-3e38, 3e38).to(dtype)  # finite in bfloat16 too
+    x = torch.randn(4, width, generator=gen, dtype=torch.float64) * torch.tensor(scales, dtype=torch.float64)[:, None]
+    x = x.clamp(-3e38, 3e38).to(dtype) if dtype != torch.float64 else x  # finite in bfloat16 too
     x.requires_grad_(True)
-    w = (torch.rand(width, generator=gen) + 0.5).requires_grad_(True)
-    b = None if is_rms else (torch.randn(width, generator=gen) * 0.2).requires_grad_(True)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (torch.rand(width, generator=gen, dtype=pdtype) + 0.5).requires_grad_(True)
+    b = None if is_rms else (torch.randn(width, generator=gen, dtype=pdtype) * 0.2).requires_grad_(True)
     eps = 1e-5
     dy = torch.randn(4, width, generator=gen).to(dtype)
     with ref.backend(backend):
         y = lo.ms_rmsnorm(x, width, w, eps) if is_rms else lo.ms_layernorm(x, width, w, b, eps)
         y.backward(dy)
-    y_ref, dx_ref, dw_ref, db_ref = float64_norm(x, w, b, eps, is_rms, dy)
-    x64 = x.detach().double()
-    rstd = 1.0 / torch.sqrt(((x64 * x64).mean(-1) if is_rms else x64.var(-1, unbiased=False)) + eps)
-    tol = 2e-5 if dtype == torch.float32 else 1.6e-2  # one rounding of y to the dtype (test_norms.FWD_TOL)
+    if dtype == torch.float64:
+        row_max = x.detach().abs().amax(-1, keepdim=True)
+        y_ref, dx_ref, dw_ref, db_ref = float64_norm(x / row_max, w, b, 0.0, is_rms, dy)  # eps / max^2 is 0
+        dx_ref = dx_ref / row_max
+        xs = x.detach() / row_max
+        rstd = 1.0 / (row_max.squeeze(-1) * torch.sqrt((xs * xs).mean(-1) if is_rms else xs.var(-1, unbiased=False)))
+    else:
+        y_ref, dx_ref, dw_ref, db_ref = float64_norm(x, w, b, eps, is_rms, dy)
+        x64 = x.detach().double()
+        rstd = 1.0 / torch.sqrt(((x64 * x64).mean(-1) if is_rms else x64.var(-1, unbiased=False)) + eps)
+    # one rounding of y to the dtype (test_norms.FWD_TOL)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}[dtype]
     assert (y.double() - y_ref).abs().max().item() <= tol * 2
     # dx is rstd * O(dy * gamma): compare it on that scale, row by row (rstd is 1e-38 for the last)
     assert ((x.grad.double() - dx_ref) / rstd[:, None]).abs().max().item() <= 5 * tol
