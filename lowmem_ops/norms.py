@@ -283,12 +283,12 @@ def _recheck_in_backward(y, weight, bias, what):
         if not check.holds():
             weight._lowmem_inverse_rule = None  # the next forward checks again and takes the plain path
             raise RuntimeError(
-                f"lowmem_ops.{what}: the norm's weight/bias were changed through .data (which bypasses "
-                f"autograd's version counter) after the inverse-mode check, and now break its rule "
+                f"lowmem_ops.{what}: the norm's weight/bias were changed through .data (or another way "
+                f"that bypasses autograd's version counter) after the inverse-mode check, and now break its rule "
                 f"({INVERSE_RULE}): this backward cannot recover its input from its output. Change "
                 f"parameters in place under torch.no_grad() instead of through .data (e.g. "
                 f"`with torch.no_grad(): w.fill_(0)`). The next forward re-checks them and saves its input.")
-        return grad
+        return None  # the gradient passes unchanged
 
     y.register_hook(hook)
 
