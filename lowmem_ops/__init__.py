@@ -10,11 +10,15 @@
 Importing this package needs torch only; the CUDA path imports triton when first used.
 """
 
-from . import memory, nn
+from . import _tree, memory, nn
 from .conversion import convert, export
 from ._tree import load_tree as load
 from .activations import BACKENDS, approx_activation, available, regelu2, resilu2
 from .gated import geglu, gated, swiglu
 from .norms import ms_layernorm, ms_rmsnorm
+
+# The built-in ops are registered now, not on first use: a first call inside torch.compile(fullgraph=True)
+# cannot trace the loading (importlib.resources). It imports generated/ops.py, which needs torch only.
+_tree._ensure_builtin()
 
 __all__ = ["convert", "export", "memory", "nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2", "ms_layernorm", "ms_rmsnorm", "gated", "swiglu", "geglu"]

@@ -7,6 +7,8 @@ saved as one float per row, and a backward that reads only y, rstd and dy (plus 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import compute_dtype
@@ -19,11 +21,27 @@ NORM_FILE = "ms_norm"
 
 # --- torch ---------------------------------------------------------------------------------------
 
+def _row_scale(xf: torch.Tensor) -> torch.Tensor:
+    """Per row: 1, or for a row whose sums of squares could overflow (max |x| >= 2^(E/2 - 24), E the
+    dtype's max exponent: 2^40 in float32), 2^-(E/2 + 16) (2^-80). The kernels do the same. A power of
+    two rescales exactly, so rows that would not overflow give the same bits either way."""
+    max_exp = math.frexp(torch.finfo(xf.dtype).max)[1]  # 128, 1024
+    row_max = xf.abs().amax(dim=-1, keepdim=True)
+    return torch.where(row_max >= 2.0 ** (max_exp // 2 - 24), torch.full_like(row_max, 2.0 ** -(max_exp // 2 + 16)),
+                       torch.ones_like(row_max))
+
+
 def torch_forward(x, weight, bias, eps, is_rms, out_dtype):
     xf = x.to(compute_dtype(x.dtype))
-    xc = xf if is_rms else xf - xf.mean(dim=-1, keepdim=True)
-    rstd = 1.0 / torch.sqrt((xc * xc).mean(dim=-1, keepdim=True) + eps)
-    y = xc * rstd
+    s = _row_scale(xf)
+    xs = xf * s
+    xc = xs if is_rms else xs - xs.mean(dim=-1, keepdim=True)
+    # inv = 1 / sqrt(var(x s) + eps s^2) and rstd = s * inv = 1 / sqrt(var(x) + eps); a scaled constant
+    # row, where eps s^2 underflows to 0, gets inv = 1 / (s sqrt(eps)): its exact rstd, 1 / sqrt(eps).
+    den = (xc * xc).mean(dim=-1, keepdim=True) + eps * s * s
+    inv = torch.where(den > 0, 1.0 / torch.sqrt(den), 1.0 / (s * torch.full_like(s, eps).sqrt()))
+    rstd = s * inv
+    y = xc * inv
     if weight is not None:
         y = y * weight.to(y.dtype)
         if bias is not None:

@@ -121,7 +121,7 @@ _builtin_loaded = False
 
 
 def _ensure_builtin() -> None:
-    # A plain flag: get_op runs inside torch.compile'd code, which cannot trace importlib.resources.
+    # Called at import (lowmem_ops/__init__.py); afterwards a plain flag, cheap inside compiled code.
     global _builtin_loaded
     if not _builtin_loaded:
         load_tree(builtin_tree())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from typing import Optional, Sequence
 
 import torch
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from . import _norm_backends as nb
 from . import _transforms
 from ._common import backend as pick_backend
-from ._common import check_float_tensor, compute_dtype
+from ._common import FLOAT_DTYPES, check_float_tensor, compute_dtype
 
 AFFINE_MODES = ("none", "inverse", "plain")
 # Recovering x_hat = (y - beta) / gamma multiplies y's rounding error by (|x_hat| + |beta/gamma|) / |x_hat|.
@@ -47,6 +48,7 @@ def _check(x, weight, bias, n_cols, what):
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
+        check_float_tensor(p, what, name)
         if p.numel() != n_cols:
             raise ValueError(f"lowmem_ops.{what}: {name} has {p.numel()} elements, the normalised shape has {n_cols}")
         if p.device != x.device:
@@ -192,24 +194,47 @@ def _n_cols(x: torch.Tensor, normalized_shape, what: str) -> int:
     return math.prod(shape)
 
 
+def _check_call(x, shape: tuple, weight, bias, out_dtype, what: str) -> None:
+    """The argument rules of F.layer_norm / F.rms_norm, checked before anything runs."""
+    check_float_tensor(x, what)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_float_tensor(p, what, name)
+        if tuple(p.shape) != shape:
+            raise ValueError(f"lowmem_ops.{what}: {name} has shape {list(p.shape)}, but normalized_shape is {list(shape)} "
+                             "(as in torch's norms, it must be the same shape)")
+        if p.device != x.device:
+            raise ValueError(f"lowmem_ops.{what}: {name} is on {p.device} but the input is on {x.device}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lowmem_ops.{what}: out_dtype must be float16, bfloat16, float32 or float64, got {out_dtype}")
+
+
 def _out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
     if out_dtype is not None:
         return out_dtype
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)
+    device = x.device.type
+    # Devices without autocast (meta, ...) cannot even be asked whether it is on.
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
     return None
 
 
 _warned_fallback: set[int] = set()
 
 
-def inverse_is_safe(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether y can be inverted to x_hat for these parameters (INVERSE_RULE). Syncs with the device."""
+def _rule_holds(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """INVERSE_RULE as a 0-dim bool tensor on the parameters' device (computing it needs no sync)."""
     w = weight.detach().abs().float()
     ok = w >= GAMMA_MIN
     if bias is not None:
         ok &= bias.detach().abs().float() <= BETA_RATIO * w
-    return bool(ok.all())
+    return ok.all()
+
+
+def inverse_is_safe(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether y can be inverted to x_hat for these parameters (INVERSE_RULE). Syncs with the device."""
+    return bool(_rule_holds(weight, bias))
 
 
 def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, what):
@@ -217,14 +242,32 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
     or the memory-sharing op."""
     if affine not in ("inverse", "plain"):
         raise ValueError(f"lowmem_ops.{what}: affine must be 'inverse' or 'plain', got {affine!r}")
-    if affine == "plain":
-        return _plain(x, normalized_shape, weight, bias, eps, is_rms, _out_dtype(x, out_dtype))
+    _check_call(x, (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape),
+                weight, bias, out_dtype, what)
     n_cols = _n_cols(x, normalized_shape, what)
-    _check(x, weight, bias, n_cols, what)
     out = _out_dtype(x, out_dtype)
-    if weight is not None and not _inverse_allowed(weight, bias):
+    if affine == "plain":
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
-    return _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)
+    _check(x, weight, bias, n_cols, what)
+    if weight is None or not _backward_may_run(x, weight, bias) or x.device.type == "meta":
+        # Only backward inverts gamma: without one (no_grad, inference_mode), or with no values to
+        # read (meta tensors), the rule does not matter.
+        return _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)
+    if not _inverse_allowed(weight, bias):
+        return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
+    y = _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)
+    if not _reads_for_free(weight):
+        _recheck_in_backward(y, weight, bias, what)
+    return y
+
+
+def _backward_may_run(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+
+
+def _reads_for_free(weight: torch.Tensor) -> bool:
+    """Whether reading the parameters' values on the host costs no device sync (CPU tensors)."""
+    return weight.device.type == "cpu"
 
 
 def _inverse_allowed(weight, bias) -> bool:
@@ -232,19 +275,74 @@ def _inverse_allowed(weight, bias) -> bool:
         # The rule needs the parameter values on the host: a graph cannot branch on them. Compiled
         # graphs therefore use the plain path for inverse mode (documented in docs/norms.md).
         return False
+    if _reads_for_free(weight) or weight.is_inference() or (bias is not None and bias.is_inference()):
+        # CPU values are checked at every call; inference tensors have no version counter to key on.
+        return _warn_if_unsafe(weight, inverse_is_safe(weight, bias))
     # One host sync per parameter update, not per call: the verdict is kept on the weight tensor
-    # itself, with the versions it was made for (in-place updates such as optimizer steps bump them).
-    versions = (weight._version, id(bias), bias._version if bias is not None else None)
+    # itself, with the versions (in-place updates such as optimizer steps bump them) and storages
+    # (`w.data = t` swaps it) it was made for. Writes through `w.data` bump neither: each call
+    # re-checks the rule on the device and its backward reads that (_recheck_in_backward).
+    key = _verdict_key(weight, bias)
     cached = getattr(weight, "_lowmem_inverse_rule", None)
-    if cached is None or cached[0] != versions:
-        cached = (versions, inverse_is_safe(weight, bias))
+    if cached is None or cached[0] != key:
+        cached = (key, inverse_is_safe(weight, bias))
         weight._lowmem_inverse_rule = cached
-    safe = cached[1]
+    return _warn_if_unsafe(weight, cached[1])
+
+
+def _verdict_key(weight, bias) -> tuple:
+    return (weight._version, weight.data_ptr(), id(bias),
+            (bias._version, bias.data_ptr()) if bias is not None else None)
+
+
+def _warn_if_unsafe(weight, safe: bool) -> bool:
     if not safe and id(weight) not in _warned_fallback:
         _warned_fallback.add(id(weight))
         warnings.warn(f"lowmem_ops: norm parameters break the inverse-mode rule ({INVERSE_RULE}); those calls "
-                      "save the input instead of sharing the output", stacklevel=4)
+                      "save the input instead of sharing the output", stacklevel=5)
     return safe
+
+
+class _DeviceCheck:
+    """INVERSE_RULE evaluated on the device for the parameters one forward used, read back later.
+    On CUDA the flag is copied to pinned host memory without blocking; reading it waits for that
+    copy only (long done by the time backward runs), not for the whole stream."""
+
+    def __init__(self, weight, bias):
+        ok = _rule_holds(weight, bias)
+        self._ready = None
+        if ok.device.type == "cuda":
+            self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._flag.copy_(ok, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._flag = ok  # read with a sync, in backward only
+
+    def holds(self) -> bool:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return bool(self._flag)
+
+
+def _recheck_in_backward(y, weight, bias, what):
+    """Make y's backward refuse to run if the parameters this forward used break INVERSE_RULE although
+    the cached verdict said they were safe: they were changed where the version counter does not see
+    it (`w.data.fill_(0)`, `w.data[3] = 0`). Inverting them would give NaN or wrong gradients."""
+    check = _DeviceCheck(weight, bias)
+
+    def hook(grad):
+        if not check.holds():
+            weight._lowmem_inverse_rule = None  # the next forward checks again and takes the plain path
+            raise RuntimeError(
+                f"lowmem_ops.{what}: the norm's weight/bias were changed through .data (or another way "
+                f"that bypasses autograd's version counter) after the inverse-mode check, and now break its rule "
+                f"({INVERSE_RULE}): this backward cannot recover its input from its output. Change "
+                f"parameters in place under torch.no_grad() instead of through .data (e.g. "
+                f"`with torch.no_grad(): w.fill_(0)`). The next forward re-checks them and saves its input.")
+        return None  # the gradient passes unchanged
+
+    y.register_hook(hook)
 
 
 def _plain(x, normalized_shape, weight, bias, eps, is_rms, out_dtype):
@@ -252,7 +350,8 @@ def _plain(x, normalized_shape, weight, bias, eps, is_rms, out_dtype):
     compute = x if x.dtype == torch.float64 else x.float()
     w = weight.to(compute.dtype) if weight is not None else None
     b = bias.to(compute.dtype) if bias is not None else None
-    with torch.autocast(x.device.type, enabled=False):
+    no_autocast = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) else nullcontext()
+    with no_autocast:
         y = F.rms_norm(compute, shape, w, eps) if is_rms else F.layer_norm(compute, shape, w, b, eps)
     return y.to(out_dtype or x.dtype)
 

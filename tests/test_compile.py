@@ -1,5 +1,9 @@
 """torch.compile(fullgraph=True) traces through the custom ops: no graph break, same numbers."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -39,3 +43,21 @@ def test_compiled_graph_saves_codes_not_activations():
     assert ((8 * 64 // 4,), torch.uint8) in shapes  # the 2-bit codes of the (8, 64) hidden layer
     # Nothing of the hidden layer's float size except the GELU output (the next linear's input).
     assert sum(1 for s, d in shapes if s == (8, 64) and d.is_floating_point) == 1
+
+
+def test_first_calls_inside_fullgraph_compile_in_a_fresh_process():
+    """The built-in tree is loaded at import: a fresh interpreter whose first lowmem_ops calls are
+    inside torch.compile(fullgraph=True) traces no loading code (importlib.resources broke that)."""
+    script = (
+        "import sys, torch\n"
+        "import lowmem_ops as lo\n"
+        "assert 'triton' not in sys.modules  # importing stays torch-only\n"
+        "def f(x, gate, up):\n"
+        "    return lo.regelu2(x) + lo.ms_layernorm(x, 8) + lo.swiglu(gate, up)\n"
+        "x, g, u = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)\n"
+        "got = torch.compile(f, fullgraph=True, backend='eager')(x, g, u)\n"
+        "torch.testing.assert_close(got, f(x, g, u))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LOWMEM_OPS_BACKEND"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -156,3 +156,61 @@ def test_cuda_ops_on_views_match_torch_path(layout):
     for got, want in zip(out["cuda"], out["cpu"]):
         scale = max(1.0, want.abs().max().item())
         assert (got - want).abs().max().item() <= 1e-3 * scale  # a layout bug is off by O(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("width", [16, 8192, 9000])
+def test_cuda_norms_on_rows_that_overflow_float32(is_rms, width, dtype):
+    """The kernels' statistics of rows up to float32's limit, against float64 torch (the interpreter
+    computes some of it in float64, so only a GPU shows a float32 overflow)."""
+    from .test_norm_edges import float64_norm
+
+    gen = torch.Generator().manual_seed(width)
+    scales = torch.tensor([1.0, 1e20, 1e30, 1e36 if dtype == torch.bfloat16 else 3e38], dtype=torch.float64)[:, None]
+    x = (torch.randn(4, width, generator=gen, dtype=torch.float64) * scales).clamp(-3e38, 3e38).to(dtype)
+    w = torch.rand(width, generator=gen) + 0.5
+    b = None if is_rms else torch.randn(width, generator=gen) * 0.2
+    dy = torch.randn(4, width, generator=gen).to(dtype)
+    xs, ws = x.cuda().requires_grad_(True), w.cuda().requires_grad_(True)
+    bs = b.cuda().requires_grad_(True) if b is not None else None
+    y = lo.ms_rmsnorm(xs, width, ws, 1e-5) if is_rms else lo.ms_layernorm(xs, width, ws, bs, 1e-5)
+    y.backward(dy.cuda())
+    y_ref, dx_ref, dw_ref, _ = float64_norm(x, w, b, 1e-5, is_rms, dy)
+    x64 = x.double()
+    rstd = 1.0 / torch.sqrt(((x64 * x64).mean(-1) if is_rms else x64.var(-1, unbiased=False)) + 1e-5)
+    tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+    assert (y.cpu().double() - y_ref).abs().max().item() <= 2 * tol
+    # dx is rstd * O(dy * gamma); rstd of the last float32 row is below float32's normal range
+    assert ((xs.grad.cpu().double() - dx_ref) / rstd[:, None]).abs().max().item() <= 5 * tol + 1e-2 * (dtype == torch.float32)
+    assert (ws.grad.cpu().double() - dw_ref).abs().max().item() <= 5 * tol * max(1.0, dw_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("edit", ["data = zeros", "data.fill_(0)", "data[3] = 0"])
+@pytest.mark.filterwarnings("ignore:lowmem_ops. norm parameters break")
+def test_cuda_data_edit_after_a_safe_verdict(is_rms, edit):
+    """On CUDA the cached verdict is re-checked on the device at each call and read in backward
+    (a non-blocking copy): an edit through .data gives a clear error or exact gradients, never NaN."""
+    from .test_norm_edges import EDITS, float64_norm
+
+    torch.manual_seed(0)
+    norm = (lo.nn.MSRMSNorm if is_rms else lo.nn.MSLayerNorm)(8, device="cuda")
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 8, device="cuda", requires_grad=True)
+    dy = torch.randn(3, 8, device="cuda")
+    norm(x).backward(dy)
+    EDITS[edit](norm.weight)
+    x.grad = norm.weight.grad = None
+    y = norm(x)
+    if edit != "data = zeros":  # a new storage is seen before the forward; an edit in place only in backward
+        with pytest.raises(RuntimeError, match=r"changed through \.data"):
+            y.backward(dy)
+        x.grad = norm.weight.grad = None
+        y = norm(x)  # checked again: the plain path
+    y.backward(dy)
+    _, dx_ref, dw_ref, _ = float64_norm(x.cpu(), norm.weight.cpu(), norm.bias.cpu() if norm.bias is not None else None,
+                                        norm.eps, is_rms, dy.cpu())
+    torch.testing.assert_close(x.grad.cpu().double(), dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.weight.grad.cpu().double(), dw_ref, rtol=1e-5, atol=1e-5)

@@ -768,9 +768,9 @@ NORM = {
     ('layernorm.affine.forward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
     ('layernorm.affine.forward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
     ('layernorm.affine.forward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
     ('layernorm.affine.forward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.forward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.forward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -786,9 +786,9 @@ NORM = {
     ('layernorm.affine.forward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
     ('layernorm.affine.forward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
     ('layernorm.affine.forward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16},  # static
-    ('layernorm.affine.forward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.forward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.forward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
+    ('layernorm.affine.forward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16},  # static
     ('layernorm.affine.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
