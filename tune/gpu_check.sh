@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device check: GPU tests, both benchmarks and a tuning run, results under $OUT (default ./gpu-out).
-# Meant for the lent GPU machine (its own torch + triton); about ten minutes in all.
+# Meant for the lent GPU machine (its own torch + triton); about ten minutes in all, or about five with
+# TUNE=0 (tests and benchmarks only).
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -8,6 +9,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 timeout 240 python -m pytest -q tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.txt"
+timeout 100 python tune/bench_activations.py --device cuda --out "$OUT/activations-cuda.json" 2>&1 | tee "$OUT/bench-activations.txt"
+timeout 100 python tune/bench_norms.py --device cuda --out "$OUT/norms-cuda.json" 2>&1 | tee "$OUT/bench-norms.txt"
+[ "${TUNE:-1}" = 0 ] && exit 0
 # Tuning: bf16 + fp16, the paper's two activations and the norms first (the budget may not cover all).
 # kernelgen needs jinja2, sympy and rich there: carry wheels as the device README says if they are missing.
 python -c "import jinja2, sympy, rich" 2>&1 | tee "$OUT/kernelgen-deps.txt"
@@ -16,5 +20,3 @@ timeout 200 python -m kernelgen tune --arch native --db "$OUT/db" --budget 150 -
     --ops regelu2,resilu2,ms_norm 2>&1 | tee "$OUT/tune.txt"
 timeout 100 python -m kernelgen tune --arch native --db "$OUT/db" --budget 60 --dtypes bfloat16,float16 2>&1 | tee -a "$OUT/tune.txt"
 python -m kernelgen tune --arch native --db "$OUT/db" --report > "$OUT/tune-report.txt" 2>&1
-timeout 100 python tune/bench_activations.py --device cuda --out "$OUT/activations-cuda.json" 2>&1 | tee "$OUT/bench-activations.txt"
-timeout 100 python tune/bench_norms.py --device cuda --out "$OUT/norms-cuda.json" 2>&1 | tee "$OUT/bench-norms.txt"
