@@ -57,14 +57,20 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def state_kept(model: torch.nn.Module):
+def state_kept(model: torch.nn.Module, seed: int | None = None):
     """Run the model without changing it: every buffer (BatchNorm running statistics, counters) gets its
     object and values back, and the random number generators of the CPU and of the CUDA devices the
-    model is on are forked, so dropout during a measurement consumes nothing of the user's stream."""
+    model is on are forked, so dropout during a measurement consumes nothing of the user's stream.
+    seed: start those generators from this seed inside (dropout, LayerDrop draw the same numbers on
+    every run, whatever the user's RNG state), so two runs under the same seed are comparable."""
     buffers = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     tensors = chain(model.parameters(), (b for *_, b, _ in buffers))
     devices = sorted({t.device.index for t in tensors if t.device.type == "cuda" and t.device.index is not None})
     with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            for device in devices:
+                torch.cuda.default_generators[device].manual_seed(seed)
         try:
             yield
         finally:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import memory
+from . import _gradients, memory
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
 from ._snapshot import Snapshot, state_kept
 from .gated import MODES
@@ -71,6 +71,7 @@ class Change:
     after: str
     status: str = "applied"  # applied | undone
     reason: str = ""
+    gradient_cosine: float | None = None  # activations: this layer's local gradient cosine (lowmem_ops._gradients)
 
 
 @dataclass
@@ -81,6 +82,9 @@ class Report:
     tolerance: float | None = None
     memory_before: memory.Measurement | None = None
     memory_after: memory.Measurement | None = None
+    gradient_cosine: float | None = None  # parameter gradients, converted vs original model, example inputs
+    gradient_loss: str = ""               # what the gradients are of: "random projection" or "loss_fn"
+    gradient_note: str = ""               # why there is no gradient cosine, when there is none
 
     @property
     def applied(self) -> list[Change]:
@@ -91,11 +95,19 @@ class Report:
                  f"{len(self.changes) - len(self.applied)} undone, {len(self.skipped)} left alone"]
         for c in self.changes:
             extra = f" ({c.reason})" if c.reason else ""
+            if c.gradient_cosine is not None:
+                extra += f" [local gradient cosine {c.gradient_cosine:.3f}]"
             lines.append(f"  {c.status:8s} {c.path or '(model)'}: {c.before} -> {c.after}{extra}")
         for path, why in self.skipped:
             lines.append(f"  skipped  {path}: {why}")
         if self.max_difference is not None:
-            lines.append(f"  verified: max |output difference| {self.max_difference:.3g} (tolerance {self.tolerance:.3g})")
+            lines.append(f"  verified: max relative output difference |a-b|/(1+|b|) {self.max_difference:.3g} "
+                         f"(tolerance {self.tolerance:.3g})")
+        if self.gradient_cosine is not None:
+            lines.append(f"  gradients: cosine {self.gradient_cosine:.4f} between the converted and the original "
+                         f"model's parameter gradients ({self.gradient_loss} of the outputs, eval mode)")
+        elif self.gradient_note:
+            lines.append(f"  gradients: not compared ({self.gradient_note})")
         if self.memory_before is not None and self.memory_after is not None:
             b, a = self.memory_before.total_bytes, self.memory_after.total_bytes
             lines.append(f"  saved for backward: {b / 2**20:.2f} MiB -> {a / 2**20:.2f} MiB ({a / max(b, 1):.3f}x)")
@@ -204,16 +216,27 @@ def _tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def _run(model, inputs, grad: bool = False):
+# Every run convert makes starts the RNG from this seed (forked: the user's stream is untouched), so
+# its memory measurements and checks are the same on every call and both sides draw the same numbers.
+RUN_SEED = 0
+
+
+def _call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _run(model, inputs, grad: bool = False, then=None):
     """One deterministic forward: eval mode (no dropout), no grad unless asked; training flags,
     buffers and the RNG as they were after. grad=True builds the autograd graph, so an op that
-    autograd rejects in training (an in-place write into a saved output) fails here too."""
+    autograd rejects in training (an in-place write into a saved output) fails here too.
+    then: returns then(outputs) instead, computed inside the run (with the graph built), before the
+    buffers are put back (a backward reads BatchNorm's running statistics)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with state_kept(model), torch.set_grad_enabled(grad):
-            out = model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-        return out
+        with state_kept(model, seed=RUN_SEED), torch.set_grad_enabled(grad or then is not None):
+            out = _call(model, inputs)
+            return out if then is None else then(out)
     finally:
         for m, training in modes.items():
             m.train(training)
@@ -254,19 +277,24 @@ def _lora_retypes(model: torch.nn.Module) -> list["_Retype"]:
 
 def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
             gated: bool = True, gated_mode: str = "auto", fold: bool = True, lora_dtype: bool = True,
-            measure_memory: bool = True) -> Report:
+            measure_memory: bool = True, check_gradients: bool = True, loss_fn=None) -> Report:
     """Swap, in place, what stores less; verify on example_inputs (a tensor, tuple or dict of kwargs).
 
     Transactional: a change that cannot be made, raises, or moves the outputs is undone and reported;
     whatever happens, the model is left either with the verified changes or exactly as it was. Its
-    buffers (BatchNorm statistics) and the global RNG are left as they were.
+    buffers (BatchNorm statistics), the parameters' .grad and the global RNG are left as they were.
 
     fold: fold a norm's gamma/beta into its consumers when, on the example inputs, every consumer is a
     plain nn.Linear or GPT-2 Conv1D (untied weight, held under one name, called only on this norm's
     output, its weight used nowhere else; a bias wherever beta is non-zero) and the output is not
     returned; other norms use inverse mode. A norm whose output is modified in place is left alone.
     lora_dtype: put PEFT LoRA adapters in their base layer's dtype (they then train in that dtype;
-    keep float32 master weights in the optimizer if you need them, or pass False)."""
+    keep float32 master weights in the optimizer if you need them, or pass False).
+    measure_memory: measure saved bytes before and after (train mode, fixed seed) and undo every
+    change that does not reduce them ("saves no memory (+N bytes)").
+    check_gradients: compare parameter gradients with the unconverted model's on the example inputs
+    (report.gradient_cosine, and each activation's local cosine); loss_fn(outputs) -> scalar is the
+    loss to differentiate (default: a fixed random projection of the outputs)."""
     if gated_mode not in MODES:
         raise ValueError(f"lowmem_ops.convert: gated_mode must be one of {', '.join(MODES)}, got {gated_mode!r}")
     report = Report()
@@ -274,6 +302,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     reference = _run(model, example_inputs) if examples else None
     if examples and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
+    probe = _probe(model, example_inputs, loss_fn, report) if examples and check_gradients else None
     observation = _observe(model, example_inputs) if norms and examples else None
 
     actions = _lora_retypes(model) if lora_dtype else []
@@ -286,6 +315,12 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
         if examples and measure_memory and any(a.change.status == "applied" for a in actions):
             try:
                 report.memory_after = _measure(model, example_inputs, "after")
+                if _undo_what_saves_nothing(actions, report):
+                    before.restore()
+                    _apply_verified(model, [a for a in actions if a.change.status == "applied"], check)
+                    report.memory_after = None
+                    if any(a.change.status == "applied" for a in actions):
+                        report.memory_after = _measure(model, example_inputs, "after")
             except Exception as e:  # a training-mode forward that only the converted model fails
                 before.restore()
                 for a in actions:
@@ -294,6 +329,8 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
                 report.max_difference = None
         if examples and measure_memory and report.memory_after is None:
             report.memory_after = report.memory_before  # nothing changed
+        if probe is not None:
+            _compare_gradients(model, example_inputs, probe, actions, report)
         _record(model, [a for a in actions if a.change.status == "applied"])
     except BaseException:
         before.restore()  # an unexpected failure (or an interrupt): nothing half done
@@ -302,8 +339,61 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     return report
 
 
+def _undo_what_saves_nothing(actions: list, report: Report) -> bool:
+    """Mark undone every applied change that does not reduce the bytes saved for backward; True if any.
+    A change's effect is read from the two measurements, per module: the bytes only its module (and
+    what is inside it) saves, after minus before. A storage its module shares with another (an MS
+    norm's output, which the next linear saves anyway; the half of a fused projection that an MoE
+    expert saves for its product) costs nothing. Judged with every other change in place, so a
+    change that saves only together with another one is kept."""
+    before, after = report.memory_before, report.memory_after
+    undone = False
+    for a in actions:
+        if a.change.status != "applied":
+            continue
+        delta = after.exclusive_bytes(a.change.path) - before.exclusive_bytes(a.change.path)
+        if delta >= 0:
+            a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"
+            undone = True
+    return undone
+
+
+def _probe(model, inputs, loss_fn, report: Report):
+    """The unconverted model's parameter gradients on the example inputs, or None (and a note why)."""
+    report.gradient_loss = "random projection" if loss_fn is None else "loss_fn"
+    try:
+        return _gradients.Probe(lambda then: _run(model, inputs, then=then), list(model.parameters()), loss_fn)
+    except Exception as e:
+        report.gradient_note = _describe(e)
+        return None
+
+
+def _compare_gradients(model, inputs, probe, actions, report: Report) -> None:
+    """Overall and per-activation gradient cosines of the model as converted. Parameters a fold
+    rewrote (the linear weights, which now hold gamma) or removed (the norm's gamma/beta) are left
+    out of the overall cosine: their gradients are of another parameterisation."""
+    applied = [a for a in actions if a.change.status == "applied"]
+    ignored = {id(t) for a in applied for t in a.writes}
+    ignored |= {id(p) for a in applied if isinstance(a, _Swap) and a.folds for p in a.old.parameters()}
+    # activations and gated MLPs: every swap but the norms, whose backward is exact (docs/norms.md)
+    watched = {i: (a.new, a.old) for i, a in enumerate(applied)
+               if isinstance(a, _Swap) and not isinstance(a.new, (MSLayerNorm, MSRMSNorm))}
+    try:
+        overall, local = probe.compare(lambda then: _run(model, inputs, then=then), watched, ignored)
+    except Exception as e:  # e.g. a backward only the converted model fails
+        report.gradient_note = f"the converted model's backward failed: {_describe(e)}"
+        return
+    report.gradient_cosine = overall
+    if overall is None:
+        report.gradient_note = "the gradients are zero"
+    for i, value in local.items():
+        applied[i].change.gradient_cosine = value
+
+
 def _measure(model, inputs, label):
-    with state_kept(model):  # train mode: dropout draws random numbers, BatchNorm updates its statistics
+    # train mode: dropout (LayerDrop) draws random numbers, BatchNorm updates its statistics; the same
+    # seed before and after, so both sides drop the same things and the ratio is the same every call
+    with state_kept(model, seed=RUN_SEED):
         if isinstance(inputs, dict):
             return memory.measure(model, label=label, **inputs)
         return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)

@@ -47,6 +47,13 @@ class Measurement:
             out[s.module] += s.nbytes
         return dict(out)
 
+    def exclusive_bytes(self, path: str) -> int:
+        """Bytes saved only by the module at `path` and the modules inside it: what would no longer
+        be saved if that module saved nothing (a storage some other module saves too stays)."""
+        def inside(name: str) -> bool:
+            return name == path or name.startswith(path + ".") or not path
+        return sum(s.nbytes for s in self.storages.values() if inside(s.module) and all(map(inside, s.also_saved_by)))
+
     @property
     def shared(self) -> list[SavedStorage]:
         return [s for s in self.storages.values() if s.also_saved_by]

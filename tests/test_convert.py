@@ -89,7 +89,10 @@ def test_convert_with_peft_lora(arch):
     targets = [t for t in LORA_TARGETS[arch] if t in names]
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets, fan_in_fan_out=arch == "gpt2"))
     report = lo.convert(model, example_inputs=batch)
-    assert report.applied and not [c for c in report.changes if c.status == "undone"], str(report)
+    # with frozen base weights a norm may save nothing either way (BERT's embedding LayerNorm: nothing
+    # before it needs a gradient): that swap is undone as saving no memory, nothing else is
+    failed = [c for c in report.changes if c.status == "undone" and not c.reason.startswith("saves no memory")]
+    assert report.applied and not failed, str(report)
     assert report.max_difference <= report.tolerance
     assert report.memory_after.total_bytes < report.memory_before.total_bytes
     folded_into = " ".join(c.after for c in report.applied if "folded" in c.after)
