@@ -407,7 +407,8 @@ def test_torch_rmsnorm_of_any_parameterisation_converts(kwargs):
     model = nn.Sequential(nn.Linear(8, 8), nn.RMSNorm(8, **kwargs), nn.GELU())
     x = torch.randn(4, 8)
     want = model(x).detach()
-    report = lo.convert(model, example_inputs=x)
+    # no memory filter: followed by a GELU that becomes 2-bit, the MS norm saves no fewer bytes here
+    report = lo.convert(model, example_inputs=x, measure_memory=False)
     assert isinstance(model[1], lo.nn.MSRMSNorm) and not report.skipped, str(report)
     assert model[1].eps == kwargs.get("eps") and model[1].affine == ("inverse" if kwargs != {"elementwise_affine": False} else "none")
     torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
