@@ -25,7 +25,9 @@ comparison, building the autograd graph, so what autograd rejects fails here; tr
 buffers and the RNG state are restored); outputs must agree within the dtype's tolerance, otherwise
 the changes are rolled back and retried one by one, and those that raise or break agreement are
 undone and reported. Transactional: any failure restores every module, Parameter, buffer and folded
-weight bitwise (lowmem_ops._snapshot). The memory saved is measured with lowmem_ops.memory. Every
+weight bitwise (lowmem_ops._snapshot). The memory saved is measured with lowmem_ops.memory (train
+mode, a fixed seed on both sides), and a change that does not reduce it is undone. Gradients are
+compared with the unconverted model's on the example inputs (lowmem_ops._gradients). Every
 swapped module keeps the original's parameters (the same Parameter objects); a folded norm's
 state_dict keys stay (lowmem_ops._folding), so checkpoints load both ways.
 """
@@ -317,10 +319,13 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
                 report.memory_after = _measure(model, example_inputs, "after")
                 if _undo_what_saves_nothing(actions, report):
                     before.restore()
-                    _apply_verified(model, [a for a in actions if a.change.status == "applied"], check)
+                    kept = [a for a in actions if a.change.status == "applied"]
+                    _apply_verified(model, kept, check)
                     report.memory_after = None
-                    if any(a.change.status == "applied" for a in actions):
+                    if kept:
                         report.memory_after = _measure(model, example_inputs, "after")
+                    else:
+                        check()  # the difference in the report is the unchanged model's
             except Exception as e:  # a training-mode forward that only the converted model fails
                 before.restore()
                 for a in actions:

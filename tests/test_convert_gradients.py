@@ -199,6 +199,9 @@ def test_a_swap_that_saves_no_memory_is_undone(monkeypatch):
     everything = lo.convert(kept_all, example_inputs=x)
     assert all(c.status == "applied" for c in everything.changes)
     assert report.memory_after.total_bytes < everything.memory_after.total_bytes
+    # the "+N bytes" is what keeping that swap really costs: the two measurements' difference
+    extra = int(status["expert.act"].reason.split("(+")[1].split(" bytes")[0])
+    assert extra == everything.memory_after.total_bytes - report.memory_after.total_bytes
 
 
 class LayerDrop(torch.nn.Module):
@@ -237,3 +240,13 @@ def test_memory_ratio_with_layerdrop_is_deterministic_and_true():
     after = lo.memory.measure(copies[0], x).total_bytes
     assert totals == {(before, after)}
     assert after < before
+
+
+def test_when_no_swap_saves_memory_the_model_is_left_as_it_was():
+    torch.manual_seed(0)
+    model, x = GateUpExpert(), torch.randn(32, 16)
+    want = model(x).detach()
+    report = lo.convert(model, example_inputs=x)
+    assert not report.applied and report.changes[0].reason.startswith("saves no memory (+")
+    assert type(model.act) is torch.nn.SiLU and torch.equal(model(x), want)
+    assert report.memory_after is report.memory_before and report.max_difference == 0.0
