@@ -361,7 +361,8 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
 
 
 def _measure(model, inputs, label):
-    with state_kept(model), _quantized_in_training_mode(model):  # dropout draws random numbers, BatchNorm updates its statistics
+    # state_kept: dropout draws random numbers, BatchNorm updates its statistics
+    with state_kept(model), _quantized_in_training_mode(model):
         if isinstance(inputs, dict):
             return memory.measure(model, label=label, **inputs)
         return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)
