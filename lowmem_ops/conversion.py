@@ -15,8 +15,9 @@ What is swapped (options turn each part off):
   output is modified in place stays torch's (the MS norm saves that output for backward);
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
-- PEFT LoRA adapters kept in float32 by default -> the base layer's dtype, so no adapter casts its
-  input (each cast is a new tensor that is saved and shares nothing).
+- PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
+  weight's; a bitsandbytes 4-bit base's compute_dtype; an 8-bit base's input dtype), so no adapter
+  casts its input (each cast is a new tensor that is saved and shares nothing).
 
 A module held under several names is one object: swapped under all of them, restored under all.
 
@@ -34,6 +35,7 @@ state_dict keys stay (lowmem_ops._folding), so checkpoints load both ways.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -190,7 +192,9 @@ def _is_norm(module: torch.nn.Module) -> bool:
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
-    """A layer a norm's affine can be folded into: nn.Linear or GPT-2's Conv1D (x.view(-1, nx) @ W + b)."""
+    """A layer a norm's affine can be folded into: nn.Linear or GPT-2's Conv1D (x.view(-1, nx) @ W + b).
+    Exactly these types: a subclass such as bitsandbytes' Linear4bit / Linear8bitLt holds a quantized
+    weight that gamma cannot be multiplied into (its norm keeps its affine, inverse mode)."""
     return type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D"
 
 
@@ -236,12 +240,30 @@ def _run(model, inputs, grad: bool = False, then=None):
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with state_kept(model, seed=RUN_SEED), torch.set_grad_enabled(grad or then is not None):
+        with state_kept(model, seed=RUN_SEED), _quantized_in_training_mode(model), \
+                torch.set_grad_enabled(grad or then is not None):
             out = _call(model, inputs)
             return out if then is None else then(out)
     finally:
         for m, training in modes.items():
             m.train(training)
+
+
+@contextlib.contextmanager
+def _quantized_in_training_mode(model: torch.nn.Module):
+    """bitsandbytes layers in training mode for the duration (their flags restored after). They have
+    no dropout, but in eval mode on a CPU with AVX512-BF16 a 4-bit layer repacks its weight, for
+    good, into an inference layout that passes no gradient to its input (bitsandbytes 0.50): a run
+    of convert's on a model in eval mode (as from_pretrained returns it) would leave QLoRA training
+    learning nothing upstream of the last quantized layer."""
+    modes = {m: m.training for m in model.modules() if type(m).__module__.split(".")[0] == "bitsandbytes"}
+    try:
+        for m in modes:
+            m.training = True  # this module alone: .train() would switch its children too
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 @torch.no_grad()
@@ -258,23 +280,58 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
 
 
-def _lora_retypes(model: torch.nn.Module) -> list["_Retype"]:
+def _lora_retypes(model: torch.nn.Module, inputs=None) -> list["_Retype"]:
     """PEFT keeps LoRA adapters in float32 by default and casts the input for each adapter: three
     float32 copies of one bf16 activation for q, k and v, none of them shared with the norm before.
-    Put each adapter in its base layer's dtype, so nothing is cast."""
+    Put each adapter in the dtype its base computes in (_compute_dtype), so nothing is cast."""
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
+    seen = _input_dtypes(model, [m for _, m in layers if _compute_dtype(m) is None], inputs)
     retypes = []
-    for path, module in model.named_modules():
-        lora_a, base = getattr(module, "lora_A", None), getattr(module, "base_layer", None)
-        weight = getattr(base, "weight", None)
-        if not isinstance(lora_a, torch.nn.ModuleDict) or weight is None or not weight.is_floating_point():
-            continue
+    for path, module in layers:
+        dtype = _compute_dtype(module) or seen.get(id(module))
         adapters = [m for name in ("lora_A", "lora_B") for m in getattr(module, name).values()]
         dtypes = {p.dtype for m in adapters for p in m.parameters()}
-        if dtypes and dtypes != {weight.dtype}:
+        if dtype is not None and dtypes and dtypes != {dtype}:
             before = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-            change = Change(path, f"LoRA adapters in {before}", f"in {str(weight.dtype).removeprefix('torch.')}")
-            retypes.append(_Retype(adapters, weight.dtype, change))
+            change = Change(path, f"LoRA adapters in {before}", f"in {str(dtype).removeprefix('torch.')}")
+            retypes.append(_Retype(adapters, dtype, change))
     return retypes
+
+
+def _compute_dtype(lora_layer: torch.nn.Module) -> torch.dtype | None:
+    """The dtype a LoRA layer's base computes in, or None where only a forward can tell: a floating
+    base weight's dtype; for an adapter on a bare parameter (PEFT's ParamWrapper, MoE experts with no
+    `.weight`) that parameter's; for a bitsandbytes 4-bit base (uint8 weight) its `compute_dtype`
+    (set from the input on its first call). An 8-bit base computes in its input's dtype: None."""
+    if callable(getattr(lora_layer, "get_param", None)) and hasattr(lora_layer, "parameter_name"):
+        weight = lora_layer.get_param()
+    else:
+        weight = getattr(getattr(lora_layer, "base_layer", None), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    compute = getattr(getattr(lora_layer, "base_layer", None), "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else None
+
+
+def _input_dtypes(model: torch.nn.Module, layers: list, inputs) -> dict[int, torch.dtype]:
+    """id(layer) -> the dtype of its input on the example inputs, for layers called with a single
+    floating dtype; nothing without example inputs."""
+    if not layers or inputs is None:
+        return {}
+    seen: dict[int, set] = {id(m): set() for m in layers}
+
+    def called(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(x, torch.Tensor):
+            seen[id(module)].add(x.dtype)
+
+    handles = [m.register_forward_pre_hook(called, with_kwargs=True) for m in layers]
+    try:
+        _run(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and next(iter(v)).is_floating_point}
 
 
 def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
@@ -290,8 +347,10 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     plain nn.Linear or GPT-2 Conv1D (untied weight, held under one name, called only on this norm's
     output, its weight used nowhere else; a bias wherever beta is non-zero) and the output is not
     returned; other norms use inverse mode. A norm whose output is modified in place is left alone.
-    lora_dtype: put PEFT LoRA adapters in their base layer's dtype (they then train in that dtype;
-    keep float32 master weights in the optimizer if you need them, or pass False).
+    lora_dtype: put PEFT LoRA adapters in the dtype their base layer computes in: its weight's dtype, a
+    bitsandbytes 4-bit layer's compute_dtype, the input's dtype on the example inputs for an 8-bit
+    layer (they then train in that dtype; keep float32 master weights in the optimizer if you need
+    them, or pass False).
     measure_memory: measure saved bytes before and after (train mode, fixed seed) and undo every
     change that does not reduce them ("saves no memory (+N bytes)").
     check_gradients: compare parameter gradients with the unconverted model's on the example inputs
@@ -307,7 +366,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     probe = _probe(model, example_inputs, loss_fn, report) if examples and check_gradients else None
     observation = _observe(model, example_inputs) if norms and examples else None
 
-    actions = _lora_retypes(model) if lora_dtype else []
+    actions = _lora_retypes(model, example_inputs) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
                      gated_mode=gated_mode, fold=fold)
     before = Snapshot(model, writes=[t for a in actions for t in a.writes], keep=(_originals(model), folded(model)))
@@ -398,7 +457,7 @@ def _compare_gradients(model, inputs, probe, actions, report: Report) -> None:
 def _measure(model, inputs, label):
     # train mode: dropout (LayerDrop) draws random numbers, BatchNorm updates its statistics; the same
     # seed before and after, so both sides drop the same things and the ratio is the same every call
-    with state_kept(model, seed=RUN_SEED):
+    with state_kept(model, seed=RUN_SEED), _quantized_in_training_mode(model):
         if isinstance(inputs, dict):
             return memory.measure(model, label=label, **inputs)
         return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)
@@ -480,7 +539,7 @@ class _Swap:
 
 @dataclass
 class _Retype:
-    """Cast PEFT adapters to their base layer's dtype (each Parameter keeps its object, gets new data)."""
+    """Cast PEFT adapters to the dtype their base computes in (each Parameter keeps its object, gets new data)."""
 
     adapters: list
     dtype: torch.dtype
