@@ -13,6 +13,10 @@ What is swapped (options turn each part off):
   Conv1D layers, each called only on that output, gets its gamma/beta folded into them; every
   other norm keeps them in inverse mode (exact in any topology, post-LN included); a norm whose
   output is modified in place stays torch's (the MS norm saves that output for backward);
+- by behaviour: with example inputs, every other leaf that may be an activation or a norm is probed
+  (lowmem_ops._recognition) and swapped for the op or MS norm computing the same (T5LayerNorm,
+  Gemma's 1 + weight RMSNorm, OLMo's weightless LayerNorm, ConvNeXt's channels-first LayerNorm,
+  BloomGelu, a user's Swish); what it matches nothing of, or cannot be probed, is a report line;
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
 - PEFT LoRA adapters kept in float32 by default -> the base layer's dtype, so no adapter casts its
