@@ -244,6 +244,42 @@ class _EpsLayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), eps=self.hidden)
 
 
+# --- the module wrappers ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rms", [True, False], ids=["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("offset, channels_first", [(1.0, False), (0.0, True), (1.0, True)])
+def test_offset_and_channels_first_norms_match_torch_and_share_their_output(rms, offset, channels_first):
+    torch.manual_seed(0)
+    cls = lo.nn.MSRMSNorm if rms else lo.nn.MSLayerNorm
+    norm = cls(8, eps=1e-6, weight_offset=offset, channels_first=channels_first)
+    with torch.no_grad():
+        norm.weight.uniform_(-0.3, 0.3) if offset else norm.weight.uniform_(0.7, 1.3)
+    consumer = nn.Conv2d(8, 8, 1) if channels_first else nn.Linear(8, 8)
+    x = torch.randn(2, 8, 3, 5) if channels_first else torch.randn(2, 5, 8)
+    x_ref, w_ref = x.clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    v = x_ref.movedim(1, -1) if channels_first else x_ref
+    ref = F.rms_norm(v, (8,), w_ref + offset, 1e-6) if rms else F.layer_norm(v, (8,), w_ref + offset, None, 1e-6)
+    ref = ref.movedim(-1, 1) if channels_first else ref
+    x.requires_grad_()
+    y = norm(x)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(norm.weight.grad, w_ref.grad, atol=1e-5, rtol=1e-4)
+    saved = memory.measure(nn.Sequential(norm, consumer), x)
+    assert any(s.module == "0" and "1" in s.also_saved_by for s in saved.shared), saved  # one copy for both
+    assert f"weight_offset={offset:g}" in repr(norm) if offset else "weight_offset" not in repr(norm)
+
+
+def test_channels_first_needs_one_normalised_dim():
+    with pytest.raises(ValueError, match="channels_first normalises one dimension"):
+        lo.nn.MSLayerNorm((4, 8), channels_first=True)
+    with pytest.raises(ValueError, match=r"needs an \(N, C, ...\) input"):
+        lo.nn.MSRMSNorm(8, channels_first=True)(torch.randn(8))
+
+
 # --- Hugging Face modules (built from config, tiny) ------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
