@@ -576,12 +576,13 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
     watched = observation is not None and id(module) in observation.uses
     if watched and id(module) in observation.modified:
         new, why = _replacement(module, activations, norms, gated, gated_mode, observation=observation)
-        if new is not None:
-            why = (f"{observation.modified[id(module)]}; a memory-sharing norm saves that output for "
-                   "backward, so torch's norm stays")
-        if why:
-            report.skipped.append((path, why))
-        return None
+        if new is None or isinstance(new, (MSLayerNorm, MSRMSNorm)):  # an activation saves its codes, not its output
+            if new is not None:
+                why = (f"{observation.modified[id(module)]}; a memory-sharing norm saves that output for "
+                       "backward, so torch's norm stays")
+            if why:
+                report.skipped.append((path, why))
+            return None
     targets = (_fold_targets(model, module, observation, tied, paths)
                if watched and fold and not shared and _foldable(module, observation) else [])
     new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets), observation=observation)
@@ -686,10 +687,20 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     stack = [""]
     handles = memory.track_modules(model, stack)
 
+    versions: dict[int, int] = {}  # id(candidate) -> its first input's version counter on entry
+
+    def entering(module, args, kwargs):
+        x = _first_tensor(args, kwargs)
+        if id(module) not in versions and x is not None:
+            versions[id(module)] = x._version
+
     def produced(module, args, kwargs, out):
         if id(module) not in seen.calls:
-            seen.calls[id(module)] = _first_call(args, kwargs, out)
-        if not isinstance(out, torch.Tensor):
+            try:
+                seen.calls[id(module)] = _first_call(args, kwargs, out, versions.get(id(module)))
+            except Exception as e:  # a tensor subclass torch.equal rejects, ...: a report line, not a failed run
+                seen.calls[id(module)] = None, None, None, f"could not be observed: {_describe(e)}"
+        if not isinstance(out, torch.Tensor) or id(out) in outputs:  # an in-place op's output: its producer's
             return
         outputs[id(out)] = (id(module), out, out._version)
         if (isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
@@ -708,6 +719,7 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
         x = args[0] if args else next(iter(kwargs.values()), None)
         seen.inputs[id(module)].append(outputs[id(x)][0] if id(x) in outputs else None)
 
+    handles += [m.register_forward_pre_hook(entering, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_hook(produced, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_pre_hook(called, with_kwargs=True) for _, m in linears.values()]
     recorder = _UseRecorder(outputs, owners, stack, seen)
@@ -727,7 +739,11 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     return seen
 
 
-def _first_call(args, kwargs, out) -> tuple:
+def _first_tensor(args, kwargs):
+    return next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
+
+
+def _first_call(args, kwargs, out, version_on_entry) -> tuple:
     """(shape, dtype, device, why it cannot be probed or None) of a candidate's first call."""
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     x = tensors[0] if tensors else None
@@ -735,8 +751,10 @@ def _first_call(args, kwargs, out) -> tuple:
         return None, None, None, f"takes {len(tensors)} tensor inputs, so it was not probed"
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         return None, None, None, "does not return one tensor of its input's shape, so it was not probed"
-    if out is x or (out.dtype == x.dtype and torch.equal(out, x)):
-        return None, None, None, "identity"  # dropout-like in eval mode: not a candidate
+    # dropout-like in eval mode (its input back, untouched, or equal values): not a candidate;
+    # an in-place activation returns its input too, written (its version counter moved)
+    if (out is x and x._version == version_on_entry) or (out is not x and out.dtype == x.dtype and torch.equal(out, x)):
+        return None, None, None, "identity"
     return tuple(x.shape), x.dtype, x.device, None
 
 

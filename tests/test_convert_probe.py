@@ -123,13 +123,32 @@ def test_channels_first_layernorm_shares_its_output_with_the_next_conv():
     _check_converted(model, x, report, {"ChannelsFirstLayerNorm"})
 
 
-def test_relu_and_leaky_relu_are_reported_not_swapped():
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.LeakyReLU(0.2), nn.Linear(8, 2))
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_and_leaky_relu_are_reported_not_swapped(inplace):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace), nn.Linear(8, 8), nn.LeakyReLU(0.2, inplace), nn.Linear(8, 2))
     report = lo.convert(model, example_inputs=torch.randn(4, 8))
     assert report.applied == [] and type(model[1]) is nn.ReLU
     assert report.skipped == [("1", "ReLU computes ReLU: exact 1-bit ReLU kernel not built yet (issue 11)"),
                               ("3", "LeakyReLU computes LeakyReLU(0.2): no built-in approximation")]
     assert "0 modules swapped, 0 undone, 2 left alone" in str(report)
+
+
+class SwishThenInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.act, self.out = nn.Linear(8, 8), Swish(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.act(self.lin(x))
+        h.mul_(2.0)  # the activation's output written in place: fine, it saves its codes, not its output
+        return self.out(h)
+
+
+def test_an_activation_whose_output_is_written_in_place_is_still_swapped():
+    torch.manual_seed(0)
+    model = SwishThenInPlace()
+    report = lo.convert(model, example_inputs=torch.randn(4, 8))
+    assert [c.path for c in report.applied] == ["act"] and report.skipped == [], str(report)
 
 
 class Raises(nn.Module):
