@@ -131,7 +131,7 @@ def _error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _other_values(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return (p.detach().float() + 0.5 + torch.rand(p.shape, generator=g)).to(p.dtype)
+    return (p.detach().float() + 0.5 + torch.rand(p.shape, generator=g).to(p.device)).to(p.dtype)
 
 
 def identify(module: torch.nn.Module, shape, dtype, device) -> Match:

@@ -782,8 +782,10 @@ _CANDIDATE_NAME = re.compile(r"(norm|gelu|silu|swish|mish|elu|relu|softplus|acti
 
 
 def _named_like_candidate(module: torch.nn.Module) -> bool:
-    """Named like a norm or activation: reported even when it cannot be probed (several inputs)."""
-    return bool(_CANDIDATE_NAME.search(type(module).__name__)) or type(module).__name__ in _ACTIVATIONS
+    """Named like a norm or activation, or one of torch's: reported even when it cannot be probed
+    (several inputs, another output shape)."""
+    return (bool(_CANDIDATE_NAME.search(type(module).__name__)) or type(module).__name__ in _ACTIVATIONS
+            or type(module).__module__.startswith("torch.nn"))
 
 
 def _known_by_class(module: torch.nn.Module) -> bool:

@@ -356,3 +356,13 @@ def test_hugging_face_modules_unknown_by_name_convert(arch):
     assert not [c for c in report.changes if c.status == "undone"], str(report)
     assert all(c.gradient_cosine is None or c.gradient_cosine > 0.5 for c in report.applied), str(report)
     _check_converted(model, batch, report, {cls})
+
+
+def test_every_candidate_left_alone_is_reported_and_nothing_else():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GLU(), nn.Linear(4, 8), nn.GroupNorm(2, 8), nn.Softmax(-1),
+                          nn.Dropout(0.1), nn.Linear(8, 2))
+    report = lo.convert(model, example_inputs=torch.randn(4, 8))
+    assert report.skipped == [
+        ("1", "GLU does not return one tensor of its input's shape, so it was not probed"),
+        ("3", "GroupNorm probed: its output matches none of the known activations and norms"),
+        ("4", "Softmax probed: its output matches none of the known activations and norms")], str(report)
