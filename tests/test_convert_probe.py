@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowmem_ops as lo
-from lowmem_ops import _recognition, memory
+from lowmem_ops import _recognition, conversion, memory
 
 
 class Swish(nn.Module):
@@ -58,9 +58,8 @@ def _check_converted(model, batch, report, original_types):
     assert report.max_difference is not None and report.max_difference <= report.tolerance, str(report)
     assert report.memory_after.total_bytes < report.memory_before.total_bytes, str(report)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    out = call(model)
-    out = out if isinstance(out, torch.Tensor) else out[0]
-    out.float().square().mean().backward()
+    outputs = [t for t in conversion._tensors(call(model)) if t.is_floating_point()]
+    sum(t.float().square().mean() for t in outputs).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     optimizer.step()
     model.eval()  # no dropout: the same outputs before and after export
