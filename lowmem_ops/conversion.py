@@ -13,6 +13,10 @@ What is swapped (options turn each part off):
   Conv1D layers, each called only on that output, gets its gamma/beta folded into them; every
   other norm keeps them in inverse mode (exact in any topology, post-LN included); a norm whose
   output is modified in place stays torch's (the MS norm saves that output for backward);
+- by behaviour: with example inputs, every other leaf that may be an activation or a norm is probed
+  (lowmem_ops._recognition) and swapped for the op or MS norm computing the same (T5LayerNorm,
+  Gemma's 1 + weight RMSNorm, OLMo's weightless LayerNorm, ConvNeXt's channels-first LayerNorm,
+  BloomGelu, a user's Swish); what it matches nothing of, or cannot be probed, is a report line;
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
 - PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
@@ -41,7 +45,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _gradients, memory
+import re
+
+from . import _gradients, _recognition, memory
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
 from ._snapshot import Snapshot, state_kept
 from .gated import MODES
@@ -126,9 +132,11 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
     name = type(module).__name__
     if type(module).__module__.startswith("lowmem_ops"):
         return None, None  # already ours (convert() called twice)
+    match = observation.matches.get(id(module)) if observation is not None else None
     if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         pick = _ACTIVATIONS.get(type(module.act_fn).__name__)
-        op = pick(module.act_fn) if pick else None
+        probed = observation.matches.get(id(module.act_fn)) if observation is not None else None
+        op = pick(module.act_fn) if pick else probed.op if probed is not None else None
         if op in _GATED_OPS:
             return GatedMLP.from_mlp(module, act=op, mode=gated_mode), None
         return None, f"gated MLP with activation {type(module.act_fn).__name__}, which has no fused kernel"
@@ -137,6 +145,16 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         if op is None:
             return None, f"{name} with these arguments has no built-in approximation"
         return Approx(op), None
+    if match is not None and not match.is_norm:
+        if not activations:
+            return None, None
+        if match.op is None:
+            return None, f"{name} computes {match.name}: {_recognition.NOT_BUILT.get(match.name, 'no built-in approximation')}"
+        return Approx(match.op), None
+    if match is not None and norms and not _has_torch_forward(module, observation):
+        return _ms_norm_for(match, module, observation.calls[id(module)][0], folded), None
+    if observation is not None and id(module) in observation.unknown and (norms or not _is_norm(module)):
+        return None, f"{name} {observation.unknown[id(module)]}"
     if norms and isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and not _has_torch_forward(module, observation):
         # e.g. ConvNeXt's channels-first LayerNorm: same parameters, another computation
         base = _torch_norm_class(module).__name__
@@ -159,6 +177,31 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         new = MSRMSNorm(tuple(weight.shape), eps=eps, affine="none" if folded else "inverse")
         return (new if folded else _adopt(new, module)), None
     return None, None
+
+
+def _ms_norm_for(match: "_recognition.Match", module: torch.nn.Module, shape: tuple, folded: bool) -> torch.nn.Module:
+    """The MS norm computing what probing found `module` computes, holding its weight (and bias)
+    when it uses them; folded: they went into its consumers instead."""
+    n = shape[1] if match.channels_first else shape[-1]
+    affine = "inverse" if match.weight and not folded else "none"
+    options = {"eps": match.eps, "affine": affine, "weight_offset": match.weight_offset,
+               "channels_first": match.channels_first}
+    new = MSRMSNorm((n,), **options) if match.rms else MSLayerNorm((n,), bias=match.bias, **options)
+    if affine == "inverse":
+        new.weight = module.weight  # the very Parameter objects (see _adopt)
+        if match.bias:
+            new.bias = module.bias
+    return new
+
+
+def _foldable(module: torch.nn.Module, observation: "_Observation | None") -> bool:
+    """A norm whose affine can go into its consumers: not an offset (1 + weight) or channels-first
+    norm, and one that uses every affine parameter it holds (a probed norm may hold one it ignores)."""
+    match = observation.matches.get(id(module)) if observation is not None else None
+    if match is None:
+        return True
+    return (match.is_norm and match.weight and not match.weight_offset and not match.channels_first
+            and (match.bias or getattr(module, "bias", None) is None))
 
 
 def _torch_norm_class(norm: torch.nn.Module) -> type:
@@ -364,7 +407,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     if examples and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
     probe = _probe(model, example_inputs, loss_fn, report) if examples and check_gradients else None
-    observation = _observe(model, example_inputs) if norms and examples else None
+    observation = _observe(model, example_inputs) if examples and (norms or activations or gated) else None
 
     actions = _lora_retypes(model, example_inputs) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
@@ -592,13 +635,15 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
     watched = observation is not None and id(module) in observation.uses
     if watched and id(module) in observation.modified:
         new, why = _replacement(module, activations, norms, gated, gated_mode, observation=observation)
-        if new is not None:
-            why = (f"{observation.modified[id(module)]}; a memory-sharing norm saves that output for "
-                   "backward, so torch's norm stays")
-        if why:
-            report.skipped.append((path, why))
-        return None
-    targets = _fold_targets(model, module, observation, tied, paths) if watched and fold and not shared else []
+        if new is None or isinstance(new, (MSLayerNorm, MSRMSNorm)):  # an activation saves its codes, not its output
+            if new is not None:
+                why = (f"{observation.modified[id(module)]}; a memory-sharing norm saves that output for "
+                       "backward, so torch's norm stays")
+            if why:
+                report.skipped.append((path, why))
+            return None
+    targets = (_fold_targets(model, module, observation, tied, paths)
+               if watched and fold and not shared and _foldable(module, observation) else [])
     new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets), observation=observation)
     if new is None:
         if why:
@@ -608,6 +653,8 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
         report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
         return None
     after = type(new).__name__
+    if observation is not None and id(module) in observation.matches:
+        after += f" (probed: {observation.matches[id(module)].describe()})"
     if targets:
         after += f" (affine folded into {', '.join(p for p, _ in targets)})"
     if shared:
@@ -640,6 +687,9 @@ class _Observation:
     inputs: dict = field(default_factory=dict)    # id(linear) -> per call, id(norm) whose output it got (None: other)
     foreign: set = field(default_factory=set)     # ids of linear parameters read outside their own module's forward
     matches_torch: dict = field(default_factory=dict)  # id(norm subclass overriding forward) -> every call was torch's norm
+    calls: dict = field(default_factory=dict)     # id(candidate leaf) -> its first call: (input shape, dtype, device, why not probed)
+    matches: dict = field(default_factory=dict)   # id(candidate leaf) -> what probing found it computes (_recognition.Match)
+    unknown: dict = field(default_factory=dict)   # id(candidate leaf) -> why probing found nothing to swap it for
 
 
 class _UseRecorder(torch.overrides.TorchFunctionMode):
@@ -688,7 +738,7 @@ def _written_in_place(name: str, args, kwargs):
 
 def _observe(model: torch.nn.Module, inputs) -> _Observation:
     """Run the model once on the inputs, watching every norm's output and every linear layer."""
-    norms = {id(m): m for _, m in model.named_modules() if _is_norm(m)}
+    norms = {id(m): m for _, m in model.named_modules() if _is_norm(m) or _is_candidate(m)}
     linears = {id(m): (p, m) for p, m in model.named_modules() if _is_linear(m)}
     seen = _Observation(uses={i: [] for i in norms}, inputs={i: [] for i in linears})
     outputs: dict[int, tuple] = {}  # id(output) -> (id(norm), output, its version counter then); keeps them alive
@@ -696,11 +746,24 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     stack = [""]
     handles = memory.track_modules(model, stack)
 
+    versions: dict[int, int] = {}  # id(candidate) -> its first input's version counter on entry
+
+    def entering(module, args, kwargs):
+        x = _first_tensor(args, kwargs)
+        if id(module) not in versions and x is not None:
+            versions[id(module)] = x._version
+
     def produced(module, args, kwargs, out):
-        if not isinstance(out, torch.Tensor):
+        if id(module) not in seen.calls:
+            try:
+                seen.calls[id(module)] = _first_call(args, kwargs, out, versions.get(id(module)))
+            except Exception as e:  # a tensor subclass torch.equal rejects, ...: a report line, not a failed run
+                seen.calls[id(module)] = None, None, None, f"could not be observed: {_describe(e)}"
+        if not isinstance(out, torch.Tensor) or id(out) in outputs:  # an in-place op's output: its producer's
             return
         outputs[id(out)] = (id(module), out, out._version)
-        if type(module).forward is not _torch_norm_class(module).forward and not _is_named_rmsnorm(module):
+        if (isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+                and type(module).forward is not _torch_norm_class(module).forward):
             x = args[0] if args else next(iter(kwargs.values()), None)
             recorder.paused = True
             try:
@@ -715,6 +778,7 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
         x = args[0] if args else next(iter(kwargs.values()), None)
         seen.inputs[id(module)].append(outputs[id(x)][0] if id(x) in outputs else None)
 
+    handles += [m.register_forward_pre_hook(entering, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_hook(produced, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_pre_hook(called, with_kwargs=True) for _, m in linears.values()]
     recorder = _UseRecorder(outputs, owners, stack, seen)
@@ -730,7 +794,76 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     for norm, out, version in outputs.values():
         if out._version != version:  # any in-place write, through a view or not, bumps it
             seen.modified.setdefault(norm, "its output is modified in place")
+    _identify(norms, seen)
     return seen
+
+
+def _first_tensor(args, kwargs):
+    return next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
+
+
+def _first_call(args, kwargs, out, version_on_entry) -> tuple:
+    """(shape, dtype, device, why it cannot be probed or None) of a candidate's first call."""
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    x = tensors[0] if tensors else None
+    if len(tensors) != 1 or not x.is_floating_point():
+        return None, None, None, f"takes {len(tensors)} tensor inputs, so it was not probed"
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return None, None, None, "does not return one tensor of its input's shape, so it was not probed"
+    # dropout-like in eval mode (its input back, untouched, or equal values): not a candidate;
+    # an in-place activation returns its input too, written (its version counter moved)
+    if (out is x and x._version == version_on_entry) or (out is not x and out.dtype == x.dtype and torch.equal(out, x)):
+        return None, None, None, "identity"
+    return tuple(x.shape), x.dtype, x.device, None
+
+
+def _identify(candidates: dict, seen: _Observation) -> None:
+    """Probe each candidate leaf that ran once with one tensor (lowmem_ops._recognition); torch's norms
+    and the activations of the class table need none."""
+    for key, module in candidates.items():
+        if key not in seen.calls or _known_by_class(module):
+            continue
+        shape, dtype, device, why = seen.calls[key]
+        if why == "identity" or (why and not _named_like_candidate(module)):
+            continue  # not an activation or norm: not one convert saw
+        if why:
+            seen.unknown[key] = why
+            continue
+        try:
+            seen.matches[key] = _recognition.identify(module, shape, dtype, device)
+        except _recognition.ProbeError as e:
+            seen.unknown[key] = f"probed: {e}"
+        except Exception as e:  # anything else the probe hit: a report line, never a failed convert
+            seen.unknown[key] = f"could not be probed: {_describe(e)}"
+
+
+_CANDIDATE_NAME = re.compile(r"(norm|gelu|silu|swish|mish|elu|relu|softplus|activation|act)$", re.IGNORECASE)
+
+
+def _named_like_candidate(module: torch.nn.Module) -> bool:
+    """Named like a norm or activation, or one of torch's: reported even when it cannot be probed
+    (several inputs, another output shape)."""
+    return (bool(_CANDIDATE_NAME.search(type(module).__name__)) or type(module).__name__ in _ACTIVATIONS
+            or type(module).__module__.startswith("torch.nn"))
+
+
+def _known_by_class(module: torch.nn.Module) -> bool:
+    """The fast path: torch's own norms and activations of the class table compute what their class says."""
+    if type(module).__name__ in _ACTIVATIONS:
+        return True
+    return (isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+            and type(module).forward is _torch_norm_class(module).forward)
+
+
+def _is_candidate(module: torch.nn.Module) -> bool:
+    """A leaf that may be an activation or a norm: of torch's classes only the activations and norms;
+    any other class without child modules whose parameters are all one-dimensional (whether it is
+    one is decided by probing it)."""
+    if type(module).__module__.startswith("lowmem_ops") or any(True for _ in module.children()):
+        return False
+    if type(module).__module__.startswith("torch.nn"):
+        return type(module).__module__ in ("torch.nn.modules.activation", "torch.nn.modules.normalization")
+    return all(p.dim() == 1 for p in module.parameters(recurse=False))
 
 
 def _fold_targets(model: torch.nn.Module, norm: torch.nn.Module, seen: _Observation, tied: set, paths: dict) -> list:
@@ -827,6 +960,8 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _stock(module: torch.nn.Module):
+    if isinstance(module, (MSLayerNorm, MSRMSNorm)) and (module.weight_offset or module.channels_first):
+        return None  # torch has no such norm: it stays (what convert swapped gets its original back)
     if isinstance(module, MSLayerNorm):
         new = torch.nn.LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
                                  bias=module.bias is not None)

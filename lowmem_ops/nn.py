@@ -49,8 +49,15 @@ class ReSiLU2(Approx):
 class _MSNorm(torch.nn.Module):
     """Shared by MSLayerNorm and MSRMSNorm: parameters and state_dict as torch's own modules."""
 
-    def __init__(self, normalized_shape, eps, elementwise_affine, bias, affine, device, dtype):
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, affine, device, dtype,
+                 weight_offset=0.0, channels_first=False):
         super().__init__()
+        # weight_offset: the scale is weight + offset (Gemma's RMSNorm: 1 + weight, weight starting at 0).
+        # channels_first: normalise dim 1 of an (N, C, ...) input (ConvNeXt's LayerNorm), not the last.
+        self.weight_offset, self.channels_first = float(weight_offset), bool(channels_first)
+        if self.channels_first and len((normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape) != 1:
+            raise ValueError(f"{type(self).__name__}: channels_first normalises one dimension (dim 1); "
+                             f"normalized_shape must have one element, got {normalized_shape!r}")
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.eps = eps
         self.affine = affine if affine is not None else ("inverse" if elementwise_affine else "none")
@@ -66,7 +73,25 @@ class _MSNorm(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, affine={self.affine!r}"
+        extra = f", weight_offset={self.weight_offset:g}" if self.weight_offset else ""
+        extra += ", channels_first=True" if self.channels_first else ""
+        return f"{self.normalized_shape}, eps={self.eps}, affine={self.affine!r}{extra}"
+
+    def _scale(self):
+        """The weight the norm multiplies by: weight + weight_offset (autograd reaches weight through it)."""
+        if self.weight is None or not self.weight_offset:
+            return self.weight
+        return self.weight + self.weight_offset
+
+    def _normalise(self, x: torch.Tensor, norm) -> torch.Tensor:
+        """norm(x) over the last dimension, or over dim 1 when channels_first: the norm runs on the
+        channels-last view and the result is returned as a view of that same output (no copy), so the
+        tensor the next layer receives and saves is the one the norm saved."""
+        if not self.channels_first:
+            return norm(x)
+        if x.dim() < 2:
+            raise ValueError(f"{type(self).__name__}: channels_first needs an (N, C, ...) input, got shape {list(x.shape)}")
+        return norm(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class MSLayerNorm(_MSNorm):
@@ -77,24 +102,28 @@ class MSLayerNorm(_MSNorm):
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 affine: str | None = None, device=None, dtype=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, affine, device, dtype)
+                 affine: str | None = None, device=None, dtype=None, weight_offset: float = 0.0,
+                 channels_first: bool = False):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, affine, device, dtype, weight_offset,
+                         channels_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ms_layernorm(x, self.normalized_shape, self.weight, self.bias, self.eps,
-                            affine="plain" if self.affine == "plain" else "inverse")
+        return self._normalise(x, lambda v: ms_layernorm(v, self.normalized_shape, self._scale(), self.bias, self.eps,
+                                                         affine="plain" if self.affine == "plain" else "inverse"))
 
 
 class MSRMSNorm(_MSNorm):
     """Drop-in for torch.nn.RMSNorm that saves its output (see MSLayerNorm). eps=None: finfo(dtype).eps."""
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
-                 affine: str | None = None, device=None, dtype=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, False, affine, device, dtype)
+                 affine: str | None = None, device=None, dtype=None, weight_offset: float = 0.0,
+                 channels_first: bool = False):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, affine, device, dtype, weight_offset,
+                         channels_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ms_rmsnorm(x, self.normalized_shape, self.weight, self.eps,
-                          affine="plain" if self.affine == "plain" else "inverse")
+        return self._normalise(x, lambda v: ms_rmsnorm(v, self.normalized_shape, self._scale(), self.eps,
+                                                       affine="plain" if self.affine == "plain" else "inverse"))
 
 
 class GatedActivation(torch.nn.Module):
