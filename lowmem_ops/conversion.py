@@ -6,7 +6,9 @@
 What is swapped (options turn each part off):
 - activations: torch.nn.GELU / SiLU / Mish / ELU / Softplus and the activation modules Hugging Face
   models hold (GELUActivation, NewGELUActivation, GELUTanh, QuickGELUActivation, SiLUActivation,
-  MishActivation) -> the 2-bit approximate op with the same forward;
+  MishActivation) -> the approximate op with the same forward, at the fewest bits (1..4 where built)
+  whose local gradient cosine, estimated from the unconverted model on the example inputs
+  (lowmem_ops._bits), reaches grad_tolerance, or left exact when none does;
 - norms: torch.nn.LayerNorm / RMSNorm (a subclass overriding forward only when it computes torch's
   norm on every call on the example inputs) and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
   Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm, saving their output. With example inputs, a norm whose output is read only by untied nn.Linear /
