@@ -59,12 +59,22 @@ class RandomProjection:
 class Probe:
     """The unconverted model's parameter gradients, taken at construction."""
 
-    def __init__(self, run, params: list[torch.nn.Parameter], loss_fn=None):
+    def __init__(self, run, params: list[torch.nn.Parameter], loss_fn=None, watch: dict | None = None):
+        """watch: key -> module of the unconverted model whose calls to record: self.calls[key] is
+        [(x, g)] per call whose output reached the loss (input, gradient at the output), the exact
+        model's, from which lowmem_ops._bits estimates each width's local cosine."""
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("no parameter requires grad")
         self.loss_fn = loss_fn if loss_fn is not None else RandomProjection()
-        self.reference = run(self._gradients)
+        watch = watch or {}
+        recorded, handles = _record_calls(watch)
+        try:
+            self.reference = run(self._gradients)
+        finally:
+            for h in handles:
+                h.remove()
+        self.calls = {key: [(x, holder[0]) for x, holder in recorded[key] if holder] for key in watch}
 
     def _gradients(self, outputs) -> list[torch.Tensor]:
         loss = self.loss_fn(outputs)
@@ -76,20 +86,7 @@ class Probe:
     def compare(self, run, watched: dict, ignored: set[int] = frozenset()) -> tuple[float | None, dict]:
         """(overall cosine over the parameters not in `ignored` (ids), {key: local cosine}) for the
         model as it is now; watched: key -> (new module, old module) whose local cosine to take."""
-        calls = {key: [] for key in watched}  # key -> [(x, g holder)]
-        handles = []
-
-        def recorder(key):
-            def hook(module, args, out):
-                x = args[0] if args else None
-                if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and out.requires_grad:
-                    holder = []
-                    out.register_hook(lambda g: holder.append(g.detach()))
-                    calls[key].append((x.detach(), holder))
-            return hook
-
-        for key, (new, _) in watched.items():
-            handles.append(new.register_forward_hook(recorder(key)))
+        calls, handles = _record_calls({key: new for key, (new, _) in watched.items()})
 
         def measure(outputs):
             grads = self._gradients(outputs)
@@ -106,6 +103,23 @@ class Probe:
         keep = [i for i, p in enumerate(self.params) if id(p) not in ignored]
         overall = cosine([grads[i] for i in keep], [self.reference[i] for i in keep])
         return overall, local
+
+
+def _record_calls(modules: dict) -> tuple[dict, list]:
+    """Forward hooks recording, at each call of modules[key], its input x and a holder that receives
+    the gradient reaching its output: ({key: [(x, holder)]}, hook handles to remove)."""
+    calls = {key: [] for key in modules}
+
+    def recorder(key):
+        def hook(module, args, out):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and out.requires_grad:
+                holder = []
+                out.register_hook(lambda g: holder.append(g.detach()))
+                calls[key].append((x.detach(), holder))
+        return hook
+
+    return calls, [m.register_forward_hook(recorder(key)) for key, m in modules.items()]
 
 
 def _local_cosine(calls: list, new: torch.nn.Module, old: torch.nn.Module) -> float | None:

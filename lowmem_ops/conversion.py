@@ -6,7 +6,9 @@
 What is swapped (options turn each part off):
 - activations: torch.nn.GELU / SiLU / Mish / ELU / Softplus and the activation modules Hugging Face
   models hold (GELUActivation, NewGELUActivation, GELUTanh, QuickGELUActivation, SiLUActivation,
-  MishActivation) -> the 2-bit approximate op with the same forward;
+  MishActivation) -> the approximate op with the same forward, at the fewest bits (1..4 where built)
+  whose local gradient cosine, estimated from the unconverted model on the example inputs
+  (lowmem_ops._bits), reaches grad_tolerance, or left exact when none does;
 - norms: torch.nn.LayerNorm / RMSNorm (a subclass overriding forward only when it computes torch's
   norm on every call on the example inputs) and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
   Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm, saving their output. With example inputs, a norm whose output is read only by untied nn.Linear /
@@ -40,14 +42,13 @@ state_dict keys stay (lowmem_ops._folding), so checkpoints load both ways.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-import re
-
-from . import _gradients, _recognition, memory
+from . import _bits, _gradients, _recognition, memory
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
 from ._snapshot import Snapshot, state_kept
 from .gated import MODES
@@ -72,6 +73,9 @@ _ACTIVATIONS = {
     "QuickGELUActivation": lambda m: "quick_gelu2",
 }
 _GATED_OPS = {"regelu2", "resilu2", "tanh_gelu2"}  # the specs with fused gated kernels
+# The default grad_tolerance: the smallest local cosine an activation's width must reach
+# (docs/convert.md: measured on tests/test_convert.py's models, what keeps the whole model >= 0.95).
+GRAD_TOLERANCE = 0.95
 
 
 @dataclass
@@ -82,6 +86,10 @@ class Change:
     status: str = "applied"  # applied | undone
     reason: str = ""
     gradient_cosine: float | None = None  # activations: this layer's local gradient cosine (lowmem_ops._gradients)
+    bits: int | None = None                # activations: the code width chosen (lowmem_ops._bits)
+    estimated_cosine: float | None = None  # its local cosine estimated from the exact model's inputs
+    bytes_before: int | None = None        # saved for backward by this module alone, before and after
+    bytes_after: int | None = None
 
 
 @dataclass
@@ -105,6 +113,13 @@ class Report:
                  f"{len(self.changes) - len(self.applied)} undone, {len(self.skipped)} left alone"]
         for c in self.changes:
             extra = f" ({c.reason})" if c.reason else ""
+            if c.bits is not None:
+                extra += f" [{c.bits} bits"
+                if c.estimated_cosine is not None:
+                    extra += f", estimated local gradient cosine {c.estimated_cosine:.3f}"
+                extra += "]"
+            if c.bytes_before is not None and c.bytes_after is not None:
+                extra += f" [saved bytes {c.bytes_before} -> {c.bytes_after}]"
             if c.gradient_cosine is not None:
                 extra += f" [local gradient cosine {c.gradient_cosine:.3f}]"
             lines.append(f"  {c.status:8s} {c.path or '(model)'}: {c.before} -> {c.after}{extra}")
@@ -379,7 +394,8 @@ def _input_dtypes(model: torch.nn.Module, layers: list, inputs) -> dict[int, tor
 
 def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
             gated: bool = True, gated_mode: str = "auto", fold: bool = True, lora_dtype: bool = True,
-            measure_memory: bool = True, check_gradients: bool = True, loss_fn=None) -> Report:
+            measure_memory: bool = True, check_gradients: bool = True, loss_fn=None,
+            grad_tolerance: float | None = GRAD_TOLERANCE) -> Report:
     """Swap, in place, what stores less; verify on example_inputs (a tensor, tuple or dict of kwargs).
 
     Transactional: a change that cannot be made, raises, or moves the outputs is undone and reported;
@@ -398,20 +414,36 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     change that does not reduce them ("saves no memory (+N bytes)").
     check_gradients: compare parameter gradients with the unconverted model's on the example inputs
     (report.gradient_cosine, and each activation's local cosine); loss_fn(outputs) -> scalar is the
-    loss to differentiate (default: a fixed random projection of the outputs)."""
+    loss to differentiate (default: a fixed random projection of the outputs).
+    grad_tolerance: each activation gets the fewest bits (1..4, among its op's built widths) whose
+    local gradient cosine, estimated from the unconverted model's inputs and output gradients at that
+    activation on the example inputs (lowmem_ops._bits), is at least this; an activation no width
+    reaches stays exact (a report line gives the best estimate). None, or no gradients to estimate
+    from (no example inputs, check_gradients=False): the 2-bit ops."""
     if gated_mode not in MODES:
         raise ValueError(f"lowmem_ops.convert: gated_mode must be one of {', '.join(MODES)}, got {gated_mode!r}")
+    if grad_tolerance is not None and not (isinstance(grad_tolerance, (int, float)) and -1 <= grad_tolerance <= 1):
+        raise ValueError(f"lowmem_ops.convert: grad_tolerance must be a cosine in [-1, 1] or None, got {grad_tolerance!r}")
     report = Report()
     examples = example_inputs is not None
     reference = _run(model, example_inputs) if examples else None
     if examples and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
-    probe = _probe(model, example_inputs, loss_fn, report) if examples and check_gradients else None
     observation = _observe(model, example_inputs) if examples and (norms or activations or gated) else None
 
     actions = _lora_retypes(model, example_inputs) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
                      gated_mode=gated_mode, fold=fold)
+    # the exact model's gradients, and the inputs and output gradients of the activations to swap
+    activation_swaps = {i: a for i, a in enumerate(actions) if isinstance(a, _Swap) and isinstance(a.new, Approx)}
+    probe = (_probe(model, example_inputs, loss_fn, report, {i: a.old for i, a in activation_swaps.items()})
+             if examples and check_gradients else None)
+    if probe is not None and grad_tolerance is not None:
+        exact = _choose_bits(activation_swaps, probe.calls, grad_tolerance, report)
+        actions = [a for a in actions if id(a) not in exact]
+    for a in activation_swaps.values():
+        if a.change.bits is None:
+            a.change.bits = _bits.get_op(a.new.op_name).bits
     before = Snapshot(model, writes=[t for a in actions for t in a.writes], keep=(_originals(model), folded(model)))
     try:
         check = _checker(model, example_inputs, reference, report) if examples else (lambda: None)
@@ -436,6 +468,11 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
                 report.max_difference = None
         if examples and measure_memory and report.memory_after is None:
             report.memory_after = report.memory_before  # nothing changed
+        if examples and measure_memory:
+            for a in actions:
+                if a.change.status == "applied":
+                    a.change.bytes_before = report.memory_before.exclusive_bytes(a.change.path)
+                    a.change.bytes_after = report.memory_after.exclusive_bytes(a.change.path)
         if probe is not None:
             _compare_gradients(model, example_inputs, probe, actions, report)
         _record(model, [a for a in actions if a.change.status == "applied"])
@@ -465,14 +502,37 @@ def _undo_what_saves_nothing(actions: list, report: Report) -> bool:
     return undone
 
 
-def _probe(model, inputs, loss_fn, report: Report):
-    """The unconverted model's parameter gradients on the example inputs, or None (and a note why)."""
+def _probe(model, inputs, loss_fn, report: Report, watch: dict):
+    """The unconverted model's parameter gradients on the example inputs, with the calls of the
+    `watch` modules recorded, or None (and a note why)."""
     report.gradient_loss = "random projection" if loss_fn is None else "loss_fn"
     try:
-        return _gradients.Probe(lambda then: _run(model, inputs, then=then), list(model.parameters()), loss_fn)
+        return _gradients.Probe(lambda then: _run(model, inputs, then=then), list(model.parameters()), loss_fn, watch)
     except Exception as e:
         report.gradient_note = _describe(e)
         return None
+
+
+def _choose_bits(swaps: dict, calls: dict, tolerance: float, report: Report) -> set[int]:
+    """Give each activation swap the fewest bits meeting `tolerance` (lowmem_ops._bits.choose) from
+    the exact model's recorded calls; ids of the swaps no width meets (left exact, a report line each).
+    A swap whose activation was never called with a gradient keeps its op."""
+    exact = set()
+    for key, swap in swaps.items():
+        recorded = calls.get(key)
+        if not recorded:
+            continue
+        op, estimates = _bits.choose(swap.new.op_name, recorded, tolerance)
+        if op is None:
+            best = max(estimates, key=lambda k: -2 if estimates[k] is None else estimates[k])
+            report.skipped.append((swap.change.path, f"kept exact: no width reaches grad_tolerance {tolerance:g} "
+                                   f"(best estimated local gradient cosine {estimates[best]:.3f}, {best} bits)"))
+            exact.add(id(swap))
+            continue
+        if op.name != swap.new.op_name:
+            swap.new = Approx(op.name)
+        swap.change.bits, swap.change.estimated_cosine = op.bits, estimates[op.bits]
+    return exact
 
 
 def _compare_gradients(model, inputs, probe, actions, report: Report) -> None:

@@ -42,7 +42,9 @@ def vit():
 CASES = {
     "llama": (llama, {"MSRMSNorm", "GatedMLP"}, 0.70),
     "qwen2": (qwen2, {"MSRMSNorm", "GatedMLP"}, 0.75),
-    "gpt2": (gpt2, {"MSLayerNorm", "Approx"}, 0.60),
+    # tanh GELU is built at 2 bits only, whose local gradient cosine here (0.79) is under the default
+    # grad_tolerance: it stays exact (tests/test_convert_bits.py), only the norms save
+    "gpt2": (gpt2, {"MSLayerNorm"}, 0.95),
     "bert": (bert, {"MSLayerNorm", "Approx"}, 0.85),  # post-LN: dropout after the norm ends some sharing
     "vit": (vit, {"MSLayerNorm", "Approx"}, 0.75),
 }
@@ -122,7 +124,7 @@ def test_options_turn_parts_off():
     model, batch = llama()
     assert lo.convert(model, example_inputs=batch, activations=False, norms=False, gated=False).applied == []
     model, batch = gpt2()
-    report = lo.convert(model, example_inputs=batch, norms=False, measure_memory=False)
+    report = lo.convert(model, example_inputs=batch, norms=False, measure_memory=False, grad_tolerance=None)
     assert {c.after for c in report.applied} == {"Approx"} and report.memory_before is None
 
 
@@ -154,7 +156,9 @@ def test_issue_targets_vit_b(adapters):
     model = _lora_all_linears(transformers.ViTModel(cfg, add_pooling_layer=False).to(torch.bfloat16))
     if adapters == "bf16":
         model.to(torch.bfloat16)
-    report = lo.convert(model, example_inputs={"pixel_values": torch.randn(8, 3, 224, 224, dtype=torch.bfloat16)})
+    # the paper's setting: 2-bit GELU (the default grad_tolerance picks 3 bits here: docs/convert.md)
+    report = lo.convert(model, example_inputs={"pixel_values": torch.randn(8, 3, 224, 224, dtype=torch.bfloat16)},
+                        grad_tolerance=None)
     ratio = report.memory_after.total_bytes / report.memory_before.total_bytes
     assert report.max_difference <= report.tolerance
     assert ratio <= (0.45 if adapters.startswith("peft") else 0.70), str(report)

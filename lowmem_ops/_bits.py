@@ -1,0 +1,71 @@
+"""The bit width of each approximate activation, chosen from what the exact model saw (used by
+lowmem_ops.convert).
+
+An approximate activation's backward is grad_x = L[code(x)] * g, with L the spec's levels and code(x)
+the level index of x (the same codes the kernels save). With the exact model's input x and output
+gradient g recorded at every call of the activation (lowmem_ops._gradients.Probe), the local
+gradient cosine a k-bit op would give is
+
+    cos(h'(x) * g, L_k[code_k(x)] * g)
+
+over all calls as one vector: no backward per candidate, only the codes and the exact derivative.
+It is the same quantity as the measured local cosine (lowmem_ops._gradients), for an x and g from the
+exact model instead of the converted one (whose g is already changed by the layers after it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._gradients import cosine
+from ._torch_backend import pack_codes, unpack_codes
+from ._tree import OpInfo, available, get_op
+
+WIDTHS = (1, 2, 3, 4)
+
+
+def family(op_name: str) -> list[OpInfo]:
+    """The built ops of op_name's family (regelu2 -> regelu1..4 where loaded), fewest bits first."""
+    stem, names = op_name.rstrip("0123456789"), set(available())
+    ops = [get_op(f"{stem}{k}") for k in WIDTHS if f"{stem}{k}" in names]
+    return [op for op in ops if op.bits == int(op.name[len(stem):])]
+
+
+def exact_derivative(op: OpInfo, x: torch.Tensor) -> torch.Tensor:
+    """h'(x) in float64: the spec's derivative where it has one (gated specs), else autograd through
+    its forward."""
+    x64 = x.detach().double()
+    if op.derivative is not None:
+        return op.derivative(x64)
+    leaf = x64.requires_grad_()
+    with torch.enable_grad():
+        (d,) = torch.autograd.grad(op.forward(leaf).sum(), leaf)
+    return d
+
+
+def approximate_derivative(op: OpInfo, x: torch.Tensor) -> torch.Tensor:
+    """L[code(x)], x's shape, float64: what the op's backward multiplies g by."""
+    codes = unpack_codes(op, pack_codes(op, x), x.numel())
+    levels = torch.tensor(op.levels, dtype=torch.float64, device=x.device)
+    return levels[codes].reshape(x.shape)
+
+
+def estimated_cosine(op: OpInfo, calls: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+    """cos(h'(x) * g, L[code(x)] * g) over every recorded call (x, g); None when all g are 0."""
+    exact, ours = [], []
+    for x, g in calls:
+        g64 = g.double()
+        exact.append(exact_derivative(op, x) * g64)
+        ours.append(approximate_derivative(op, x) * g64)
+    return cosine(ours, exact)
+
+
+def choose(op_name: str, calls: list, tolerance: float) -> tuple[OpInfo | None, dict[int, float | None]]:
+    """(the family member with the fewest bits whose estimated cosine is >= tolerance, or None when
+    none is; {bits: estimated cosine} of the members tried). Stops at the first that meets it."""
+    estimates: dict[int, float | None] = {}
+    for op in family(op_name):
+        value = estimates[op.bits] = estimated_cosine(op, calls)
+        if value is None or value >= tolerance:  # g all zero: any width gives the same (zero) gradient
+            return op, estimates
+    return None, estimates
