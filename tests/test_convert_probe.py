@@ -350,7 +350,9 @@ def test_hugging_face_modules_unknown_by_name_convert(arch):
     for m in model.modules():  # trained-looking affine parameters, not the initial ones
         if type(m).__name__ == cls:
             _randomise(m, 0.2)
-    report = lo.convert(model, example_inputs=batch)
+    # Recognition is under test, not the bit width: at random init no width of tanh GELU (built at
+    # 2 bits only) reaches the default grad_tolerance, and BloomGelu would be kept exact.
+    report = lo.convert(model, example_inputs=batch, grad_tolerance=None)
     assert not any(type(m).__name__ == cls for m in model.modules()), str(report)
     assert not [c for c in report.changes if c.status == "undone"], str(report)
     assert all(c.gradient_cosine is None or c.gradient_cosine > 0.5 for c in report.applied), str(report)
