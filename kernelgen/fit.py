@@ -67,9 +67,14 @@ def asymptotes(h: expr_mod.Expr) -> Asymptotes:
     with mpmath.workdps(50):
         for side in (-1, 1):
             probes = [side * r for r in (25, 35, 50)]
+            p = probes[0]  # named in the error: the probe being evaluated when it failed
             try:
-                slopes = [float(df(mpmath.mpf(p))) for p in probes]
-                offsets = [float(f(mpmath.mpf(p)) - slopes[-1] * p) for p in probes]
+                slopes = []
+                for p in probes:
+                    slopes.append(float(df(mpmath.mpf(p))))
+                offsets = []
+                for p in probes:
+                    offsets.append(float(f(mpmath.mpf(p)) - slopes[-1] * p))
             except (ZeroDivisionError, OverflowError, ValueError, TypeError) as err:  # TypeError: complex
                 raise FitError(f"{h.text!r} is not a finite real number towards {'+' if side > 0 else '-'}inf "
                                f"(at x = {p}: {err}); kernelgen fit needs h defined on the whole real line") from None

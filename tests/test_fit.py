@@ -144,6 +144,8 @@ def test_random_activations_end_to_end(tmp_path_factory, family, a, b, s, bits):
     ("sqrt(x)", "'sqrt(x)' is not a finite real number at x = -"),
     ("x * log(x - 50)", "is not a finite real number at x = "),
     ("exp(1000) * x", "is not a finite float32"),
+    # finite on the fitted range, undefined where the asymptotes are probed
+    ("x * sigmoid(x) + 1 / (x + 35)", "is not a finite real number towards -inf (at x = -35"),
 ])
 def test_cli_fit_refuses_functions_undefined_on_the_real_line(text, problem, capsys):
     """Domain errors are one line naming the expression and where it is not finite, never a traceback."""

@@ -24,7 +24,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernelgen import archs, build, expr, render, spec, tunedb
+from kernelgen import archs, build, render, spec, tunedb
 
 from . import reference as ref
 
