@@ -26,7 +26,11 @@ def test_cuda_kernels_match_torch_path(name, dtype, n):
         dx_t = approx_act_bwd(dy, codes_t, name)
     assert torch.equal(codes_c.cpu(), codes_t)
     assert torch.equal(dx_c.cpu(), dx_t)
-    torch.testing.assert_close(y_c.cpu(), y_t, rtol=2 * ref.ulp(dtype), atol=1e-6)
+    # y is exact GELU/SiLU, but two libraries' erf/exp differ by an ulp or two, and 1 + erf(x/sqrt2)
+    # cancels for negative x: the absolute error of either is up to about |x| * eps there.
+    bound = 2 * ref.ulp(dtype) * y_t.double().abs() + x.double().abs() * ref.ulp(dtype)
+    err = (y_c.cpu().double() - y_t.double()).abs()
+    assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g} at {(err - bound).argmax().item()}"
 
 
 def test_over_two_to_the_31_elements():
@@ -40,7 +44,10 @@ def test_over_two_to_the_31_elements():
     tail = torch.arange(n - 4096, n, device="cuda")
     torch.testing.assert_close(y[tail].double().cpu(), ref.forward("regelu2", x[tail].cpu()), rtol=8e-3, atol=1e-5)
     dx = approx_act_bwd(torch.ones_like(x), codes, "regelu2")
-    assert dx[-5:].float().cpu().tolist() == pytest.approx([0.0, 1.0487406, 1.0487406, 1.0487406, 1.0], abs=4e-3)
+    # the spec's own levels at these codes, computed independently in float64 on the CPU
+    expected = ref.grad("regelu2", x[-5:].cpu(), torch.ones(5, dtype=torch.float64))
+    assert expected.tolist() == pytest.approx([0.0, -0.0492, 1.0487, 1.0487, 1.0], abs=1e-3)
+    torch.testing.assert_close(dx[-5:].double().cpu(), expected, rtol=ref.ulp(torch.bfloat16), atol=0)
     del y, codes, dx
 
 
@@ -110,7 +117,7 @@ def test_cuda_other_bit_widths(name):
 def test_tuner_measures_for_real_and_every_kept_config_gives_the_same_result(tmp_path):
     """The measuring path on a GPU: a tiny budget over two groups, real do_bench times in the DB,
     and every kept config of those groups computing exactly what the static one does."""
-    from kernelgen import archs, spec, tuner, tunedb
+    from kernelgen import archs, render, spec, tuner, tunedb
     from lowmem_ops._tree import builtin_tree
 
     major, minor = torch.cuda.get_device_capability()
@@ -129,10 +136,16 @@ def test_tuner_measures_for_real_and_every_kept_config_gives_the_same_result(tmp
         assert all(0 < r.ms < 100 for r in entry.results.values())
     for t in tasks[:2]:
         outs = [measure._launcher(t, c)() for c in t.ranked]
+        # elementwise kernels must agree bit for bit; a norm's reductions run in a config's own order,
+        # so its results may differ by the final rounding (one ulp of the output dtype)
+        exact = t.group.op != render.NORM_FILE
         for other in outs[1:]:
             for a, b in zip(outs[0], other):
                 if isinstance(a, torch.Tensor):
-                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                    if exact:
+                        assert torch.equal(a, b)
+                    else:
+                        torch.testing.assert_close(a, b, rtol=ref.ulp(a.dtype), atol=ref.ulp(a.dtype))
 
 
 @pytest.mark.parametrize("layout", ["chunked", "interleaved", "transposed", "expanded", "offset"])
