@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "triton-interpret")
+# ROCm builds of torch name AMD GPUs "cuda" too; the generated kernels and launch configs are built for
+# NVIDIA archs only, and a gfx capability must never be mapped onto an sm folder.
+ROCM = torch.version.hip is not None
+_warned_rocm = False
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -34,8 +39,20 @@ def backend(t: torch.Tensor) -> str:
     if mode == "triton-interpret":
         return mode
     if t.device.type == "cuda":
-        return "triton"
+        return _rocm_fallback(mode) if ROCM else "triton"
     if mode == "triton":
         raise RuntimeError(f"LOWMEM_OPS_BACKEND=triton needs CUDA tensors, got a {t.device} tensor "
                            "(use triton-interpret to run the kernels on CPU tensors)")
+    return "torch"
+
+
+def _rocm_fallback(mode: str) -> str:
+    global _warned_rocm
+    if mode == "triton":
+        raise RuntimeError("LOWMEM_OPS_BACKEND=triton: this torch is a ROCm build, and lowmem_ops has no kernels built "
+                           "for AMD GPUs yet; use LOWMEM_OPS_BACKEND=torch (or auto, which does so)")
+    if not _warned_rocm:
+        _warned_rocm = True
+        warnings.warn("lowmem_ops: no kernels are built for AMD GPUs yet; ops on this ROCm device take the torch "
+                      "path (same results and memory, slower)", stacklevel=4)
     return "torch"

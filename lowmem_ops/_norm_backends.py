@@ -99,10 +99,15 @@ def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict
     return y, rstd
 
 
+_sm_counts: dict[int, int] = {}
+
+
 def _backward_programs(cfg: dict, device, rows, interpret) -> int:
     if interpret or device.type != "cuda":
         return min(rows, 4)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_counts.get(device.index)
+    if sms is None:
+        sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return min(rows, sms * cfg["PROGRAMS_PER_SM"])
 
 

@@ -35,14 +35,16 @@ def _check_input(x: torch.Tensor, name: str, what: str = "input") -> OpInfo:
     return op
 
 
-@torch.library.custom_op("lowmem_ops::approx_act_fwd", mutates_args=())
-def approx_act_fwd(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _approx_act_fwd(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = _check_input(x, name)
     x = x.contiguous()
     backend = pick_backend(x)
     if backend == "torch":
         return _torch_backend.forward(op, x, save_codes)
     return _triton_backend.forward(op, x, save_codes, interpret=backend == "triton-interpret")
+
+
+approx_act_fwd = torch.library.custom_op("lowmem_ops::approx_act_fwd", mutates_args=())(_approx_act_fwd)
 
 
 @approx_act_fwd.register_fake
@@ -52,8 +54,7 @@ def _(x, name, save_codes):
     return torch.empty_like(x, memory_format=torch.contiguous_format), codes
 
 
-@torch.library.custom_op("lowmem_ops::approx_act_bwd", mutates_args=())
-def approx_act_bwd(dy: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Tensor:
+def _approx_act_bwd(dy: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Tensor:
     op = _check_input(dy, name, "grad_output")
     _check_codes(op, dy, codes)
     dy = dy.contiguous()
@@ -61,6 +62,12 @@ def approx_act_bwd(dy: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Te
     if backend == "torch":
         return _torch_backend.backward(op, dy, codes)
     return _triton_backend.backward(op, dy, codes, interpret=backend == "triton-interpret")
+
+
+approx_act_bwd = torch.library.custom_op("lowmem_ops::approx_act_bwd", mutates_args=())(_approx_act_bwd)
+# eager calls on plain tensors skip the dispatcher (see _transforms.DirectOp)
+_fwd_direct = _transforms.DirectOp(approx_act_fwd, _approx_act_fwd)
+_bwd_direct = _transforms.DirectOp(approx_act_bwd, _approx_act_bwd)
 
 
 def _check_codes(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, check_size: bool = True) -> None:
@@ -87,12 +94,12 @@ def _setup_fwd(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
-def _backward_fwd(ctx, dy, _dcodes, call=_transforms.call_directly):
+def _backward_fwd(ctx, dy, _dcodes, call=_transforms.call_directly, bwd_op=None):
     if not ctx.had_codes:
         raise RuntimeError(f"lowmem_ops.{ctx.name}: the forward ran with save_codes=False, so there is nothing to "
                            "backpropagate through; call the op through lowmem_ops, which saves codes when grad is needed")
     (codes,) = ctx.saved_tensors
-    return call(approx_act_bwd, _double_backward_message(ctx.name), dy, codes, ctx.name), None, None
+    return call(bwd_op or approx_act_bwd, _double_backward_message(ctx.name), dy, codes, ctx.name), None, None
 
 
 def _setup_bwd(ctx, inputs, output):
@@ -120,7 +127,7 @@ class _ApproxActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(x, name, save_codes):
-        return approx_act_fwd(x, name, save_codes)
+        return _fwd_direct(x, name, save_codes)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -130,7 +137,7 @@ class _ApproxActivation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dcodes):
-        return _backward_fwd(ctx, dy, dcodes, call=_transforms.call_differentiable_once)
+        return _backward_fwd(ctx, dy, dcodes, _transforms.call_differentiable_once, _bwd_direct)
 
     @staticmethod
     def jvp(ctx, dx, _dname, _dsave):
@@ -139,13 +146,16 @@ class _ApproxActivation(torch.autograd.Function):
         return _transforms.exact_jvp(op.forward, (x,), (dx,), compute_dtype(x.dtype), x.dtype), None
 
 
+_ApproxActivationEager = _transforms.eager_twin(_ApproxActivation)
+
+
 def approx_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     """Apply the approximate activation `name` (see lowmem_ops.available()) to x."""
     _check_input(x, name)
     save_codes = torch.is_grad_enabled() and x.requires_grad
     if _transforms.use_custom_op():
         return torch.ops.lowmem_ops.approx_act_fwd(x, name, save_codes)[0]
-    return _ApproxActivation.apply(x, name, save_codes)[0]
+    return _transforms.apply(_ApproxActivation, _ApproxActivationEager, x, name, save_codes)[0]
 
 
 def regelu2(x: torch.Tensor) -> torch.Tensor:

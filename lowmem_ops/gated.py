@@ -61,8 +61,7 @@ def _check(gate, up, name):
                          f"{tuple(gate.shape)} {gate.dtype} {gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
 
 
-@torch.library.custom_op("lowmem_ops::gated_fwd", mutates_args=())
-def gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, need_gate: bool,
+def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, need_gate: bool,
               need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = gated_op(name)
     _check(gate, up, name)
@@ -74,6 +73,9 @@ def gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, nee
     return _triton_backend.gated_forward(op, gate, up, write_h, write_codes, backend == "triton-interpret")
 
 
+gated_fwd = torch.library.custom_op("lowmem_ops::gated_fwd", mutates_args=())(_gated_fwd)
+
+
 @gated_fwd.register_fake
 def _(gate, up, name, approx, need_gate, need_up):
     op = gated_op(name)
@@ -83,8 +85,7 @@ def _(gate, up, name, approx, need_gate, need_up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format), h, codes
 
 
-@torch.library.custom_op("lowmem_ops::gated_bwd", mutates_args=())
-def gated_bwd(dy: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torch.Tensor], h: Optional[torch.Tensor],
+def _gated_bwd(dy: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torch.Tensor], h: Optional[torch.Tensor],
               codes: Optional[torch.Tensor], name: str, approx: bool, need_gate: bool,
               need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = gated_op(name)
@@ -94,6 +95,12 @@ def gated_bwd(dy: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torch
         return _torch_backend.gated_backward(op, dy, gate, up, h, codes, approx, need_gate, need_up)
     return _triton_backend.gated_backward(op, dy, gate, up, h, codes, approx, need_gate, need_up,
                                           backend == "triton-interpret")
+
+
+gated_bwd = torch.library.custom_op("lowmem_ops::gated_bwd", mutates_args=())(_gated_bwd)
+# eager calls on plain tensors skip the dispatcher (see _transforms.DirectOp)
+_fwd_direct = _transforms.DirectOp(gated_fwd, _gated_fwd)
+_bwd_direct = _transforms.DirectOp(gated_bwd, _gated_bwd)
 
 
 @gated_bwd.register_fake
@@ -114,9 +121,9 @@ def _setup(ctx, inputs, output):
         ctx.save_for_backward(gate, up if need_gate else None, None, None)
 
 
-def _backward(ctx, dout, _dh, _dcodes, call=_transforms.call_directly):
+def _backward(ctx, dout, _dh, _dcodes, call=_transforms.call_directly, bwd_op=None):
     gate, up, h, codes = ctx.saved_tensors
-    dgate, dup = call(gated_bwd, NO_DOUBLE_BACKWARD, dout, gate, up, h, codes, ctx.name, ctx.approx, ctx.need_gate,
+    dgate, dup = call(bwd_op or gated_bwd, NO_DOUBLE_BACKWARD, dout, gate, up, h, codes, ctx.name, ctx.approx, ctx.need_gate,
                       ctx.need_up)
     return (dgate if ctx.need_gate else None), (dup if ctx.need_up else None), None, None, None, None
 
@@ -139,7 +146,7 @@ class _Gated(torch.autograd.Function):
 
     @staticmethod
     def forward(gate, up, name, approx, need_gate, need_up):
-        return gated_fwd(gate, up, name, approx, need_gate, need_up)
+        return _fwd_direct(gate, up, name, approx, need_gate, need_up)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -149,7 +156,7 @@ class _Gated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dh, dcodes):
-        return _backward(ctx, dout, dh, dcodes, call=_transforms.call_differentiable_once)
+        return _backward(ctx, dout, dh, dcodes, _transforms.call_differentiable_once, _bwd_direct)
 
     @staticmethod
     def jvp(ctx, dgate, dup, *_):
@@ -158,6 +165,9 @@ class _Gated(torch.autograd.Function):
         out = _transforms.exact_jvp(lambda g, u: h(g) * u, (gate, up), (dgate, dup), compute_dtype(gate.dtype),
                                     gate.dtype)
         return out, None, None
+
+
+_GatedEager = _transforms.eager_twin(_Gated)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -> torch.Tensor:
@@ -173,7 +183,7 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
     args = (gate, up, name, mode == "approx", need_gate, need_up)
     if _transforms.use_custom_op():
         return torch.ops.lowmem_ops.gated_fwd(*args)[0]
-    return _Gated.apply(*args)[0]
+    return _transforms.apply(_Gated, _GatedEager, *args)[0]
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, mode: str = "auto") -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _norm_backends as nb
 from . import _transforms
@@ -57,8 +58,7 @@ def _check(x, weight, bias, n_cols, what):
         raise ValueError(f"lowmem_ops.{what}: a bias needs a weight (inverse mode recovers x_hat from y, gamma and beta)")
 
 
-@torch.library.custom_op("lowmem_ops::ms_norm_fwd", mutates_args=())
-def ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], n_cols: int,
+def _ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], n_cols: int,
                 eps: float, is_rms: bool, out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x, weight, bias, n_cols, "ms_norm")
     out_dtype = out_dtype or x.dtype
@@ -73,6 +73,9 @@ def ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     return y.view(x.shape), rstd
 
 
+ms_norm_fwd = torch.library.custom_op("lowmem_ops::ms_norm_fwd", mutates_args=())(_ms_norm_fwd)
+
+
 @ms_norm_fwd.register_fake
 def _(x, weight, bias, n_cols, eps, is_rms, out_dtype):
     rows = x.numel() // n_cols
@@ -80,8 +83,7 @@ def _(x, weight, bias, n_cols, eps, is_rms, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty((rows,), dtype=stat)
 
 
-@torch.library.custom_op("lowmem_ops::ms_norm_bwd", mutates_args=())
-def ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
+def _ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], n_cols: int, is_rms: bool, x_dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dy2 = dy.reshape(-1, n_cols).contiguous()
@@ -96,6 +98,12 @@ def ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: O
     return (dx.view(y.shape),
             dw.to(weight.dtype).view(weight.shape) if dw is not None else _no_grad_tensor(y),
             db.to(bias.dtype).view(bias.shape) if db is not None else _no_grad_tensor(y))
+
+
+ms_norm_bwd = torch.library.custom_op("lowmem_ops::ms_norm_bwd", mutates_args=())(_ms_norm_bwd)
+# eager calls on plain tensors skip the dispatcher (see _transforms.DirectOp)
+_fwd_direct = _transforms.DirectOp(ms_norm_fwd, _ms_norm_fwd)
+_bwd_direct = _transforms.DirectOp(ms_norm_bwd, _ms_norm_bwd)
 
 
 def _no_grad_tensor(like: torch.Tensor) -> torch.Tensor:
@@ -119,9 +127,9 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(y, rstd, weight, bias)
 
 
-def _backward(ctx, dy, _drstd, call=_transforms.call_directly):
+def _backward(ctx, dy, _drstd, call=_transforms.call_directly, bwd_op=None):
     y, rstd, weight, bias = ctx.saved_tensors
-    dx, dw, db = call(ms_norm_bwd, NO_DOUBLE_BACKWARD, dy, y, rstd, weight, bias, ctx.n_cols, ctx.is_rms, ctx.x_dtype)
+    dx, dw, db = call(bwd_op or ms_norm_bwd, NO_DOUBLE_BACKWARD, dy, y, rstd, weight, bias, ctx.n_cols, ctx.is_rms, ctx.x_dtype)
     return dx, dw if ctx.has_weight else None, db if ctx.has_bias else None, None, None, None, None
 
 
@@ -143,7 +151,7 @@ class _MSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, n_cols, eps, is_rms, out_dtype):
-        return ms_norm_fwd(x, weight, bias, n_cols, eps, is_rms, out_dtype)
+        return _fwd_direct(x, weight, bias, n_cols, eps, is_rms, out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -154,7 +162,7 @@ class _MSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, drstd):
-        return _backward(ctx, dy, drstd, call=_transforms.call_differentiable_once)
+        return _backward(ctx, dy, drstd, _transforms.call_differentiable_once, _bwd_direct)
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, *_):
@@ -172,6 +180,9 @@ class _MSNorm(torch.autograd.Function):
         return dy, None
 
 
+_MSNormEager = _transforms.eager_twin(_MSNorm)
+
+
 def _flat(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return p.reshape(-1) if p is not None else None
 
@@ -181,7 +192,7 @@ def _ms_norm(x, weight, bias, n_cols, eps, is_rms, out_dtype) -> torch.Tensor:
     args = (x, weight, bias, n_cols, eps, is_rms, out_dtype)
     if _transforms.use_custom_op():
         return torch.ops.lowmem_ops.ms_norm_fwd(*args)[0]
-    return _MSNorm.apply(*args)[0]
+    return _transforms.apply(_MSNorm, _MSNormEager, *args)[0]
 
 
 # --- the public functions --------------------------------------------------------------------------
@@ -249,9 +260,9 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
     if affine == "plain":
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
     _check(x, weight, bias, n_cols, what)
-    if weight is None or not _backward_may_run(x, weight, bias) or x.device.type == "meta":
+    if weight is None or not _backward_may_run(x, weight, bias) or not _has_values(weight):
         # Only backward inverts gamma: without one (no_grad, inference_mode), or with no values to
-        # read (meta tensors), the rule does not matter.
+        # read (meta and fake tensors: shapes only, as when planning memory), the rule does not matter.
         return _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)
     if not _inverse_allowed(weight, bias):
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
@@ -259,6 +270,11 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
     if not _reads_for_free(weight):
         _recheck_in_backward(y, weight, bias, what)
     return y
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    # while compiling, tensors are fake by design: that case is decided by _inverse_allowed
+    return t.device.type != "meta" and (torch.compiler.is_compiling() or not is_fake(t))
 
 
 def _backward_may_run(x, weight, bias) -> bool:
