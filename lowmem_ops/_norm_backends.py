@@ -128,9 +128,10 @@ def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret, cfg: 
     b = bias if has_bias else w
     if cfg["SINGLE_PASS"]:
         programs = _backward_programs(cfg, y.device, rows, interpret)
-        # One partial dgamma / dbeta row per program, summed below (deterministic: no atomics).
-        dw = torch.zeros((programs, cols), dtype=torch.float32, device=y.device) if affine else rstd
-        db = torch.zeros((programs, cols), dtype=torch.float32, device=y.device) if has_bias else dw
+        # One partial dgamma / dbeta row per program, summed below (deterministic: no atomics). Every
+        # program has a row (programs <= rows) and writes its whole partial row: no zero fill needed.
+        dw = torch.empty((programs, cols), dtype=torch.float32, device=y.device) if affine else rstd
+        db = torch.empty((programs, cols), dtype=torch.float32, device=y.device) if has_bias else dw
     else:
         programs = rows
         dw = db = rstd

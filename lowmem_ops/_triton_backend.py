@@ -64,7 +64,7 @@ def launch(kernel, grid, *args, **meta) -> None:
             raise RuntimeError(f"lowmem_ops: {what} of {getattr(kernel, '__name__', 'a kernel')} is a strided view "
                                f"(shape {tuple(a.shape)}, strides {a.stride()}); kernels need dense tensors")
     with device_guard(next(a for a in args if isinstance(a, torch.Tensor))):
-        kernel[grid](*args, **meta)
+        kernel[grid](*args, **meta)  # Triton launches on the current device and its current stream
 
 
 def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool,
@@ -96,11 +96,20 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, interpret: bool,
 
 def _dummy(device: torch.device) -> torch.Tensor:
     """A uint8 pointer for kernels that are told not to touch their codes (Triton wants a real one)."""
-    return _dummy_codes.setdefault(device, torch.zeros(16, dtype=torch.uint8, device=device))
+    dummy = _dummy_codes.get(device)
+    if dummy is None:
+        dummy = _dummy_codes[device] = torch.zeros(16, dtype=torch.uint8, device=device)
+    return dummy
+
+
+_no_guard = contextlib.nullcontext()
 
 
 def device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Make t's GPU the current one for the launch; a no-op (no device switch) when it already is."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _no_guard
 
 
 def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interpret: bool, cfg: dict | None = None):

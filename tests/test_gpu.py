@@ -26,9 +26,13 @@ def test_cuda_kernels_match_torch_path(name, dtype, n):
         dx_t = approx_act_bwd(dy, codes_t, name)
     assert torch.equal(codes_c.cpu(), codes_t)
     assert torch.equal(dx_c.cpu(), dx_t)
-    # y is exact GELU/SiLU, but two libraries' erf/exp differ by an ulp or two, and 1 + erf(x/sqrt2)
-    # cancels for negative x: the absolute error of either is up to about |x| * eps there.
-    bound = 2 * ref.ulp(dtype) * y_t.double().abs() + x.double().abs() * ref.ulp(dtype)
+    # y is exact GELU/SiLU computed in float32 by two libraries. Each one's error: erf (or exp) to
+    # 2 ulp, i.e. up to 2 eps absolute where |erf| nears 1, scaled by 0.5 |x| in 0.5 x (1 + erf(.)),
+    # plus the rounding of x / sqrt(2) (under 0.5 eps after erf's slope) and of y: at most
+    # 1.5 |x| eps + 2 |y| eps. Two such results differ by at most twice that. (The cancellation in
+    # 1 + erf for negative x is why the bound scales with |x|, not |y|.)
+    eps = ref.ulp(dtype)
+    bound = 3 * eps * x.double().abs() + 4 * eps * y_t.double().abs()
     err = (y_c.cpu().double() - y_t.double()).abs()
     assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g} at {(err - bound).argmax().item()}"
 
@@ -136,16 +140,20 @@ def test_tuner_measures_for_real_and_every_kept_config_gives_the_same_result(tmp
         assert all(0 < r.ms < 100 for r in entry.results.values())
     for t in tasks[:2]:
         outs = [measure._launcher(t, c)() for c in t.ranked]
-        # elementwise kernels must agree bit for bit; a norm's reductions run in a config's own order,
-        # so its results may differ by the final rounding (one ulp of the output dtype)
+        # Elementwise kernels must agree bit for bit. A norm's reductions run in a config's own order:
+        # a row's outputs may differ by their final rounding (one ulp of a bf16 output), and float32
+        # parameter gradients, sums over all rows, by the accumulated rounding of those sums.
         exact = t.group.op != render.NORM_FILE
         for other in outs[1:]:
             for a, b in zip(outs[0], other):
-                if isinstance(a, torch.Tensor):
-                    if exact:
-                        assert torch.equal(a, b)
-                    else:
-                        torch.testing.assert_close(a, b, rtol=ref.ulp(a.dtype), atol=ref.ulp(a.dtype))
+                if not isinstance(a, torch.Tensor):
+                    continue
+                if exact:
+                    assert torch.equal(a, b)
+                elif a.dtype == torch.float32:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+                else:
+                    torch.testing.assert_close(a, b, rtol=ref.ulp(a.dtype), atol=ref.ulp(a.dtype))
 
 
 @pytest.mark.parametrize("layout", ["chunked", "interleaved", "transposed", "expanded", "offset"])
