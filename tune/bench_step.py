@@ -31,8 +31,6 @@ SIZES = {  # device -> model -> config sizes and batch
     "cpu": {"vit": dict(hidden=768, heads=12, inter=3072, image=224, patch=16, batch=2),
             "llama": dict(hidden=1024, heads=8, inter=2816, vocab=8000, seq=256, batch=2)},
 }
-LORA_TARGETS = {"vit": ["query", "key", "value", "dense"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                     "gate_proj", "up_proj", "down_proj"]}
 VARIANTS = ("baseline", "converted", "checkpointed")
 
 
@@ -65,7 +63,10 @@ def build(name: str, s: dict, device: str, dtype: torch.dtype, lora: bool, seed:
     model = model.to(device=device, dtype=dtype).train()
     if lora:
         import peft
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=LORA_TARGETS[name]))
+        # every linear layer but the head, by leaf name (names differ across transformers versions)
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and not n.endswith(("classifier", "lm_head"))})
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=targets))
     return model, inputs, loss
 
 
