@@ -31,6 +31,8 @@ SIZES = {  # device -> model -> config sizes and batch
     "cpu": {"vit": dict(hidden=768, heads=12, inter=3072, image=224, patch=16, batch=2),
             "llama": dict(hidden=1024, heads=8, inter=2816, vocab=8000, seq=256, batch=2)},
 }
+QUICK = {"vit": dict(hidden=32, heads=2, inter=64, image=16, patch=8, batch=2),  # a smoke run, not a measurement
+         "llama": dict(hidden=32, heads=2, inter=64, vocab=64, seq=8, batch=2)}
 VARIANTS = ("baseline", "converted", "checkpointed")
 
 
@@ -133,10 +135,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
     p.add_argument("--out", help="JSON output (default: bench-results/step-<device>.json)")
+    p.add_argument("--quick", action="store_true", help="tiny models and 2 reps: a smoke run")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
-    args.warmup, args.quick, args.seed = 2, False, 0
+    args.warmup, args.seed = 2, 0
+    args.sizes = QUICK if args.quick else SIZES[args.device]
+    if args.quick:
+        args.reps = 2
     return args
 
 
@@ -148,7 +154,7 @@ def main(argv=None) -> None:
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     env = environment(args, device_name(args.device), None)
     env.update(timer="time.perf_counter per step, synchronised, variants interleaved step by step, median",
-               sizes=SIZES[args.device], step="zero_grad + forward + loss + backward + SGD step")
+               sizes=args.sizes, step="zero_grad + forward + loss + backward + SGD step")
     table = new_table(f"training step on {args.device} (time ratio and saved ratio: variant / baseline)",
                       ["model", "dtype", "lora", "variant", "ms median", "time ratio", "saved", "saved ratio",
                        "peak step", "grad cos"], left=("model", "dtype", "lora", "variant"))
@@ -157,7 +163,7 @@ def main(argv=None) -> None:
     for name in args.models:
         for dt in args.dtypes:
             for lora in loras:
-                model, inputs, loss = build(name, SIZES[args.device][name], args.device, dtypes[dt], lora)
+                model, inputs, loss = build(name, args.sizes[name], args.device, dtypes[dt], lora)
                 made = {v: make_variant(v, model, inputs, loss) for v in VARIANTS}
                 del model
                 times = dict(zip(VARIANTS, time_steps([made[v][1] for v in VARIANTS], args.reps, sync)))
