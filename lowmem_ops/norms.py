@@ -273,8 +273,11 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
 
 
 def _has_values(t: torch.Tensor) -> bool:
-    # while compiling, tensors are fake by design: that case is decided by _inverse_allowed
-    return t.device.type != "meta" and (torch.compiler.is_compiling() or not is_fake(t))
+    # while compiling, tensors are fake by design: that case is decided by _inverse_allowed.
+    # Plain tensors and parameters (the usual case) skip is_fake's longer checks.
+    if t.device.type == "meta":
+        return False
+    return type(t) in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling() or not is_fake(t)
 
 
 def _backward_may_run(x, weight, bias) -> bool:
