@@ -191,6 +191,9 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
             return None, f"{name}: unknown parameterisation"
         new = MSRMSNorm(tuple(weight.shape), eps=eps, affine="none" if folded else "inverse")
         return (new if folded else _adopt(new, module)), None
+    if norms and isinstance(module, torch.nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
+        # not a probing candidate (its eval-mode forward is a per-channel affine), but a norm left alone
+        return None, f"{name}: normalises with batch or instance statistics; memory-sharing kernels are LayerNorm / RMSNorm only"
     return None, None
 
 
