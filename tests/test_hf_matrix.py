@@ -24,24 +24,6 @@ GRADIENT_COSINE = 0.95  # the issue's whole-model target at the default grad_tol
 # recognises by probing, not by these names).
 _NORM_OR_ACTIVATION = re.compile(r"Norm|GELU|Gelu|ReLU|SiLU|Swish|Mish|ELU|Softplus|Tanh|Sigmoid|Activation")
 
-# Architectures that miss a criterion for a reason outside convert's reach, each with that reason.
-XFAIL: dict[str, str] = {
-    # 34 SiLUs in conv + BatchNorm stacks (BatchNorm statistics of the batch, tune/hf_matrix.py): every
-    # activation meets the local 0.95 (lowest measured 0.952) yet the whole model reaches 0.638; at
-    # grad_tolerance 0.998 the 13 swapped SiLUs measure local >= 0.99999 and the whole model still
-    # 0.757. Per-layer widths do not bound the end-to-end error of this ill-conditioned backward
-    # (parameter gradients ~1e7 for outputs ~0.03); convert would need to escalate from the
-    # end-to-end cosine (more bits, then exact) until it reaches the target.
-    "mobilevit": "whole-model gradient cosine 0.638 < 0.95 although every activation's local cosine >= 0.95: "
-                 "convert chooses widths per layer only, no end-to-end escalation",
-}
-
-
-def _params():
-    return [pytest.param(name, marks=pytest.mark.xfail(reason=XFAIL[name], strict=True)) if name in XFAIL else name
-            for name in hf_matrix.ARCHS]
-
-
 def test_the_matrix_is_the_issues_list():
     # the families issue 11 names (it counts them as 34; Gemma 1/2/3 and OLMo 1/2 spelled out, 35)
     named = """llama mistral mixtral phi falcon opt bloom gemma gemma2 gemma3 stablelm qwen3 qwen3_moe olmo olmo2
@@ -62,7 +44,7 @@ def _unexplained(paths_of: dict, report) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("arch", _params())
+@pytest.mark.parametrize("arch", list(hf_matrix.ARCHS))
 def test_convert_hf_architecture(arch):
     try:
         model, batch, dtype = hf_matrix.build(arch)
