@@ -498,8 +498,8 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
                 continue  # never called with a gradient: its width cannot move the cosine
             if local is None:
                 exact.add(id(a))
-                report.skipped.append((a.change.path, f"kept exact: with the activations approximated the whole-model "
-                                       f"gradient cosine was {missed[0]:.3f} < grad_tolerance {missed[1]:g}"))
+                report.skipped.append((a.change.path, f"kept exact: at every width tried the whole-model gradient "
+                                       f"cosine missed grad_tolerance {missed[1]:g} (last {missed[0]:.3f})"))
             else:
                 a.change.reason = (f"whole-model gradient cosine {missed[0]:.3f} < grad_tolerance {missed[1]:g}: "
                                    f"local target raised to {local:.4g}")

@@ -326,7 +326,7 @@ def left_alone_text(items: list) -> str:
         return "nothing"
     groups: dict[tuple[str, str], list[list[str]]] = {}
     for _, cls, why in items:
-        why = why.removeprefix(f"{cls} ")  # skip lines often start with the class name
+        why = why.removeprefix(f"{cls}: ").removeprefix(f"{cls} ")  # skip lines often start with the class name
         groups.setdefault((cls, _NUMBER.sub("\0", why)), []).append(_NUMBER.findall(why))
     clauses = []
     for (cls, template), numbers in groups.items():
