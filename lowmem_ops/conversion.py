@@ -492,7 +492,9 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
     exact: set[int] = set()
     if probe is not None and (local is not None or missed is not None):
         # the local choice (after a miss: at the raised target; at last: at grad_tolerance, the rest exact)
-        exact = _choose_bits(activation_swaps, probe.calls, local if local is not None else missed[1], report)
+        raised = missed is not None and local is not None
+        exact = _choose_bits(activation_swaps, probe.calls, local if local is not None else missed[1], report,
+                             label="the raised local target" if raised else "grad_tolerance")
         for key, a in activation_swaps.items():
             if missed is None or id(a) in exact or not probe.calls.get(key):
                 continue  # never called with a gradient: its width cannot move the cosine
@@ -570,7 +572,7 @@ def _probe(model, inputs, loss_fn, report: Report, watch: dict):
         return None
 
 
-def _choose_bits(swaps: dict, calls: dict, tolerance: float, report: Report) -> set[int]:
+def _choose_bits(swaps: dict, calls: dict, tolerance: float, report: Report, label: str = "grad_tolerance") -> set[int]:
     """Give each activation swap the fewest bits meeting `tolerance` (lowmem_ops._bits.choose) from
     the exact model's recorded calls; ids of the swaps no width meets (left exact, a report line each).
     A swap whose activation was never called with a gradient keeps its op."""
@@ -582,7 +584,7 @@ def _choose_bits(swaps: dict, calls: dict, tolerance: float, report: Report) -> 
         op, estimates = _bits.choose(swap.new.op_name, recorded, tolerance)
         if op is None:
             best = max(estimates, key=lambda k: -2 if estimates[k] is None else estimates[k])
-            report.skipped.append((swap.change.path, f"kept exact: no width reaches grad_tolerance {tolerance:g} "
+            report.skipped.append((swap.change.path, f"kept exact: no width reaches {label} {tolerance:g} "
                                    f"(best estimated local gradient cosine {estimates[best]:.3f}, {best} bits)"))
             exact.add(id(swap))
             continue
