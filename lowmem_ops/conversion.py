@@ -8,7 +8,8 @@ What is swapped (options turn each part off):
   models hold (GELUActivation, NewGELUActivation, GELUTanh, QuickGELUActivation, SiLUActivation,
   MishActivation) -> the approximate op with the same forward, at the fewest bits (1..4 where built)
   whose local gradient cosine, estimated from the unconverted model on the example inputs
-  (lowmem_ops._bits), reaches grad_tolerance, or left exact when none does;
+  (lowmem_ops._bits), reaches grad_tolerance, or left exact when none does; raised further (or kept
+  exact) while the whole model's gradient cosine misses grad_tolerance;
 - norms: torch.nn.LayerNorm / RMSNorm (a subclass overriding forward only when it computes torch's
   norm on every call on the example inputs) and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
   Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm, saving their output. With example inputs, a norm whose output is read only by untied nn.Linear /
@@ -191,6 +192,9 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
             return None, f"{name}: unknown parameterisation"
         new = MSRMSNorm(tuple(weight.shape), eps=eps, affine="none" if folded else "inverse")
         return (new if folded else _adopt(new, module)), None
+    if norms and isinstance(module, torch.nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
+        # not a probing candidate (its eval-mode forward is a per-channel affine), but a norm left alone
+        return None, f"{name}: normalises with batch or instance statistics; memory-sharing kernels are LayerNorm / RMSNorm only"
     return None, None
 
 
@@ -418,8 +422,11 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     grad_tolerance: each activation gets the fewest bits (1..4, among its op's built widths) whose
     local gradient cosine, estimated from the unconverted model's inputs and output gradients at that
     activation on the example inputs (lowmem_ops._bits), is at least this; an activation no width
-    reaches stays exact (a report line gives the best estimate). None, or no gradients to estimate
-    from (no example inputs, check_gradients=False): the 2-bit ops."""
+    reaches stays exact (a report line gives the best estimate). It is also the whole model's target:
+    when the converted model's gradient cosine misses it (local errors compound through deep stacks),
+    the local target is raised to 1 - (1 - t) / 4, then 1 - (1 - t) / 16, and at last every activation
+    is kept exact, until it is met. None, or no gradients to estimate from (no example inputs,
+    check_gradients=False): the 2-bit ops."""
     if gated_mode not in MODES:
         raise ValueError(f"lowmem_ops.convert: gated_mode must be one of {', '.join(MODES)}, got {gated_mode!r}")
     if grad_tolerance is not None and not (isinstance(grad_tolerance, (int, float)) and -1 <= grad_tolerance <= 1):
@@ -438,49 +445,101 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     activation_swaps = {i: a for i, a in enumerate(actions) if isinstance(a, _Swap) and isinstance(a.new, Approx)}
     probe = (_probe(model, example_inputs, loss_fn, report, {i: a.old for i, a in activation_swaps.items()})
              if examples and check_gradients else None)
-    if probe is not None and grad_tolerance is not None:
-        exact = _choose_bits(activation_swaps, probe.calls, grad_tolerance, report)
-        actions = [a for a in actions if id(a) not in exact]
-    for a in activation_swaps.values():
-        if a.change.bits is None:
-            a.change.bits = _bits.get_op(a.new.op_name).bits
     before = Snapshot(model, writes=[t for a in actions for t in a.writes], keep=(_originals(model), folded(model)))
+    planned_skips = len(report.skipped)
     try:
         check = _checker(model, example_inputs, reference, report) if examples else (lambda: None)
-        _apply_verified(model, actions, check)
-        if examples and measure_memory and any(a.change.status == "applied" for a in actions):
-            try:
-                report.memory_after = _measure(model, example_inputs, "after")
-                if _undo_what_saves_nothing(actions, report):
-                    before.restore()
-                    kept = [a for a in actions if a.change.status == "applied"]
-                    _apply_verified(model, kept, check)
-                    report.memory_after = None
-                    if kept:
-                        report.memory_after = _measure(model, example_inputs, "after")
-                    else:
-                        check()  # the difference in the report is the unchanged model's
-            except Exception as e:  # a training-mode forward that only the converted model fails
-                before.restore()
-                for a in actions:
-                    if a.change.status == "applied":
-                        a.change.status, a.change.reason = "undone", f"training-mode forward failed: {_describe(e)}"
-                report.max_difference = None
-        if examples and measure_memory and report.memory_after is None:
-            report.memory_after = report.memory_before  # nothing changed
-        if examples and measure_memory:
+        kept = _convert_with(model, example_inputs, actions, activation_swaps, probe, grad_tolerance, check, before,
+                             report, measure_memory)
+        # per-layer widths bound each activation's local error, not what the layers after it make of
+        # it: while the whole model misses grad_tolerance, tighten the local target, then keep them exact
+        for local in _tighter(grad_tolerance):
+            if not (probe is not None and report.gradient_cosine is not None and report.gradient_cosine < grad_tolerance
+                    and any(a.change.status == "applied" for a in kept if isinstance(a, _Swap) and isinstance(a.new, Approx))):
+                break
+            missed = report.gradient_cosine
+            before.restore()
+            del report.skipped[planned_skips:]
             for a in actions:
-                if a.change.status == "applied":
-                    a.change.bytes_before = report.memory_before.exclusive_bytes(a.change.path)
-                    a.change.bytes_after = report.memory_after.exclusive_bytes(a.change.path)
-        if probe is not None:
-            _compare_gradients(model, example_inputs, probe, actions, report)
-        _record(model, [a for a in actions if a.change.status == "applied"])
+                a.change.status, a.change.reason, a.change.gradient_cosine = "applied", "", None
+                a.change.bytes_before = a.change.bytes_after = None
+            kept = _convert_with(model, example_inputs, actions, activation_swaps, probe, local, check, before,
+                                 report, measure_memory, missed=(missed, grad_tolerance))
+        _record(model, [a for a in kept if a.change.status == "applied"])
     except BaseException:
         before.restore()  # an unexpected failure (or an interrupt): nothing half done
         raise
-    report.changes.extend(a.change for a in actions)
+    report.changes.extend(a.change for a in kept)
     return report
+
+
+def _tighter(tolerance: float | None):
+    """The local targets tried after `tolerance` missed end to end: a quarter, then a sixteenth of its
+    distance to 1, then None (every activation exact)."""
+    if tolerance is None:
+        return
+    yield 1 - (1 - tolerance) / 4
+    yield 1 - (1 - tolerance) / 16
+    yield None
+
+
+def _convert_with(model, inputs, actions, activation_swaps, probe, local, check, before, report, measure_memory,
+                  missed=None) -> list:
+    """One attempt: choose the widths for the local target `local` (None after a miss: every activation
+    exact), apply and verify, undo what saves no memory, measure, compare gradients. Returns the
+    actions taken part (those not kept exact)."""
+    examples = inputs is not None
+    exact: set[int] = set()
+    if probe is not None and (local is not None or missed is not None):
+        # the local choice (after a miss: at the raised target; at last: at grad_tolerance, the rest exact)
+        raised = missed is not None and local is not None
+        exact = _choose_bits(activation_swaps, probe.calls, local if local is not None else missed[1], report,
+                             label="the raised local target" if raised else "grad_tolerance")
+        for key, a in activation_swaps.items():
+            if missed is None or id(a) in exact or not probe.calls.get(key):
+                continue  # never called with a gradient: its width cannot move the cosine
+            if local is None:
+                exact.add(id(a))
+                report.skipped.append((a.change.path, f"kept exact: at every width tried the whole-model gradient "
+                                       f"cosine missed grad_tolerance {missed[1]:g} (last {missed[0]:.3f})"))
+            else:
+                a.change.reason = (f"whole-model gradient cosine {missed[0]:.3f} < grad_tolerance {missed[1]:g}: "
+                                   f"local target raised to {local:.4g}")
+    actions = [a for a in actions if id(a) not in exact]
+    for a in activation_swaps.values():
+        if a.change.bits is None:
+            a.change.bits = _bits.get_op(a.new.op_name).bits
+    report.memory_after = None
+    _apply_verified(model, actions, check)
+    if examples and measure_memory and any(a.change.status == "applied" for a in actions):
+        try:
+            report.memory_after = _measure(model, inputs, "after")
+            if _undo_what_saves_nothing(actions, report):
+                before.restore()
+                kept = [a for a in actions if a.change.status == "applied"]
+                _apply_verified(model, kept, check)
+                report.memory_after = None
+                if kept:
+                    report.memory_after = _measure(model, inputs, "after")
+                else:
+                    check()  # the difference in the report is the unchanged model's
+        except Exception as e:  # a training-mode forward that only the converted model fails
+            before.restore()
+            for a in actions:
+                if a.change.status == "applied":
+                    a.change.status, a.change.reason = "undone", f"training-mode forward failed: {_describe(e)}"
+            report.max_difference = None
+    if examples and measure_memory and report.memory_after is None:
+        report.memory_after = report.memory_before  # nothing changed
+    if examples and measure_memory:
+        for a in actions:
+            if a.change.status == "applied":
+                a.change.bytes_before = report.memory_before.exclusive_bytes(a.change.path)
+                a.change.bytes_after = report.memory_after.exclusive_bytes(a.change.path)
+    if probe is not None:
+        report.gradient_cosine, report.gradient_note = None, ""
+        _compare_gradients(model, inputs, probe, actions, report)
+    return actions
 
 
 def _undo_what_saves_nothing(actions: list, report: Report) -> bool:
@@ -513,7 +572,7 @@ def _probe(model, inputs, loss_fn, report: Report, watch: dict):
         return None
 
 
-def _choose_bits(swaps: dict, calls: dict, tolerance: float, report: Report) -> set[int]:
+def _choose_bits(swaps: dict, calls: dict, tolerance: float, report: Report, label: str = "grad_tolerance") -> set[int]:
     """Give each activation swap the fewest bits meeting `tolerance` (lowmem_ops._bits.choose) from
     the exact model's recorded calls; ids of the swaps no width meets (left exact, a report line each).
     A swap whose activation was never called with a gradient keeps its op."""
@@ -525,7 +584,7 @@ def _choose_bits(swaps: dict, calls: dict, tolerance: float, report: Report) -> 
         op, estimates = _bits.choose(swap.new.op_name, recorded, tolerance)
         if op is None:
             best = max(estimates, key=lambda k: -2 if estimates[k] is None else estimates[k])
-            report.skipped.append((swap.change.path, f"kept exact: no width reaches grad_tolerance {tolerance:g} "
+            report.skipped.append((swap.change.path, f"kept exact: no width reaches {label} {tolerance:g} "
                                    f"(best estimated local gradient cosine {estimates[best]:.3f}, {best} bits)"))
             exact.add(id(swap))
             continue

@@ -359,6 +359,17 @@ def test_hugging_face_modules_unknown_by_name_convert(arch):
     _check_converted(model, batch, report, {cls})
 
 
+def test_batch_and_instance_norms_are_report_lines():
+    # no memory-sharing kernel for them; left alone, and said so ("0 left alone" means nothing was)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.InstanceNorm2d(8, affine=True), nn.GELU())
+    report = lo.convert(model, example_inputs=torch.randn(2, 3, 8, 8))
+    assert [path for path, _ in report.skipped] == ["1", "2"], str(report)
+    assert report.skipped[0][1].startswith("BatchNorm2d: normalises with batch or instance statistics")
+    assert report.skipped[1][1].startswith("InstanceNorm2d: normalises with batch or instance statistics")
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is nn.InstanceNorm2d
+    assert lo.convert(nn.Sequential(nn.BatchNorm1d(4)), example_inputs=torch.randn(3, 4), norms=False).skipped == []
+
+
 def test_every_candidate_left_alone_is_reported_and_nothing_else():
     model = nn.Sequential(nn.Linear(8, 8), nn.GLU(), nn.Linear(4, 8), nn.GroupNorm(2, 8), nn.Softmax(-1),
                           nn.Dropout(0.1), nn.Linear(8, 2))
