@@ -29,14 +29,17 @@ import torch.nn.functional as F  # noqa: E402
 import lowmem_ops as lo  # noqa: E402
 
 
-def digits_task(seed: int):
-    """(model, train batches fn, eval fn) for a ViT on scikit-learn's digits (1797 images, 10 classes)."""
+def digits_task(seed: int, corpus: str = "a"):
+    """(model, train batches fn, eval fn) for a ViT on scikit-learn's digits (1797 images, 10 classes).
+    corpus "b", the fine-tuning data of the paper setting: the same digits transposed and inverted."""
     import transformers
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     x = F.interpolate(x, size=16, mode="nearest").repeat(1, 3, 1, 1)
+    if corpus == "b":
+        x = 1 - x.transpose(-1, -2)
     y = torch.tensor(data.target)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(y), generator=g)
@@ -60,12 +63,17 @@ def digits_task(seed: int):
     return model, batch, loss_fn, accuracy, {"pixel_values": x[train[:8]]}
 
 
-def text_task(seed: int):
-    """A small LLaMA predicting the next character of the standard library's own source code."""
+def text_task(seed: int, corpus: str = "a"):
+    """A small LLaMA predicting the next character of the standard library's own source code: json,
+    argparse and copy (corpus "a"), or textwrap, dataclasses and inspect (corpus "b", the fine-tuning
+    data of the paper setting). One character set over both, so a model moves from one to the other."""
     import transformers
 
-    text = inspect.getsource(json) + inspect.getsource(argparse) + inspect.getsource(copy)
-    chars = sorted(set(text))
+    import dataclasses
+    import textwrap
+    texts = {"a": [json, argparse, copy], "b": [textwrap, dataclasses, inspect]}
+    text = "".join(inspect.getsource(m) for m in texts[corpus])
+    chars = sorted(set("".join(inspect.getsource(m) for ms in texts.values() for m in ms)))
     ids = torch.tensor([chars.index(c) for c in text])
     split = int(len(ids) * 0.9)
     torch.manual_seed(seed)
@@ -93,6 +101,7 @@ def text_task(seed: int):
 
 
 TASKS = {"vit": digits_task, "llama": text_task}
+HEADS = {"vit": ["classifier"], "llama": []}  # trained in full beside the LoRA adapters
 
 
 def train(model, batch, loss_fn, steps: int, lr: float) -> list[float]:
@@ -127,13 +136,55 @@ def run(task: str, steps: int, seed: int = 0, lr: float = 2e-3) -> dict:
     return out
 
 
+def run_paper_setting(task: str, seeds: list[int], pretrain_steps: int, finetune_steps: int,
+                      pretrain_lr: float = 2e-3, finetune_lr: float = 1e-3, rank: int = 8) -> dict:
+    """The paper's setting: a model pretrained with stock ops on corpus "a" (once), then fine-tuned
+    with PEFT LoRA (rank `rank`, every linear layer) on corpus "b", baseline vs converted, per seed
+    (the seed sets the adapters' initialisation, dropout and the batch order). Held-out accuracy on b."""
+    import statistics
+
+    import peft
+
+    model, batch, loss_fn, _, _ = TASKS[task](0, "a")
+    train(model, batch, loss_fn, pretrain_steps, pretrain_lr)
+    pretrained = copy.deepcopy(model.state_dict())
+    out = {"baseline": [], "converted": [], "gradient_cosine": [], "bits": []}
+    for seed in seeds:
+        for variant in ("baseline", "converted"):
+            model, batch, loss_fn, accuracy, example = TASKS[task](seed, "b")
+            model.load_state_dict(pretrained)
+            torch.manual_seed(seed)
+            model = peft.get_peft_model(model, peft.LoraConfig(r=rank, target_modules="all-linear",
+                                                               modules_to_save=HEADS[task] or None))
+            if variant == "converted":
+                report = lo.convert(model, example_inputs=example)
+                out["gradient_cosine"].append(report.gradient_cosine)
+                out["bits"].append(sorted({c.bits for c in report.applied if getattr(c, "bits", None)}))
+            torch.manual_seed(seed + 1)
+            losses = train(model, lambda step: batch(step + 100_003 * seed), loss_fn, finetune_steps, finetune_lr)
+            out[variant].append({"seed": seed, "accuracy": accuracy(model), "final_loss": sum(losses[-20:]) / 20})
+    for variant in ("baseline", "converted"):
+        acc = [r["accuracy"] for r in out[variant]]
+        out[f"{variant}_accuracy_mean"] = statistics.fmean(acc)
+        out[f"{variant}_accuracy_std"] = statistics.stdev(acc) if len(acc) > 1 else 0.0
+    out["paired_difference_points"] = [100 * (c["accuracy"] - b["accuracy"])
+                                       for b, c in zip(out["baseline"], out["converted"])]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default=str(REPO_ROOT / "bench-results" / "fidelity.json"))
     p.add_argument("--quick", action="store_true", help="no plot")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's setting instead: pretrain with stock ops, then LoRA fine-tune on another corpus")
+    p.add_argument("--seeds", type=int, default=5, help="--paper: fine-tuning runs per variant")
+    p.add_argument("--pretrain-steps", type=int, default=300)
     args = p.parse_args(argv)
+    if args.paper:
+        return main_paper(args)
     results = {}
     for task in args.tasks:
         r = results[task] = run(task, args.steps)
@@ -159,6 +210,23 @@ def main(argv=None) -> int:
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=100)
         print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def main_paper(args) -> int:
+    results = {}
+    for task in args.tasks:
+        r = results[task] = run_paper_setting(task, list(range(args.seeds)), args.pretrain_steps, args.steps)
+        print(f"{task}: held-out accuracy over {args.seeds} seeds, baseline "
+              f"{100 * r['baseline_accuracy_mean']:.1f} +- {100 * r['baseline_accuracy_std']:.1f} %, converted "
+              f"{100 * r['converted_accuracy_mean']:.1f} +- {100 * r['converted_accuracy_std']:.1f} %; paired "
+              f"differences (points): {', '.join(f'{d:+.1f}' for d in r['paired_difference_points'])}; "
+              f"gradient cosine {min(r['gradient_cosine']):.3f}..{max(r['gradient_cosine']):.3f}, bits {r['bits'][0]}")
+    out = Path(args.out).with_name(Path(args.out).stem + "-paper.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"pretrain_steps": args.pretrain_steps, "finetune_steps": args.steps,
+                               "results": results}, indent=1, sort_keys=True))
+    print(f"wrote {out}")
     return 0
 
 
