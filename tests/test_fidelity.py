@@ -23,3 +23,13 @@ def test_converted_model_trains_like_the_original(task):
     # and alike: the last 15 minibatch losses are noisy, so 25 %; the 300-step runs land 7 % apart
     assert abs(conv - base) <= 0.25 * base, (base, conv)
     assert r["accuracy_points_apart"] <= 5.0
+
+
+def test_paper_setting_lora_after_pretraining():
+    """Pretrain with stock ops, LoRA-fine-tune on another corpus: the LLaMA conversion (exact SwiGLU,
+    memory-sharing norms) changes no gradient, so baseline and converted land together."""
+    r = fidelity.run_paper_setting("llama", seeds=[0], pretrain_steps=10, finetune_steps=10)
+    assert r["gradient_cosine"][0] >= 0.999
+    (base,), (conv,) = r["baseline"], r["converted"]
+    assert abs(base["accuracy"] - conv["accuracy"]) <= 0.02
+    assert base["final_loss"] == pytest.approx(conv["final_loss"], rel=0.02)
