@@ -62,7 +62,7 @@ def _check(gate, up, name):
 
 
 def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, need_gate: bool,
-              need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = gated_op(name)
     _check(gate, up, name)
     gate, up = gate.contiguous(), up.contiguous()
@@ -86,8 +86,8 @@ def _(gate, up, name, approx, need_gate, need_up):
 
 
 def _gated_bwd(dy: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torch.Tensor], h: Optional[torch.Tensor],
-              codes: Optional[torch.Tensor], name: str, approx: bool, need_gate: bool,
-              need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               codes: Optional[torch.Tensor], name: str, approx: bool, need_gate: bool,
+               need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = gated_op(name)
     dy = dy.contiguous()
     backend = pick_backend(dy)

@@ -59,7 +59,7 @@ def _check(x, weight, bias, n_cols, what):
 
 
 def _ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], n_cols: int,
-                eps: float, is_rms: bool, out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, is_rms: bool, out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x, weight, bias, n_cols, "ms_norm")
     out_dtype = out_dtype or x.dtype
     x2 = x.reshape(-1, n_cols).contiguous()
@@ -84,8 +84,8 @@ def _(x, weight, bias, n_cols, eps, is_rms, out_dtype):
 
 
 def _ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], n_cols: int, is_rms: bool, x_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 bias: Optional[torch.Tensor], n_cols: int, is_rms: bool, x_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dy2 = dy.reshape(-1, n_cols).contiguous()
     y2 = y.reshape(-1, n_cols)
     w = weight.reshape(-1).contiguous() if weight is not None else None
@@ -273,8 +273,11 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
 
 
 def _has_values(t: torch.Tensor) -> bool:
-    # while compiling, tensors are fake by design: that case is decided by _inverse_allowed
-    return t.device.type != "meta" and (torch.compiler.is_compiling() or not is_fake(t))
+    # while compiling, tensors are fake by design: that case is decided by _inverse_allowed.
+    # Plain tensors and parameters (the usual case) skip is_fake's longer checks.
+    if t.device.type == "meta":
+        return False
+    return type(t) in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling() or not is_fake(t)
 
 
 def _backward_may_run(x, weight, bias) -> bool:

@@ -84,6 +84,7 @@ def add_common_args(p: argparse.ArgumentParser, ops: Iterable[str], out_stem: st
     p.add_argument("--peak-gbps", type=float, help="peak DRAM bandwidth of the GPU, overriding the built-in table")
     p.add_argument("--out", type=Path, help=f"JSON output (default: <repo>/bench-results/{out_stem}-<device>.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's own choice)")
 
 
 def check_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -108,6 +109,10 @@ def resolve_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, op
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
     args.out = args.out or REPO_ROOT / "bench-results" / f"{out_stem}-{args.device}.json"
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,11 +122,25 @@ def resolve_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, op
 # The callables of one measurement (ours, torch's, ...) are timed in alternation, rep by rep, so
 # that drift or a noisy neighbour (this matters on shared CPU machines) hits all alike instead of
 # skewing one side of a ratio.
+class Timing(float):
+    """A median in microseconds that also carries the fastest and slowest repetition."""
+
+    def __new__(cls, samples_us: list[float]):
+        timing = super().__new__(cls, statistics.median(samples_us))
+        timing.min, timing.max = min(samples_us), max(samples_us)
+        return timing
+
+
+def spread_fields(impl: str, t: float) -> dict:
+    """{impl}_us_min / _max for a record, where the timer gave a Timing."""
+    return {f"{impl}_us_min": t.min, f"{impl}_us_max": t.max} if isinstance(t, Timing) else {}
+
+
 Timer = Callable[[list[Callable[[], object]]], list[float]]
 
 
 def time_cpu(fns: list[Callable[[], object]], reps: int, warmup: int) -> list[float]:
-    """Median wall time of each fn in microseconds."""
+    """Wall time of each fn in microseconds: a Timing (median, min, max)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -131,7 +150,7 @@ def time_cpu(fns: list[Callable[[], object]], reps: int, warmup: int) -> list[fl
             start = time.perf_counter()
             fn()
             fn_times.append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e6 for t in times]
+    return [Timing([x * 1e6 for x in t]) for t in times]
 
 
 def time_cuda(fns: list[Callable[[], object]], reps: int, warmup: int, flush: torch.Tensor) -> list[float]:
@@ -151,7 +170,7 @@ def time_cuda(fns: list[Callable[[], object]], reps: int, warmup: int, flush: to
             fn()
             end.record()
     torch.cuda.synchronize()
-    return [statistics.median([s.elapsed_time(e) for s, e in fn_events]) * 1e3 for fn_events in events]
+    return [Timing([s.elapsed_time(e) * 1e3 for s, e in fn_events]) for fn_events in events]
 
 
 def make_timer(device: str, reps: int, warmup: int) -> Timer:
@@ -203,7 +222,7 @@ def environment(args: argparse.Namespace, name: str, peak_gbps: float | None) ->
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "timer": ("cuda events, L2 flushed" if args.device == "cuda" else "time.perf_counter")
-                 + ", median, ours and torch interleaved rep by rep",
+                 + ", median (min and max in *_us_min / *_us_max), ours and torch interleaved rep by rep",
     }
     if args.device == "cuda":
         env["capability"] = "sm%d%d" % torch.cuda.get_device_capability()

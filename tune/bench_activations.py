@@ -32,7 +32,7 @@ from rich.table import Table
 # The sibling module must come before lowmem_ops: it puts this checkout first on sys.path.
 from _bench_common import (DTYPE_SHORT, DTYPES, Timer, add_bandwidth, add_common_args, add_device_arg,
                            add_grouped_rows, bandwidth_cells, check_device, environment, fmt_numel,
-                           fmt_ratio, header_line, make_timer, new_table, parse_sizes,
+                           fmt_ratio, header_line, make_timer, new_table, parse_sizes, spread_fields,
                            resolve_common_args, start, summary_table, write_json)
 import lowmem_ops as lo
 
@@ -122,6 +122,7 @@ def bench_case(op: str, dtype: torch.dtype, numel: int, device: str, timer: Time
         rec = {
             "op": op, "baseline": f"torch.nn.functional.{OPS[op].__name__}", "dtype": DTYPE_SHORT[dtype],
             "numel": numel, "phase": phase, "ours_us": ours_us, "torch_us": torch_us,
+            **spread_fields("ours", ours_us), **spread_fields("torch", torch_us),
         }
         rec["ratio"] = rec["torch_us"] / rec["ours_us"]  # > 1: we are faster
         if device == "cuda":  # bandwidth only means something for GPU kernel times

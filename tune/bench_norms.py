@@ -43,7 +43,7 @@ from rich.table import Table
 # The sibling module must come before lowmem_ops: it puts this checkout first on sys.path.
 from _bench_common import (DTYPE_SHORT, DTYPES, Timer, add_bandwidth, add_common_args, add_device_arg,
                            add_grouped_rows, bandwidth_cells, check_device, environment, fmt_bytes,
-                           fmt_ratio, header_line, make_timer, new_table, parse_size, parse_sizes,
+                           fmt_ratio, header_line, make_timer, new_table, parse_size, parse_sizes, spread_fields,
                            resolve_common_args, start, summary_table, write_json)
 import lowmem_ops as lo
 
@@ -249,6 +249,7 @@ def bench_case(name: str, norms: dict[str, Norm], dtype: torch.dtype, tokens: in
         rec = {**base, "baseline": op.baseline, "numel": tokens * width, "phase": phase}
         for impl, us in zip(fns, timer([f[phase] for f in fns.values()])):
             rec[f"{impl}_us"] = us
+            rec.update(spread_fields(impl, us))
         rec["ratio"] = rec["torch_us"] / rec["ours_us"]  # > 1: we are faster
         if "liger" in fns:
             rec["liger_ratio"] = rec["liger_us"] / rec["ours_us"]

@@ -139,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=200, help="calls per round")
     p.add_argument("--launch-path", action="store_true", help="also time the launch path with kernels stubbed")
+    p.add_argument("--stub-kernels", action="store_true",
+                   help="replace every Triton launch with a no-op and take the Triton path (the interpreter's on CPU): "
+                        "what our host code costs without the launches (outputs are garbage)")
     p.add_argument("--out", help="JSON output (default: bench-results/overhead-<device>.json)")
     p.add_argument("--profile", metavar="FILE", help="also write cProfile's top functions of each op's calls to FILE")
     args = p.parse_args(argv)
@@ -158,6 +161,12 @@ def main(argv=None) -> None:
     env.update(timer=f"time.perf_counter over {args.calls} calls per round, {args.rounds} interleaved rounds",
                threads=args.threads, shape=[ROWS, COLS], dtype=args.dtype)
 
+    if args.stub_kernels:
+        def no_launch(kernel, grid, *launch_args, **meta):
+            return None
+        _triton_backend.launch = _norm_backends.launch = no_launch
+        os.environ["LOWMEM_OPS_BACKEND"] = "triton" if args.device == "cuda" else "triton-interpret"
+        env["stub_kernels"] = True
     records, failures = [], []
     table = new_table(f"host time per forward + backward, {ROWS}x{COLS} {args.dtype} on {args.device} "
                       f"(ratio = ours / torch, target <= {TARGET_RATIO:g})",

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The device check: GPU tests, both benchmarks and a tuning run, results under $OUT (default ./gpu-out).
+# The device check: GPU tests, the benchmarks (host overhead, activations, norms, training steps) and a tuning run, results under $OUT (default ./gpu-out).
 # Meant for the lent GPU machine (its own torch + triton); about ten minutes in all, or about five with
 # TUNE=0 (tests and benchmarks only).
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+nvidia-smi > "$OUT/versions.txt" 2>&1
+python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/versions.txt"
 timeout 240 python -m pytest -q tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.txt"
 timeout 60 python tune/bench_overhead.py --device cuda --launch-path --out "$OUT/overhead-cuda.json" \
     --profile "$OUT/profile-cuda.txt" 2>&1 | tee "$OUT/bench.txt"
 timeout 100 python tune/bench_activations.py --device cuda --out "$OUT/activations-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
 timeout 100 python tune/bench_norms.py --device cuda --out "$OUT/norms-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
+timeout 200 python tune/bench_step.py --device cuda --dtypes bf16 --out "$OUT/step-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
 [ "${TUNE:-1}" = 0 ] && exit 0
 # Tuning: bf16 + fp16, the paper's two activations and the norms first (the budget may not cover all).
 # kernelgen needs jinja2, sympy and rich there: carry wheels as the device README says if they are missing.

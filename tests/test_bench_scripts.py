@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end (tiny sizes) and write the records their docs describe."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TUNE = Path(__file__).resolve().parents[1] / "tune"
+
+
+def run(script: str, tmp_path, *args) -> dict:
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(TUNE / script), "--device", "cpu", "--out", str(out), *args],
+                   check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_bench_overhead(tmp_path):
+    doc = run("bench_overhead.py", tmp_path, "--rounds", "2", "--calls", "3", "--launch-path",
+              "--profile", str(tmp_path / "profile.txt"))
+    ops = {r["op"] for r in doc["records"]}
+    assert ops == {"regelu2", "resilu2", "swiglu", "geglu", "layernorm", "rmsnorm"}
+    for r in doc["records"]:
+        assert 0 < r["ours"]["min_us"] <= r["ours"]["median_us"] <= r["ours"]["max_us"]
+        assert r["ratio"] == pytest.approx(r["ours"]["median_us"] / r["torch"]["median_us"])
+    assert set(doc["launch_path"]) == {"activation", "norm"}
+    assert "===== rmsnorm" in (tmp_path / "profile.txt").read_text()
+
+
+def test_bench_step(tmp_path):
+    doc = run("bench_step.py", tmp_path, "--quick", "--dtypes", "fp32")
+    seen = {(r["model"], r["lora"], r["variant"]) for r in doc["records"]}
+    assert len(seen) == 2 * 2 * 3
+    for r in doc["records"]:
+        assert r["ms_median"] > 0
+        if r["variant"] == "converted":
+            assert r["saved_ratio"] < 1 and r["gradient_cosine"] > 0.9
+        if r["variant"] == "baseline":
+            assert r["saved_ratio"] == 1 and r["time_ratio"] == 1
+
+
+def test_bench_activations_records_spread(tmp_path):
+    doc = run("bench_activations.py", tmp_path, "--quick", "--threads", "1", "--dtypes", "fp32")
+    assert doc["environment"]["torch_num_threads"] == 1
+    for r in doc["records"]:
+        assert r["ours_us_min"] <= r["ours_us"] <= r["ours_us_max"]
