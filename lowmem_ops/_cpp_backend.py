@@ -3,9 +3,9 @@
 `kernelgen build` renders every activation of a tree into one C++ file, <tree>/cpu_kernels.cpp
 (templates/cpu_activation.cpp.j2). The first CPU call compiles it with torch.utils.cpp_extension
 (-O3, OpenMP; cached across processes by the extension's own build cache) and loads it through
-ctypes. The forward value y still comes from torch's own function, exactly as on the torch path;
-the C++ kernels compute the packed codes from x in one pass, and dx = dy * L[code] in one pass.
-Codes and dx are bit for bit those of the torch path (lowmem_ops/_torch_backend.py).
+ctypes. The forward value y still comes from torch's own function (_forward_value); the C++
+kernels compute the packed codes from x in one pass, and dx = dy * L[code] in one pass. Codes and
+dx are bit for bit those of the torch path (lowmem_ops/_torch_backend.py).
 
 Where the file is missing, fails to compile or does not match the tree's ops.py, `unavailable`
 says why: LOWMEM_OPS_BACKEND=auto then warns once and takes the torch path, =cpp raises.
@@ -25,8 +25,8 @@ from ._tree import OpInfo
 
 CPU_FILE = "cpu_kernels.cpp"  # kernelgen.render.CPU_FILE
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' dtype argument
-# y of a 16-bit input is computed in float32 this many elements at a time, so the float32 copies
-# stay in cache: one pass over memory instead of three.
+# Where y of a 16-bit input is computed in float32, it is this many elements at a time, so the
+# float32 copies stay in cache: one pass over memory instead of three.
 _Y_CHUNK = 1 << 15
 
 _lock = threading.Lock()
@@ -42,15 +42,18 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
                 "`kernelgen build`")
     from torch.utils import cpp_extension
 
-    # The name holds the source's hash: trees (and versions of one tree) never share a build folder.
+    # One build per distinct source (the name holds its hash): trees of the same specs share it, and a
+    # changed source never loads an old build.
     name = "lowmem_ops_cpu_" + hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     try:
         path = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return ctypes.CDLL(path)
     except Exception as err:  # noqa: BLE001 - any failure to build or load means: no C++ kernels
-        message = " ".join(str(err).split())
-        return f"compiling {source} failed: {type(err).__name__}: {message[:500]}"
+        message = " ".join(str(err).split())  # one line; the compiler's own error comes last
+        if len(message) > 700:
+            message = f"{message[:200]} ... {message[-500:]}"
+        return f"compiling {source} failed: {type(err).__name__}: {message}"
 
 
 def _library(tree: Path) -> ctypes.CDLL | str:
@@ -143,8 +146,8 @@ _direct: dict[tuple[Path, str, torch.dtype], bool] = {}
 
 
 def within_one_step(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """got is want or a neighbour of it in want's dtype, or both are NaN, or they differ by less than
-    the smallest normal number (flushing subnormal results to zero is not an error here)."""
+    """Per element: got is want or a neighbour of it in want's dtype, or both are NaN, or they differ by
+    at most the smallest normal number (flushing subnormal results to zero is not an error here)."""
     inf = torch.full_like(want, float("inf"))
     tiny = torch.finfo(want.dtype).tiny
     return ((got == want) | (got == torch.nextafter(want, inf)) | (got == torch.nextafter(want, -inf))
