@@ -6,6 +6,7 @@ Layout of a tree (default: generated/ in the repository, installed as lowmem_ops
     .kernelgen-tree        marks the folder as a kernelgen tree: builds write only into such (or empty) folders
     __init__.py
     ops.py                 arch-independent: specs as the runtime needs them, torch forward functions
+    cpu_kernels.cpp        arch-independent: C++ CPU kernels of every activation (compiled by lowmem_ops on first use)
     <arch>/__init__.py
     <arch>/<op>.py         Triton kernels for that arch
     <arch>/configs.py      the launch config of every kernel, dtype and shape bucket (static or tuned)
@@ -40,8 +41,12 @@ from .spec import Spec
 TREE_DOC = '"""Kernels rendered by kernelgen. Do not edit: run `kernelgen build`."""\n'
 MARKER = ".kernelgen-tree"
 MARKER_TEXT = ("A tree of kernels written by `kernelgen build`. A build into this folder replaces __init__.py,\n"
-               "ops.py and the arch folders it builds (sm80, ...) and leaves every other file alone; a build\n"
+               "ops.py, cpu_kernels.cpp and the arch folders it builds (sm80, ...) and leaves every other file alone; a build\n"
                "refuses a folder without this file unless the folder is empty.\n")
+
+
+# The files at the top of a tree that every build writes (the arch folders aside).
+TOP_FILES = (MARKER, "__init__.py", "ops.py", render.CPU_FILE)
 
 
 class BuildError(RuntimeError):
@@ -277,6 +282,7 @@ def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: b
     (stage / MARKER).write_text(MARKER_TEXT)
     (stage / "__init__.py").write_text(TREE_DOC)
     (stage / "ops.py").write_text(render.render_ops(specs))
+    (stage / render.CPU_FILE).write_text(render.render_cpu(specs))
     return sum(_build_arch(specs, arch, stage / arch.name, progress, norms, opts, previous / arch.name / "manifest.json")
                for arch in archs)
 
@@ -384,7 +390,7 @@ def _alive(pid: int) -> bool:
 def _install(stage: Path, out: Path, arch_names: list[str]) -> None:
     """Move the staged files into `out`: each file by atomic rename, each arch folder by _swap_in."""
     out.mkdir(exist_ok=True)
-    for name in (MARKER, "__init__.py", "ops.py"):
+    for name in TOP_FILES:
         os.replace(stage / name, out / name)
     for arch in arch_names:
         _swap_in(stage / arch, out, arch)
@@ -468,7 +474,7 @@ def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
     with tempfile.TemporaryDirectory(prefix="kernelgen-check-") as tmp:
         stage = Path(tmp) / "tree"
         _stage(specs, archs, stage, progress, norms, opts, out)
-        wanted = [MARKER, "__init__.py", "ops.py"] + [
+        wanted = list(TOP_FILES) + [
             str(p.relative_to(stage)) for a in archs for p in sorted((stage / a.name).iterdir())
         ]
         for rel in wanted:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -33,6 +34,8 @@ OPS_TEMPLATE = "ops.py.j2"
 NORM_TEMPLATE = "norm.py.j2"
 CONFIGS_TEMPLATE = "configs.py.j2"
 CONFIGS_FILE = "configs"
+CPU_TEMPLATE = "cpu_activation.cpp.j2"
+CPU_FILE = "cpu_kernels.cpp"  # at the top of a tree, beside ops.py: arch-independent
 
 
 class RenderError(RuntimeError):
@@ -378,6 +381,31 @@ def render_ops(specs: list[Spec]) -> str:
         )
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the ops module from templates/{OPS_TEMPLATE}: {err}") from err
+
+
+def _cpp_float(value: float) -> Code:
+    """A float32 constant as a C++ hex literal: exact, whatever the compiler's decimal parsing."""
+    f = to_f32(value)
+    if not math.isfinite(f):
+        raise RenderError(f"{value!r} is not a finite float32 (specs are checked for this)")
+    return Code(float.hex(f) + "f")
+
+
+def render_cpu(specs: list[Spec]) -> str:
+    """One C++ translation unit with the codes and gradient kernels of every spec (lowmem_ops compiles it
+    on first use on CPU tensors). Free text reaches it only inside comments, as ASCII string literals:
+    no line break can end the comment, and no backslash can end its line (which would splice the next
+    line into the comment)."""
+    rows = [{"name": s.name, "description": quoted(s.description), "bits": s.bits, "planes": s.planes,
+             "codes_per_byte": s.codes_per_byte, "boundary": s.boundary,
+             "compare": Code(">" if s.boundary == "lower" else ">="),
+             "thresholds": [_cpp_float(c) for c in s.thresholds], "levels": [_cpp_float(v) for v in s.levels]}
+            for s in specs]
+    try:
+        return _render(CPU_TEMPLATE, ops=rows, spec_files=[quoted(spec_file_label(s)) for s in specs],
+                       template_sha256=template_sha256(CPU_TEMPLATE), dtypes=["Float32", "BFloat16", "Float16"])
+    except jinja2.TemplateError as err:
+        raise RenderError(f"rendering the CPU kernels from templates/{CPU_TEMPLATE}: {err}") from err
 
 
 def render_norm(arch: Arch) -> str:

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "triton-interpret")
+BACKENDS = ("auto", "torch", "cpp", "triton", "triton-interpret")
 # ROCm builds of torch name AMD GPUs "cuda" too; the generated kernels and launch configs are built for
 # NVIDIA archs only, and a gfx capability must never be mapped onto an sm folder.
 ROCM = torch.version.hip is not None
@@ -27,10 +27,13 @@ def check_float_tensor(x, where: str, what: str = "input") -> None:
         raise TypeError(f"lowmem_ops.{where}: {what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
-def backend(t: torch.Tensor) -> str:
-    """'torch', 'triton' or 'triton-interpret' for this tensor, per LOWMEM_OPS_BACKEND (read per call).
+def backend(t: torch.Tensor, has_cpp: bool = False) -> str:
+    """'torch', 'cpp', 'triton' or 'triton-interpret' for this tensor, per LOWMEM_OPS_BACKEND (read per
+    call). has_cpp: the op has C++ CPU kernels (the approximate activations; the others answer 'torch'
+    on CPU tensors, whatever the mode).
 
-    float64 always takes the torch path. auto: CUDA tensors -> Triton kernels, CPU -> torch."""
+    float64 always takes the torch path. auto: CUDA tensors -> Triton kernels, CPU -> C++ kernels
+    where the op has them, else torch. cpp: CPU tensors -> C++ kernels (an error on CUDA tensors)."""
     mode = os.environ.get("LOWMEM_OPS_BACKEND", "auto")
     if mode not in BACKENDS:
         raise ValueError(f"LOWMEM_OPS_BACKEND={mode!r} is not one of {', '.join(BACKENDS)}")
@@ -39,11 +42,14 @@ def backend(t: torch.Tensor) -> str:
     if mode == "triton-interpret":
         return mode
     if t.device.type == "cuda":
+        if mode == "cpp":
+            raise RuntimeError("LOWMEM_OPS_BACKEND=cpp runs CPU tensors only, got a CUDA tensor (use auto, which "
+                               "takes the Triton kernels there)")
         return _rocm_fallback(mode) if ROCM else "triton"
     if mode == "triton":
         raise RuntimeError(f"LOWMEM_OPS_BACKEND=triton needs CUDA tensors, got a {t.device} tensor "
                            "(use triton-interpret to run the kernels on CPU tensors)")
-    return "torch"
+    return "cpp" if has_cpp and t.device.type == "cpu" else "torch"
 
 
 def _rocm_fallback(mode: str) -> str:

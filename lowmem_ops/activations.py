@@ -13,17 +13,22 @@ inference_mode, or an input that does not require grad) no codes are computed an
 
 Backend, per call (lowmem_ops._common.backend): float64 tensors always take the torch path.
 Otherwise LOWMEM_OPS_BACKEND picks:
-  auto (default)    CUDA tensors -> generated Triton kernels for the GPU's arch; CPU -> torch path
+  auto (default)    CUDA tensors -> generated Triton kernels for the GPU's arch; CPU -> generated
+                    C++ kernels (compiled on first use; where that fails, a warning and the torch path)
   torch             the torch path everywhere
+  cpp               the C++ kernels on CPU tensors (an error where they cannot be compiled, and on
+                    CUDA tensors)
   triton            the Triton kernels; CPU tensors are an error
   triton-interpret  the generated Triton kernels through Triton's interpreter, on CPU tensors
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from . import _torch_backend, _transforms, _triton_backend
+from . import _cpp_backend, _torch_backend, _transforms, _triton_backend
 from ._common import BACKENDS, check_float_tensor, compute_dtype
 from ._common import backend as pick_backend
 from ._tree import OpInfo, available, get_op
@@ -35,10 +40,26 @@ def _check_input(x: torch.Tensor, name: str, what: str = "input") -> OpInfo:
     return op
 
 
+def _cpp_or_torch(op: OpInfo, backend: str) -> str:
+    """'cpp' only where the C++ kernels can run this op: else auto falls back to torch (warning once),
+    and a forced LOWMEM_OPS_BACKEND=cpp is an error that says why."""
+    if backend != "cpp":
+        return backend
+    why = _cpp_backend.unavailable(op)
+    if why is None:
+        return "cpp"
+    if os.environ.get("LOWMEM_OPS_BACKEND") == "cpp":
+        raise RuntimeError(f"lowmem_ops.{op.name}: LOWMEM_OPS_BACKEND=cpp, but {why}")
+    _cpp_backend.warn_fallback(op, why)
+    return "torch"
+
+
 def _approx_act_fwd(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = _check_input(x, name)
     x = x.contiguous()
-    backend = pick_backend(x)
+    backend = _cpp_or_torch(op, pick_backend(x, has_cpp=True))
+    if backend == "cpp":
+        return _cpp_backend.forward(op, x, save_codes)
     if backend == "torch":
         return _torch_backend.forward(op, x, save_codes)
     return _triton_backend.forward(op, x, save_codes, interpret=backend == "triton-interpret")
@@ -58,7 +79,9 @@ def _approx_act_bwd(dy: torch.Tensor, codes: torch.Tensor, name: str) -> torch.T
     op = _check_input(dy, name, "grad_output")
     _check_codes(op, dy, codes)
     dy = dy.contiguous()
-    backend = pick_backend(dy)
+    backend = _cpp_or_torch(op, pick_backend(dy, has_cpp=True))
+    if backend == "cpp":
+        return _cpp_backend.backward(op, dy, codes)
     if backend == "torch":
         return _torch_backend.backward(op, dy, codes)
     return _triton_backend.backward(op, dy, codes, interpret=backend == "triton-interpret")

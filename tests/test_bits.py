@@ -35,7 +35,7 @@ def built_op(request, tmp_path_factory):
     return name, bits
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton-interpret"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton-interpret"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 5, 1000, 4099])
 def test_codes_gradient_and_saved_bytes(built_op, backend, dtype, n):

@@ -78,7 +78,17 @@ def exec_ops(source: str) -> dict:
 @pytest.fixture(scope="module")
 def reference_sources(tmp_path_factory):
     s = spec.load(spec_with(tmp_path_factory.mktemp("ref"), "description", "d"))
-    return code_tokens(render.render_activation(s, ARCH)), code_tokens(render.render_ops([s]))
+    return (code_tokens(render.render_activation(s, ARCH)), code_tokens(render.render_ops([s])),
+            cpp_code_lines(render.render_cpu([s])))
+
+
+def cpp_code_lines(source: str) -> list[str]:
+    """The C++ a compiler sees, line by line: everything but `//` comment lines. A line ending in a
+    backslash would splice the next line into it (a comment could swallow code): there must be none."""
+    assert source.isascii()  # so splitlines() splits exactly where the compiler does
+    lines = source.splitlines()
+    assert not [line for line in lines if line.endswith("\\")], "a line ends with a backslash"
+    return [line for line in lines if not line.lstrip().startswith("//")]
 
 
 def check_text_is_data(tmp_path: Path, field: str, value: str, reference_sources) -> None:
@@ -93,7 +103,8 @@ def check_text_is_data(tmp_path: Path, field: str, value: str, reference_sources
         return
     assert all(value.count(c) == 0 for c in CONTROLS), f"{field} = {value!r} was accepted"
     activation, ops = render.render_activation(s, ARCH), render.render_ops([s])
-    ref_activation, ref_ops = reference_sources
+    ref_activation, ref_ops, ref_cpp = reference_sources
+    assert cpp_code_lines(render.render_cpu([s])) == ref_cpp  # the C++ kernels: comments changed only
     assert code_tokens(activation) == ref_activation  # the text changed comments only
     namespace = exec_ops(ops)
     got = namespace["SPECS"]["myact"]

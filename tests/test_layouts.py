@@ -1,6 +1,7 @@
 """Memory layout never changes a result: every op family, given its inputs as views in any layout
 (halves of a fused projection, stride 2, transposed, broadcast with stride 0, offset slices), gives on
-the Triton path (the interpreter) the forward and every gradient that the torch path gives, and both
+the Triton path (the interpreter) the forward and every gradient that the torch path gives (the C++
+CPU path of the activations: their gradients bit for bit), and both
 agree with the independent float64 references.
 
 Inputs that need gradients are views of a leaf, as in a model (`gate, up = proj(x).chunk(2, -1)`), so
@@ -122,6 +123,10 @@ def test_activation_layouts(kind, name, k, shape, dy_lay, dtype, seed):
         return x.detach(), dy, y.detach(), x.grad, leaf.grad
 
     out = run_both(run)
+    cpp = run("cpp")  # the C++ CPU kernels: the torch path's gradients bit for bit; y from torch's own
+    for i, what in ((3, "dx"), (4, "leaf grad")):  # function, in bf16 maybe its bf16 kernel (one rounding)
+        assert torch.equal(cpp[i], out["torch"][i]), f"{name} {kind} {what}: cpp differs from torch"
+    same(cpp[2], out["torch"][2], dtype, f"{name} {kind} y (cpp)", atol=4e-6)
     for i, what in ((2, "y"), (3, "dx")):
         same(out["triton-interpret"][i], out["torch"][i], dtype, f"{name} {kind} {what}", atol=4e-6)
     same_sum(out["triton-interpret"][4], out["torch"][4], dtype, f"{name} {kind} leaf grad")

@@ -28,7 +28,8 @@ def test_wheel_contents(wheel):
         assert f"lowmem_ops/_generated/{arch}/configs.py" in names
     assert {"lowmem_ops/_generated/ops.py", "kernelgen/templates/activation.py.j2", "kernelgen/specs/regelu2.toml",
             "kernelgen/templates/activation.space.toml", "kernelgen/templates/norm.space.toml",
-            "kernelgen/templates/configs.py.j2"} <= names
+            "kernelgen/templates/configs.py.j2", "lowmem_ops/_generated/cpu_kernels.cpp",
+            "kernelgen/templates/cpu_activation.cpp.j2"} <= names
 
 
 def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
@@ -43,6 +44,8 @@ def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
         "assert sp.activation_space().dtypes and sp.norm_space().widths\n"
         "x = torch.randn(3000, requires_grad=True)\n"
         "lo.regelu2(x).sum().backward()\n"
+        "from lowmem_ops import _cpp_backend, _tree\n"
+        "assert _cpp_backend.unavailable(_tree.get_op('regelu2')) is None  # the installed C++ kernels ran\n"
         "os.environ['LOWMEM_OPS_BACKEND'] = 'triton-interpret'\n"
         "y = lo.resilu2(x)\n"
         "z = lo.ms_rmsnorm(torch.randn(4, 96), 96)\n"

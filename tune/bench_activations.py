@@ -13,7 +13,10 @@ fraction of peak DRAM bandwidth, and whether the targets are met.
     .venv/bin/python tune/bench_activations.py                  # default sizes/dtypes for the device
     .venv/bin/python tune/bench_activations.py --device cuda --sizes 2**24 2**26 --dtypes bf16 --reps 200
 
-The backend of lowmem_ops is whatever LOWMEM_OPS_BACKEND selects (auto|torch|triton|triton-interpret).
+The backend of lowmem_ops is whatever LOWMEM_OPS_BACKEND selects (auto|torch|cpp|triton|triton-interpret),
+or --backend. On CPU, auto and cpp time the C++ kernels (compiled before timing starts), e.g.
+
+    .venv/bin/python tune/bench_activations.py --device cpu --threads 1 --backend cpp --sizes 2**20 2**24 --reps 10
 This is a script, not a module: tune/ needs no __init__.py.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Callable
 
@@ -63,8 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_device_arg(p)
     p.add_argument("--sizes", nargs="+", metavar="N", help="element counts: 1048576, 2**20 or 1<<20 (default per device)")
+    p.add_argument("--backend", choices=lo.BACKENDS, help="LOWMEM_OPS_BACKEND for this run (default: the environment's)")
     add_common_args(p, OPS, OUT_STEM)
     args = p.parse_args(argv)
+    if args.backend:
+        os.environ["LOWMEM_OPS_BACKEND"] = args.backend  # read per call; recorded in the JSON environment
 
     check_device(p, args)
     sizes, dtypes, reps, warmup = DEFAULTS[args.device]
