@@ -61,12 +61,50 @@ def _check(name, x, y, dx, dy):
     torch.testing.assert_close(dx.double(), ref.grad(name, x, dy), rtol=rtol, atol=atol)
 
 
+def _flush_subnormals(x: torch.Tensor) -> torch.Tensor:
+    """Triton's interpreter (3.9) reads a bfloat16 subnormal as 0 when it converts to float32 (the GPU
+    keeps it: test_interpreter_bf16_subnormal_quirk below watches for the fix), so the interpreter is
+    compared on inputs without them."""
+    return torch.where(x.abs() < torch.finfo(x.dtype).tiny, torch.zeros_like(x) * x.sign(), x)
+
+
+def test_interpreter_bf16_subnormal_quirk():
+    """When this starts failing, Triton's interpreter keeps bfloat16 subnormals: drop _flush_subnormals."""
+    import os
+
+    import triton
+    import triton.language as tl
+
+    src = torch.tensor([9.1835e-41, 1e-30], dtype=torch.bfloat16)
+    out = torch.empty(2)
+
+    def convert(x_ptr, y_ptr):
+        offs = tl.arange(0, 2)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.float32))
+
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton.jit runs, as for the generated kernels
+    try:
+        kernel = triton.jit(convert)
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    kernel[(1,)](src, out)
+    assert out[1].item() == src[1].float().item()  # normal values convert exactly
+    assert out[0].item() == 0.0 != src[0].float().item()  # the subnormal is read as 0
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton-interpret"])
 @pytest.mark.parametrize("name", BUILTINS)
 @given(data=st.data())
 def test_forward_and_backward_match_reference(name, backend, data):
     """Both CPU paths: the torch implementation and the generated Triton kernels (interpreted)."""
-    x = data.draw(shaped_inputs(name)).requires_grad_(True)
+    x = data.draw(shaped_inputs(name))
+    if backend == "triton-interpret" and x.dtype == torch.bfloat16:
+        x = _flush_subnormals(x)
+    x.requires_grad_(True)
     seed = data.draw(st.integers(0, 2**31 - 1))  # dy is part of the example: reproducible, shrinkable
     dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
     with ref.backend(backend):
