@@ -135,14 +135,18 @@ def _mib(n: int) -> str:
 
 
 def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measurement:
-    """Run model(*args, **kwargs) once with grad enabled and record what autograd saves."""
-    excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    """Run model(*args, **kwargs) once with grad enabled and record what autograd saves.
+
+    Works the same on real, meta and fake (FakeTensorMode) tensors: storages are told apart by the
+    storage object itself, never by data_ptr (every meta storage has data_ptr 0)."""
+    excluded = {storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
     stack: list[str] = [""]
     storages: dict[int, SavedStorage] = {}
+    held: list = []  # a key is an address: the storages seen stay alive, so none is reused during the run
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        key = storage.data_ptr()
+        key = storage._cdata
         if key in excluded or storage.nbytes() == 0:
             return t
         here = stack[-1]
@@ -151,6 +155,7 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
             if here != s.module and here not in s.also_saved_by:
                 s.also_saved_by.append(here)
         else:
+            held.append(storage)
             storages[key] = SavedStorage(storage.nbytes(), t.dtype, tuple(t.shape), here, cast_from=_cast_source(t))
         return t
 
@@ -162,6 +167,12 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
         for h in handles:
             h.remove()
     return Measurement(storages, label)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """The identity of t's storage (shared by its views), the same for meta, fake and real tensors while
+    that storage lives; data_ptr is not (0 for every meta storage)."""
+    return t.untyped_storage()._cdata
 
 
 def track_modules(model: torch.nn.Module, stack: list[str]) -> list:
