@@ -199,3 +199,6 @@ def _cast_source(t: torch.Tensor) -> int | None:
     if fn is not None and type(fn).__name__ == "ToCopyBackward0" and fn.next_functions and fn.next_functions[0][0] is not None:
         return id(fn.next_functions[0][0])
     return None
+
+
+from .plan import Comparison, Plan, compare, max_batch, plan, variant  # noqa: E402 (plan uses this module)

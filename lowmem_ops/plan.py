@@ -23,6 +23,7 @@ most bytes live at once after any op, with the phase and the innermost module ru
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import weakref
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class Plan:
     peak_phase: str
     peak_module: str
     at_peak: dict[str, int]
+    phase_peaks: dict[str, int] = field(default_factory=dict)  # the most bytes live in each phase
     label: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -92,16 +94,20 @@ def _render(table) -> str:
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages alive, from the op that made each (or track()) until torch frees it."""
 
-    def __init__(self, where: Callable[[], tuple[str, str]]):
+    def __init__(self, phase: list[str], module: Callable[[], str]):
         super().__init__()
-        self.where = where  # () -> (phase, module) now
+        self.phase, self.module = phase, module  # phase[0] and module(): where the step is now
         self.live: dict[int, tuple[int, int]] = {}  # id(storage) -> (serial, nbytes)
         self.serial = 0
         self.total = 0
         self.reset_peak()
 
+    def where(self) -> tuple[str, str]:
+        return self.phase[0], self.module()
+
     def reset_peak(self) -> None:
         self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
+        self.phase_peaks: dict[str, int] = {}
 
     def track(self, t: torch.Tensor) -> int:
         """Count t's storage from now on (once); its serial."""
@@ -122,8 +128,10 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
-        if self.total > self.peak:
-            self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
+        if self.total > self.phase_peaks.get(self.phase[0], 0):
+            self.phase_peaks[self.phase[0]] = self.total
+            if self.total > self.peak:
+                self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
         return out
 
 
@@ -240,9 +248,16 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
     model.train()
     context = mode if fake else _nothing()
     phase = ["setup"]
-    with ModuleTracker() as modules, context:
-        tracker = LiveBytes(lambda: (phase[0], _innermost(modules)))
-        return _step(model, example_inputs, loss_fn or default_loss, optimizer, foreach, tracker, phase, label, _call)
+    collecting = gc.isenabled()
+    gc.disable()  # its timing would move the numbers run to run: cycles are collected between phases instead
+    try:
+        with ModuleTracker() as modules, context:
+            tracker = LiveBytes(phase, lambda: _innermost(modules))
+            return _step(model, example_inputs, loss_fn or default_loss, optimizer, foreach, tracker, phase, label,
+                         _call)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class _nothing:
@@ -268,6 +283,7 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
             opt.zero_grad(set_to_none=True)
         states = [t for s in (opt.state.values() if opt is not None else ()) for t in s.values()
                   if isinstance(t, torch.Tensor)]
+        gc.collect(0)  # gc is off during the step: every cycle made in it is still in the youngest generation
         tracker.reset_peak()
 
         saved: dict[int, int] = {}  # tracker serial -> bytes: serials are never reused, addresses can be
@@ -288,11 +304,13 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
             raise ValueError(f"lowmem_ops.memory.plan: loss_fn must return a scalar tensor that requires grad, got "
                              f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        gc.collect(0)  # gc is off during the step: every cycle made in it is still in the youngest generation
         phase[0] = "backward"
         loss.backward()
         del outputs, loss
         grads = _storages_bytes(p.grad for p in trainable)
         grad_serials = {tracker.track(p.grad) for p in trainable if p.grad is not None}
+        gc.collect(0)  # gc is off during the step: every cycle made in it is still in the youngest generation
         phase[0] = "optimizer"
         if opt is not None:
             opt.step()
@@ -311,4 +329,132 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
     peak_phase, peak_module = tracker.peak_where
     return Plan(weights=_storages_bytes(state), trainable=_storages_bytes(trainable), grads=grads,
                 optimizer_states=_storages_bytes(states), saved=sum(saved.values()), activations=activations,
-                peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=at_peak, label=label)
+                peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=at_peak,
+                phase_peaks=dict(tracker.phase_peaks), label=label)
+
+
+VARIANTS = ("baseline", "converted", "checkpointed", "converted+checkpointed")
+
+
+def variant(model: torch.nn.Module, name: str, example_inputs=None) -> tuple[torch.nn.Module, list[str]]:
+    """A copy of model as `name` (one of VARIANTS), with notes on how it was made. The model's tensors
+    are real (convert verifies on example_inputs) or on meta (convert has no values to run on: it is
+    given no example inputs, so it recognises by class only, folds nothing (inverse-mode norms, which
+    save the same bytes) and uses the 2-bit ops)."""
+    if name not in VARIANTS:
+        raise ValueError(f"lowmem_ops.memory: variant must be one of {', '.join(VARIANTS)}, got {name!r}")
+    tensors = _tensors_in(model)
+    if any(isinstance(t, FakeTensor) for t in tensors):
+        raise ValueError("lowmem_ops.memory: variants are made from a model with real or meta tensors, not fake ones")
+    model, notes = copy.deepcopy(model), []
+    if "converted" in name:
+        import warnings
+
+        from .conversion import convert
+
+        on_meta = any(t.device.type == "meta" for t in tensors)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if on_meta or example_inputs is None:
+                report = convert(model, None, measure_memory=False, check_gradients=False)
+                notes.append("converted without example inputs (meta tensors): by class, no folds, 2-bit activations")
+            else:
+                report = convert(model, example_inputs)
+        notes.append(f"convert: {len(report.applied)} changes applied")
+    if "checkpointed" in name:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not hasattr(base, "gradient_checkpointing_enable"):
+            raise ValueError(f"lowmem_ops.memory: {type(base).__name__} has no gradient_checkpointing_enable (a "
+                             "Hugging Face model has); checkpoint its blocks yourself and plan that model")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        notes.append("checkpointed: each decoder/encoder layer (Hugging Face gradient_checkpointing_enable, non-reentrant)")
+    return model, notes
+
+
+@dataclass
+class Comparison:
+    plans: dict[str, Plan]
+
+    def table(self, title: str = "one training step"):
+        from rich.table import Table
+
+        table = Table(title=title)
+        for column in ("variant", "weights", "grads", "optimizer", "saved", "activations", "peak", "vs baseline",
+                       "peak at"):
+            table.add_column(column, justify="left" if column in ("variant", "peak at") else "right")
+        base = self.plans.get("baseline")
+        for name, p in self.plans.items():
+            change = f"{100 * (p.peak / base.peak - 1):+.1f} %" if base is not None else "-"
+            table.add_row(name, gib(p.weights), gib(p.grads), gib(p.optimizer_states), gib(p.saved),
+                          gib(p.activations), gib(p.peak), change, f"{p.peak_phase}, {p.peak_module or '(top)'}")
+        return table
+
+    def __str__(self) -> str:
+        notes = [f"{name}: {n}" for name, p in self.plans.items() for n in p.notes]
+        return _render(self.table()) + "".join(f"note: {n}\n" for n in notes)
+
+
+def compare(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None, optimizer="adamw", *,
+            variants=VARIANTS, **plan_kwargs) -> Comparison:
+    """plan() for each variant of model (variant(): baseline, lo.convert, activation checkpointing, both)."""
+    plans = {}
+    for name in variants:
+        made, notes = variant(model, name, example_inputs)
+        plans[name] = plan(made, example_inputs, loss_fn, optimizer, label=name, **plan_kwargs)
+        plans[name].notes.extend(notes)
+    return Comparison(plans)
+
+
+def max_batch(model: torch.nn.Module, make_inputs: Callable[[int], object], gpu_bytes: int, loss_fn=None,
+              optimizer="adamw", *, start: int = 1, **plan_kwargs) -> int:
+    """The largest batch whose planned peak fits in gpu_bytes (0 if not even `start`). make_inputs(batch)
+    gives the inputs of a batch. Each phase's peak grows with the batch along a line (for a fixed
+    sequence length) once the activations dominate, but not exactly at small batches (where in the
+    step the peak falls moves), so the answer is solved for on the line through two plans, planned,
+    and solved again on the line through the nearest plans until the batch fits and the next does not
+    (a few plans); bisection between the known fit and misfit if that does not settle."""
+    plans: dict[int, Plan] = {}
+
+    def fits(batch: int) -> bool:
+        if batch not in plans:
+            plans[batch] = plan(model, make_inputs(batch), loss_fn, optimizer, **plan_kwargs)
+        return plans[batch].peak <= gpu_bytes
+
+    if not fits(start):
+        return 0
+    a, b = start, 2 * start
+    for _ in range(6):
+        fits(a), fits(b)
+        guess = max(start, _solve(plans[a], plans[b], a, b, gpu_bytes))
+        if fits(guess):
+            if not fits(guess + 1):
+                return guess
+            a, b = guess, guess + 1
+        else:
+            a, b = max(n for n in plans if fits(n)), guess
+    good = max(n for n in plans if fits(n))
+    bad = min((n for n in plans if not fits(n)), default=None)
+    if bad is None:
+        raise ValueError("lowmem_ops.memory.max_batch: the peak does not reach gpu_bytes; check make_inputs")
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def _solve(p: Plan, q: Plan, a: int, b: int, gpu_bytes: int) -> int:
+    """The largest batch under gpu_bytes on each phase's line through (a, p) and (b, q); the smallest of them."""
+    best = None
+    for phase, low in p.phase_peaks.items():
+        slope = (q.phase_peaks.get(phase, low) - low) / (b - a)
+        if slope > 0:
+            n = a + int((gpu_bytes - low) // slope)
+            best = n if best is None else min(best, n)
+    if best is None:
+        raise ValueError("lowmem_ops.memory.max_batch: the peak does not grow with the batch; check make_inputs")
+    return best
