@@ -201,4 +201,14 @@ def _cast_source(t: torch.Tensor) -> int | None:
     return None
 
 
-from .plan import Comparison, Plan, compare, max_batch, plan, variant  # noqa: E402 (plan uses this module)
+_PLANNING = ("Comparison", "Plan", "compare", "max_batch", "plan", "variant")
+
+
+def __getattr__(name: str):
+    """lo.memory.plan and the rest of lowmem_ops.plan, imported on first use (python -m lowmem_ops.plan
+    runs that module as a script: importing lowmem_ops must not have imported it already)."""
+    if name in _PLANNING:
+        from . import plan as planning
+
+        return getattr(planning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

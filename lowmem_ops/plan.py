@@ -16,8 +16,8 @@ a step on zero gradients first, as after step one), then forward and loss, backw
 dropped after it, as Hugging Face's Trainer does), the optimizer step, zero_grad(set_to_none=True).
 A TorchDispatchMode sees every op's outputs; each new storage (told apart by identity, not data_ptr)
 counts from then until torch frees it (a weakref finalizer on the storage object). The peak is the
-most bytes live at once after any op, with the phase and the innermost module running then
-(torch.utils.module_tracker; in backward, the module whose backward is running).
+most bytes live at once after any op, with the phase and the innermost module running then (in
+backward: the module whose forward made the autograd node running).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.module_tracker import ModuleTracker
+from torch.overrides import TorchFunctionMode
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "none")
 CATEGORIES = ("weights", "grads", "optimizer_states", "inputs", "activations")
@@ -135,12 +135,51 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _innermost(tracker: ModuleTracker) -> str:
-    names = [n for n in tracker.parents if n != "Global"]
-    if not names:
-        return ""
-    name = max(names, key=lambda n: n.count("."))
-    return name.partition(".")[2]  # the tracker names the root by its class
+class WhereAmI(TorchFunctionMode):
+    """The innermost module of `model` running: a stack kept by module hooks in forward (and in
+    checkpointing's recompute); in backward, the module whose forward made the autograd node now
+    running (its sequence number is recorded when a function's output gets it; nothing is held, so the
+    graph is freed as usual; torch's ModuleTracker keeps a checkpointed model's recomputed graph alive)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.made_by: dict[int, str] = {}
+        self.last = ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.stack:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    self.made_by.setdefault(t.grad_fn._sequence_nr(), self.stack[-1])
+        return out
+
+    def module(self) -> str:
+        if self.stack:
+            return self.stack[-1]
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return ""
+        self.last = self.made_by.get(node._sequence_nr(), self.last)
+        return self.last
+
+    def __enter__(self):
+        def enter(module, args):
+            self.stack.append(self.names.get(id(module), self.stack[-1] if self.stack else ""))
+
+        def leave(module, args, output):
+            self.stack.pop()
+
+        self.handles = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+                        torch.nn.modules.module.register_module_forward_hook(leave)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
 
 
 def fake_copy(obj, mode: FakeTensorMode):
@@ -251,8 +290,8 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
     collecting = gc.isenabled()
     gc.disable()  # its timing would move the numbers run to run: cycles are collected between phases instead
     try:
-        with ModuleTracker() as modules, context:
-            tracker = LiveBytes(phase, lambda: _innermost(modules))
+        with WhereAmI(model) as where, context:
+            tracker = LiveBytes(phase, where.module)
             return _step(model, example_inputs, loss_fn or default_loss, optimizer, foreach, tracker, phase, label,
                          _call)
     finally:
@@ -410,16 +449,22 @@ def compare(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = N
     return Comparison(plans)
 
 
-def max_batch(model: torch.nn.Module, make_inputs: Callable[[int], object], gpu_bytes: int, loss_fn=None,
-              optimizer="adamw", *, start: int = 1, **plan_kwargs) -> int:
+def max_batch(model: torch.nn.Module, make_inputs: Callable[[int], object], gpu_bytes, loss_fn=None,
+              optimizer="adamw", *, start: int = 1, **plan_kwargs):
     """The largest batch whose planned peak fits in gpu_bytes (0 if not even `start`). make_inputs(batch)
     gives the inputs of a batch. Each phase's peak grows with the batch along a line (for a fixed
     sequence length) once the activations dominate, but not exactly at small batches (where in the
     step the peak falls moves), so the answer is solved for on the line through two plans, planned,
     and solved again on the line through the nearest plans until the batch fits and the next does not
-    (a few plans); bisection between the known fit and misfit if that does not settle."""
+    (a few plans); bisection between the known fit and misfit if that does not settle. gpu_bytes may be
+    a list of sizes: a list of batches comes back, the plans shared between them."""
     plans: dict[int, Plan] = {}
+    if isinstance(gpu_bytes, (list, tuple)):
+        return [_max_batch(model, make_inputs, g, loss_fn, optimizer, start, plans, plan_kwargs) for g in gpu_bytes]
+    return _max_batch(model, make_inputs, gpu_bytes, loss_fn, optimizer, start, plans, plan_kwargs)
 
+
+def _max_batch(model, make_inputs, gpu_bytes: int, loss_fn, optimizer, start: int, plans: dict, plan_kwargs) -> int:
     def fits(batch: int) -> bool:
         if batch not in plans:
             plans[batch] = plan(model, make_inputs(batch), loss_fn, optimizer, **plan_kwargs)
@@ -458,3 +503,158 @@ def _solve(p: Plan, q: Plan, a: int, b: int, gpu_bytes: int) -> int:
     if best is None:
         raise ValueError("lowmem_ops.memory.max_batch: the peak does not grow with the batch; check make_inputs")
     return best
+
+
+# ---- command line: python -m lowmem_ops.plan CONFIG --batch 4 --seq 640 --lora 64 --dtype bf16 --gpu 24GiB
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TASKS = {"causal-lm": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification",
+         "sequence-classification": "AutoModelForSequenceClassification"}
+# the paper's settings where published (LLaMA: LoRA r=64 on all linears, bf16, batch 4, 512+128 tokens);
+# the rest are common fine-tuning settings, stated in docs/plan.md
+PAPER = [("llama-2-7b", dict(batch=4, seq=640, lora=64)), ("llama-2-13b", dict(batch=4, seq=640, lora=64)),
+         ("mistral-7b", dict(batch=4, seq=640, lora=64)), ("vit-b/16", dict(batch=64, seq=0, lora=8)),
+         ("roberta-base", dict(batch=32, seq=128, lora=0)), ("gpt2", dict(batch=8, seq=1024, lora=0))]
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "tb": 10**12}
+    number = text.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text.strip().lower()[len(number):]
+    if unit not in units or not number:
+        raise ValueError(f"not a size: {text!r} (say 24GiB, 40GB, 80e9)")
+    return int(float(number) * units[unit])
+
+
+def load_config(name_or_path: str):
+    """(transformers config, task) for a name in lowmem_ops._known_configs or a config.json path."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    from ._known_configs import KNOWN
+
+    key = name_or_path.lower()
+    if key in KNOWN:
+        cls, task, kwargs = KNOWN[key]
+        return getattr(transformers, cls)(**kwargs), task
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise SystemExit(f"lowmem_ops.plan: {name_or_path!r} is neither a config.json nor one of: {', '.join(KNOWN)}")
+    cfg = transformers.AutoConfig.for_model(**json.loads(path.read_text()))
+    archs = " ".join(getattr(cfg, "architectures", None) or [])
+    task = ("image-classification" if "ImageClassification" in archs else
+            "sequence-classification" if "SequenceClassification" in archs else "causal-lm")
+    return cfg, task
+
+
+def build(cfg, task: str, dtype: torch.dtype, lora: int):
+    """The model on the meta device (nothing allocated), in dtype, with PEFT LoRA adapters of rank
+    `lora` on every linear layer but the head (0: full fine-tuning)."""
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, TASKS[task]).from_config(cfg).to(dtype)
+    if lora:
+        import peft
+
+        heads = ("lm_head", "classifier", "score", "pooler.dense")
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and not n.endswith(heads)})
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=targets))
+    return model
+
+
+def make_inputs(cfg, task: str, dtype: torch.dtype, seq: int) -> Callable[[int], dict]:
+    def inputs(batch: int) -> dict:
+        if task == "image-classification":
+            size = cfg.image_size
+            return {"pixel_values": torch.empty(batch, cfg.num_channels, size, size, dtype=dtype, device="meta"),
+                    "labels": torch.zeros(batch, dtype=torch.long, device="meta")}
+        ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+        if task == "sequence-classification":
+            return {"input_ids": ids, "labels": torch.zeros(batch, dtype=torch.long, device="meta")}
+        return {"input_ids": ids, "labels": ids}
+
+    return inputs
+
+
+def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[int], optimizer: str,
+        variants=VARIANTS) -> tuple[Comparison, dict[str, dict[int, int]]]:
+    cfg, task = load_config(config)
+    model = build(cfg, task, DTYPES[dtype], lora)
+    inputs = make_inputs(cfg, task, DTYPES[dtype], seq)
+    plans, fits = {}, {}
+    for name in variants:
+        made, notes = variant(model, name)
+        plans[name] = plan(made, inputs(batch), optimizer=optimizer, label=name)
+        plans[name].notes.extend(notes)
+        fits[name] = dict(zip(gpus, max_batch(made, inputs, gpus, optimizer=optimizer)))
+    return Comparison(plans), fits
+
+
+def markdown_rows(config: str, settings: str, comparison: Comparison, fits: dict) -> list[str]:
+    base = comparison.plans["baseline"].peak
+    rows = []
+    for name, p in comparison.plans.items():
+        change = "" if name == "baseline" else f"{100 * (1 - p.peak / base):.1f} %"
+        batches = " / ".join(str(b) for b in fits[name].values())
+        rows.append(f"| {config} | {settings} | {name} | {p.peak / 2**30:.2f} | {change} | "
+                    f"{p.saved / 2**30:.2f} | {p.peak_phase} | {batches} |")
+    return rows
+
+
+def main(argv=None) -> None:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m lowmem_ops.plan", description=(
+        "Plan one training step's peak memory on fake tensors: baseline, lowmem_ops.convert, activation "
+        "checkpointing, both; and the largest batch that fits each GPU size."))
+    parser.add_argument("config", nargs="?", help="a Hugging Face config.json, or a known name (--list)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (ignored for images)")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear but the head; 0: full")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--optimizer", choices=[o for o in OPTIMIZERS if o != "none"], default="adamw")
+    parser.add_argument("--gpu", nargs="*", default=[], help="GPU sizes for the largest batch, e.g. 24GiB 80GiB")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--paper", action="store_true", help="the table of docs/plan.md (markdown)")
+    parser.add_argument("--list", action="store_true", help="the known config names")
+    args = parser.parse_args(argv)
+    from ._known_configs import KNOWN
+
+    if args.list:
+        print("\n".join(KNOWN))
+        return
+    try:
+        gpus = [parse_bytes(g) for g in args.gpu]
+    except ValueError as e:
+        parser.error(str(e))
+    if args.paper:
+        gpus = gpus or [24 * 2**30, 40 * 2**30, 80 * 2**30]
+        print("| model | setting | variant | peak GiB | reduction | saved GiB | peak in | largest batch "
+              f"({' / '.join(gib(g) for g in gpus)}) |")
+        print("|---|---|---|---:|---:|---:|---|---|")
+        for name, s in PAPER:
+            start = time.perf_counter()
+            c, fits = run(name, **s, dtype=args.dtype, gpus=gpus, optimizer=args.optimizer, variants=args.variants)
+            setting = (f"{'LoRA r=' + str(s['lora']) if s['lora'] else 'full'}, {args.dtype}, batch {s['batch']}"
+                       + (f", {s['seq']} tokens" if s["seq"] else ""))
+            print("\n".join(markdown_rows(name, setting, c, fits)), flush=True)
+            print(f"{name}: {time.perf_counter() - start:.0f} s", file=__import__("sys").stderr)
+        return
+    if not args.config:
+        parser.error("give a config (a config.json or a known name), --list or --paper")
+    c, fits = run(args.config, batch=args.batch, seq=args.seq, lora=args.lora, dtype=args.dtype, gpus=gpus,
+                  optimizer=args.optimizer, variants=args.variants)
+    print(c, end="")
+    for name, by_gpu in fits.items():
+        for gpu, b in by_gpu.items():
+            print(f"{name}: largest batch on {gib(gpu)}: {b}")
+
+
+if __name__ == "__main__":
+    main()

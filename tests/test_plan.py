@@ -153,6 +153,26 @@ def test_max_batch_fits_and_one_more_does_not():
     assert len(calls) <= 8  # solved for, not searched
     assert lo.memory.plan(model, make(best)).peak <= budget < lo.memory.plan(model, make(best + 1)).peak
     assert lo.memory.max_batch(model, make, 1000) == 0  # not even the weights fit
+    assert lo.memory.max_batch(model, make, [1000, budget]) == [0, best]
+
+
+def test_checkpointing_lowers_the_peak():
+    """A checkpointed model's recompute frees what it recomputes (module tracking holds nothing: torch's
+    ModuleTracker kept the recomputed graphs alive, and the checkpointed peak was above the baseline's)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=172, vocab_size=128)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 128, (2, 256))
+    inputs = {"input_ids": ids, "labels": ids}
+    base = lo.memory.plan(model, inputs, optimizer=None)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = lo.memory.plan(model, inputs, optimizer=None)
+    # activations: 4 layers' worth against one layer's inputs per layer; the peak: a recomputed layer
+    assert ckpt.activations < base.activations / 4
+    assert ckpt.peak < base.peak / 2
+    assert ckpt.peak_phase == "backward" and ckpt.peak_module.startswith("model.layers.")
 
 
 def test_a_7b_sized_layer_allocates_nothing():
