@@ -59,6 +59,8 @@ class Plan:
     peak_module: str
     at_peak: dict[str, int]
     phase_peaks: dict[str, int] = field(default_factory=dict)  # the most bytes live in each phase
+    phase_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)  # at_peak of each phase's peak
+    phase_modules: dict[str, str] = field(default_factory=dict)  # the module at each phase's peak
     label: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -108,6 +110,8 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
         self.phase_peaks: dict[str, int] = {}
+        self.phase_where: dict[str, str] = {}  # the module at each phase's peak
+        self.phase_live: dict[str, dict] = {}  # the storages alive at each phase's peak
 
     def track(self, t: torch.Tensor) -> int:
         """Count t's storage from now on (once); its serial."""
@@ -128,8 +132,10 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
-        if self.total > self.phase_peaks.get(self.phase[0], 0):
-            self.phase_peaks[self.phase[0]] = self.total
+        phase = self.phase[0]
+        if self.total > self.phase_peaks.get(phase, 0):
+            self.phase_peaks[phase], self.phase_where[phase] = self.total, self.module()
+            self.phase_live[phase] = dict(self.live)
             if self.total > self.peak:
                 self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
         return out
@@ -360,16 +366,21 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
     weights = {tracker.track(t) for t in state}
     state_serials = {tracker.track(t) for t in states}
     input_serials = {tracker.track(t) for t in _tensors_in(inputs)}
-    at_peak = dict.fromkeys(CATEGORIES, 0)
-    for serial, nbytes in tracker.peak_live.values():
-        category = ("weights" if serial in weights else "optimizer_states" if serial in state_serials else
-                    "inputs" if serial in input_serials else "grads" if serial in grad_serials else "activations")
-        at_peak[category] += nbytes
+    def by_category(live: dict) -> dict[str, int]:
+        out = dict.fromkeys(CATEGORIES, 0)
+        for serial, nbytes in live.values():
+            out["weights" if serial in weights else "optimizer_states" if serial in state_serials else
+                "inputs" if serial in input_serials else "grads" if serial in grad_serials else "activations"] += nbytes
+        return out
+
+    at_peak = by_category(tracker.peak_live)
     peak_phase, peak_module = tracker.peak_where
     return Plan(weights=_storages_bytes(state), trainable=_storages_bytes(trainable), grads=grads,
                 optimizer_states=_storages_bytes(states), saved=sum(saved.values()), activations=activations,
                 peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=at_peak,
-                phase_peaks=dict(tracker.phase_peaks), label=label)
+                phase_peaks=dict(tracker.phase_peaks), label=label,
+                phase_at_peak={k: by_category(v) for k, v in tracker.phase_live.items()},
+                phase_modules=dict(tracker.phase_where))
 
 
 VARIANTS = ("baseline", "converted", "checkpointed", "converted+checkpointed")
@@ -458,16 +469,22 @@ def max_batch(model: torch.nn.Module, make_inputs: Callable[[int], object], gpu_
     and solved again on the line through the nearest plans until the batch fits and the next does not
     (a few plans); bisection between the known fit and misfit if that does not settle. gpu_bytes may be
     a list of sizes: a list of batches comes back, the plans shared between them."""
+    return largest_batch(lambda batch: plan(model, make_inputs(batch), loss_fn, optimizer, **plan_kwargs),
+                         gpu_bytes, start)
+
+
+def largest_batch(planner: Callable[[int], Plan], gpu_bytes, start: int = 1):
+    """max_batch for any planner(batch) -> Plan; gpu_bytes an int or a list (plans shared)."""
     plans: dict[int, Plan] = {}
     if isinstance(gpu_bytes, (list, tuple)):
-        return [_max_batch(model, make_inputs, g, loss_fn, optimizer, start, plans, plan_kwargs) for g in gpu_bytes]
-    return _max_batch(model, make_inputs, gpu_bytes, loss_fn, optimizer, start, plans, plan_kwargs)
+        return [_largest_batch(planner, g, start, plans) for g in gpu_bytes]
+    return _largest_batch(planner, gpu_bytes, start, plans)
 
 
-def _max_batch(model, make_inputs, gpu_bytes: int, loss_fn, optimizer, start: int, plans: dict, plan_kwargs) -> int:
+def _largest_batch(planner, gpu_bytes: int, start: int, plans: dict) -> int:
     def fits(batch: int) -> bool:
         if batch not in plans:
-            plans[batch] = plan(model, make_inputs(batch), loss_fn, optimizer, **plan_kwargs)
+            plans[batch] = planner(batch)
         return plans[batch].peak <= gpu_bytes
 
     if not fits(start):
@@ -581,17 +598,58 @@ def make_inputs(cfg, task: str, dtype: torch.dtype, seq: int) -> Callable[[int],
     return inputs
 
 
+BYTES = ("weights", "trainable", "grads", "optimizer_states", "saved", "activations", "peak")
+
+
+def extrapolate(p: Plan, q: Plan, depth_p: int, depth_q: int, depth: int) -> Plan:
+    """The plan of a model `depth` layers deep from plans of the same model depth_p and depth_q layers
+    deep (identical layers): every byte count, each phase's peak and the bytes at the peak on the line
+    through the two; the peak is the highest phase's. A module in q's last layer is named in the deep
+    model's last layer."""
+    def line(a: int, b: int) -> int:
+        return b + (b - a) * (depth - depth_q) // (depth_q - depth_p)
+
+    def deeper(module: str) -> str:
+        for layers in ("layers", "layer", "h"):  # LLaMA / Mistral, ViT / RoBERTa, GPT-2
+            module = module.replace(f"{layers}.{depth_q - 1}.", f"{layers}.{depth - 1}.")
+        return module
+
+    phase_peaks = {k: line(p.phase_peaks.get(k, 0), v) for k, v in q.phase_peaks.items()}
+    phase = max(phase_peaks, key=phase_peaks.get)  # each phase's peak is on a line; the highest may change
+    phase_at_peak = {k: {c: line(p.phase_at_peak.get(k, {}).get(c, 0), n) for c, n in v.items()}
+                     for k, v in q.phase_at_peak.items()}
+    fields = {name: line(getattr(p, name), getattr(q, name)) for name in BYTES if name != "peak"}
+    return Plan(**fields, peak=phase_peaks[phase], peak_phase=phase, peak_module=deeper(q.phase_modules[phase]),
+                at_peak=phase_at_peak[phase], phase_peaks=phase_peaks, phase_at_peak=phase_at_peak,
+                phase_modules={k: deeper(v) for k, v in q.phase_modules.items()}, label=q.label, notes=list(q.notes))
+
+
 def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[int], optimizer: str,
-        variants=VARIANTS) -> tuple[Comparison, dict[str, dict[int, int]]]:
+        variants=VARIANTS, exact: bool = False) -> tuple[Comparison, dict[str, dict[int, int]]]:
+    """The comparison and the largest batches for a config. Unless exact, each variant is planned at
+    2 and 3 layers and extrapolated to the config's depth (extrapolate(): the layers are identical;
+    the tests check it against planning every layer), so a 13B plan takes seconds."""
     cfg, task = load_config(config)
-    model = build(cfg, task, DTYPES[dtype], lora)
+    depth = cfg.num_hidden_layers
+    depths = [depth] if exact or depth <= 3 else [2, 3]
+    models = {}
+    for d in depths:
+        shallow = copy.deepcopy(cfg)
+        shallow.num_hidden_layers = d
+        models[d] = build(shallow, task, DTYPES[dtype], lora)
     inputs = make_inputs(cfg, task, DTYPES[dtype], seq)
     plans, fits = {}, {}
     for name in variants:
-        made, notes = variant(model, name)
-        plans[name] = plan(made, inputs(batch), optimizer=optimizer, label=name)
+        made = {d: variant(m, name) for d, m in models.items()}
+        notes = made[depths[-1]][1] + ([] if len(depths) == 1 else [f"planned at 2 and 3 layers, extrapolated to {depth}"])
+
+        def planner(b: int, made=made) -> Plan:
+            ps = [plan(made[d][0], inputs(b), optimizer=optimizer, label=name) for d in depths]
+            return ps[0] if len(ps) == 1 else extrapolate(ps[0], ps[1], 2, 3, depth)
+
+        plans[name] = planner(batch)
         plans[name].notes.extend(notes)
-        fits[name] = dict(zip(gpus, max_batch(made, inputs, gpus, optimizer=optimizer)))
+        fits[name] = dict(zip(gpus, largest_batch(planner, gpus)))
     return Comparison(plans), fits
 
 
@@ -621,6 +679,7 @@ def main(argv=None) -> None:
     parser.add_argument("--optimizer", choices=[o for o in OPTIMIZERS if o != "none"], default="adamw")
     parser.add_argument("--gpu", nargs="*", default=[], help="GPU sizes for the largest batch, e.g. 24GiB 80GiB")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--exact", action="store_true", help="plan every layer (default: 2 and 3, extrapolated)")
     parser.add_argument("--paper", action="store_true", help="the table of docs/plan.md (markdown)")
     parser.add_argument("--list", action="store_true", help="the known config names")
     args = parser.parse_args(argv)
@@ -640,7 +699,8 @@ def main(argv=None) -> None:
         print("|---|---|---|---:|---:|---:|---|---|")
         for name, s in PAPER:
             start = time.perf_counter()
-            c, fits = run(name, **s, dtype=args.dtype, gpus=gpus, optimizer=args.optimizer, variants=args.variants)
+            c, fits = run(name, **s, dtype=args.dtype, gpus=gpus, optimizer=args.optimizer, variants=args.variants,
+                      exact=args.exact)
             setting = (f"{'LoRA r=' + str(s['lora']) if s['lora'] else 'full'}, {args.dtype}, batch {s['batch']}"
                        + (f", {s['seq']} tokens" if s["seq"] else ""))
             print("\n".join(markdown_rows(name, setting, c, fits)), flush=True)
@@ -649,7 +709,7 @@ def main(argv=None) -> None:
     if not args.config:
         parser.error("give a config (a config.json or a known name), --list or --paper")
     c, fits = run(args.config, batch=args.batch, seq=args.seq, lora=args.lora, dtype=args.dtype, gpus=gpus,
-                  optimizer=args.optimizer, variants=args.variants)
+                  optimizer=args.optimizer, variants=args.variants, exact=args.exact)
     print(c, end="")
     for name, by_gpu in fits.items():
         for gpu, b in by_gpu.items():
