@@ -10,6 +10,9 @@ exist anyway). Each storage is attributed to the innermost module running when i
 a storage that a second module saves too is flagged as shared. A saved tensor made by a dtype cast
 (`.to(dtype)`) is flagged as a cast copy, with how many copies were cast from the same source:
 PEFT's default fp32 LoRA adapters make one per adapter.
+
+Works on real, meta and fake tensors alike. lo.memory.plan / compare / max_batch (lowmem_ops.plan)
+plan a whole training step's peak on fake tensors (docs/plan.md).
 """
 
 from __future__ import annotations
