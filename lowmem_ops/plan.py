@@ -22,6 +22,7 @@ backward: the module whose forward made the autograd node running).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import io
@@ -291,7 +292,7 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
             raise ValueError("lowmem_ops.memory.plan: fake=False needs a model with real tensors")
         model = copy.deepcopy(model)
     model.train()
-    context = mode if fake else _nothing()
+    context = mode if fake else contextlib.nullcontext()
     phase = ["setup"]
     collecting = gc.isenabled()
     gc.disable()  # its timing would move the numbers run to run: cycles are collected between phases instead
@@ -303,14 +304,6 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
     finally:
         if collecting:
             gc.enable()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase: list, label: str, call) -> Plan:
@@ -422,7 +415,7 @@ def variant(model: torch.nn.Module, name: str, example_inputs=None) -> tuple[tor
             warnings.simplefilter("ignore")
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
-        notes.append("checkpointed: each decoder/encoder layer (Hugging Face gradient_checkpointing_enable, non-reentrant)")
+        notes.append("checkpointed: every layer (Hugging Face gradient_checkpointing_enable, non-reentrant)")
     return model, notes
 
 
@@ -641,7 +634,7 @@ def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[
     plans, fits = {}, {}
     for name in variants:
         made = {d: variant(m, name) for d, m in models.items()}
-        notes = made[depths[-1]][1] + ([] if len(depths) == 1 else [f"planned at 2 and 3 layers, extrapolated to {depth}"])
+        notes = made[depths[-1]][1] + ([f"planned at 2 and 3 layers, extrapolated to {depth}"] * (len(depths) > 1))
 
         def planner(b: int, made=made) -> Plan:
             ps = [plan(made[d][0], inputs(b), optimizer=optimizer, label=name) for d in depths]
