@@ -379,11 +379,13 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
 VARIANTS = ("baseline", "converted", "checkpointed", "converted+checkpointed")
 
 
-def variant(model: torch.nn.Module, name: str, example_inputs=None) -> tuple[torch.nn.Module, list[str]]:
+def variant(model: torch.nn.Module, name: str, example_inputs=None,
+            **convert_kwargs) -> tuple[torch.nn.Module, list[str]]:
     """A copy of model as `name` (one of VARIANTS), with notes on how it was made. The model's tensors
     are real (convert verifies on example_inputs) or on meta (convert has no values to run on: it is
     given no example inputs, so it recognises by class only, folds nothing (inverse-mode norms, which
-    save the same bytes) and uses the 2-bit ops)."""
+    save the same bytes) and uses the 2-bit ops). convert_kwargs go to lo.convert (lora_dtype=False
+    keeps PEFT's float32 adapters)."""
     if name not in VARIANTS:
         raise ValueError(f"lowmem_ops.memory: variant must be one of {', '.join(VARIANTS)}, got {name!r}")
     tensors = _tensors_in(model)
@@ -399,11 +401,12 @@ def variant(model: torch.nn.Module, name: str, example_inputs=None) -> tuple[tor
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if on_meta or example_inputs is None:
-                report = convert(model, None, measure_memory=False, check_gradients=False)
+                report = convert(model, None, **{"measure_memory": False, "check_gradients": False, **convert_kwargs})
                 notes.append("converted without example inputs (meta tensors): by class, no folds, 2-bit activations")
             else:
-                report = convert(model, example_inputs)
-        notes.append(f"convert: {len(report.applied)} changes applied")
+                report = convert(model, example_inputs, **convert_kwargs)
+        notes.append(f"convert: {len(report.applied)} changes applied"
+                     + "".join(f", {k}={v!r}" for k, v in convert_kwargs.items()))
     if "checkpointed" in name:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not hasattr(base, "gradient_checkpointing_enable"):
@@ -443,11 +446,11 @@ class Comparison:
 
 
 def compare(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None, optimizer="adamw", *,
-            variants=VARIANTS, **plan_kwargs) -> Comparison:
+            variants=VARIANTS, convert_kwargs: dict | None = None, **plan_kwargs) -> Comparison:
     """plan() for each variant of model (variant(): baseline, lo.convert, activation checkpointing, both)."""
     plans = {}
     for name in variants:
-        made, notes = variant(model, name, example_inputs)
+        made, notes = variant(model, name, example_inputs, **(convert_kwargs or {}))
         plans[name] = plan(made, example_inputs, loss_fn, optimizer, label=name, **plan_kwargs)
         plans[name].notes.extend(notes)
     return Comparison(plans)
@@ -618,7 +621,8 @@ def extrapolate(p: Plan, q: Plan, depth_p: int, depth_q: int, depth: int) -> Pla
 
 
 def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[int], optimizer: str,
-        variants=VARIANTS, exact: bool = False) -> tuple[Comparison, dict[str, dict[int, int]]]:
+        variants=VARIANTS, exact: bool = False, convert_kwargs: dict | None = None,
+        ) -> tuple[Comparison, dict[str, dict[int, int]]]:
     """The comparison and the largest batches for a config. Unless exact, each variant is planned at
     2 and 3 layers and extrapolated to the config's depth (extrapolate(): the layers are identical;
     the tests check it against planning every layer), so a 13B plan takes seconds."""
@@ -633,7 +637,7 @@ def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[
     inputs = make_inputs(cfg, task, DTYPES[dtype], seq)
     plans, fits = {}, {}
     for name in variants:
-        made = {d: variant(m, name) for d, m in models.items()}
+        made = {d: variant(m, name, **(convert_kwargs or {})) for d, m in models.items()}
         notes = made[depths[-1]][1] + ([f"planned at 2 and 3 layers, extrapolated to {depth}"] * (len(depths) > 1))
 
         def planner(b: int, made=made) -> Plan:
@@ -672,6 +676,8 @@ def main(argv=None) -> None:
     parser.add_argument("--optimizer", choices=[o for o in OPTIMIZERS if o != "none"], default="adamw")
     parser.add_argument("--gpu", nargs="*", default=[], help="GPU sizes for the largest batch, e.g. 24GiB 80GiB")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--fp32-adapters", action="store_true",
+                        help="convert with lora_dtype=False: PEFT's float32 adapters stay float32")
     parser.add_argument("--exact", action="store_true", help="plan every layer (default: 2 and 3, extrapolated)")
     parser.add_argument("--paper", action="store_true", help="the table of docs/plan.md (markdown)")
     parser.add_argument("--list", action="store_true", help="the known config names")
@@ -685,6 +691,7 @@ def main(argv=None) -> None:
         gpus = [parse_bytes(g) for g in args.gpu]
     except ValueError as e:
         parser.error(str(e))
+    convert_kwargs = {"lora_dtype": False} if args.fp32_adapters else {}
     if args.paper:
         gpus = gpus or [24 * 2**30, 40 * 2**30, 80 * 2**30]
         print("| model | setting | variant | peak GiB | reduction | saved GiB | peak in | largest batch "
@@ -693,7 +700,7 @@ def main(argv=None) -> None:
         for name, s in PAPER:
             start = time.perf_counter()
             c, fits = run(name, **s, dtype=args.dtype, gpus=gpus, optimizer=args.optimizer, variants=args.variants,
-                      exact=args.exact)
+                      exact=args.exact, convert_kwargs=convert_kwargs)
             setting = (f"{'LoRA r=' + str(s['lora']) if s['lora'] else 'full'}, {args.dtype}, batch {s['batch']}"
                        + (f", {s['seq']} tokens" if s["seq"] else ""))
             print("\n".join(markdown_rows(name, setting, c, fits)), flush=True)
@@ -702,7 +709,7 @@ def main(argv=None) -> None:
     if not args.config:
         parser.error("give a config (a config.json or a known name), --list or --paper")
     c, fits = run(args.config, batch=args.batch, seq=args.seq, lora=args.lora, dtype=args.dtype, gpus=gpus,
-                  optimizer=args.optimizer, variants=args.variants, exact=args.exact)
+                  optimizer=args.optimizer, variants=args.variants, exact=args.exact, convert_kwargs=convert_kwargs)
     print(c, end="")
     for name, by_gpu in fits.items():
         for gpu, b in by_gpu.items():
