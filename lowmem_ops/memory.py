@@ -10,6 +10,9 @@ exist anyway). Each storage is attributed to the innermost module running when i
 a storage that a second module saves too is flagged as shared. A saved tensor made by a dtype cast
 (`.to(dtype)`) is flagged as a cast copy, with how many copies were cast from the same source:
 PEFT's default fp32 LoRA adapters make one per adapter.
+
+Works on real, meta and fake tensors alike. lo.memory.plan / compare / max_batch (lowmem_ops.plan)
+plan a whole training step's peak on fake tensors (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -135,14 +138,18 @@ def _mib(n: int) -> str:
 
 
 def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measurement:
-    """Run model(*args, **kwargs) once with grad enabled and record what autograd saves."""
-    excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    """Run model(*args, **kwargs) once with grad enabled and record what autograd saves.
+
+    Works the same on real, meta and fake (FakeTensorMode) tensors: storages are told apart by the
+    storage object itself, never by data_ptr (every meta storage has data_ptr 0)."""
+    excluded = {storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
     stack: list[str] = [""]
     storages: dict[int, SavedStorage] = {}
+    held: list = []  # a key is an address: the storages seen stay alive, so none is reused during the run
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        key = storage.data_ptr()
+        key = storage._cdata
         if key in excluded or storage.nbytes() == 0:
             return t
         here = stack[-1]
@@ -151,6 +158,7 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
             if here != s.module and here not in s.also_saved_by:
                 s.also_saved_by.append(here)
         else:
+            held.append(storage)
             storages[key] = SavedStorage(storage.nbytes(), t.dtype, tuple(t.shape), here, cast_from=_cast_source(t))
         return t
 
@@ -162,6 +170,12 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
         for h in handles:
             h.remove()
     return Measurement(storages, label)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """The identity of t's storage (shared by its views), the same for meta, fake and real tensors while
+    that storage lives; data_ptr is not (0 for every meta storage)."""
+    return t.untyped_storage()._cdata
 
 
 def track_modules(model: torch.nn.Module, stack: list[str]) -> list:
@@ -188,3 +202,16 @@ def _cast_source(t: torch.Tensor) -> int | None:
     if fn is not None and type(fn).__name__ == "ToCopyBackward0" and fn.next_functions and fn.next_functions[0][0] is not None:
         return id(fn.next_functions[0][0])
     return None
+
+
+_PLANNING = ("Comparison", "Plan", "compare", "max_batch", "plan", "variant")
+
+
+def __getattr__(name: str):
+    """lo.memory.plan and the rest of lowmem_ops.plan, imported on first use (python -m lowmem_ops.plan
+    runs that module as a script: importing lowmem_ops must not have imported it already)."""
+    if name in _PLANNING:
+        from . import plan as planning
+
+        return getattr(planning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,720 @@
+"""Plan a training step's memory without the hardware: one step on fake tensors, live bytes tracked.
+
+    p = lo.memory.plan(model, batch, optimizer="adamw")   # model real or on meta; nothing is allocated
+    print(p)                       # weights, grads, optimizer states, saved, peak (phase, module)
+    c = lo.memory.compare(model, batch)                   # baseline / converted / checkpointed / both
+    lo.memory.max_batch(model, lambda b: make_batch(b), 24 * 2**30)
+
+The model is copied onto fake tensors (torch's FakeTensorMode: shapes, dtypes and storages, no data;
+a model on the meta device becomes fake CPU tensors), so a 7B model plans in a few hundred MB of host
+memory. Its tensors run CPU's kernels: the same ops, outputs and storages as a real CPU run, which is
+what the tests check. A GPU run takes other kernels in places (flash attention's workspace, cuBLAS
+workspaces, the caching allocator's rounding and fragmentation, the CUDA context): none of that is here.
+
+One steady-state training step is tracked: the optimizer's state exists from the start (it is made by
+a step on zero gradients first, as after step one), then forward and loss, backward (the outputs are
+dropped after it, as Hugging Face's Trainer does), the optimizer step, zero_grad(set_to_none=True).
+A TorchDispatchMode sees every op's outputs; each new storage (told apart by identity, not data_ptr)
+counts from then until torch frees it (a weakref finalizer on the storage object). The peak is the
+most bytes live at once after any op, with the phase and the innermost module running then (in
+backward: the module whose forward made the autograd node running).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import io
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.overrides import TorchFunctionMode
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "none")
+CATEGORIES = ("weights", "grads", "optimizer_states", "inputs", "activations")
+
+
+@dataclass
+class Plan:
+    """Bytes of one training step. weights: parameters and buffers; grads: the trainable parameters'
+    .grad after backward; optimizer_states: every tensor in the optimizer's state; saved: what autograd
+    saves for backward in the forward (as lo.memory.measure: storages deduplicated, parameters and
+    buffers excluded; a checkpointed region's held inputs are invisible to those hooks); activations:
+    what forward and loss leave alive beyond what was alive before them (checkpointing's held inputs
+    included); peak: the most bytes live at once, at_peak: those bytes by category (activations there
+    means everything else: saved tensors, temporaries, partial gradients)."""
+    weights: int
+    trainable: int
+    grads: int
+    optimizer_states: int
+    saved: int
+    activations: int
+    peak: int
+    peak_phase: str
+    peak_module: str
+    at_peak: dict[str, int]
+    phase_peaks: dict[str, int] = field(default_factory=dict)  # the most bytes live in each phase
+    phase_at_peak: dict[str, dict[str, int]] = field(default_factory=dict)  # at_peak of each phase's peak
+    phase_modules: dict[str, str] = field(default_factory=dict)  # the module at each phase's peak
+    label: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def table(self, title: str | None = None):
+        from rich.table import Table
+
+        table = Table(title=title or f"training step{': ' + self.label if self.label else ''}")
+        table.add_column("bytes")
+        table.add_column("", justify="right")
+        for name in ("weights", "trainable", "grads", "optimizer_states", "saved", "activations", "peak"):
+            table.add_row(name, gib(getattr(self, name)))
+        table.add_row("peak at", f"{self.peak_phase}, {self.peak_module or '(top level)'}")
+        for name, n in self.at_peak.items():
+            table.add_row(f"  at peak: {name}", gib(n))
+        return table
+
+    def __str__(self) -> str:
+        return _render(self.table()) + "".join(f"note: {n}\n" for n in self.notes)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB" if n >= 2**16 else f"{n} B"
+
+
+def _render(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=140, file=io.StringIO())
+    console.print(table)
+    return console.file.getvalue()
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages alive, from the op that made each (or track()) until torch frees it."""
+
+    def __init__(self, phase: list[str], module: Callable[[], str]):
+        super().__init__()
+        self.phase, self.module = phase, module  # phase[0] and module(): where the step is now
+        self.live: dict[int, tuple[int, int]] = {}  # id(storage) -> (serial, nbytes)
+        self.serial = 0
+        self.total = 0
+        self.reset_peak()
+
+    def where(self) -> tuple[str, str]:
+        return self.phase[0], self.module()
+
+    def reset_peak(self) -> None:
+        self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
+        self.phase_peaks: dict[str, int] = {}
+        self.phase_where: dict[str, str] = {}  # the module at each phase's peak
+        self.phase_live: dict[str, dict] = {}  # the storages alive at each phase's peak
+
+    def track(self, t: torch.Tensor) -> int:
+        """Count t's storage from now on (once); its serial."""
+        storage = t.untyped_storage()
+        key = id(storage)  # the storage object stays the same while it lives: its id is unique until then
+        if key not in self.live:
+            self.serial += 1
+            self.live[key] = (self.serial, storage.nbytes())
+            self.total += storage.nbytes()
+            weakref.finalize(storage, self._freed, key)
+        return self.live[key][0]
+
+    def _freed(self, key: int) -> None:
+        self.total -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        phase = self.phase[0]
+        if self.total > self.phase_peaks.get(phase, 0):
+            self.phase_peaks[phase], self.phase_where[phase] = self.total, self.module()
+            self.phase_live[phase] = dict(self.live)
+            if self.total > self.peak:
+                self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
+        return out
+
+
+class WhereAmI(TorchFunctionMode):
+    """The innermost module of `model` running: a stack kept by module hooks in forward (and in
+    checkpointing's recompute); in backward, the module whose forward made the autograd node now
+    running (its sequence number is recorded when a function's output gets it; nothing is held, so the
+    graph is freed as usual; torch's ModuleTracker keeps a checkpointed model's recomputed graph alive)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.made_by: dict[int, str] = {}
+        self.last = ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.stack:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    self.made_by.setdefault(t.grad_fn._sequence_nr(), self.stack[-1])
+        return out
+
+    def module(self) -> str:
+        if self.stack:
+            return self.stack[-1]
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return ""
+        self.last = self.made_by.get(node._sequence_nr(), self.last)
+        return self.last
+
+    def __enter__(self):
+        def enter(module, args):
+            self.stack.append(self.names.get(id(module), self.stack[-1] if self.stack else ""))
+
+        def leave(module, args, output):
+            self.stack.pop()
+
+        self.handles = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+                        torch.nn.modules.module.register_module_forward_hook(leave)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+
+def fake_copy(obj, mode: FakeTensorMode):
+    """A deep copy of obj (a module, or inputs) with every tensor in it a fake tensor of `mode`: no
+    data is copied or allocated. Meta tensors become fake CPU tensors (CPU's kernels, below); the same
+    tensor object twice (tied weights) stays one."""
+    memo: dict[int, object] = {}
+    for t in _tensors_in(obj):
+        if isinstance(t, FakeTensor):
+            if t.fake_mode is not mode:
+                raise ValueError("lowmem_ops.memory.plan: the model's fake tensors belong to another FakeTensorMode; "
+                                 "pass real or meta tensors, or fake ones of one mode")
+            fake = t
+        elif t.device.type == "meta":
+            with mode:
+                fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+        else:
+            fake = mode.from_tensor(t)
+        if isinstance(t, torch.nn.Parameter) and not isinstance(fake, torch.nn.Parameter):
+            with mode:
+                fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
+        elif t.requires_grad and not fake.requires_grad and t.is_leaf:
+            fake.requires_grad_(True)
+        memo[id(t)] = fake
+    return copy.deepcopy(obj, memo)
+
+
+def _tensors_in(obj) -> list[torch.Tensor]:
+    """Every tensor deepcopy would reach in obj: through modules, containers and objects' attributes."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            found[id(o)] = o
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        elif isinstance(o, torch.nn.Module) or (hasattr(o, "__dict__") and not isinstance(o, type)
+                                                 and not callable(o) and type(o).__module__ != "builtins"):
+            stack.extend(vars(o).values())
+    return list(found.values())
+
+
+def _optimizer(spec, params: list, foreach: bool):
+    if callable(spec):
+        return spec(params)
+    if spec not in OPTIMIZERS and spec is not None:
+        raise ValueError(f"lowmem_ops.memory.plan: optimizer must be one of {', '.join(OPTIMIZERS)}, None or a "
+                         f"callable params -> torch.optim.Optimizer, got {spec!r}")
+    if spec in (None, "none") or not params:
+        return None
+    if spec == "sgd":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=foreach)
+    return (torch.optim.AdamW if spec == "adamw" else torch.optim.Adam)(params, lr=1e-4, foreach=foreach)
+
+
+def default_loss(outputs) -> torch.Tensor:
+    """outputs.loss when the model computed one (pass labels to a Hugging Face model), else the sum of
+    the first floating tensor output (a sum saves nothing: pass loss_fn for a real loss)."""
+    loss = getattr(outputs, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    from .conversion import _tensors
+
+    for t in _tensors(outputs):
+        if t.is_floating_point() and t.requires_grad:
+            return t.sum()
+    raise ValueError("lowmem_ops.memory.plan: the model's outputs hold no floating tensor that requires grad; "
+                     "pass loss_fn(outputs) -> scalar")
+
+
+def _storages_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None, optimizer="adamw", *,
+         fake: bool = True, foreach: bool = True, label: str = "") -> Plan:
+    """Plan one training step of `model` on `example_inputs` (a tensor, tuple or dict of kwargs) with
+    loss_fn(outputs) -> scalar (default: default_loss). optimizer: "adamw", "adam", "sgd" (momentum
+    0.9), "none"/None, or a callable params -> optimizer; foreach: torch's multi-tensor optimizer
+    implementation, the default on CUDA (its temporaries are whole lists of parameter-sized tensors).
+    fake=False runs on a real copy (a small model; the check that the fake run is the real one).
+    The model is not changed: it is copied (onto fake tensors unless fake=False)."""
+    from .conversion import _call
+
+    mode = next((t.fake_mode for t in _tensors_in(model) if isinstance(t, FakeTensor)), None) or FakeTensorMode()
+    if fake:
+        model, example_inputs = fake_copy((model, example_inputs), mode)
+    else:
+        if any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in _tensors_in(model)):
+            raise ValueError("lowmem_ops.memory.plan: fake=False needs a model with real tensors")
+        model = copy.deepcopy(model)
+    model.train()
+    context = mode if fake else contextlib.nullcontext()
+    phase = ["setup"]
+    collecting = gc.isenabled()
+    gc.disable()  # its timing would move the numbers run to run: cycles are collected between phases instead
+    try:
+        with WhereAmI(model) as where, context:
+            tracker = LiveBytes(phase, where.module)
+            return _step(model, example_inputs, loss_fn or default_loss, optimizer, foreach, tracker, phase, label,
+                         _call)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase: list, label: str, call) -> Plan:
+    params = list(dict.fromkeys(model.parameters()))
+    trainable = [p for p in params if p.requires_grad]
+    state = list(model.parameters()) + list(model.buffers())
+    with tracker:
+        for t in state + [t for t in _tensors_in(inputs)]:
+            tracker.track(t)
+        opt = _optimizer(optimizer, trainable, foreach)
+        if opt is not None:  # steady state: the state a first step makes
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        states = [t for s in (opt.state.values() if opt is not None else ()) for t in s.values()
+                  if isinstance(t, torch.Tensor)]
+        gc.collect(0)  # gc is off during the step: every cycle made in it is still in the youngest generation
+        tracker.reset_peak()
+
+        saved: dict[int, int] = {}  # tracker serial -> bytes: serials are never reused, addresses can be
+        excluded = {tracker.track(t) for t in state}
+
+        def pack(t):
+            serial = tracker.track(t)
+            if serial not in excluded:
+                saved[serial] = t.untyped_storage().nbytes()
+            return t
+
+        phase[0] = "forward"
+        before = tracker.total
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs = call(model, inputs)
+            loss = loss_fn(outputs)
+        activations = tracker.total - before
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+            raise ValueError(f"lowmem_ops.memory.plan: loss_fn must return a scalar tensor that requires grad, got "
+                             f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        gc.collect(0)  # gc is off during the step: every cycle made in it is still in the youngest generation
+        phase[0] = "backward"
+        loss.backward()
+        del outputs, loss
+        grads = _storages_bytes(p.grad for p in trainable)
+        grad_serials = {tracker.track(p.grad) for p in trainable if p.grad is not None}
+        gc.collect(0)  # gc is off during the step: every cycle made in it is still in the youngest generation
+        phase[0] = "optimizer"
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            for p in trainable:
+                p.grad = None
+    weights = {tracker.track(t) for t in state}
+    state_serials = {tracker.track(t) for t in states}
+    input_serials = {tracker.track(t) for t in _tensors_in(inputs)}
+    def by_category(live: dict) -> dict[str, int]:
+        out = dict.fromkeys(CATEGORIES, 0)
+        for serial, nbytes in live.values():
+            out["weights" if serial in weights else "optimizer_states" if serial in state_serials else
+                "inputs" if serial in input_serials else "grads" if serial in grad_serials else "activations"] += nbytes
+        return out
+
+    at_peak = by_category(tracker.peak_live)
+    peak_phase, peak_module = tracker.peak_where
+    return Plan(weights=_storages_bytes(state), trainable=_storages_bytes(trainable), grads=grads,
+                optimizer_states=_storages_bytes(states), saved=sum(saved.values()), activations=activations,
+                peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=at_peak,
+                phase_peaks=dict(tracker.phase_peaks), label=label,
+                phase_at_peak={k: by_category(v) for k, v in tracker.phase_live.items()},
+                phase_modules=dict(tracker.phase_where))
+
+
+VARIANTS = ("baseline", "converted", "checkpointed", "converted+checkpointed")
+
+
+def variant(model: torch.nn.Module, name: str, example_inputs=None,
+            **convert_kwargs) -> tuple[torch.nn.Module, list[str]]:
+    """A copy of model as `name` (one of VARIANTS), with notes on how it was made. The model's tensors
+    are real (convert verifies on example_inputs) or on meta (convert has no values to run on: it is
+    given no example inputs, so it recognises by class only, folds nothing (inverse-mode norms, which
+    save the same bytes) and uses the 2-bit ops). convert_kwargs go to lo.convert (lora_dtype=False
+    keeps PEFT's float32 adapters)."""
+    if name not in VARIANTS:
+        raise ValueError(f"lowmem_ops.memory: variant must be one of {', '.join(VARIANTS)}, got {name!r}")
+    tensors = _tensors_in(model)
+    if any(isinstance(t, FakeTensor) for t in tensors):
+        raise ValueError("lowmem_ops.memory: variants are made from a model with real or meta tensors, not fake ones")
+    model, notes = copy.deepcopy(model), []
+    if "converted" in name:
+        import warnings
+
+        from .conversion import convert
+
+        on_meta = any(t.device.type == "meta" for t in tensors)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if on_meta or example_inputs is None:
+                report = convert(model, None, **{"measure_memory": False, "check_gradients": False, **convert_kwargs})
+                notes.append("converted without example inputs (meta tensors): by class, no folds, 2-bit activations")
+            else:
+                report = convert(model, example_inputs, **convert_kwargs)
+        notes.append(f"convert: {len(report.applied)} changes applied"
+                     + "".join(f", {k}={v!r}" for k, v in convert_kwargs.items()))
+    if "checkpointed" in name:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not hasattr(base, "gradient_checkpointing_enable"):
+            raise ValueError(f"lowmem_ops.memory: {type(base).__name__} has no gradient_checkpointing_enable (a "
+                             "Hugging Face model has); checkpoint its blocks yourself and plan that model")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        notes.append("checkpointed: every layer (Hugging Face gradient_checkpointing_enable, non-reentrant)")
+    return model, notes
+
+
+@dataclass
+class Comparison:
+    plans: dict[str, Plan]
+
+    def table(self, title: str = "one training step"):
+        from rich.table import Table
+
+        table = Table(title=title)
+        for column in ("variant", "weights", "grads", "optimizer", "saved", "activations", "peak", "vs baseline",
+                       "peak at"):
+            table.add_column(column, justify="left" if column in ("variant", "peak at") else "right")
+        base = self.plans.get("baseline")
+        for name, p in self.plans.items():
+            change = f"{100 * (p.peak / base.peak - 1):+.1f} %" if base is not None else "-"
+            table.add_row(name, gib(p.weights), gib(p.grads), gib(p.optimizer_states), gib(p.saved),
+                          gib(p.activations), gib(p.peak), change, f"{p.peak_phase}, {p.peak_module or '(top)'}")
+        return table
+
+    def __str__(self) -> str:
+        notes = [f"{name}: {n}" for name, p in self.plans.items() for n in p.notes]
+        return _render(self.table()) + "".join(f"note: {n}\n" for n in notes)
+
+
+def compare(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None, optimizer="adamw", *,
+            variants=VARIANTS, convert_kwargs: dict | None = None, **plan_kwargs) -> Comparison:
+    """plan() for each variant of model (variant(): baseline, lo.convert, activation checkpointing, both)."""
+    plans = {}
+    for name in variants:
+        made, notes = variant(model, name, example_inputs, **(convert_kwargs or {}))
+        plans[name] = plan(made, example_inputs, loss_fn, optimizer, label=name, **plan_kwargs)
+        plans[name].notes.extend(notes)
+    return Comparison(plans)
+
+
+def max_batch(model: torch.nn.Module, make_inputs: Callable[[int], object], gpu_bytes, loss_fn=None,
+              optimizer="adamw", *, start: int = 1, **plan_kwargs):
+    """The largest batch whose planned peak fits in gpu_bytes (0 if not even `start`). make_inputs(batch)
+    gives the inputs of a batch. Each phase's peak grows with the batch along a line (for a fixed
+    sequence length) once the activations dominate, but not exactly at small batches (where in the
+    step the peak falls moves), so the answer is solved for on the line through two plans, planned,
+    and solved again on the line through the nearest plans until the batch fits and the next does not
+    (a few plans); bisection between the known fit and misfit if that does not settle. gpu_bytes may be
+    a list of sizes: a list of batches comes back, the plans shared between them."""
+    return largest_batch(lambda batch: plan(model, make_inputs(batch), loss_fn, optimizer, **plan_kwargs),
+                         gpu_bytes, start)
+
+
+def largest_batch(planner: Callable[[int], Plan], gpu_bytes, start: int = 1):
+    """max_batch for any planner(batch) -> Plan; gpu_bytes an int or a list (plans shared)."""
+    plans: dict[int, Plan] = {}
+    if isinstance(gpu_bytes, (list, tuple)):
+        return [_largest_batch(planner, g, start, plans) for g in gpu_bytes]
+    return _largest_batch(planner, gpu_bytes, start, plans)
+
+
+def _largest_batch(planner, gpu_bytes: int, start: int, plans: dict) -> int:
+    def fits(batch: int) -> bool:
+        if batch not in plans:
+            plans[batch] = planner(batch)
+        return plans[batch].peak <= gpu_bytes
+
+    if not fits(start):
+        return 0
+    a, b = start, 2 * start
+    for _ in range(6):
+        fits(a), fits(b)
+        guess = max(start, _solve(plans[a], plans[b], a, b, gpu_bytes))
+        if fits(guess):
+            if not fits(guess + 1):
+                return guess
+            a, b = guess, guess + 1
+        else:
+            a, b = max(n for n in plans if fits(n)), guess
+    good = max(n for n in plans if fits(n))
+    bad = min((n for n in plans if not fits(n)), default=None)
+    if bad is None:
+        raise ValueError("lowmem_ops.memory.max_batch: the peak does not reach gpu_bytes; check make_inputs")
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def _solve(p: Plan, q: Plan, a: int, b: int, gpu_bytes: int) -> int:
+    """The largest batch under gpu_bytes on each phase's line through (a, p) and (b, q); the smallest of them."""
+    best = None
+    for phase, low in p.phase_peaks.items():
+        slope = (q.phase_peaks.get(phase, low) - low) / (b - a)
+        if slope > 0:
+            n = a + int((gpu_bytes - low) // slope)
+            best = n if best is None else min(best, n)
+    if best is None:
+        raise ValueError("lowmem_ops.memory.max_batch: the peak does not grow with the batch; check make_inputs")
+    return best
+
+
+# ---- command line: python -m lowmem_ops.plan CONFIG --batch 4 --seq 640 --lora 64 --dtype bf16 --gpu 24GiB
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TASKS = {"causal-lm": "AutoModelForCausalLM", "image-classification": "AutoModelForImageClassification",
+         "sequence-classification": "AutoModelForSequenceClassification"}
+# the paper's settings where published (LLaMA: LoRA r=64 on all linears, bf16, batch 4, 512+128 tokens);
+# the rest are common fine-tuning settings, stated in docs/plan.md
+PAPER = [("llama-2-7b", dict(batch=4, seq=640, lora=64)), ("llama-2-13b", dict(batch=4, seq=640, lora=64)),
+         ("mistral-7b", dict(batch=4, seq=640, lora=64)), ("vit-b/16", dict(batch=64, seq=0, lora=8)),
+         ("roberta-base", dict(batch=32, seq=128, lora=0)), ("gpt2", dict(batch=8, seq=1024, lora=0))]
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "tb": 10**12}
+    number = text.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text.strip().lower()[len(number):]
+    if unit not in units or not number:
+        raise ValueError(f"not a size: {text!r} (say 24GiB, 40GB, 80e9)")
+    return int(float(number) * units[unit])
+
+
+def load_config(name_or_path: str):
+    """(transformers config, task) for a name in lowmem_ops._known_configs or a config.json path."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    from ._known_configs import KNOWN
+
+    key = name_or_path.lower()
+    if key in KNOWN:
+        cls, task, kwargs = KNOWN[key]
+        return getattr(transformers, cls)(**kwargs), task
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise SystemExit(f"lowmem_ops.plan: {name_or_path!r} is neither a config.json nor one of: {', '.join(KNOWN)}")
+    cfg = transformers.AutoConfig.for_model(**json.loads(path.read_text()))
+    archs = " ".join(getattr(cfg, "architectures", None) or [])
+    task = ("image-classification" if "ImageClassification" in archs else
+            "sequence-classification" if "SequenceClassification" in archs else "causal-lm")
+    return cfg, task
+
+
+def build(cfg, task: str, dtype: torch.dtype, lora: int):
+    """The model on the meta device (nothing allocated), in dtype, with PEFT LoRA adapters of rank
+    `lora` on every linear layer but the head (0: full fine-tuning)."""
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, TASKS[task]).from_config(cfg).to(dtype)
+    if lora:
+        import peft
+
+        heads = ("lm_head", "classifier", "score", "pooler.dense")
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and not n.endswith(heads)})
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=targets))
+    return model
+
+
+def make_inputs(cfg, task: str, dtype: torch.dtype, seq: int) -> Callable[[int], dict]:
+    def inputs(batch: int) -> dict:
+        if task == "image-classification":
+            size = cfg.image_size
+            return {"pixel_values": torch.empty(batch, cfg.num_channels, size, size, dtype=dtype, device="meta"),
+                    "labels": torch.zeros(batch, dtype=torch.long, device="meta")}
+        ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+        if task == "sequence-classification":
+            return {"input_ids": ids, "labels": torch.zeros(batch, dtype=torch.long, device="meta")}
+        return {"input_ids": ids, "labels": ids}
+
+    return inputs
+
+
+BYTES = ("weights", "trainable", "grads", "optimizer_states", "saved", "activations", "peak")
+
+
+def extrapolate(p: Plan, q: Plan, depth_p: int, depth_q: int, depth: int) -> Plan:
+    """The plan of a model `depth` layers deep from plans of the same model depth_p and depth_q layers
+    deep (identical layers): every byte count, each phase's peak and the bytes at the peak on the line
+    through the two; the peak is the highest phase's. A module in q's last layer is named in the deep
+    model's last layer."""
+    def line(a: int, b: int) -> int:
+        return b + (b - a) * (depth - depth_q) // (depth_q - depth_p)
+
+    def deeper(module: str) -> str:
+        for layers in ("layers", "layer", "h"):  # LLaMA / Mistral, ViT / RoBERTa, GPT-2
+            module = module.replace(f"{layers}.{depth_q - 1}.", f"{layers}.{depth - 1}.")
+        return module
+
+    phase_peaks = {k: line(p.phase_peaks.get(k, 0), v) for k, v in q.phase_peaks.items()}
+    phase = max(phase_peaks, key=phase_peaks.get)  # each phase's peak is on a line; the highest may change
+    phase_at_peak = {k: {c: line(p.phase_at_peak.get(k, {}).get(c, 0), n) for c, n in v.items()}
+                     for k, v in q.phase_at_peak.items()}
+    fields = {name: line(getattr(p, name), getattr(q, name)) for name in BYTES if name != "peak"}
+    return Plan(**fields, peak=phase_peaks[phase], peak_phase=phase, peak_module=deeper(q.phase_modules[phase]),
+                at_peak=phase_at_peak[phase], phase_peaks=phase_peaks, phase_at_peak=phase_at_peak,
+                phase_modules={k: deeper(v) for k, v in q.phase_modules.items()}, label=q.label, notes=list(q.notes))
+
+
+def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[int], optimizer: str,
+        variants=VARIANTS, exact: bool = False, convert_kwargs: dict | None = None,
+        ) -> tuple[Comparison, dict[str, dict[int, int]]]:
+    """The comparison and the largest batches for a config. Unless exact, each variant is planned at
+    2 and 3 layers and extrapolated to the config's depth (extrapolate(): the layers are identical;
+    the tests check it against planning every layer), so a 13B plan takes seconds."""
+    cfg, task = load_config(config)
+    depth = cfg.num_hidden_layers
+    depths = [depth] if exact or depth <= 3 else [2, 3]
+    models = {}
+    for d in depths:
+        shallow = copy.deepcopy(cfg)
+        shallow.num_hidden_layers = d
+        models[d] = build(shallow, task, DTYPES[dtype], lora)
+    inputs = make_inputs(cfg, task, DTYPES[dtype], seq)
+    plans, fits = {}, {}
+    for name in variants:
+        made = {d: variant(m, name, **(convert_kwargs or {})) for d, m in models.items()}
+        notes = made[depths[-1]][1] + ([f"planned at 2 and 3 layers, extrapolated to {depth}"] * (len(depths) > 1))
+
+        def planner(b: int, made=made) -> Plan:
+            ps = [plan(made[d][0], inputs(b), optimizer=optimizer, label=name) for d in depths]
+            return ps[0] if len(ps) == 1 else extrapolate(ps[0], ps[1], 2, 3, depth)
+
+        plans[name] = planner(batch)
+        plans[name].notes.extend(notes)
+        fits[name] = dict(zip(gpus, largest_batch(planner, gpus)))
+    return Comparison(plans), fits
+
+
+def markdown_rows(config: str, settings: str, comparison: Comparison, fits: dict) -> list[str]:
+    base = comparison.plans["baseline"].peak
+    rows = []
+    for name, p in comparison.plans.items():
+        change = "" if name == "baseline" else f"{100 * (1 - p.peak / base):.1f} %"
+        batches = " / ".join(str(b) for b in fits[name].values())
+        rows.append(f"| {config} | {settings} | {name} | {p.peak / 2**30:.2f} | {change} | "
+                    f"{p.saved / 2**30:.2f} | {p.peak_phase} | {batches} |")
+    return rows
+
+
+def main(argv=None) -> None:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m lowmem_ops.plan", description=(
+        "Plan one training step's peak memory on fake tensors: baseline, lowmem_ops.convert, activation "
+        "checkpointing, both; and the largest batch that fits each GPU size."))
+    parser.add_argument("config", nargs="?", help="a Hugging Face config.json, or a known name (--list)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (ignored for images)")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear but the head; 0: full")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--optimizer", choices=[o for o in OPTIMIZERS if o != "none"], default="adamw")
+    parser.add_argument("--gpu", nargs="*", default=[], help="GPU sizes for the largest batch, e.g. 24GiB 80GiB")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--fp32-adapters", action="store_true",
+                        help="convert with lora_dtype=False: PEFT's float32 adapters stay float32")
+    parser.add_argument("--exact", action="store_true", help="plan every layer (default: 2 and 3, extrapolated)")
+    parser.add_argument("--paper", action="store_true", help="the table of docs/plan.md (markdown)")
+    parser.add_argument("--list", action="store_true", help="the known config names")
+    args = parser.parse_args(argv)
+    from ._known_configs import KNOWN
+
+    if args.list:
+        print("\n".join(KNOWN))
+        return
+    try:
+        gpus = [parse_bytes(g) for g in args.gpu]
+    except ValueError as e:
+        parser.error(str(e))
+    convert_kwargs = {"lora_dtype": False} if args.fp32_adapters else {}
+    if args.paper:
+        gpus = gpus or [24 * 2**30, 40 * 2**30, 80 * 2**30]
+        print("| model | setting | variant | peak GiB | reduction | saved GiB | peak in | largest batch "
+              f"({' / '.join(gib(g) for g in gpus)}) |")
+        print("|---|---|---|---:|---:|---:|---|---|")
+        for name, s in PAPER:
+            start = time.perf_counter()
+            c, fits = run(name, **s, dtype=args.dtype, gpus=gpus, optimizer=args.optimizer, variants=args.variants,
+                      exact=args.exact, convert_kwargs=convert_kwargs)
+            setting = (f"{'LoRA r=' + str(s['lora']) if s['lora'] else 'full'}, {args.dtype}, batch {s['batch']}"
+                       + (f", {s['seq']} tokens" if s["seq"] else ""))
+            print("\n".join(markdown_rows(name, setting, c, fits)), flush=True)
+            print(f"{name}: {time.perf_counter() - start:.0f} s", file=__import__("sys").stderr)
+        return
+    if not args.config:
+        parser.error("give a config (a config.json or a known name), --list or --paper")
+    c, fits = run(args.config, batch=args.batch, seq=args.seq, lora=args.lora, dtype=args.dtype, gpus=gpus,
+                  optimizer=args.optimizer, variants=args.variants, exact=args.exact, convert_kwargs=convert_kwargs)
+    print(c, end="")
+    for name, by_gpu in fits.items():
+        for gpu, b in by_gpu.items():
+            print(f"{name}: largest batch on {gib(gpu)}: {b}")
+
+
+if __name__ == "__main__":
+    main()
