@@ -9,7 +9,8 @@ What is swapped (options turn each part off):
   MishActivation) -> the approximate op with the same forward, at the fewest bits (1..4 where built)
   whose local gradient cosine, estimated from the unconverted model on the example inputs
   (lowmem_ops._bits), reaches grad_tolerance, or left exact when none does; raised further (or kept
-  exact) while the whole model's gradient cosine misses grad_tolerance;
+  exact) while the whole model's gradient cosine misses grad_tolerance; ReLU and LeakyReLU(0.01) ->
+  relu1 / leaky_relu1, whose 1-bit derivative is exact (kept whatever the tolerance);
 - norms: torch.nn.LayerNorm / RMSNorm (a subclass overriding forward only when it computes torch's
   norm on every call on the example inputs) and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
   Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm, saving their output. With example inputs, a norm whose output is read only by untied nn.Linear /
@@ -72,6 +73,14 @@ _ACTIVATIONS = {
     "FastGELUActivation": lambda m: "tanh_gelu2",
     "AccurateGELUActivation": lambda m: "tanh_gelu2",
     "QuickGELUActivation": lambda m: "quick_gelu2",
+    # exact: a step derivative is theirs (other LeakyReLU slopes: a spec of your own, _NO_OP_HINT)
+    "ReLU": lambda m: "relu1",
+    "LeakyReLU": lambda m: "leaky_relu1" if getattr(m, "negative_slope", 0.01) == 0.01 else None,
+}
+# what the report adds when a class-table activation's arguments have no built-in op
+_NO_OP_HINT = {
+    "LeakyReLU": lambda m: (f"; build one: kernelgen new NAME --expr \"where(x > 0, x, {m.negative_slope} * x)\" "
+                            "--bits 1, then lo.nn.Approx(NAME)"),
 }
 _GATED_OPS = {"regelu2", "resilu2", "tanh_gelu2"}  # the specs with fused gated kernels
 # The default grad_tolerance: the smallest local cosine an activation's width must reach
@@ -159,7 +168,8 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
     if activations and name in _ACTIVATIONS:
         op = _ACTIVATIONS[name](module)
         if op is None:
-            return None, f"{name} with these arguments has no built-in approximation"
+            hint = _NO_OP_HINT[name](module) if name in _NO_OP_HINT else ""
+            return None, f"{name} with these arguments has no built-in approximation{hint}"
         return Approx(op), None
     if match is not None and not match.is_norm:
         if not activations:
@@ -499,6 +509,8 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
             if missed is None or id(a) in exact or not probe.calls.get(key):
                 continue  # never called with a gradient: its width cannot move the cosine
             if local is None:
+                if _bits.is_exact(_bits.get_op(a.new.op_name)):
+                    continue  # its gradient is the exact one already: keeping the original saves nothing
                 exact.add(id(a))
                 report.skipped.append((a.change.path, f"kept exact: at every width tried the whole-model gradient "
                                        f"cosine missed grad_tolerance {missed[1]:g} (last {missed[0]:.3f})"))
@@ -1045,6 +1057,7 @@ _STOCK_ACTIVATIONS = {
     "regelu": lambda: torch.nn.GELU(), "resilu": lambda: torch.nn.SiLU(),
     "tanh_gelu": lambda: torch.nn.GELU(approximate="tanh"), "mish": lambda: torch.nn.Mish(),
     "softplus": lambda: torch.nn.Softplus(), "elu": lambda: torch.nn.ELU(),
+    "relu": lambda: torch.nn.ReLU(), "leaky_relu": lambda: torch.nn.LeakyReLU(),
 }
 
 

@@ -275,7 +275,7 @@ def test_a_norm_whose_output_is_modified_in_place_stays_torchs(build):
     norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, lo.nn.MSLayerNorm))]
     assert len(norms) == 1 and type(norms[0]) is nn.LayerNorm
     assert len([w for _, w in report.skipped if "modified in place" in w]) == 1, str(report)
-    assert all("modified in place" in w or "1-bit ReLU kernel" in w for _, w in report.skipped), str(report)
+    assert all("modified in place" in w for _, w in report.skipped), str(report)
     model.train()
     model(x).square().sum().backward()  # training works
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
