@@ -526,7 +526,8 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
     if examples and measure_memory and any(a.change.status == "applied" for a in actions):
         try:
             report.memory_after = _measure(model, inputs, "after")
-            if _undo_what_saves_nothing(actions, report):
+            without = _measure_without_activation_swaps(model, inputs, actions, before)
+            if _undo_what_saves_nothing(actions, report, without):
                 before.restore()
                 kept = [a for a in actions if a.change.status == "applied"]
                 _apply_verified(model, kept, check)
@@ -554,18 +555,45 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
     return actions
 
 
-def _undo_what_saves_nothing(actions: list, report: Report) -> bool:
+def _is_activation_swap(action) -> bool:
+    return isinstance(action, _Swap) and isinstance(action.new, Approx)
+
+
+def _measure_without_activation_swaps(model, inputs, actions: list, before: Snapshot):
+    """What is saved with every applied change but the activation swaps, or None when there is no
+    such mix. An activation's saving depends on the other changes: torch's ReLU saves its output,
+    which costs nothing once a retyped LoRA adapter saves that same tensor (a float32 adapter saved a
+    cast copy instead), so its baseline is the model with the others in place, not the unconverted one.
+    The model is left with every applied change in place."""
+    applied = [a for a in actions if a.change.status == "applied"]
+    if not any(map(_is_activation_swap, applied)) or all(map(_is_activation_swap, applied)):
+        return None
+    before.restore()
+    try:
+        for a in applied:
+            if not _is_activation_swap(a):
+                a.apply()
+        return _measure(model, inputs, "without the activation swaps")
+    finally:  # these very changes were applied and verified together before
+        before.restore()
+        for a in applied:
+            a.apply()
+
+
+def _undo_what_saves_nothing(actions: list, report: Report, without_activations=None) -> bool:
     """Mark undone every applied change that does not reduce the bytes saved for backward; True if any.
     A change's effect is read from the two measurements, per module: the bytes only its module (and
     what is inside it) saves, after minus before. A storage its module shares with another (an MS
     norm's output, which the next linear saves anyway; the half of a fused projection that an MoE
     expert saves for its product) costs nothing. Judged with every other change in place, so a
-    change that saves only together with another one is kept."""
-    before, after = report.memory_before, report.memory_after
+    change that saves only together with another one is kept. An activation swap's "before" is
+    `without_activations` where given (_measure_without_activation_swaps)."""
+    after = report.memory_after
     undone = False
     for a in actions:
         if a.change.status != "applied":
             continue
+        before = without_activations if without_activations is not None and _is_activation_swap(a) else report.memory_before
         delta = after.exclusive_bytes(a.change.path) - before.exclusive_bytes(a.change.path)
         if delta >= 0:
             a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"

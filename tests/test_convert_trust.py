@@ -178,7 +178,8 @@ def test_a_multi_dimensional_norm_is_not_folded_into_a_smaller_linear():
 FORCED = {
     "channels-first subclass": (_convnext_block, "_has_torch_forward", lambda norm, observation=None: True, "ValueError"),
     "2-d norm folded into a smaller linear": (_two_dim_norm, "_fold_fits", lambda gamma, linear: True, "ValueError"),
-    "in-place op after the norm": (_inplace_after_norm, "_observe", None, "RuntimeError"),
+    # an in-place add (an in-place ReLU is itself swapped now, for relu1, which is not in place)
+    "in-place op after the norm": (lambda: _adds_in_place_after_norm(), "_observe", None, "RuntimeError"),
 }
 
 
@@ -256,6 +257,12 @@ class AddsInPlace(nn.Module):
         y = self.norm(x)
         y.add_(1.0)
         return self.lin(y)
+
+
+def _adds_in_place_after_norm():
+    model = AddsInPlace()
+    _randomise_affine(model.norm)
+    return model, torch.randn(4, 8)
 
 
 class ReluThroughAView(AddsInPlace):

@@ -184,3 +184,29 @@ def test_export_gives_torch_modules_back():
     lo.convert(model, example_inputs=torch.randn(4, 16, 32))
     lo.export(model)
     assert type(model[0].act) is nn.ReLU and type(model[1].act) is nn.LeakyReLU and model[1].act.negative_slope == 0.01
+
+
+def test_an_activation_swap_is_judged_with_the_other_changes_in_place():
+    """OPT with LoRA: a float32 adapter on fc2 casts its input (the ReLU's output) and saves the copy,
+    so in the unconverted model torch's ReLU alone saves its output; once convert puts the adapter in
+    bf16 it saves that very output, the ReLU then costs nothing and 1-bit codes would add n/8 bytes.
+    The swap must be judged against the model with the retype in place: undone."""
+    peft = pytest.importorskip("peft")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Block().to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    x = torch.randn(4, 16, 32, dtype=torch.bfloat16)
+    report = lo.convert(model, example_inputs=x)
+    (relu,) = [c for c in report.changes if c.path.endswith(".act")]
+    assert relu.status == "undone" and relu.reason.startswith("saves no memory"), str(report)
+    assert type(model.base_model.model.act) is nn.ReLU
+    # and the adapters' retype, which does save, is kept: the total is below the unconverted model's
+    assert report.memory_after.total_bytes < report.memory_before.total_bytes
