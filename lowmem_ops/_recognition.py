@@ -6,8 +6,8 @@ The module is called on a few deterministic inputs of the shape it saw in the ex
 dtype and device, under no_grad and in eval mode, with its buffers and the RNG kept
 (_snapshot.state_kept) and its training flag restored. Its output is matched against references
 computed in float32: the activations with built-in ops (ReLU and LeakyReLU(0.01) with exact 1-bit
-ones), LeakyReLU at other common slopes (recognised, not swapped), and LayerNorm / RMSNorm with or without weight (and bias), with the scale `weight` or `1 + weight`,
-over the last dimension or over dim 1 (channels first), for the module's own eps attribute or else
+ones), LeakyReLU at other common slopes (recognised, not swapped), and LayerNorm / RMSNorm with or
+without weight (and bias), with the scale `weight` or `1 + weight`, over the last dimension or over dim 1 (channels first), for the module's own eps attribute or else
 a few common values. A second run with the parameters temporarily replaced by other values tells
 parameterisations apart that coincide at initialisation (weight = 1 and no weight; bias = 0 and
 none); the parameters' own tensors are put back untouched.

@@ -564,7 +564,8 @@ def _measure_without_activation_swaps(model, inputs, actions: list, before: Snap
     such mix. An activation's saving depends on the other changes: torch's ReLU saves its output,
     which costs nothing once a retyped LoRA adapter saves that same tensor (a float32 adapter saved a
     cast copy instead), so its baseline is the model with the others in place, not the unconverted one.
-    The model is left with every applied change in place."""
+    None too when that model fails to run (an in-place op the swapped activation no longer did): then
+    the unconverted model is the baseline. The model is left with every applied change in place."""
     applied = [a for a in actions if a.change.status == "applied"]
     if not any(map(_is_activation_swap, applied)) or all(map(_is_activation_swap, applied)):
         return None
@@ -574,6 +575,8 @@ def _measure_without_activation_swaps(model, inputs, actions: list, before: Snap
             if not _is_activation_swap(a):
                 a.apply()
         return _measure(model, inputs, "without the activation swaps")
+    except Exception:
+        return None
     finally:  # these very changes were applied and verified together before
         before.restore()
         for a in applied:
