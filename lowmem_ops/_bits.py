@@ -22,6 +22,14 @@ from ._torch_backend import pack_codes, unpack_codes
 from ._tree import OpInfo, available, get_op
 
 WIDTHS = (1, 2, 3, 4)
+# An op whose fit error E = integral (h - g)^2 is below this has h's own derivative (ReLU, LeakyReLU):
+# E is then 0 up to quadrature rounding (~1e-29); the smallest inexact built-in's is 9.9e-6 (regelu4).
+EXACT_FIT_ERROR = 1e-20
+
+
+def is_exact(op: OpInfo) -> bool:
+    """Its levels are h' itself (a step derivative): its gradient is the exact one for any input."""
+    return op.fit_error <= EXACT_FIT_ERROR
 
 
 def family(op_name: str) -> list[OpInfo]:
@@ -62,9 +70,14 @@ def estimated_cosine(op: OpInfo, calls: list[tuple[torch.Tensor, torch.Tensor]])
 
 def choose(op_name: str, calls: list, tolerance: float) -> tuple[OpInfo | None, dict[int, float | None]]:
     """(the family member with the fewest bits whose estimated cosine is >= tolerance, or None when
-    none is; {bits: estimated cosine} of the members tried). Stops at the first that meets it."""
+    none is; {bits: estimated cosine} of the members tried). Stops at the first that meets it; an
+    exact member meets any tolerance (cosine 1: no estimate, which autograd through a where() forward
+    would get wrong at the kink, e.g. 1 for ReLU at x == 0 where torch's derivative is 0)."""
     estimates: dict[int, float | None] = {}
     for op in family(op_name):
+        if is_exact(op):
+            estimates[op.bits] = 1.0
+            return op, estimates
         value = estimates[op.bits] = estimated_cosine(op, calls)
         if value is None or value >= tolerance:  # g all zero: any width gives the same (zero) gradient
             return op, estimates

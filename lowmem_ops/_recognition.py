@@ -5,9 +5,9 @@
 The module is called on a few deterministic inputs of the shape it saw in the example run, in its own
 dtype and device, under no_grad and in eval mode, with its buffers and the RNG kept
 (_snapshot.state_kept) and its training flag restored. Its output is matched against references
-computed in float32: the activations with built-in ops, ReLU / LeakyReLU (recognised, not swapped),
-and LayerNorm / RMSNorm with or without weight (and bias), with the scale `weight` or `1 + weight`,
-over the last dimension or over dim 1 (channels first), for the module's own eps attribute or else
+computed in float32: the activations with built-in ops (ReLU and LeakyReLU(0.01) with exact 1-bit
+ones), LeakyReLU at other common slopes (recognised, not swapped), and LayerNorm / RMSNorm with or
+without weight (and bias), with the scale `weight` or `1 + weight`, over the last dimension or over dim 1 (channels first), for the module's own eps attribute or else
 a few common values. A second run with the parameters temporarily replaced by other values tells
 parameterisations apart that coincide at initialisation (weight = 1 and no weight; bias = 0 and
 none); the parameters' own tensors are put back untouched.
@@ -31,12 +31,14 @@ ACTIVATIONS = [
     ("Mish", "mish2", F.mish),
     ("ELU", "elu2", F.elu),
     ("Softplus", "softplus2", F.softplus),
-    ("ReLU", None, F.relu),
-    ("LeakyReLU(0.01)", None, F.leaky_relu),
+    ("ReLU", "relu1", F.relu),
+    ("LeakyReLU(0.01)", "leaky_relu1", F.leaky_relu),
     ("LeakyReLU(0.1)", None, lambda x: F.leaky_relu(x, 0.1)),
     ("LeakyReLU(0.2)", None, lambda x: F.leaky_relu(x, 0.2)),
 ]
-NOT_BUILT = {"ReLU": "exact 1-bit ReLU kernel not built yet (issue 11)"}
+# what the report says of a match without a built-in op
+NOT_BUILT = {f"LeakyReLU({s})": f"no built-in op for this slope (build one: kernelgen new NAME --expr "
+             f"\"where(x > 0, x, {s} * x)\" --bits 1, then lo.nn.Approx(NAME))" for s in (0.1, 0.2)}
 EPS_TRIED = (1e-5, 1e-6, 1e-12, 1e-8)
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
 # |module - reference| <= ATOL + RTOL |reference|, per the module's output dtype (its rounding, plus a

@@ -9,7 +9,8 @@ What is swapped (options turn each part off):
   MishActivation) -> the approximate op with the same forward, at the fewest bits (1..4 where built)
   whose local gradient cosine, estimated from the unconverted model on the example inputs
   (lowmem_ops._bits), reaches grad_tolerance, or left exact when none does; raised further (or kept
-  exact) while the whole model's gradient cosine misses grad_tolerance;
+  exact) while the whole model's gradient cosine misses grad_tolerance; ReLU and LeakyReLU(0.01) ->
+  relu1 / leaky_relu1, whose 1-bit derivative is exact (kept whatever the tolerance);
 - norms: torch.nn.LayerNorm / RMSNorm (a subclass overriding forward only when it computes torch's
   norm on every call on the example inputs) and RMSNorm classes of the LLaMA family (LlamaRMSNorm,
   Qwen2RMSNorm, MistralRMSNorm, ...) -> MSLayerNorm / MSRMSNorm, saving their output. With example inputs, a norm whose output is read only by untied nn.Linear /
@@ -72,6 +73,14 @@ _ACTIVATIONS = {
     "FastGELUActivation": lambda m: "tanh_gelu2",
     "AccurateGELUActivation": lambda m: "tanh_gelu2",
     "QuickGELUActivation": lambda m: "quick_gelu2",
+    # exact: a step derivative is theirs (other LeakyReLU slopes: a spec of your own, _NO_OP_HINT)
+    "ReLU": lambda m: "relu1",
+    "LeakyReLU": lambda m: "leaky_relu1" if getattr(m, "negative_slope", 0.01) == 0.01 else None,
+}
+# what the report adds when a class-table activation's arguments have no built-in op
+_NO_OP_HINT = {
+    "LeakyReLU": lambda m: (f"; build one: kernelgen new NAME --expr \"where(x > 0, x, {m.negative_slope} * x)\" "
+                            "--bits 1, then lo.nn.Approx(NAME)"),
 }
 _GATED_OPS = {"regelu2", "resilu2", "tanh_gelu2"}  # the specs with fused gated kernels
 # The default grad_tolerance: the smallest local cosine an activation's width must reach
@@ -159,7 +168,8 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
     if activations and name in _ACTIVATIONS:
         op = _ACTIVATIONS[name](module)
         if op is None:
-            return None, f"{name} with these arguments has no built-in approximation"
+            hint = _NO_OP_HINT[name](module) if name in _NO_OP_HINT else ""
+            return None, f"{name} with these arguments has no built-in approximation{hint}"
         return Approx(op), None
     if match is not None and not match.is_norm:
         if not activations:
@@ -499,6 +509,8 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
             if missed is None or id(a) in exact or not probe.calls.get(key):
                 continue  # never called with a gradient: its width cannot move the cosine
             if local is None:
+                if _bits.is_exact(_bits.get_op(a.new.op_name)):
+                    continue  # its gradient is the exact one already: keeping the original saves nothing
                 exact.add(id(a))
                 report.skipped.append((a.change.path, f"kept exact: at every width tried the whole-model gradient "
                                        f"cosine missed grad_tolerance {missed[1]:g} (last {missed[0]:.3f})"))
@@ -514,7 +526,8 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
     if examples and measure_memory and any(a.change.status == "applied" for a in actions):
         try:
             report.memory_after = _measure(model, inputs, "after")
-            if _undo_what_saves_nothing(actions, report):
+            without = _measure_without_activation_swaps(model, inputs, actions, before)
+            if _undo_what_saves_nothing(actions, report, without):
                 before.restore()
                 kept = [a for a in actions if a.change.status == "applied"]
                 _apply_verified(model, kept, check)
@@ -542,18 +555,48 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
     return actions
 
 
-def _undo_what_saves_nothing(actions: list, report: Report) -> bool:
+def _is_activation_swap(action) -> bool:
+    return isinstance(action, _Swap) and isinstance(action.new, Approx)
+
+
+def _measure_without_activation_swaps(model, inputs, actions: list, before: Snapshot):
+    """What is saved with every applied change but the activation swaps, or None when there is no
+    such mix. An activation's saving depends on the other changes: torch's ReLU saves its output,
+    which costs nothing once a retyped LoRA adapter saves that same tensor (a float32 adapter saved a
+    cast copy instead), so its baseline is the model with the others in place, not the unconverted one.
+    None too when that model fails to run (an in-place op the swapped activation no longer did): then
+    the unconverted model is the baseline. The model is left with every applied change in place."""
+    applied = [a for a in actions if a.change.status == "applied"]
+    if not any(map(_is_activation_swap, applied)) or all(map(_is_activation_swap, applied)):
+        return None
+    before.restore()
+    try:
+        for a in applied:
+            if not _is_activation_swap(a):
+                a.apply()
+        return _measure(model, inputs, "without the activation swaps")
+    except Exception:
+        return None
+    finally:  # these very changes were applied and verified together before
+        before.restore()
+        for a in applied:
+            a.apply()
+
+
+def _undo_what_saves_nothing(actions: list, report: Report, without_activations=None) -> bool:
     """Mark undone every applied change that does not reduce the bytes saved for backward; True if any.
     A change's effect is read from the two measurements, per module: the bytes only its module (and
     what is inside it) saves, after minus before. A storage its module shares with another (an MS
     norm's output, which the next linear saves anyway; the half of a fused projection that an MoE
     expert saves for its product) costs nothing. Judged with every other change in place, so a
-    change that saves only together with another one is kept."""
-    before, after = report.memory_before, report.memory_after
+    change that saves only together with another one is kept. An activation swap's "before" is
+    `without_activations` where given (_measure_without_activation_swaps)."""
+    after = report.memory_after
     undone = False
     for a in actions:
         if a.change.status != "applied":
             continue
+        before = without_activations if without_activations is not None and _is_activation_swap(a) else report.memory_before
         delta = after.exclusive_bytes(a.change.path) - before.exclusive_bytes(a.change.path)
         if delta >= 0:
             a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"
@@ -1045,6 +1088,7 @@ _STOCK_ACTIVATIONS = {
     "regelu": lambda: torch.nn.GELU(), "resilu": lambda: torch.nn.SiLU(),
     "tanh_gelu": lambda: torch.nn.GELU(approximate="tanh"), "mish": lambda: torch.nn.Mish(),
     "softplus": lambda: torch.nn.Softplus(), "elu": lambda: torch.nn.ELU(),
+    "relu": lambda: torch.nn.ReLU(), "leaky_relu": lambda: torch.nn.LeakyReLU(),
 }
 
 

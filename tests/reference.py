@@ -18,11 +18,13 @@ SPEC_DIR = Path(__file__).resolve().parent.parent / "kernelgen" / "specs"
 EXACT_FORWARD = {
     **{f"regelu{k}": F.gelu for k in (1, 2, 3, 4)},
     **{f"resilu{k}": F.silu for k in (1, 2, 3, 4)},
-    "tanh_gelu2": lambda x: F.gelu(x, approximate="tanh"),
+    **{f"tanh_gelu{k}": (lambda x: F.gelu(x, approximate="tanh")) for k in (2, 3, 4)},
     "quick_gelu2": lambda x: x * torch.sigmoid(1.702 * x),
     "mish2": F.mish,
     "softplus2": lambda x: F.softplus(x, threshold=1000.0),  # the exact function, no linear cut-off
     "elu2": F.elu,
+    "relu1": F.relu,
+    "leaky_relu1": F.leaky_relu,  # negative slope 0.01
 }
 
 # The published coefficients (reference section 1), thresholds ascending.

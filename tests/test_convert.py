@@ -42,9 +42,8 @@ def vit():
 CASES = {
     "llama": (llama, {"MSRMSNorm", "GatedMLP"}, 0.70),
     "qwen2": (qwen2, {"MSRMSNorm", "GatedMLP"}, 0.75),
-    # tanh GELU is built at 2 bits only, whose local gradient cosine here (0.79) is under the default
-    # grad_tolerance: it stays exact (tests/test_convert_bits.py), only the norms save
-    "gpt2": (gpt2, {"MSLayerNorm"}, 0.95),
+    # tanh GELU: 2 bits (local cosine 0.79 here) misses the default grad_tolerance, 3 bits (0.98) meets it
+    "gpt2": (gpt2, {"MSLayerNorm", "Approx"}, 0.60),
     "bert": (bert, {"MSLayerNorm", "Approx"}, 0.85),  # post-LN: dropout after the norm ends some sharing
     "vit": (vit, {"MSLayerNorm", "Approx"}, 0.75),
 }

@@ -123,13 +123,26 @@ def test_channels_first_layernorm_shares_its_output_with_the_next_conv():
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_relu_and_leaky_relu_are_reported_not_swapped(inplace):
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace), nn.Linear(8, 8), nn.LeakyReLU(0.2, inplace), nn.Linear(8, 2))
+def test_relu_swaps_where_it_saves_memory_and_other_leaky_slopes_are_reported(inplace):
+    # each activation's output is read by a dropout, so what the activation saves is its own
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace), nn.Dropout(0.1), nn.Linear(8, 8),
+                          nn.LeakyReLU(0.2, inplace), nn.Dropout(0.1), nn.Linear(8, 2))
     report = lo.convert(model, example_inputs=torch.randn(4, 8))
-    assert report.applied == [] and type(model[1]) is nn.ReLU
-    assert report.skipped == [("1", "ReLU computes ReLU: exact 1-bit ReLU kernel not built yet (issue 11)"),
-                              ("3", "LeakyReLU computes LeakyReLU(0.2): no built-in approximation")]
-    assert "0 modules swapped, 0 undone, 2 left alone" in str(report)
+    assert [(c.path, c.bits) for c in report.applied] == [("1", 1)] and model[1].op_name == "relu1", str(report)
+    assert report.skipped == [("4", "LeakyReLU with these arguments has no built-in approximation; build one: "
+                                    "kernelgen new NAME --expr \"where(x > 0, x, 0.2 * x)\" --bits 1, then "
+                                    "lo.nn.Approx(NAME)")]
+    assert "1 modules swapped, 0 undone, 1 left alone" in str(report)
+
+
+def test_a_relu_whose_output_the_next_layer_saves_anyway_is_not_swapped():
+    """nn.Linear -> ReLU -> nn.Linear: torch's ReLU saves its output, which the next Linear saves as its
+    input, so it costs nothing; 1-bit codes would add n/8 bytes."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    report = lo.convert(model, example_inputs=torch.randn(4, 8))
+    assert type(model[1]) is nn.ReLU and report.applied == []
+    ((change,),) = [[c for c in report.changes if c.path == "1"]]
+    assert change.status == "undone" and "saves no memory" in change.reason, str(report)
 
 
 class SwishThenInPlace(nn.Module):

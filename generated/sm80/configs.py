@@ -5,7 +5,7 @@
 # tuned or looked up in a database at run time. Each comes from the static table of
 # kernelgen/archs.py ("static", pruned against the ahead-of-time compile) or from the tuning
 # database ("tuned": the fastest config measured there, with its speed-up over the static one).
-# 0 of 1152 choices are tuned.
+# 0 of 1296 choices are tuned.
 
 # Activations: bucket i holds n_elements <= ELEMENT_BOUNDS[i]; the last bucket, everything above.
 ELEMENT_BOUNDS = (65536, 1048576, 16777216)
@@ -46,6 +46,42 @@ ACTIVATION = {
     ('elu2', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
     ('elu2', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
     ('elu2', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'forward_nograd', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('leaky_relu1', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
     ('mish2', 'forward', 'float32', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
     ('mish2', 'forward', 'float32', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
     ('mish2', 'forward', 'float32', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
@@ -310,6 +346,42 @@ ACTIVATION = {
     ('regelu4', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
     ('regelu4', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
     ('regelu4', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'forward_nograd', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('relu1', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
     ('resilu1', 'forward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
     ('resilu1', 'forward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
     ('resilu1', 'forward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
@@ -622,6 +694,78 @@ ACTIVATION = {
     ('tanh_gelu2', 'gated_backward_approx', 'bfloat16', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
     ('tanh_gelu2', 'gated_backward_approx', 'bfloat16', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
     ('tanh_gelu2', 'gated_backward_approx', 'bfloat16', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'forward_nograd', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu3', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'float32', 0): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'float32', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'float32', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'float32', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'float16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'float16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'float16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'float16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'bfloat16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'bfloat16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'bfloat16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward', 'bfloat16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'float32', 0): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'float32', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'float32', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'float32', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'float16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'float16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'float16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'float16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'bfloat16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'bfloat16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'bfloat16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'forward_nograd', 'bfloat16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'float32', 0): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'float32', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'float32', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'float32', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'float16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'float16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'float16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'float16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'bfloat16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('tanh_gelu4', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
 }
 
 # Norms, keyed (kernel, dtype, width bucket, row bucket). Width bucket i < len(NORM_WIDTHS): rows of
