@@ -13,6 +13,7 @@ Importing this package needs torch only; the CUDA path imports triton when first
 from . import _tree, memory, nn
 from .conversion import convert, export
 from ._tree import load_tree as load
+from .dropout import dropout
 from .activations import BACKENDS, approx_activation, available, regelu2, resilu2
 from .gated import geglu, gated, swiglu
 from .norms import ms_layernorm, ms_rmsnorm
@@ -21,4 +22,4 @@ from .norms import ms_layernorm, ms_rmsnorm
 # cannot trace the loading (importlib.resources). It imports generated/ops.py, which needs torch only.
 _tree._ensure_builtin()
 
-__all__ = ["convert", "export", "memory", "nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2", "ms_layernorm", "ms_rmsnorm", "gated", "swiglu", "geglu"]
+__all__ = ["convert", "export", "memory", "nn", "load", "BACKENDS", "approx_activation", "available", "regelu2", "resilu2", "ms_layernorm", "ms_rmsnorm", "gated", "swiglu", "geglu", "dropout"]

@@ -6,6 +6,7 @@ import torch
 
 from ._tree import get_op
 from .activations import approx_activation
+from .dropout import Dropout
 from .gated import MODES, gated, gated_op
 from .norms import AFFINE_MODES, ms_layernorm, ms_rmsnorm
 
@@ -165,4 +166,4 @@ class GatedMLP(torch.nn.Module):
         return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
-__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm", "GatedActivation", "GatedMLP"]
+__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm", "GatedActivation", "GatedMLP", "Dropout"]
