@@ -23,6 +23,9 @@ exactly as that call would, so `torch.manual_seed` makes the masks reproducible,
 checkpointing, which restores the RNG state before recomputing, regenerates the same masks. A caller
 may pass `seed` (an int, or a one-element int64 tensor) and `offset` itself: the counters offset ..
 offset + numel - 1 are used, so calls sharing a seed at disjoint offsets draw independent masks.
+Under torch.compile with Inductor the seed is drawn by Inductor's own RNG (as every torch random op
+there is, unless torch._inductor.config.fallback_random is set): forward and backward still share it,
+but the masks differ from eager mode's.
 
     lowmem_ops::dropout_apply(x, seed, offset, p) -> y     (forward, and backward on dy)
 """
