@@ -3,10 +3,16 @@
 y[i] = x[i] * scale where tl.rand(seed, offset + i) >= threshold, else 0, for the flat row-major
 index i. The same kernel is dropout's forward (x) and its backward (dy): the mask is regenerated
 from the seed, never stored. lowmem_ops._philox computes the same tl.rand for the torch path.
+
+`rand` is Triton's own tl.rand. Under the interpreter every @triton.jit function the kernel calls
+must be an interpreted one too, and tl.rand is not (triton was imported without TRITON_INTERPRET):
+the interpreted copy of this module gets an interpreted copy of Triton's random module's `rand`
+(lowmem_ops.dropout._kernel_module).
 """
 
 import triton
 import triton.language as tl
+from triton.language.random import rand
 
 BLOCK = 1024
 NUM_WARPS = 4

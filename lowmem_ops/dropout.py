@@ -143,8 +143,30 @@ def _kernel_module(interpret: bool):
                 os.environ.pop("TRITON_INTERPRET", None)
             else:
                 os.environ["TRITON_INTERPRET"] = before
-    module.rand = random.rand
+    module.rand = _restoring_calls(random).rand
     return module
+
+
+def _restoring_calls(random):
+    """Triton's interpreter patches triton.language for each nested @jit call and never undoes it
+    (InterpretedFunction.__call__ drops the patch scope), which breaks the next real compile in this
+    process. Calls between the random module's functions go through its globals: wrap each so that
+    its patches are undone when it returns (LIFO, so an enclosing kernel's patches stay)."""
+    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
+
+    def restoring(f):
+        def call(*args, **kwargs):
+            scope = _patch_lang(f.fn)
+            try:
+                return f.rewrite()(*args, **kwargs)
+            finally:
+                scope.restore()
+        return call
+
+    for name, value in list(vars(random).items()):
+        if isinstance(value, InterpretedFunction):
+            setattr(random, name, restoring(value))
+    return random
 
 
 def _import_in_package(path: Path, package: str, name: str):

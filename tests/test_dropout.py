@@ -287,3 +287,25 @@ def test_compiled_kernel_matches_torch_path_on_cuda(dtype):
     a = lo.dropout(x.cuda(), 0.5)
     torch.manual_seed(9)
     assert torch.equal(a, lo.dropout(x.cuda(), 0.5, seed=draw_seed("cuda")))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_cuda_kernel_compiles_ahead_of_time(dtype):
+    """The kernel CUDA tensors run (not the interpreter's copy) compiles for sm90 without a GPU: 10
+    Philox rounds of two multiply-highs each, and int32 -> float32 rounded to nearest as torch does."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowmem_ops import _dropout_kernel
+
+    # an interpreted run first: Triton's interpreter must leave triton.language as it found it
+    with ref.backend("triton-interpret"):
+        lo.dropout(torch.randn(5), 0.5, seed=1)
+    signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "seed_ptr": "*i64", "offset": "i64", "n": "i64",
+                 "threshold": "fp32", "scale": "fp32", "BLOCK": "constexpr"}
+    compiled = triton.compile(ASTSource(fn=_dropout_kernel.dropout_kernel, signature=signature,
+                                        constexprs={"BLOCK": _dropout_kernel.BLOCK}),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": _dropout_kernel.NUM_WARPS})
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("mul.hi.u32") >= 2 * _philox.ROUNDS and "cvt.rn.f32.s32" in ptx
