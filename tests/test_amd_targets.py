@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kernelgen.aot_amd import AmdCompileJob, compile_kernel, compile_one, parse_resources
+from kernelgen.aot_amd import AmdCompileJob, AmdCompileResult, compile_kernel, compile_one, parse_resources
+from kernelgen.prune_amd import judge
 from kernelgen.targets import AMD_TARGETS, TARGETS, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,3 +186,28 @@ def test_spilling_kernel_is_detected_by_its_scratch():
     assert not isinstance(r, str), r
     assert r.total_vgprs <= 64
     assert r.scratch_bytes > 0 and r.vgpr_spills > 0 and r.spills
+
+
+# ---- pruning verdicts from a compile's resources (no compile needed)
+
+
+def _result(**changes) -> AmdCompileResult:
+    base = dict(vgprs=42, agprs=0, total_vgprs=42, sgprs=33, vgpr_spills=0, sgpr_spills=0, scratch_bytes=0,
+                lds_bytes=0, llvm_waves_per_simd=8, wavefront_size=64)
+    return AmdCompileResult(**{**base, **changes})
+
+
+def test_judge_keeps_ranks_and_drops():
+    gfx942 = AMD_TARGETS["gfx942"]
+    kept = judge(gfx942, 4, _result())
+    assert kept.kept and kept.occupancy == 1.0
+    half = judge(gfx942, 4, _result(vgprs=128, total_vgprs=128))
+    assert half.kept and half.occupancy == 0.5  # 4 of 8 waves per SIMD, as worked out above
+    spilled = judge(gfx942, 4, _result(vgpr_spills=10, scratch_bytes=44))
+    assert not spilled.kept and spilled.spilled_bytes == 44 and "spills" in spilled.reason
+    # SGPR spills alone land in VGPR lanes: no memory traffic, so the config stays
+    assert judge(gfx942, 4, _result(sgpr_spills=3)).kept
+    assert not judge(gfx942, 4, _result(lds_bytes=65537)).kept
+    assert not judge(gfx942, 4, _result(vgprs=256, agprs=258, total_vgprs=516)).kept
+    assert not judge(AMD_TARGETS["gfx1100"], 4, _result()).kept  # a wave64 binary is not a gfx1100 wave32 one
+    assert "does not compile" in judge(gfx942, 4, "CompilationError: boom").reason
