@@ -147,6 +147,7 @@ def fresh_triton_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gfx942", "gfx90a", "gfx1100"])
 def test_activation_forward_compiles_for_each_target(name):
     target = AMD_TARGETS[name]
@@ -165,6 +166,7 @@ def test_activation_forward_compiles_for_each_target(name):
     assert target.register_waves(r.total_vgprs, r.sgprs) == r.llvm_waves_per_simd
 
 
+@pytest.mark.slow
 def test_norm_backward_reports_its_lds():
     # one row per program across 4 waves: the row sums go through LDS, which Triton allocates at launch
     job = AmdCompileJob(NORM, "backward_kernel", NORM_BACKWARD_SIG,
@@ -176,6 +178,7 @@ def test_norm_backward_reports_its_lds():
     assert AMD_TARGETS["gfx942"].register_waves(r.total_vgprs, r.sgprs) == r.llvm_waves_per_simd
 
 
+@pytest.mark.slow
 def test_spilling_kernel_is_detected_by_its_scratch():
     # A 4096-wide row on one wave is 64 floats per lane per tensor; waves_per_eu=8 caps the wave at
     # 512 / 8 = 64 registers, so LLVM must spill to scratch (a huge BLOCK alone takes minutes to compile).
