@@ -262,7 +262,7 @@ class CudaMeasure:
         w = (1.0 + 0.1 * torch.rand(cols, generator=gen, device=self.device)) if affine else None
         b = 0.1 * torch.randn(cols, generator=gen, device=self.device) if affine and kind == "layernorm" else None
         x = randn(rows, cols)
-        y, rstd = nb.triton_forward(x, w, b, 1e-5, kind == "rmsnorm", dtype, self.interpret)
+        y, rstd, _ = nb.triton_forward(x, w, b, 1e-5, kind == "rmsnorm", dtype, self.interpret)
         return {"x": x, "w": w, "b": b, "y": y, "rstd": rstd, "dy": randn(rows, cols), "is_rms": kind == "rmsnorm",
                 "dtype": dtype}
 

@@ -31,6 +31,16 @@ def _row_scale(xf: torch.Tensor) -> torch.Tensor:
                        torch.ones_like(row_max))
 
 
+def inverse_rule_holds(weight: torch.Tensor, bias: torch.Tensor | None, gamma_min: float, beta_ratio: float) -> torch.Tensor:
+    """Inverse mode's rule, every |gamma_j| >= gamma_min and |beta_j| <= beta_ratio * |gamma_j|, as a
+    0-dim int32 tensor (1: holds) on the parameters' device, computed in float32 as the kernels do."""
+    w = weight.detach().abs().float()
+    ok = w >= gamma_min
+    if bias is not None:
+        ok &= bias.detach().abs().float() <= beta_ratio * w
+    return ok.all().to(torch.int32)
+
+
 def torch_forward(x, weight, bias, eps, is_rms, out_dtype):
     xf = x.to(compute_dtype(x.dtype))
     s = _row_scale(xf)
@@ -82,21 +92,42 @@ def _launch_args(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k != "PROGRAMS_PER_SM"}  # a grid size, not a kernel argument
 
 
-def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict | None = None):
-    """`cfg`: a launch config to use instead of the baked one (the tuner's)."""
+_flag_sinks: dict[torch.device, torch.Tensor] = {}
+
+
+def _flag_sink(device: torch.device) -> torch.Tensor:
+    """Where an affine forward whose caller does not want the rule flag writes it: one per device,
+    never read (concurrent writes to it are harmless)."""
+    sink = _flag_sinks.get(device)
+    if sink is None:
+        sink = _flag_sinks[device] = torch.empty((), dtype=torch.int32, device=device)
+    return sink
+
+
+def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict | None = None,
+                   rule: tuple[float, float] | None = None):
+    """Returns (y, rstd, flag). `rule` = (gamma_min, beta_ratio): the affine kernel also reports
+    whether gamma/beta pass inverse mode's rule, in flag (0-dim int32, 1: passes); without `rule`
+    flag is empty. `cfg`: a launch config to use instead of the baked one (the tuner's)."""
     x, weight, bias = dense(x), dense(weight), dense(bias)
     rows, cols = x.shape
     y = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    affine = weight is not None
+    flag = torch.empty(() if affine and rule else 0, dtype=torch.int32, device=x.device)
     if rows == 0:
-        return y, rstd
+        if flag.dim() == 0:  # no row ran the kernel: check the rule here (rare)
+            flag.copy_(inverse_rule_holds(weight, bias, *rule))
+        return y, rstd, flag
     module, tree, arch = _module(x.device, interpret)
-    cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, weight is not None, "forward"), x.dtype, rows, cols)
-    w = weight if weight is not None else rstd  # never read when AFFINE is off
+    cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "forward"), x.dtype, rows, cols)
+    w = weight if affine else rstd  # never read when AFFINE is off
     b = bias if bias is not None else w
-    launch(module.forward_kernel, (rows,), x, y, rstd, w, b, cols, eps, IS_RMS=is_rms, AFFINE=weight is not None,
-           HAS_BIAS=bias is not None, **_launch_args(cfg))
-    return y, rstd
+    ok = flag if flag.dim() == 0 else _flag_sink(x.device)
+    gamma_min, beta_ratio = rule or (0.0, 0.0)
+    launch(module.forward_kernel, (rows,), x, y, rstd, w, b, ok, cols, eps, gamma_min, beta_ratio, IS_RMS=is_rms,
+           AFFINE=affine, HAS_BIAS=bias is not None, **_launch_args(cfg))
+    return y, rstd, flag
 
 
 _sm_counts: dict[int, int] = {}

@@ -3,7 +3,7 @@
 The norm saves its output y (and one float32 rstd per row), never its input. The linear layer that
 consumes y saves that same tensor, so the pair keeps one copy where torch keeps two.
 
-    lowmem_ops::ms_norm_fwd(x, weight?, bias?, n_cols, eps, is_rms, out_dtype?) -> (y, rstd)
+    lowmem_ops::ms_norm_fwd(x, weight?, bias?, n_cols, eps, is_rms, out_dtype?, check_rule) -> (y, rstd, rule_ok)
     lowmem_ops::ms_norm_bwd(dy, y, rstd, weight?, bias?, n_cols, is_rms, x_dtype) -> (dx, dweight, dbias)
 
 Affine modes:
@@ -59,28 +59,34 @@ def _check(x, weight, bias, n_cols, what):
 
 
 def _ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], n_cols: int,
-                 eps: float, is_rms: bool, out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, is_rms: bool, out_dtype: Optional[torch.dtype], check_rule: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, rstd, and with check_rule (and a weight) whether gamma/beta pass INVERSE_RULE as a 0-dim
+    int32 tensor on their device (computed there: reading it is up to the caller); else empty."""
     _check(x, weight, bias, n_cols, "ms_norm")
     out_dtype = out_dtype or x.dtype
     x2 = x.reshape(-1, n_cols).contiguous()
     w = weight.reshape(-1).contiguous() if weight is not None else None
     b = bias.reshape(-1).contiguous() if bias is not None else None
+    rule = (GAMMA_MIN, BETA_RATIO) if check_rule and w is not None else None
     backend = pick_backend(x)
     if backend == "torch" or out_dtype == torch.float64:
         y, rstd = nb.torch_forward(x2, w, b, eps, is_rms, out_dtype)
+        flag = nb.inverse_rule_holds(w, b, *rule) if rule else x.new_empty(0, dtype=torch.int32)
     else:
-        y, rstd = nb.triton_forward(x2, w, b, eps, is_rms, out_dtype, backend == "triton-interpret")
-    return y.view(x.shape), rstd
+        y, rstd, flag = nb.triton_forward(x2, w, b, eps, is_rms, out_dtype, backend == "triton-interpret", rule=rule)
+    return y.view(x.shape), rstd, flag
 
 
 ms_norm_fwd = torch.library.custom_op("lowmem_ops::ms_norm_fwd", mutates_args=())(_ms_norm_fwd)
 
 
 @ms_norm_fwd.register_fake
-def _(x, weight, bias, n_cols, eps, is_rms, out_dtype):
+def _(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule=False):
     rows = x.numel() // n_cols
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty((rows,), dtype=stat)
+    flag = x.new_empty(() if check_rule and weight is not None else 0, dtype=torch.int32)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty((rows,), dtype=stat), flag
 
 
 def _ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
@@ -119,18 +125,18 @@ def _(dy, y, rstd, weight, bias, n_cols, is_rms, x_dtype):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, n_cols, eps, is_rms, out_dtype = inputs
-    y, rstd = output
+    x, weight, bias, n_cols, eps, is_rms, out_dtype, *_ = inputs
+    y, rstd, _flag = output
     ctx.n_cols, ctx.is_rms, ctx.x_dtype = n_cols, is_rms, x.dtype
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     # y is this op's output: the very tensor the next layer saves. weight/bias are parameters.
     ctx.save_for_backward(y, rstd, weight, bias)
 
 
-def _backward(ctx, dy, _drstd, call=_transforms.call_directly, bwd_op=None):
+def _backward(ctx, dy, _drstd, _dflag, call=_transforms.call_directly, bwd_op=None):
     y, rstd, weight, bias = ctx.saved_tensors
     dx, dw, db = call(bwd_op or ms_norm_bwd, NO_DOUBLE_BACKWARD, dy, y, rstd, weight, bias, ctx.n_cols, ctx.is_rms, ctx.x_dtype)
-    return dx, dw if ctx.has_weight else None, db if ctx.has_bias else None, None, None, None, None
+    return dx, dw if ctx.has_weight else None, db if ctx.has_bias else None, None, None, None, None, None
 
 
 NO_DOUBLE_BACKWARD = "lowmem_ops: double backward through a memory-sharing norm is not supported"
@@ -150,19 +156,19 @@ class _MSNorm(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, bias, n_cols, eps, is_rms, out_dtype):
-        return _fwd_direct(x, weight, bias, n_cols, eps, is_rms, out_dtype)
+    def forward(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule):
+        return _fwd_direct(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.eps, ctx.out_dtype = inputs[4], output[0].dtype
         ctx.save_for_forward(*inputs[:3])  # only kept while forward-mode AD runs
 
     @staticmethod
-    def backward(ctx, dy, drstd):
-        return _backward(ctx, dy, drstd, _transforms.call_differentiable_once, _bwd_direct)
+    def backward(ctx, dy, drstd, dflag):
+        return _backward(ctx, dy, drstd, dflag, _transforms.call_differentiable_once, _bwd_direct)
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, *_):
@@ -177,7 +183,7 @@ class _MSNorm(torch.autograd.Function):
         present = [(p, t) for p, t in ((x, dx), (weight, dweight), (bias, dbias)) if p is not None]
         dy = _transforms.exact_jvp(norm, [p for p, _ in present], [t for _, t in present], compute_dtype(x.dtype),
                                    ctx.out_dtype)
-        return dy, None
+        return dy, None, None
 
 
 _MSNormEager = _transforms.eager_twin(_MSNorm)
@@ -187,12 +193,15 @@ def _flat(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return p.reshape(-1) if p is not None else None
 
 
-def _ms_norm(x, weight, bias, n_cols, eps, is_rms, out_dtype) -> torch.Tensor:
-    """The memory-sharing norm's output: through _MSNorm in eager code, the custom op under torch.compile."""
-    args = (x, weight, bias, n_cols, eps, is_rms, out_dtype)
+def _ms_norm(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory-sharing norm's output and rule flag (see _ms_norm_fwd): through _MSNorm in eager
+    code, the custom op under torch.compile."""
+    args = (x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule)
     if _transforms.use_custom_op():
-        return torch.ops.lowmem_ops.ms_norm_fwd(*args)[0]
-    return _transforms.apply(_MSNorm, _MSNormEager, *args)[0]
+        y, _, flag = torch.ops.lowmem_ops.ms_norm_fwd(*args)
+    else:
+        y, _, flag = _transforms.apply(_MSNorm, _MSNormEager, *args)
+    return y, flag
 
 
 # --- the public functions --------------------------------------------------------------------------
@@ -234,18 +243,9 @@ def _out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> Optional[to
 _warned_fallback: set[int] = set()
 
 
-def _rule_holds(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """INVERSE_RULE as a 0-dim bool tensor on the parameters' device (computing it needs no sync)."""
-    w = weight.detach().abs().float()
-    ok = w >= GAMMA_MIN
-    if bias is not None:
-        ok &= bias.detach().abs().float() <= BETA_RATIO * w
-    return ok.all()
-
-
 def inverse_is_safe(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether y can be inverted to x_hat for these parameters (INVERSE_RULE). Syncs with the device."""
-    return bool(_rule_holds(weight, bias))
+    return bool(nb.inverse_rule_holds(weight, bias, GAMMA_MIN, BETA_RATIO))
 
 
 def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, what):
@@ -263,12 +263,13 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
     if weight is None or not _backward_may_run(x, weight, bias) or not _has_values(weight):
         # Only backward inverts gamma: without one (no_grad, inference_mode), or with no values to
         # read (meta and fake tensors: shapes only, as when planning memory), the rule does not matter.
-        return _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)
+        return _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)[0]
     if not _inverse_allowed(weight, bias):
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
-    y = _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)
-    if not _reads_for_free(weight):
-        _recheck_in_backward(y, weight, bias, what)
+    recheck = not _reads_for_free(weight)
+    y, flag = _ms_norm(x, weight, bias, n_cols, eps, is_rms, out, check_rule=recheck)
+    if recheck:
+        _recheck_in_backward(y, flag, weight, what)
     return y
 
 
@@ -323,20 +324,20 @@ def _warn_if_unsafe(weight, safe: bool) -> bool:
 
 
 class _DeviceCheck:
-    """INVERSE_RULE evaluated on the device for the parameters one forward used, read back later.
-    On CUDA the flag is copied to pinned host memory without blocking; reading it waits for that
-    copy only (long done by the time backward runs), not for the whole stream."""
+    """INVERSE_RULE's verdict on the parameters one forward used, computed on the device (by the norm
+    kernel itself, as its rule flag) and read back later. On CUDA the flag is copied to pinned host
+    memory without blocking; reading it waits for that copy only (long done by the time backward
+    runs), not for the whole stream."""
 
-    def __init__(self, weight, bias):
-        ok = _rule_holds(weight, bias)
+    def __init__(self, flag: torch.Tensor):
         self._ready = None
-        if ok.device.type == "cuda":
-            self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._flag.copy_(ok, non_blocking=True)
+        if flag.device.type == "cuda":
+            self._flag = torch.empty((), dtype=flag.dtype, pin_memory=True)
+            self._flag.copy_(flag, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
         else:
-            self._flag = ok  # read with a sync, in backward only
+            self._flag = flag  # read with a sync, in backward only
 
     def holds(self) -> bool:
         if self._ready is not None:
@@ -344,11 +345,11 @@ class _DeviceCheck:
         return bool(self._flag)
 
 
-def _recheck_in_backward(y, weight, bias, what):
+def _recheck_in_backward(y, flag, weight, what):
     """Make y's backward refuse to run if the parameters this forward used break INVERSE_RULE although
     the cached verdict said they were safe: they were changed where the version counter does not see
     it (`w.data.fill_(0)`, `w.data[3] = 0`). Inverting them would give NaN or wrong gradients."""
-    check = _DeviceCheck(weight, bias)
+    check = _DeviceCheck(flag)
 
     def hook(grad):
         if not check.holds():

@@ -311,7 +311,8 @@ def test_norm_ops_pass_opcheck(backend, rows):
     b = torch.randn(8, requires_grad=True)
     with ref.backend(backend):
         torch.library.opcheck(torch.ops.lowmem_ops.ms_norm_fwd.default, (x, w, b, 8, 1e-5, False, None))
-        y, rstd = torch.ops.lowmem_ops.ms_norm_fwd(x.detach(), w.detach(), b.detach(), 8, 1e-5, False, None)
+        torch.library.opcheck(torch.ops.lowmem_ops.ms_norm_fwd.default, (x, w, b, 8, 1e-5, False, None, True))
+        y, rstd, _ = torch.ops.lowmem_ops.ms_norm_fwd(x.detach(), w.detach(), b.detach(), 8, 1e-5, False, None)
         torch.library.opcheck(torch.ops.lowmem_ops.ms_norm_bwd.default,
                               (torch.randn(rows, 8), y, rstd, w.detach(), b.detach(), 8, False, torch.float32))
 

@@ -204,3 +204,65 @@ def test_meta_tensors_propagate_shapes_as_torch(kind, affine):
         assert (p.grad.shape, p.grad.device) == (p.shape, p.device)
     fn = lo.ms_rmsnorm if kind == "rmsnorm" else lo.ms_layernorm
     assert fn(x.detach(), (4, 8), out_dtype=torch.float32).dtype == torch.float32
+
+
+# --- the rule flag the affine forward kernel reports -------------------------------------------------
+
+def _rule_reference(w: torch.Tensor, b) -> bool:
+    """INVERSE_RULE evaluated element by element in numpy float32 (the kernels' and torch's precision)."""
+    import numpy as np
+
+    w32 = np.abs(w.float().numpy())
+    ok = w32 >= np.float32(lo.norms.GAMMA_MIN)
+    if b is not None:
+        ok &= np.abs(b.float().numpy()) <= np.float32(lo.norms.BETA_RATIO) * w32
+    return bool(ok.all())
+
+
+_SPECIAL = [0.0, -0.0, 1e-3, -1e-3, 0.00099999, 0.0010001, 1.0, -2.0, float("nan"), float("inf"), 1e-30]
+
+
+@pytest.mark.parametrize("width", [5, 64, 9000])  # odd, one block, the looped path's several blocks
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", MODULES)
+def test_forward_kernel_rule_flag_matches_the_rule(width, pdtype, kind):
+    """The flag the affine forward kernel computes on the device (what backward reads on CUDA) against
+    the rule evaluated independently, for parameters that pass, and for each way of breaking it at
+    the first, a middle or the last column: |gamma| just below the bound, 0, NaN, |beta| just over
+    16 |gamma|, NaN beta. The torch backend's flag is held to the same reference."""
+    from lowmem_ops import _norm_backends as nb
+
+    gen = torch.Generator().manual_seed(width)
+    is_rms = kind == "rmsnorm"
+    x = torch.randn(3, width, generator=gen)
+    cases = []
+    base_w = (torch.rand(width, generator=gen) + 0.5).to(pdtype)
+    base_b = None if is_rms else (torch.randn(width, generator=gen) * 0.3).to(pdtype)
+    cases.append((base_w, base_b))
+    for col in (0, width // 2, width - 1):
+        for value in _SPECIAL:
+            w = base_w.clone()
+            w[col] = value
+            b = None if base_b is None else base_b.clone()
+            if b is not None:
+                b[col] = 0.0  # gamma alone decides
+            cases.append((w, b))
+            if base_b is not None:
+                b = base_b.clone()
+                b[col] = value
+                cases.append((base_w, b))
+        if base_b is not None:  # |beta| exactly 16 |gamma| (passes), and just over it (breaks)
+            for factor in (16.0, -16.0, 16.0 * (1 + 2 ** -6)):
+                b = base_b.clone()
+                b[col] = factor * float(base_w[col].float())
+                cases.append((base_w, b))
+    rule = (lo.norms.GAMMA_MIN, lo.norms.BETA_RATIO)
+    outcomes = set()
+    for w, b in cases:
+        expected = _rule_reference(w, b)
+        outcomes.add(expected)
+        _, _, flag = nb.triton_forward(x, w, b, 1e-5, is_rms, torch.float32, interpret=True, rule=rule)
+        assert flag.shape == () and flag.dtype == torch.int32
+        assert bool(flag) == expected, (w, b)
+        assert bool(nb.inverse_rule_holds(w, b, *rule)) == expected
+    assert outcomes == {True, False}  # both verdicts were exercised
