@@ -45,12 +45,13 @@ class CompileJob:
     num_warps: int
     num_stages: int | None  # None: Triton's default
     capability: int
+    aligned_args: tuple[str, ...] = ()  # integer arguments marked multiples of 16, as Triton's JIT marks them
 
     def key(self, source_sha256: str, triton_version: str) -> str:
         """What the result depends on: the source, the kernel, its specialisation, target, compiler."""
         record = {"results": RESULT_FORMAT, "source": source_sha256, "fn": self.fn, "signature": self.signature, "constexprs": self.constexprs,
                   "num_warps": self.num_warps, "num_stages": self.num_stages, "capability": self.capability,
-                  "triton": triton_version}
+                  "aligned_args": list(self.aligned_args), "triton": triton_version}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -121,8 +122,10 @@ def compile_one(job: CompileJob) -> Outcome:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        pointer_args = [i for i, v in enumerate(job.signature.values()) if v.startswith("*")]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in pointer_args}  # torch's allocator aligns to 16 B+
+        # What Triton's JIT marks at a launch: pointers (torch's allocator aligns to 16 B and more)
+        # and integers that are multiples of 16 (the aligned specialisation's sizes).
+        marked = [i for i, (name, v) in enumerate(job.signature.items()) if v.startswith("*") or name in job.aligned_args]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in marked}
         options = {"num_warps": job.num_warps}
         if job.num_stages is not None:
             options["num_stages"] = job.num_stages

@@ -85,8 +85,13 @@ def groups_for(specs: list[Spec], arch: Arch, norms: bool) -> list[render.TuneGr
     return groups + (render.norm_groups(arch) if norms else [])
 
 
-def variant_count(specs: list[Spec], arch: Arch, norms: bool) -> int:
+def config_count(specs: list[Spec], arch: Arch, norms: bool) -> int:
     return len(render.variants(groups_for(specs, arch, norms)))
+
+
+def compile_count(specs: list[Spec], arch: Arch, norms: bool) -> int:
+    """The compiles every config needs (each weight dtype); the chosen configs' unaligned ones aside."""
+    return sum(len(vs) for vs in render.variants(groups_for(specs, arch, norms)))
 
 
 def _previous_results(manifest: Path, triton_version: str) -> dict[str, dict]:
@@ -105,7 +110,9 @@ def _previous_results(manifest: Path, triton_version: str) -> dict[str, dict]:
                                                     '"variants" (a list)'))
     if data["compiled_with"].get("triton") != triton_version:
         return {}
-    return {v["compile_key"]: v for v in data["variants"] if isinstance(v, dict) and "compile_key" in v}
+    rows = [v for v in data["variants"] if isinstance(v, dict)]
+    rows += [a for v in rows if isinstance(v.get("also"), list) for a in v["also"] if isinstance(a, dict)]
+    return {v["compile_key"]: v for v in rows if "compile_key" in v}
 
 
 def damaged_manifest(manifest: Path, problem: str) -> str:
@@ -122,7 +129,7 @@ def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[s
     for op in sorted({v.op for v in variants}):  # a rendered file that does not import fails here, by name
         _import_path(dest / f"{op}.py", f"_kernelgen_check_{arch.name}_{op}")
     jobs = [aot.CompileJob(str(dest / f"{v.op}.py"), v.fn, v.signature, v.constexprs, v.num_warps, v.num_stages,
-                           arch.capability) for v in variants]
+                           arch.capability, v.aligned_args) for v in variants]
     keys = [job.key(shas[v.op], triton.__version__) for job, v in zip(jobs, variants)]
     outcomes: dict[int, aot.Outcome] = {}
     for i, key in enumerate(keys):
@@ -135,32 +142,57 @@ def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[s
             progress(f"{arch.name} {variants[i].key} (recorded)")
     todo = [i for i in range(len(jobs)) if i not in outcomes]
     fresh = aot.compile_all([jobs[i] for i in todo], opts.workers,
-                            lambda k: progress(f"{arch.name} {variants[todo[k]].key} {variants[todo[k]].config}"))
+                            lambda k: progress(f"{arch.name} {variants[todo[k]].key} {variants[todo[k]].config}"
+                                               f"{'' if variants[todo[k]].aligned else ' (unaligned sizes)'}"))
     outcomes.update(zip(todo, fresh))
     return [(keys[i], outcomes[i]) for i in range(len(jobs))], len(todo)
 
 
-def _manifest_variant(v: KernelVariant, key: str, outcome: aot.Outcome, verdict: prune.Verdict) -> dict:
-    row = {"op": v.op, "kernel": v.kernel, "dtype": v.dtype, "config": dict(sorted(v.config.items())),
-           "compile_key": key, "kept": verdict.kept, "reason": verdict.reason}
-    if isinstance(outcome, aot.CompileResult):
-        row.update(aot.to_dict(outcome), occupancy=verdict.occupancy)
-    else:
-        row["error"] = outcome
+def _compile_record(v: KernelVariant, key: str, outcome: aot.Outcome) -> dict:
+    """One compile of a config: which runtime case it is, and what it uses (or why it failed)."""
+    row = {"specialisation": v.specialisation, "compile_key": key}
+    row.update(aot.to_dict(outcome) if isinstance(outcome, aot.CompileResult) else {"error": outcome})
     return row
 
 
-def _choose(groups, verdicts, db, shas, arch: Arch) -> tuple[list, list[dict]]:
-    """Per group: the tuned winner from the DB if there is one, else the static choice."""
+def _manifest_variant(compiles: list[tuple[KernelVariant, str, aot.Outcome]], verdict: prune.Verdict) -> dict:
+    """A config's row: its verdict and its usual compile's resources at the top level (what the
+    tuner reads); its other specialisations (weight dtypes, unaligned sizes) under "also"."""
+    v, key, outcome = compiles[0]
+    row = {"op": v.op, "kernel": v.kernel, "dtype": v.dtype, "config": dict(sorted(v.config.items())),
+           "kept": verdict.kept, "reason": verdict.reason, **_compile_record(v, key, outcome)}
+    if isinstance(outcome, aot.CompileResult):
+        row["occupancy"] = verdict.occupancy
+    if len(compiles) > 1:
+        row["also"] = [_compile_record(*c) for c in compiles[1:]]
+    return row
+
+
+def _config_ident(v: KernelVariant) -> tuple:
+    return (v.op, v.kernel, v.dtype, space.config_id(v.config))
+
+
+def _unaligned_verdict(verdict: prune.Verdict, outcomes: list[aot.Outcome]) -> prune.Verdict:
+    """A chosen config must also compile for sizes that are not multiples of 16 (the JIT's fallback
+    specialisation); how well it does there is recorded, not judged: such sizes are the rare case."""
+    failed = [o for o in outcomes if not isinstance(o, aot.CompileResult)]
+    if not failed:
+        return verdict
+    return prune.Verdict(False, f"does not compile for sizes that are not multiples of 16: {failed[0]}", 0.0)
+
+
+def _choose(groups, verdicts, db, shas, arch: Arch) -> tuple[list, list[dict], list[tuple[str, type]]]:
+    """Per group: the tuned winner from the DB if there is one, else the static choice. Returns the
+    warnings to give as (message, category): the build may choose again before it is done."""
     import triton
 
     sources = {g.key: shas[g.op] for g in groups}
     stale = tunedb.stale_groups(db, sources)
+    notes = []
     if stale:
-        warnings.warn(f"{len(stale)} tuning groups of {arch.name} in the database were measured on other kernel "
+        notes.append((f"{len(stale)} tuning groups of {arch.name} in the database were measured on other kernel "
                       f"sources (templates or specs changed since), e.g. {'/'.join(stale[0])}: they get static "
-                      f"configs until `kernelgen tune --arch {arch.name}` measures them again",
-                      tunedb.TuneDBWarning, stacklevel=3)
+                      f"configs until `kernelgen tune --arch {arch.name}` measures them again", tunedb.TuneDBWarning))
     baked, rows, spilling = [], [], []
     for g in groups:
         def verdict_of(c, g=g):
@@ -188,10 +220,10 @@ def _choose(groups, verdicts, db, shas, arch: Arch) -> tuple[list, list[dict]]:
         baked.append((g, chosen, note))
         rows.append(row)
     if spilling:
-        warnings.warn(f"{arch.name}: every candidate config spills registers for {len(spilling)} kernel buckets, "
+        notes.append((f"{arch.name}: every candidate config spills registers for {len(spilling)} kernel buckets, "
                       f"e.g. {spilling[0]}; built with the least spilling one (widen the space in "
-                      f"templates/*.space.toml)", BuildWarning, stacklevel=3)
-    return baked, rows
+                      f"templates/*.space.toml)", BuildWarning))
+    return baked, rows, notes
 
 
 def _tuned_with(rows: list[dict]) -> str:
@@ -239,26 +271,52 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
         }
     shas = {op: f["source_sha256"] for op, f in files.items()}
     groups = groups_for(specs, arch, norms)
-    variants = render.variants(groups)
+    configs = {_config_ident(vs[0]): vs for vs in render.variants(groups)}
     previous = {} if opts.recompile or previous_manifest is None else _previous_results(previous_manifest,
                                                                                          triton.__version__)
-    compiled, n_compiled = _compile(variants, dest, arch, shas, opts, previous, progress)
-    verdicts, rows = {}, []
-    for v, (key, outcome) in zip(variants, compiled):
-        verdict = prune.judge(arch, v.num_warps, outcome)
-        verdicts[(v.op, v.kernel, v.dtype, space.config_id(v.config))] = verdict
-        rows.append(_manifest_variant(v, key, outcome, verdict))
+    # Every config, compiled as launched with sizes that are multiples of 16 (each weight dtype):
+    # pruning and ranking judge these, the kernels that run in the common case.
+    flat = [v for vs in configs.values() for v in vs]
+    compiled, n_compiled = _compile(flat, dest, arch, shas, opts, previous, progress)
+    results = iter(zip(flat, compiled))
+    compiles = {ident: [(v, key, outcome) for v, (key, outcome) in (next(results) for _ in vs)]
+                for ident, vs in configs.items()}
+    verdicts = {ident: prune.combine([prune.judge(arch, v.num_warps, outcome) for v, _, outcome in c])
+                for ident, c in compiles.items()}
     db = tunedb.load_or_warn(tunedb.db_path(opts.db_dir, arch.name), arch.name) if opts.db_dir else tunedb.TuneDB(arch.name)
-    baked, choices = _choose(groups, verdicts, db, shas, arch)
+    # The configs chosen must also compile for other sizes (the JIT's unaligned specialisation); one
+    # that does not is dropped and its groups choose again.
+    unaligned_done: set[tuple] = set()
+    while True:
+        baked, choices, notes = _choose(groups, verdicts, db, shas, arch)
+        todo = sorted({(g.op, g.kernel, g.dtype, space.config_id(space.compile_part(chosen)))
+                       for g, chosen, _ in baked} - unaligned_done)
+        if not todo:
+            break
+        extra = [v.unaligned() for ident in todo for v in configs[ident]]
+        done, n = _compile(extra, dest, arch, shas, opts, previous, progress)
+        n_compiled += n
+        results = iter(zip(extra, done))
+        for ident in todo:
+            fallback = [(v, key, outcome) for v, (key, outcome) in (next(results) for _ in configs[ident])]
+            compiles[ident] += fallback
+            verdicts[ident] = _unaligned_verdict(verdicts[ident], [outcome for _, _, outcome in fallback])
+        unaligned_done.update(todo)
+    for message, category in notes:
+        warnings.warn(message, category, stacklevel=3)
+    rows = [_manifest_variant(compiles[ident], verdicts[ident]) for ident in configs]
     (dest / f"{render.CONFIGS_FILE}.py").write_text(render.render_configs(arch, baked, _tuned_with(choices)))
     manifest = {
         "arch": arch.name,
         "capability": arch.capability,
         "reference_gpu": arch.reference_gpu,
-        "compiled_with": {"triton": triton.__version__, "integer_args": "i32", "pointer_alignment": 16},
+        "compiled_with": {"triton": triton.__version__, "integer_args": "i32", "pointer_alignment": 16,
+                          "specialisations": "each config as launched with sizes that are multiples of 16 (pruned "
+                                             "and ranked on those, every weight dtype); chosen ones also for any "
+                                             "size (\"also\")"},
         "spaces": {"activation": space.ACTIVATION_SPACE, "norm": space.NORM_SPACE},
         "ops": files,
-        "pruning": {"compiled": len(rows), "kept": sum(r["kept"] for r in rows),
+        "pruning": {"compiled": sum(1 + len(r.get("also", ())) for r in rows), "kept": sum(r["kept"] for r in rows),
                     "dropped": sum(not r["kept"] for r in rows)},
         "variants": sorted(rows, key=lambda r: (r["op"], r["kernel"], r["dtype"], space.config_id(r["config"]))),
         "choices": choices,

@@ -50,7 +50,9 @@ def _cmd_build(args) -> int:
     norms = not args.spec  # a tree of the user's own activations; the norms live in the built-in tree
     db_dir = Path(args.db) if args.db else build_mod.default_db_dir()
     opts = build_mod.BuildOptions(workers=args.jobs, recompile=args.recompile, db_dir=db_dir)
-    total = sum(build_mod.variant_count(specs, a, norms) for a in arch_list)
+    configs = sum(build_mod.config_count(specs, a, norms) for a in arch_list)
+    # the aligned compiles; the chosen configs' unaligned ones come on top (a few hundred per arch)
+    total = sum(build_mod.compile_count(specs, a, norms) for a in arch_list)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=not console.is_terminal) as bar:
@@ -78,8 +80,8 @@ def _cmd_build(args) -> int:
         return 1
     verb = "is fresh" if args.check else "built"
     what = f"{len(specs)} activations" + (" + norms" if norms else "")
-    how = "" if compiled is None else f" ({compiled} compiled, {total - compiled} reused from the manifests)"
-    print(f"{out}: {what}, {total} kernel configs {verb} for {names}{how} in {elapsed:.1f} s",
+    how = "" if compiled is None else f" ({compiled} compiles run, the others' results reused from the manifests)"
+    print(f"{out}: {what}, {configs} kernel configs {verb} for {names}{how} in {elapsed:.1f} s",
           file=sys.stderr)  # status on stderr, as the progress bar; unwrapped
     return 0
 

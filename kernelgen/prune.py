@@ -38,6 +38,17 @@ def judge(arch: Arch, num_warps: int, outcome: Outcome) -> Verdict:
     return Verdict(True, f"kept: occupancy {occupancy:.0%} ({outcome.registers} registers)", round(occupancy, 4), 0)
 
 
+def combine(verdicts: list[Verdict]) -> Verdict:
+    """One config compiled for several runtime cases (weight dtypes): kept only if kept in every
+    one, at its lowest occupancy (ties: the first case, the usual one)."""
+    dropped = [v for v in verdicts if not v.kept]
+    if dropped:
+        spilled = [v.spilled_bytes for v in dropped]
+        return Verdict(False, dropped[0].reason, 0.0,
+                       None if any(b is None for b in spilled) else max(spilled))
+    return min(verdicts, key=lambda v: v.occupancy)
+
+
 def rank(candidates: list[dict], verdict_of) -> list[dict]:
     """The kept candidates, highest occupancy first; ties keep the space's order (static first).
     `verdict_of(compile_config)` gives the Verdict of a candidate's compiled kernel."""

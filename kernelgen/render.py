@@ -16,7 +16,7 @@ import functools
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -149,13 +149,19 @@ def _pack_rounds(spec: Spec) -> list[dict]:
     return rounds
 
 
+SIZE_ARGS = ("n_elements", "n_cols")
+
+
 @dataclass(frozen=True)
 class KernelVariant:
     """One compiled unit: a kernel function of a generated file, for a dtype, with a config.
 
     `signature` and the constexprs are what triton.compile gets; they mirror what the runtime
     launches with: pointers 16-byte aligned (torch's allocator guarantees it and Triton's JIT
-    specialises on it) and integer sizes as i32, as Triton specialises them below 2**31.
+    specialises on it) and integer sizes as i32, as Triton specialises them below 2**31. Triton's
+    JIT also specialises an integer that is a multiple of 16 (it may then vectorise accesses):
+    `aligned` compiles the kernel as it runs when its size arguments are (the common case, and
+    what pruning and ranking judge), `aligned=False` the fallback for other sizes.
     """
 
     op: str  # the generated file's stem: regelu2, ms_norm, ...
@@ -165,10 +171,29 @@ class KernelVariant:
     signature: dict
     flags: dict  # constexprs that select what the kernel does (WRITE_CODES, IS_RMS, ...)
     config: dict  # tunable constexprs + num_warps (+ num_stages): what a compiled config is
+    aligned: bool = True  # the size arguments (SIZE_ARGS) are multiples of 16
 
     @property
     def key(self) -> str:
         return f"{self.op}.{self.kernel}[{self.dtype}]"
+
+    @property
+    def aligned_args(self) -> tuple[str, ...]:
+        """The size arguments the aligned specialisation marks as multiples of 16: those that set
+        addresses (flat offsets, row starts). A row count only bounds loops and is left unmarked, so
+        both specialisations describe any number of rows."""
+        return tuple(name for name in SIZE_ARGS if name in self.signature) if self.aligned else ()
+
+    @property
+    def specialisation(self) -> dict:
+        """What the manifest records of which runtime case this compile describes."""
+        spec = {"sizes": "multiples of 16" if self.aligned else "any"}
+        if "w_ptr" in self.signature and self.flags.get("AFFINE", True):
+            spec["weight"] = {f"*{t}": name for name, t in TRITON_DTYPE.items()}[self.signature["w_ptr"]]
+        return spec
+
+    def unaligned(self) -> "KernelVariant":
+        return replace(self, aligned=False)
 
     @property
     def constexprs(self) -> dict:
@@ -266,29 +291,40 @@ def norm_groups(arch: Arch) -> list[TuneGroup]:
     return out
 
 
-def _norm_variant(kernel: str, dtype: str, config: dict) -> KernelVariant:
+def norm_weight_dtypes(kernel: str, dtype: str) -> tuple[str, ...]:
+    """The gamma/beta dtypes the runtime launches a norm kernel with, the usual one first: a model's
+    own dtype (a bf16 model has bf16 norm weights), and float32 beside 16-bit activations (float32
+    master weights under autocast). Kernels without the affine read no weights: float32 placeholders."""
+    if ".affine." not in kernel or dtype == "float32":
+        return ("float32",)
+    return (dtype, "float32")
+
+
+def _norm_variant(kernel: str, dtype: str, config: dict, weight_dtype: str) -> KernelVariant:
     kind, *rest = kernel.split(".")
     affine, stage = rest[0] == "affine", rest[-1]
-    t = TRITON_DTYPE[dtype]
+    t, wt = TRITON_DTYPE[dtype], TRITON_DTYPE[weight_dtype]
     if stage == "param_grad":
-        sig = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "w_ptr": "*fp32", "b_ptr": "*fp32", "dw_ptr": "*fp32",
+        sig = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "w_ptr": f"*{wt}", "b_ptr": f"*{wt}", "dw_ptr": "*fp32",
                "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
                "HAS_BIAS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
         return KernelVariant(NORM_FILE, kernel, dtype, "param_grad_kernel", sig,
                              {"HAS_BIAS": kind == "layernorm"}, dict(config))
     flags = {"IS_RMS": kind == "rmsnorm", "AFFINE": affine, "HAS_BIAS": affine and kind == "layernorm"}
     if stage == "forward":
-        sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-               "n_cols": "i32", "eps": "fp32"}
+        sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": f"*{wt}", "b_ptr": f"*{wt}",
+               "ok_ptr": "*i32", "n_cols": "i32", "eps": "fp32", "gamma_min": "fp32", "beta_ratio": "fp32"}
     else:
-        sig = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+        sig = {"dy_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32", "w_ptr": f"*{wt}", "b_ptr": f"*{wt}",
                "dx_ptr": f"*{t}", "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
     sig.update({k: "constexpr" for k in (*flags, "BLOCK_N", "SINGLE_PASS")})
     return KernelVariant(NORM_FILE, kernel, dtype, f"{stage}_kernel", sig, flags, dict(config))
 
 
-def variants(groups: list[TuneGroup]) -> list[KernelVariant]:
-    """Every distinct compiled kernel the groups' candidates need (launch-only parameters aside)."""
+def variants(groups: list[TuneGroup]) -> list[list[KernelVariant]]:
+    """Every distinct compiled config the groups' candidates need (launch-only parameters aside), as
+    the aligned compiles it is launched as: one per weight dtype for the norms' affine kernels, the
+    usual one first. A config is judged on all of them (one baked config serves every case)."""
     seen, out = set(), []
     for g in groups:
         for c in g.candidates:
@@ -298,9 +334,9 @@ def variants(groups: list[TuneGroup]) -> list[KernelVariant]:
                 continue
             seen.add(ident)
             if g.op == NORM_FILE:
-                out.append(_norm_variant(g.kernel, g.dtype, cfg))
+                out.append([_norm_variant(g.kernel, g.dtype, cfg, w) for w in norm_weight_dtypes(g.kernel, g.dtype)])
             else:
-                out.append(_activation_variant(g.op, g.kernel, g.dtype, cfg))
+                out.append([_activation_variant(g.op, g.kernel, g.dtype, cfg)])
     return out
 
 

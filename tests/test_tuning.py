@@ -66,10 +66,16 @@ def test_norm_space_respects_its_constraints():
 def test_variants_are_unique_compile_configs():
     specs = spec.load_builtin()
     groups = build.groups_for(specs, SM90, True)
-    variants = render.variants(groups)
+    configs = render.variants(groups)
+    variants = [vs[0] for vs in configs]
     idents = [(v.op, v.kernel, v.dtype, space.config_id(v.config)) for v in variants]
     assert len(idents) == len(set(idents))
     assert not any("PROGRAMS_PER_SM" in v.config for v in variants)
+    for vs in configs:  # one compile per weight dtype the runtime uses, the model's own first
+        assert all(v.aligned and v.config == vs[0].config for v in vs)
+        weights = [v.signature.get("w_ptr") for v in vs]
+        affine_half = ".affine." in vs[0].kernel and vs[0].dtype != "float32"
+        assert weights == ([f"*{archs.TRITON_DTYPE[vs[0].dtype]}", "*fp32"] if affine_half else [weights[0]])
     for g in groups:  # every candidate's compiled kernel is among them
         for c in g.candidates:
             assert (g.op, g.kernel, g.dtype, space.config_id(space.compile_part(c))) in set(idents)
@@ -133,43 +139,77 @@ def _manifest(arch):
     return json.loads((REPO / "generated" / arch / "manifest.json").read_text())
 
 
+def _compiles(row: dict) -> list[dict]:
+    """A manifest row's compiles: its usual one (top level), then its other specialisations."""
+    return [row] + list(row.get("also", ()))
+
+
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 def test_committed_manifest_verdicts_agree_with_the_rules(arch):
+    """Kept = every compile with aligned sizes (each weight dtype) is clean, and a chosen config also
+    compiles for any size; its occupancy is the lowest of its aligned compiles."""
     a = archs.ARCHS[arch]
     m = _manifest(arch)
-    assert m["pruning"]["compiled"] == len(m["variants"]) == m["pruning"]["kept"] + m["pruning"]["dropped"]
-    for v in m["variants"]:
-        if "error" in v:
+    rows = m["variants"]
+    assert m["pruning"]["compiled"] == sum(len(_compiles(r)) for r in rows)
+    assert len(rows) == m["pruning"]["kept"] + m["pruning"]["dropped"]
+    for v in rows:
+        aligned = [c for c in _compiles(v) if c["specialisation"]["sizes"] == "multiples of 16"]
+        anysize = [c for c in _compiles(v) if c["specialisation"]["sizes"] == "any"]
+        assert aligned[0] is v and len(aligned) + len(anysize) == len(_compiles(v))
+        if any("error" in c for c in aligned):
             assert not v["kept"] and v["reason"].startswith("does not compile")
             continue
-        clean = v["spill_stores"] == 0 and v["spill_loads"] == 0 and v["shared_bytes"] <= a.max_smem_per_block
+        clean = all(c["spill_stores"] == 0 and c["spill_loads"] == 0 and c["shared_bytes"] <= a.max_smem_per_block
+                    for c in aligned) and not any("error" in c for c in anysize)
         assert v["kept"] == clean, v
         if v["kept"]:
-            assert v["occupancy"] == round(a.occupancy(v["config"]["num_warps"], v["registers"], v["shared_bytes"]), 4)
+            assert v["occupancy"] == min(round(a.occupancy(v["config"]["num_warps"], c["registers"], c["shared_bytes"]), 4)
+                                         for c in aligned)
     assert m["pruning"]["dropped"] > 0  # the spaces reach past what fits, so pruning has work to do
+    # every chosen config was compiled for any size too, for each weight dtype
+    by_ident = {(r["op"], r["kernel"], r["dtype"], space.config_id(r["config"])): r for r in rows}
+    for c in m["choices"]:
+        row = by_ident[(c["op"], c["kernel"], c["dtype"], space.config_id(space.compile_part(c.get("tuned") or c["static"])))]
+        weights = {x["specialisation"].get("weight") for x in _compiles(row)}
+        assert {x["specialisation"].get("weight") for x in _compiles(row) if x["specialisation"]["sizes"] == "any"} == weights
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 def test_recorded_compile_results_match_a_fresh_compile(arch):
     """The build reuses what manifests recorded; this compiles a sample again, kept and dropped
-    configs of an activation and of the norms, and demands the same registers, spills and smem."""
+    configs of an activation and of the norms, each of their specialisations (weight dtypes, any
+    size), and demands the same registers, spills and smem."""
     a = archs.ARCHS[arch]
     tree = REPO / "generated" / arch
     m = _manifest(arch)
     specs = {s.name: s for s in spec.load_builtin()}
     sample = [v for v in m["variants"] if v["op"] == "regelu2" and v["dtype"] == "bfloat16" and v["kernel"] == "forward"]
     sample += [v for v in m["variants"] if v["op"] == "ms_norm" and not v["kept"]][:3]
-    sample += [v for v in m["variants"] if v["op"] == "ms_norm" and v["kept"] and v["kernel"].endswith("backward")][:3]
-    by_key = {(vv.op, vv.kernel, vv.dtype, space.config_id(vv.config)): vv
-              for vv in render.variants(build.groups_for([specs["regelu2"]], a, True))}
+    sample += [v for v in m["variants"] if v["op"] == "ms_norm" and v["kept"] and v["kernel"].endswith("backward")
+               and len(v.get("also", ())) >= 3][:3]
+    by_key = {}
+    for config in render.variants(build.groups_for([specs["regelu2"]], a, True)):
+        for vv in config:
+            for case in (vv, vv.unaligned()):
+                by_key[(case.op, case.kernel, case.dtype, space.config_id(case.config),
+                        json.dumps(case.specialisation, sort_keys=True))] = case
+    checked = 0
     for rec in sample:
-        vv = by_key[(rec["op"], rec["kernel"], rec["dtype"], space.config_id(rec["config"]))]
-        job = aot.CompileJob(str(tree / f"{vv.op}.py"), vv.fn, vv.signature, vv.constexprs, vv.num_warps,
-                             vv.num_stages, a.capability)
-        got = aot.compile_one(job)
-        assert isinstance(got, aot.CompileResult), got
-        assert aot.to_dict(got) == {k: rec[k] for k in aot.CompileResult.__dataclass_fields__}, rec
+        for compiled in _compiles(rec):
+            vv = by_key[(rec["op"], rec["kernel"], rec["dtype"], space.config_id(rec["config"]),
+                         json.dumps(compiled["specialisation"], sort_keys=True))]
+            job = aot.CompileJob(str(tree / f"{vv.op}.py"), vv.fn, vv.signature, vv.constexprs, vv.num_warps,
+                                 vv.num_stages, a.capability, vv.aligned_args)
+            got = aot.compile_one(job)
+            if "error" in compiled:
+                assert got == compiled["error"], compiled
+            else:
+                assert isinstance(got, aot.CompileResult), got
+                assert aot.to_dict(got) == {k: compiled[k] for k in aot.CompileResult.__dataclass_fields__}, rec
+            checked += 1
+    assert checked > len(sample)  # specialisations beyond the usual compile were among them
 
 
 def test_worker_crash_is_pinned_on_its_job(tmp_path, monkeypatch):

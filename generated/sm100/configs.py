@@ -948,9 +948,9 @@ NORM = {
     ('layernorm.affine.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -966,9 +966,9 @@ NORM = {
     ('layernorm.affine.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -984,9 +984,9 @@ NORM = {
     ('layernorm.affine.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -1218,9 +1218,9 @@ NORM = {
     ('rmsnorm.affine.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -1236,9 +1236,9 @@ NORM = {
     ('rmsnorm.affine.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -1254,9 +1254,9 @@ NORM = {
     ('rmsnorm.affine.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static

@@ -948,9 +948,9 @@ NORM = {
     ('layernorm.affine.backward', 'float32', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float32', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float32', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float32', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float32', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float32', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'float32', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'float32', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -966,9 +966,9 @@ NORM = {
     ('layernorm.affine.backward', 'float16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'float16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'float16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'float16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'float16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'float16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -984,9 +984,9 @@ NORM = {
     ('layernorm.affine.backward', 'bfloat16', 3, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'bfloat16', 3, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'bfloat16', 3, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('layernorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 2048, 'SINGLE_PASS': False, 'num_warps': 8},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 0): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 1): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
+    ('layernorm.affine.backward', 'bfloat16', 4, 2): {'BLOCK_N': 8192, 'SINGLE_PASS': True, 'num_warps': 16, 'PROGRAMS_PER_SM': 4},  # static
     ('layernorm.affine.backward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('layernorm.affine.backward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
@@ -1206,9 +1206,9 @@ NORM = {
     ('rmsnorm.affine.forward', 'bfloat16', 5, 0): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.forward', 'bfloat16', 5, 1): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
     ('rmsnorm.affine.forward', 'bfloat16', 5, 2): {'BLOCK_N': 4096, 'SINGLE_PASS': False, 'num_warps': 8},  # static
-    ('rmsnorm.affine.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
-    ('rmsnorm.affine.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 0, 0): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 0, 1): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
+    ('rmsnorm.affine.backward', 'float32', 0, 2): {'BLOCK_N': 512, 'SINGLE_PASS': True, 'num_warps': 2, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float32', 1, 0): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float32', 1, 1): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static
     ('rmsnorm.affine.backward', 'float32', 1, 2): {'BLOCK_N': 1024, 'SINGLE_PASS': True, 'num_warps': 4, 'PROGRAMS_PER_SM': 4},  # static

@@ -1,0 +1,137 @@
+"""What static pruning found, read from the manifests `kernelgen build` wrote (docs/tuning.md's tables).
+
+    python tune/pruning_report.py                  # generated/, every arch
+    python tune/pruning_report.py --ptx sm90       # also: the vector width of a few kernels' accesses
+
+Per arch: configs, compiles (each config as launched with sizes that are multiples of 16, once per
+weight dtype for the norms' affine kernels, and the chosen ones again for any size), what was
+dropped and why. Then, for each chosen config, its registers with aligned sizes against any size.
+--ptx compiles a few static configs again and counts their global loads and stores by width (no
+GPU needed): what the aligned specialisation buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _kind(row: dict) -> str:
+    if row["op"] != "ms_norm":
+        return "activations"
+    stage = row["kernel"].rsplit(".", 1)[-1]
+    return {"forward": "norm forward", "backward": "norm backward", "param_grad": "dgamma kernel"}[stage]
+
+
+def summary(tree: Path) -> list[str]:
+    lines = ["| arch | configs | compiles | dropped | norm backward | dgamma kernel | norm forward | activations |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for manifest in sorted(tree.glob("sm*/manifest.json"), key=lambda p: int(p.parent.name[2:])):
+        m = json.loads(manifest.read_text())
+        rows = m["variants"]
+        dropped = Counter(_kind(r) for r in rows if not r["kept"])
+        lines.append(f"| {m['arch']} | {len(rows)} | {m['pruning']['compiled']} | {m['pruning']['dropped']} | "
+                     + " | ".join(str(dropped[k]) for k in ("norm backward", "dgamma kernel", "norm forward", "activations"))
+                     + " |")
+    return lines
+
+
+def aligned_vs_any(tree: Path, arch: str) -> list[str]:
+    """Registers of the chosen configs: sizes that are multiples of 16 against any size."""
+    m = json.loads((tree / arch / "manifest.json").read_text())
+    chosen = {(c["op"], c["kernel"], c["dtype"], json.dumps({k: v for k, v in (c.get("tuned") or c["static"]).items()
+                                                              if k != "PROGRAMS_PER_SM"}, sort_keys=True))
+              for c in m["choices"]}
+    lines = ["| kernel | dtype | config | registers, aligned | registers, any size | spills, any size |",
+             "|---|---|---|---:|---:|---|"]
+    seen = set()
+    for r in m["variants"]:
+        ident = (r["op"], r["kernel"], r["dtype"], json.dumps(r["config"], sort_keys=True))
+        if ident not in chosen or ident in seen:
+            continue
+        seen.add(ident)
+        anyway = [a for a in r.get("also", ()) if a["specialisation"]["sizes"] == "any"
+                  and a["specialisation"].get("weight") == r["specialisation"].get("weight")]
+        if not anyway or "registers" not in anyway[0] or "registers" not in r:
+            continue
+        a = anyway[0]
+        if r["op"] in ("regelu2", "ms_norm") and r["dtype"] == "bfloat16":
+            spill = f"{a['spill_stores']} / {a['spill_loads']} B" if a["spill_stores"] or a["spill_loads"] else "none"
+            lines.append(f"| {r['op']}.{r['kernel']} | {r['dtype']} | {ident[3]} | {r['registers']} | {a['registers']} | {spill} |")
+    return lines
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(\.v[248])?\.(b|u|f|s)(8|16|32|64)\b")
+
+
+def access_widths(ptx: str) -> Counter:
+    """Global loads and stores by bits per instruction (vector count x element width)."""
+    out = Counter()
+    for kind, vec, _, bits in _ACCESS.findall(ptx):
+        out[(kind, int(bits) * (int(vec[2:]) if vec else 1))] += 1
+    return out
+
+
+def ptx_widths(tree: Path, arch_name: str) -> list[str]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernelgen.render  # noqa: F401 - the package exports a function of that name too
+    from kernelgen import archs, aot
+
+    render = sys.modules["kernelgen.render"]
+    arch = archs.ARCHS[arch_name]
+    variants = [  # the issue's examples: regelu2 at its static config, LayerNorm's 8192-wide affine backward
+        render._activation_variant("regelu2", "forward", "bfloat16", {"BLOCK_BYTES": 1024, "num_warps": 4}),
+        render._activation_variant("regelu2", "backward", "bfloat16", {"BLOCK_BYTES": 1024, "num_warps": 4}),
+        render._norm_variant("layernorm.affine.backward", "bfloat16", {"BLOCK_N": 8192, "SINGLE_PASS": True,
+                                                                       "num_warps": 16}, "bfloat16"),
+    ]
+    lines = ["| kernel (bf16) | config | sizes | registers | spills (B stored / loaded) | loads (bits: count) | stores |",
+             "|---|---|---|---:|---|---|---|"]
+    for v in variants:
+        for variant in (v, v.unaligned()):
+            module = aot._module(str(tree / arch_name / f"{variant.op}.py"))
+            marked = [i for i, (name, t) in enumerate(variant.signature.items())
+                      if t.startswith("*") or name in variant.aligned_args]
+            with aot._ptxas_report() as log:
+                compiled = triton.compile(ASTSource(getattr(module, variant.fn), variant.signature, variant.constexprs,
+                                                    {(i,): [["tt.divisibility", 16]] for i in marked}),
+                                          target=GPUTarget("cuda", arch.capability, 32),
+                                          options={"num_warps": variant.num_warps})
+            spills = aot._SPILL_RE.findall(log.getvalue())
+            stored, loaded = sum(int(a) for a, _ in spills), sum(int(b) for _, b in spills)
+            registers = aot._resource_usage(compiled.asm["cubin"])[0]
+            widths = access_widths(compiled.asm["ptx"])
+            loads = ", ".join(f"{b}: {n}" for (k, b), n in sorted(widths.items()) if k == "ld")
+            stores = ", ".join(f"{b}: {n}" for (k, b), n in sorted(widths.items()) if k == "st")
+            lines.append(f"| {variant.op}.{variant.kernel} | {variant.config} | {variant.specialisation['sizes']} | "
+                         f"{registers} | {stored} / {loaded} | {loads} | {stores} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tree", type=Path, default=ROOT / "generated")
+    ap.add_argument("--arch", default="sm90", help="the arch of the aligned-vs-any table")
+    ap.add_argument("--ptx", metavar="ARCH", help="also compile a few kernels for ARCH and count access widths")
+    args = ap.parse_args(argv)
+    print("\n".join(summary(args.tree)))
+    print()
+    print("\n".join(aligned_vs_any(args.tree, args.arch)))
+    if args.ptx:
+        print()
+        print("\n".join(ptx_widths(args.tree, args.ptx)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
