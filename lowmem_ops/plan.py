@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import io
 import weakref
@@ -42,7 +43,8 @@ CATEGORIES = ("weights", "grads", "optimizer_states", "inputs", "activations")
 
 @dataclass
 class Plan:
-    """Bytes of one training step. weights: parameters and buffers; grads: the trainable parameters'
+    """Bytes of one training step. weights: parameters, buffers and any other tensor the model holds
+    (a bitsandbytes weight's quant state); grads: the trainable parameters'
     .grad after backward; optimizer_states: every tensor in the optimizer's state; saved: what autograd
     saves for backward in the forward (as lo.memory.measure: storages deduplicated, parameters and
     buffers excluded; a checkpointed region's held inputs are invisible to those hooks); activations:
@@ -191,31 +193,84 @@ class WhereAmI(TorchFunctionMode):
 
 def fake_copy(obj, mode: FakeTensorMode):
     """A deep copy of obj (a module, or inputs) with every tensor in it a fake tensor of `mode`: no
-    data is copied or allocated. Meta tensors become fake CPU tensors (CPU's kernels, below); the same
-    tensor object twice (tied weights) stays one."""
-    memo: dict[int, object] = {}
-    for t in _tensors_in(obj):
+    data is copied or allocated. Meta tensors become fake CPU tensors (CPU's kernels, below), views of
+    one meta storage views of one fake storage (an 8-bit weight and its CB)."""
+    meta_storages: dict[int, torch.Tensor] = {}  # a meta StorageImpl -> its fake bytes
+
+    def make(t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, FakeTensor):
             if t.fake_mode is not mode:
                 raise ValueError("lowmem_ops.memory.plan: the model's fake tensors belong to another FakeTensorMode; "
                                  "pass real or meta tensors, or fake ones of one mode")
-            fake = t
-        elif t.device.type == "meta":
-            with mode:
-                fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
-        else:
-            fake = mode.from_tensor(t)
-        if isinstance(t, torch.nn.Parameter) and not isinstance(fake, torch.nn.Parameter):
-            with mode:
-                fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
-        elif t.requires_grad and not fake.requires_grad and t.is_leaf:
-            fake.requires_grad_(True)
-        memo[id(t)] = fake
-    return copy.deepcopy(obj, memo)
+            return t
+        if t.device.type != "meta":
+            return mode.from_tensor(t)  # storages shared as in t
+        storage = t.untyped_storage()
+        if storage._cdata not in meta_storages:
+            meta_storages[storage._cdata] = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu")
+        return torch.empty(0, dtype=t.dtype, device="cpu").set_(
+            meta_storages[storage._cdata].untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+    with mode:
+        return _copy_tensors(obj, make)
+
+
+def real_copy(obj):
+    """A deep copy of obj made as fake_copy makes its copy (storages copied once each, views kept,
+    tensors' own attributes carried), with real data: the fake run's twin. copy.deepcopy would do for
+    most models, but not for bitsandbytes' (Params4bit's __deepcopy__ copies the quant state apart
+    from the module's reference to it: two of each)."""
+    storages: dict[int, torch.UntypedStorage] = {}
+
+    def make(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in storages:
+            storages[storage._cdata] = storage.clone()
+        return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            storages[storage._cdata], t.storage_offset(), t.shape, t.stride())
+
+    with torch.no_grad():
+        return _copy_tensors(obj, make)
+
+
+def _copy_tensors(obj, make: Callable[[torch.Tensor], torch.Tensor]):
+    """copy.deepcopy(obj) with make(t) as the copy of each tensor t in it: the same tensor object twice
+    (tied weights) stays one; a parameter stays a parameter (a plain one: a subclass's Python state is
+    carried as attributes); a tensor's own attributes (a bitsandbytes weight's quant_state, CB, SCB) go
+    onto its copy, their tensors copied by make too."""
+    memo: dict[int, object] = {}
+    attached = []
+    for t in _tensors_in(obj):
+        new = make(t)
+        if isinstance(t, torch.nn.Parameter) and not isinstance(new, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+        elif t.requires_grad and not new.requires_grad and t.is_leaf:
+            new.requires_grad_(True)
+        memo[id(t)] = new
+        if new is not t and _own_attributes(t):
+            attached.append((t, new))
+    copied = copy.deepcopy(obj, memo)
+    for t, new in attached:  # after the copy: an attribute pointing back into obj (Params4bit.module) finds its copy
+        for name, value in _own_attributes(t).items():
+            setattr(new, name, copy.deepcopy(value, memo))
+    return copied
+
+
+@functools.cache
+def _tensor_machinery() -> frozenset[str]:
+    """Attributes every fake tensor or parameter has of its own: not the user's."""
+    with FakeTensorMode():
+        return frozenset(vars(torch.nn.Parameter(torch.empty(0)))) | {"_is_param"}
+
+
+def _own_attributes(t: torch.Tensor) -> dict:
+    """What has been set on a tensor object beyond what torch puts there (bitsandbytes' quant_state, CB, SCB)."""
+    return {k: v for k, v in vars(t).items() if k not in _tensor_machinery()}
 
 
 def _tensors_in(obj) -> list[torch.Tensor]:
-    """Every tensor deepcopy would reach in obj: through modules, containers and objects' attributes."""
+    """Every tensor deepcopy would reach in obj: through modules, containers, objects' attributes and
+    tensors' own attributes (a 4-bit weight's quant state)."""
     found: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
     stack = [obj]
@@ -226,6 +281,7 @@ def _tensors_in(obj) -> list[torch.Tensor]:
         seen.add(id(o))
         if isinstance(o, torch.Tensor):
             found[id(o)] = o
+            stack.extend(_own_attributes(o).values())
         elif isinstance(o, dict):
             stack.extend(o.keys())
             stack.extend(o.values())
@@ -290,7 +346,7 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
     else:
         if any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in _tensors_in(model)):
             raise ValueError("lowmem_ops.memory.plan: fake=False needs a model with real tensors")
-        model = copy.deepcopy(model)
+        model = real_copy(model)
     model.train()
     context = mode if fake else contextlib.nullcontext()
     phase = ["setup"]
@@ -309,7 +365,8 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
 def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase: list, label: str, call) -> Plan:
     params = list(dict.fromkeys(model.parameters()))
     trainable = [p for p in params if p.requires_grad]
-    state = list(model.parameters()) + list(model.buffers())
+    # parameters, buffers and whatever else the model holds: a quantised weight's quant state
+    state = list(dict.fromkeys(list(model.parameters()) + list(model.buffers()) + _tensors_in(model)))
     with tracker:
         for t in state + [t for t in _tensors_in(inputs)]:
             tracker.track(t)
