@@ -39,6 +39,9 @@ from torch.overrides import TorchFunctionMode
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "none")
 CATEGORIES = ("weights", "grads", "optimizer_states", "inputs", "activations")
+# the timeline's: saved is what forward's saved-tensor hooks saw (a recompute's are other); other is the
+# rest (inputs, outputs, temporaries, partial gradients)
+TIMELINE_CATEGORIES = ("weights", "grads", "optimizer_states", "saved", "other")
 
 
 @dataclass
@@ -66,6 +69,11 @@ class Plan:
     phase_modules: dict[str, str] = field(default_factory=dict)  # the module at each phase's peak
     label: str = ""
     notes: list[str] = field(default_factory=list)
+    # bytes alive by TIMELINE_CATEGORIES after each op that changed them, and the point each phase
+    # starts at; empty for an extrapolated plan (lowmem_ops.plan.extrapolate). Not compared: a fake
+    # run frees a few temporaries an op later than the real one (the same peaks, other points between)
+    timeline: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
+    phase_starts: dict[str, int] = field(default_factory=dict, compare=False)
 
     def table(self, title: str | None = None):
         from rich.table import Table
@@ -83,6 +91,41 @@ class Plan:
     def __str__(self) -> str:
         return _render(self.table()) + "".join(f"note: {n}\n" for n in self.notes)
 
+    def plot(self, path, title: str | None = None):
+        """Memory over the step (each point: after an op that allocated or freed), stacked by category
+        (TIMELINE_CATEGORIES), in GiB (MiB under 0.25 GiB), phases marked, the peak marked; written to path (any format
+        matplotlib writes: .png, .svg, .pdf). The figure is returned (closed: its data stays readable)."""
+        if not self.timeline:
+            raise ValueError("lowmem_ops.memory: this plan has no timeline (an extrapolated plan: plan the model "
+                             "itself, or the CLI with --exact, to plot it)")
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        unit, scale = ("GiB", 2**30) if self.peak >= 2**28 else ("MiB", 2**20)
+        x = range(len(self.timeline[TIMELINE_CATEGORIES[0]]))
+        layers = [[n / scale for n in self.timeline[c]] for c in TIMELINE_CATEGORIES]
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        ax.stackplot(x, *layers, labels=[c.replace("_", " ") for c in TIMELINE_CATEGORIES])
+        total = [sum(v) for v in zip(*layers)]
+        ax.plot(x, total, color="black", linewidth=0.8, label="total")
+        top = max(range(len(total)), key=total.__getitem__)
+        ax.annotate(f"peak {gib(self.peak)} ({self.peak_phase})", (top, total[top]),
+                    xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
+        for phase, start in self.phase_starts.items():
+            ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(start, 1.01, f" {phase}", transform=ax.get_xaxis_transform(), fontsize=8, va="bottom")
+        ax.set_xlabel("op (those that allocate or free)")
+        ax.set_ylabel(f"{unit} alive")
+        ax.set_ylim(0, max(total) * 1.12)
+        ax.set_title(title or f"one training step{': ' + self.label if self.label else ''}", pad=18)
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return fig
+
 
 def gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB" if n >= 2**16 else f"{n} B"
@@ -97,7 +140,9 @@ def _render(table) -> str:
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages alive, from the op that made each (or track()) until torch frees it."""
+    """Bytes of the storages alive, from the op that made each (or track()) until torch frees it. Every
+    count and free is logged (serial, +-bytes), with how far the log had got after each op: the live set
+    at any point, the peaks' make-up and the timeline are replayed from it at the end."""
 
     def __init__(self, phase: list[str], module: Callable[[], str]):
         super().__init__()
@@ -111,10 +156,14 @@ class LiveBytes(TorchDispatchMode):
         return self.phase[0], self.module()
 
     def reset_peak(self) -> None:
-        self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
+        """Start the log here: what is alive now opens it."""
+        self.log: list[tuple[int, int]] = [(serial, n) for serial, n in self.live.values()]
+        self.op_ends: list[int] = []  # len(self.log) after each op
+        self.op_phases: list[str] = []  # the phase of each op
+        self.peak, self.peak_where, self.peak_at = self.total, self.where(), len(self.log)
         self.phase_peaks: dict[str, int] = {}
         self.phase_where: dict[str, str] = {}  # the module at each phase's peak
-        self.phase_live: dict[str, dict] = {}  # the storages alive at each phase's peak
+        self.phase_at: dict[str, int] = {}  # len(self.log) at each phase's peak
 
     def track(self, t: torch.Tensor) -> int:
         """Count t's storage from now on (once); its serial."""
@@ -124,11 +173,14 @@ class LiveBytes(TorchDispatchMode):
             self.serial += 1
             self.live[key] = (self.serial, storage.nbytes())
             self.total += storage.nbytes()
+            self.log.append(self.live[key])
             weakref.finalize(storage, self._freed, key)
         return self.live[key][0]
 
     def _freed(self, key: int) -> None:
-        self.total -= self.live.pop(key)[1]
+        serial, nbytes = self.live.pop(key)
+        self.total -= nbytes
+        self.log.append((serial, -nbytes))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -136,12 +188,44 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t)
         phase = self.phase[0]
+        self.op_ends.append(len(self.log))
+        self.op_phases.append(phase)
         if self.total > self.phase_peaks.get(phase, 0):
             self.phase_peaks[phase], self.phase_where[phase] = self.total, self.module()
-            self.phase_live[phase] = dict(self.live)
+            self.phase_at[phase] = len(self.log)
             if self.total > self.peak:
-                self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
+                self.peak, self.peak_where, self.peak_at = self.total, self.where(), len(self.log)
         return out
+
+    def live_at(self, end: int) -> dict[int, int]:
+        """serial -> bytes of the storages alive when the log was `end` long."""
+        live: dict[int, int] = {}
+        for serial, n in self.log[:end]:
+            if n >= 0:
+                live[serial] = n
+            else:
+                del live[serial]
+        return live
+
+    def timeline(self, category: Callable[[int], str], categories) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """Bytes alive by category after each op that changed them ({category: bytes per point}), and
+        the point each phase starts at. Points, not op numbers: a fake run dispatches a few more ops
+        that change nothing (the real run's twin has the same points)."""
+        totals = dict.fromkeys(categories, 0)
+        series: dict[str, list[int]] = {c: [] for c in categories}
+        starts: dict[str, int] = {}
+        position, last = 0, None
+        for end, phase in zip(self.op_ends, self.op_phases):
+            starts.setdefault(phase, len(series[categories[0]]))
+            for serial, n in self.log[position:end]:
+                totals[category(serial)] += n
+            position = end
+            now = tuple(totals.values())
+            if now != last:
+                last = now
+                for c in categories:
+                    series[c].append(totals[c])
+        return series, starts
 
 
 class WhereAmI(TorchFunctionMode):
@@ -217,7 +301,7 @@ def fake_copy(obj, mode: FakeTensorMode):
 
 def real_copy(obj):
     """A deep copy of obj made as fake_copy makes its copy (storages copied once each, views kept,
-    tensors' own attributes carried), with real data: the fake run's twin. copy.deepcopy would do for
+    tensors' own attributes carried), with real (or meta) data: the fake run's twin. copy.deepcopy would do for
     most models, but not for bitsandbytes' (Params4bit's __deepcopy__ copies the quant state apart
     from the module's reference to it: two of each)."""
     storages: dict[int, torch.UntypedStorage] = {}
@@ -416,21 +500,28 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
     weights = {tracker.track(t) for t in state}
     state_serials = {tracker.track(t) for t in states}
     input_serials = {tracker.track(t) for t in _tensors_in(inputs)}
-    def by_category(live: dict) -> dict[str, int]:
+    def category(serial: int) -> str:
+        return ("weights" if serial in weights else "optimizer_states" if serial in state_serials else
+                "inputs" if serial in input_serials else "grads" if serial in grad_serials else "activations")
+
+    def by_category(end: int) -> dict[str, int]:
         out = dict.fromkeys(CATEGORIES, 0)
-        for serial, nbytes in live.values():
-            out["weights" if serial in weights else "optimizer_states" if serial in state_serials else
-                "inputs" if serial in input_serials else "grads" if serial in grad_serials else "activations"] += nbytes
+        for serial, nbytes in tracker.live_at(end).items():
+            out[category(serial)] += nbytes
         return out
 
-    at_peak = by_category(tracker.peak_live)
+    def timeline_category(serial: int) -> str:
+        c = category(serial)
+        return "saved" if c == "activations" and serial in saved else "other" if c in ("activations", "inputs") else c
+
+    series, phase_starts = tracker.timeline(timeline_category, TIMELINE_CATEGORIES)
     peak_phase, peak_module = tracker.peak_where
     return Plan(weights=_storages_bytes(state), trainable=_storages_bytes(trainable), grads=grads,
                 optimizer_states=_storages_bytes(states), saved=sum(saved.values()), activations=activations,
-                peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=at_peak,
+                peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=by_category(tracker.peak_at),
                 phase_peaks=dict(tracker.phase_peaks), label=label,
-                phase_at_peak={k: by_category(v) for k, v in tracker.phase_live.items()},
-                phase_modules=dict(tracker.phase_where))
+                phase_at_peak={k: by_category(v) for k, v in tracker.phase_at.items()},
+                phase_modules=dict(tracker.phase_where), timeline=series, phase_starts=phase_starts)
 
 
 VARIANTS = ("baseline", "converted", "checkpointed", "converted+checkpointed")
@@ -448,7 +539,7 @@ def variant(model: torch.nn.Module, name: str, example_inputs=None,
     tensors = _tensors_in(model)
     if any(isinstance(t, FakeTensor) for t in tensors):
         raise ValueError("lowmem_ops.memory: variants are made from a model with real or meta tensors, not fake ones")
-    model, notes = copy.deepcopy(model), []
+    model, notes = real_copy(model), []  # not copy.deepcopy: see real_copy
     if "converted" in name:
         import warnings
 
@@ -620,20 +711,30 @@ def load_config(name_or_path: str):
     return cfg, task
 
 
-def build(cfg, task: str, dtype: torch.dtype, lora: int):
-    """The model on the meta device (nothing allocated), in dtype, with PEFT LoRA adapters of rank
+HEADS = ("lm_head", "classifier", "score", "pooler.dense")
+
+
+def build(cfg, task: str, dtype: torch.dtype, lora: int, quant: str | None = None, double_quant: bool = True):
+    """The model on the meta device (nothing allocated), in dtype as from_pretrained(dtype=...) makes it
+    (buffers such as rotary frequencies stay float32), its linear layers but the head quantised by
+    bitsandbytes if quant ("nf4", "fp4", "int8"; lowmem_ops.quantized), with PEFT LoRA adapters of rank
     `lora` on every linear layer but the head (0: full fine-tuning)."""
     import transformers
 
     with torch.device("meta"):
-        model = getattr(transformers, TASKS[task]).from_config(cfg).to(dtype)
+        model = getattr(transformers, TASKS[task]).from_config(cfg, dtype=dtype)
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not n.endswith(HEADS)})
+    if quant:
+        from .quantized import quantize_linears
+
+        quantize_linears(model, quant, double_quant=double_quant, compute_dtype=dtype, skip=HEADS)
     if lora:
         import peft
 
-        heads = ("lm_head", "classifier", "score", "pooler.dense")
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                          if isinstance(m, torch.nn.Linear) and not n.endswith(heads)})
         model = peft.get_peft_model(model, peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=targets))
+    elif quant:
+        raise ValueError("lowmem_ops.plan: a quantised base trains through adapters only: give --lora")
     return model
 
 
@@ -678,33 +779,64 @@ def extrapolate(p: Plan, q: Plan, depth_p: int, depth_q: int, depth: int) -> Pla
 
 
 def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[int], optimizer: str,
-        variants=VARIANTS, exact: bool = False, convert_kwargs: dict | None = None,
+        variants=VARIANTS, exact: bool = False, convert_kwargs: dict | None = None, quant: str | None = None,
+        double_quant: bool = True, search: str = "line", plot_dir=None, plot_variants=(),
         ) -> tuple[Comparison, dict[str, dict[int, int]]]:
     """The comparison and the largest batches for a config. Unless exact, each variant is planned at
     2 and 3 layers and extrapolated to the config's depth (extrapolate(): the layers are identical;
-    the tests check it against planning every layer), so a 13B plan takes seconds."""
+    the tests check it against planning every layer), so a 13B plan takes seconds.
+    The largest batch: search="line" solves each phase's peak on the line through the plans at `batch`
+    and 2 x batch (activations grow with the batch in proportion; two plans a variant, the tests check
+    the answers against the verified search on small models); "verified" is max_batch's search (the
+    batch fits and the next does not, planned: 8 or more plans a variant).
+    plot_dir: each of plot_variants planned at every layer (exact) and plotted there
+    ("<config>-<variant>.png")."""
+    if search not in ("line", "verified"):
+        raise ValueError(f"lowmem_ops.plan: search must be 'line' or 'verified', got {search!r}")
     cfg, task = load_config(config)
     depth = cfg.num_hidden_layers
     depths = [depth] if exact or depth <= 3 else [2, 3]
+    for_plots = [v for v in plot_variants if plot_dir is not None]
     models = {}
-    for d in depths:
+    for d in sorted(set(depths) | ({depth} if for_plots else set())):
         shallow = copy.deepcopy(cfg)
         shallow.num_hidden_layers = d
-        models[d] = build(shallow, task, DTYPES[dtype], lora)
+        models[d] = build(shallow, task, DTYPES[dtype], lora, quant, double_quant)
     inputs = make_inputs(cfg, task, DTYPES[dtype], seq)
+    mode = FakeTensorMode()
     plans, fits = {}, {}
     for name in variants:
         made = {d: variant(m, name, **(convert_kwargs or {})) for d, m in models.items()}
         notes = made[depths[-1]][1] + ([f"planned at 2 and 3 layers, extrapolated to {depth}"] * (len(depths) > 1))
+        # faked once: each plan of it copies the module structure only, and the fake mode's op cache is shared
+        made = {d: (fake_copy(m, mode), n) for d, (m, n) in made.items()}
 
-        def planner(b: int, made=made) -> Plan:
+        def planner(b: int, made=made, name=name) -> Plan:
             ps = [plan(made[d][0], inputs(b), optimizer=optimizer, label=name) for d in depths]
             return ps[0] if len(ps) == 1 else extrapolate(ps[0], ps[1], 2, 3, depth)
 
         plans[name] = planner(batch)
         plans[name].notes.extend(notes)
-        fits[name] = dict(zip(gpus, largest_batch(planner, gpus)))
+        if search == "verified":
+            fits[name] = dict(zip(gpus, largest_batch(planner, gpus)))
+        elif gpus:
+            fits[name] = dict(zip(gpus, line_batches(plans[name], planner(2 * batch), batch, 2 * batch, gpus)))
+        else:
+            fits[name] = {}
+        if name in for_plots:
+            from pathlib import Path
+
+            whole = plans[name] if depths == [depth] else plan(made[depth][0], inputs(batch), optimizer=optimizer,
+                                                                label=name)
+            whole.plot(Path(plot_dir) / f"{config.replace('/', '-')}-{name.replace('+', '-')}.png",
+                       title=f"{config}, {name}: batch {batch}" + (f" x {seq} tokens" if seq and task != "image-classification" else ""))
     return Comparison(plans), fits
+
+
+def line_batches(p: Plan, q: Plan, a: int, b: int, gpus: list[int]) -> list[int]:
+    """For each GPU size, the largest batch under it on each phase's line through (a, p) and (b, q) (0
+    where not even one fits)."""
+    return [max(0, _solve(p, q, a, b, g)) for g in gpus]
 
 
 def markdown_rows(config: str, settings: str, comparison: Comparison, fits: dict) -> list[str]:
