@@ -74,6 +74,7 @@ class Plan:
     # run frees a few temporaries an op later than the real one (the same peaks, other points between)
     timeline: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
     phase_starts: dict[str, int] = field(default_factory=dict, compare=False)
+    timeline_modules: list[str] = field(default_factory=list, repr=False, compare=False)  # each point's module
 
     def table(self, title: str | None = None):
         from rich.table import Table
@@ -96,8 +97,8 @@ class Plan:
         (TIMELINE_CATEGORIES), in GiB (MiB under 0.25 GiB), phases marked, the peak marked; written to path (any format
         matplotlib writes: .png, .svg, .pdf). The figure is returned (closed: its data stays readable)."""
         if not self.timeline:
-            raise ValueError("lowmem_ops.memory: this plan has no timeline (an extrapolated plan: plan the model "
-                             "itself, or the CLI with --exact, to plot it)")
+            raise ValueError("lowmem_ops.memory: this plan has no timeline (extrapolated from plans whose layers "
+                             "could not be matched: plan the model itself, or the CLI with --exact, to plot it)")
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -160,6 +161,7 @@ class LiveBytes(TorchDispatchMode):
         self.log: list[tuple[int, int]] = [(serial, n) for serial, n in self.live.values()]
         self.op_ends: list[int] = []  # len(self.log) after each op
         self.op_phases: list[str] = []  # the phase of each op
+        self.op_modules: list[str] = []  # the module running at each op
         self.peak, self.peak_where, self.peak_at = self.total, self.where(), len(self.log)
         self.phase_peaks: dict[str, int] = {}
         self.phase_where: dict[str, str] = {}  # the module at each phase's peak
@@ -190,6 +192,7 @@ class LiveBytes(TorchDispatchMode):
         phase = self.phase[0]
         self.op_ends.append(len(self.log))
         self.op_phases.append(phase)
+        self.op_modules.append(self.module())
         if self.total > self.phase_peaks.get(phase, 0):
             self.phase_peaks[phase], self.phase_where[phase] = self.total, self.module()
             self.phase_at[phase] = len(self.log)
@@ -207,15 +210,16 @@ class LiveBytes(TorchDispatchMode):
                 del live[serial]
         return live
 
-    def timeline(self, category: Callable[[int], str], categories) -> tuple[dict[str, list[int]], dict[str, int]]:
-        """Bytes alive by category after each op that changed them ({category: bytes per point}), and
-        the point each phase starts at. Points, not op numbers: a fake run dispatches a few more ops
-        that change nothing (the real run's twin has the same points)."""
+    def timeline(self, category: Callable[[int], str], categories):
+        """Bytes alive by category after each op that changed them ({category: bytes per point}), the
+        point each phase starts at, and the module of each point. Points, not op numbers: a fake run
+        dispatches a few more ops that change nothing."""
         totals = dict.fromkeys(categories, 0)
         series: dict[str, list[int]] = {c: [] for c in categories}
         starts: dict[str, int] = {}
+        modules: list[str] = []
         position, last = 0, None
-        for end, phase in zip(self.op_ends, self.op_phases):
+        for end, phase, module in zip(self.op_ends, self.op_phases, self.op_modules):
             starts.setdefault(phase, len(series[categories[0]]))
             for serial, n in self.log[position:end]:
                 totals[category(serial)] += n
@@ -223,9 +227,10 @@ class LiveBytes(TorchDispatchMode):
             now = tuple(totals.values())
             if now != last:
                 last = now
+                modules.append(module)
                 for c in categories:
                     series[c].append(totals[c])
-        return series, starts
+        return series, starts, modules
 
 
 class WhereAmI(TorchFunctionMode):
@@ -514,14 +519,15 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
         c = category(serial)
         return "saved" if c == "activations" and serial in saved else "other" if c in ("activations", "inputs") else c
 
-    series, phase_starts = tracker.timeline(timeline_category, TIMELINE_CATEGORIES)
+    series, phase_starts, point_modules = tracker.timeline(timeline_category, TIMELINE_CATEGORIES)
     peak_phase, peak_module = tracker.peak_where
     return Plan(weights=_storages_bytes(state), trainable=_storages_bytes(trainable), grads=grads,
                 optimizer_states=_storages_bytes(states), saved=sum(saved.values()), activations=activations,
                 peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=by_category(tracker.peak_at),
                 phase_peaks=dict(tracker.phase_peaks), label=label,
                 phase_at_peak={k: by_category(v) for k, v in tracker.phase_at.items()},
-                phase_modules=dict(tracker.phase_where), timeline=series, phase_starts=phase_starts)
+                phase_modules=dict(tracker.phase_where), timeline=series, phase_starts=phase_starts,
+                timeline_modules=point_modules)
 
 
 VARIANTS = ("baseline", "converted", "checkpointed", "converted+checkpointed")
@@ -673,9 +679,18 @@ TASKS = {"causal-lm": "AutoModelForCausalLM", "image-classification": "AutoModel
          "sequence-classification": "AutoModelForSequenceClassification"}
 # the paper's settings where published (LLaMA: LoRA r=64 on all linears, bf16, batch 4, 512+128 tokens);
 # the rest are common fine-tuning settings, stated in docs/plan.md
-PAPER = [("llama-2-7b", dict(batch=4, seq=640, lora=64)), ("llama-2-13b", dict(batch=4, seq=640, lora=64)),
-         ("mistral-7b", dict(batch=4, seq=640, lora=64)), ("vit-b/16", dict(batch=64, seq=0, lora=8)),
-         ("roberta-base", dict(batch=32, seq=128, lora=0)), ("gpt2", dict(batch=8, seq=1024, lora=0))]
+# the paper's settings where published (LLaMA: QLoRA, nf4 with double quant, LoRA r=64 on all linears,
+# bf16, batch 4, 512+128 tokens); the rest are common fine-tuning settings, stated in docs/plan.md
+QLORA = dict(batch=4, seq=640, lora=64, quant="nf4", double_quant=True)
+PAPER = [("llama-2-7b", QLORA), ("llama-2-13b", QLORA), ("mistral-7b", QLORA),
+         ("vit-b/16", dict(batch=64, seq=0, lora=8)), ("roberta-base", dict(batch=32, seq=128, lora=0)),
+         ("gpt2", dict(batch=8, seq=1024, lora=0))]
+
+
+def setting(dtype: str, batch: int, seq: int, lora: int, quant: str | None = None, double_quant: bool = False) -> str:
+    base = f"QLoRA {quant}{'+dq' if double_quant and quant != 'int8' else ''}" if quant else None
+    adapters = f"LoRA r={lora}" if lora else "full"
+    return (f"{adapters}{', ' + base if base else ''}, {dtype}, batch {batch}" + (f", {seq} tokens" if seq else ""))
 
 
 def parse_bytes(text: str) -> int:
@@ -759,7 +774,7 @@ def extrapolate(p: Plan, q: Plan, depth_p: int, depth_q: int, depth: int) -> Pla
     """The plan of a model `depth` layers deep from plans of the same model depth_p and depth_q layers
     deep (identical layers): every byte count, each phase's peak and the bytes at the peak on the line
     through the two; the peak is the highest phase's. A module in q's last layer is named in the deep
-    model's last layer."""
+    model's last layer. The timeline: _stitch (depths one apart, q's 3 or more)."""
     def line(a: int, b: int) -> int:
         return b + (b - a) * (depth - depth_q) // (depth_q - depth_p)
 
@@ -773,9 +788,75 @@ def extrapolate(p: Plan, q: Plan, depth_p: int, depth_q: int, depth: int) -> Pla
     phase_at_peak = {k: {c: line(p.phase_at_peak.get(k, {}).get(c, 0), n) for c, n in v.items()}
                      for k, v in q.phase_at_peak.items()}
     fields = {name: line(getattr(p, name), getattr(q, name)) for name in BYTES if name != "peak"}
+    timeline, starts = _stitch(p, q, depth) if depth_q - depth_p == 1 and depth_q >= 3 and q.timeline else ({}, {})
     return Plan(**fields, peak=phase_peaks[phase], peak_phase=phase, peak_module=deeper(q.phase_modules[phase]),
                 at_peak=phase_at_peak[phase], phase_peaks=phase_peaks, phase_at_peak=phase_at_peak,
-                phase_modules={k: deeper(v) for k, v in q.phase_modules.items()}, label=q.label, notes=list(q.notes))
+                phase_modules={k: deeper(v) for k, v in q.phase_modules.items()}, label=q.label, notes=list(q.notes),
+                timeline=timeline, phase_starts=starts)
+
+
+def _layer(module: str) -> int | None:
+    """The layer index in a module name (model.layers.3.mlp -> 3), None outside the layers."""
+    parts = module.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "layer", "h") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def _stitch(p: Plan, q: Plan, depth: int) -> tuple[dict, dict]:
+    """The timeline of the model `depth` layers deep from q's and p's (one layer fewer; q 3 or more deep):
+    in forward and in backward the points of layer depth_q - 2 (a middle layer: layer 0 differs, its
+    input needs no grad under LoRA, and so does the last) are repeated once per missing layer, from its
+    first point to the next layer's, each repeat and everything after it raised by what one layer
+    leaves behind in this phase: the change from p's to q's last point of the phase, less the change
+    carried in from before it (at the start: one layer's weights and optimizer states). The optimizer
+    phase, the same ops at any depth (foreach), point by point on the line through p's and q's.
+    ({}, {}) where the layers or phases cannot be matched (a model outside the named layouts)."""
+    names = TIMELINE_CATEGORIES
+    last = max((layer for layer in map(_layer, q.timeline_modules) if layer is not None), default=None)
+    if last is None or last < 2 or not p.timeline or list(p.phase_starts) != list(q.phase_starts):
+        return {}, {}
+    extra = depth - (last + 1)
+    add = lambda a, b, k=1: tuple(x + k * y for x, y in zip(a, b))  # noqa: E731
+
+    def table(plan: Plan) -> tuple[list[tuple], dict[str, tuple[int, int]]]:
+        points = [tuple(plan.timeline[c][i] for c in names) for i in range(len(plan.timeline[names[0]]))]
+        phases = sorted(plan.phase_starts.items(), key=lambda kv: kv[1])
+        return points, {name: (start, phases[i + 1][1] if i + 1 < len(phases) else len(points))
+                        for i, (name, start) in enumerate(phases)}
+
+    points, bounds = table(q)
+    p_points, p_bounds = table(p)
+    out: list[tuple] = []
+    starts: dict[str, int] = {}
+    carried = add(points[0], p_points[0], -1)  # one layer's weights and optimizer states
+    shift = tuple(extra * x for x in carried)
+    for phase, (lo, hi) in bounds.items():
+        starts[phase] = len(out)
+        p_lo, p_hi = p_bounds[phase]
+        if hi == lo or p_hi == p_lo:
+            continue
+        one_layer = add(points[hi - 1], p_points[p_hi - 1], -1)  # one layer more, by the end of this phase
+        step, carried = add(one_layer, carried, -1), one_layer
+        if phase == "optimizer" and p_hi - p_lo == hi - lo:  # each point on its line
+            out.extend(add(points[i], add(points[i], p_points[p_lo + i - lo], -1), extra) for i in range(lo, hi))
+            shift = tuple(extra * x for x in one_layer)
+            continue
+        layer_of = [_layer(q.timeline_modules[i]) for i in range(lo, hi)]
+        begins = {layer: lo + layer_of.index(layer) for layer in (last - 2, last - 1, last) if layer in layer_of}
+        if len(begins) < 3:
+            out.extend(add(points[i], shift) for i in range(lo, hi))
+            shift = add(shift, step, extra)
+            continue
+        start = begins[last - 1]
+        end = min((b for b in (begins[last - 2], begins[last]) if b > start), default=hi)
+        out.extend(add(points[i], shift) for i in range(lo, end))
+        for k in range(1, extra + 1):
+            out.extend(add(add(points[i], shift), step, k) for i in range(start, end))
+        shift = add(shift, step, extra)
+        out.extend(add(points[i], shift) for i in range(end, hi))
+    return {c: [point[j] for point in out] for j, c in enumerate(names)}, starts
 
 
 def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[int], optimizer: str,
@@ -789,8 +870,8 @@ def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[
     and 2 x batch (activations grow with the batch in proportion; two plans a variant, the tests check
     the answers against the verified search on small models); "verified" is max_batch's search (the
     batch fits and the next does not, planned: 8 or more plans a variant).
-    plot_dir: each of plot_variants planned at every layer (exact) and plotted there
-    ("<config>-<variant>.png")."""
+    plot_dir: each of plot_variants plotted there ("<config>-<variant>.png"; the timeline of an
+    extrapolated plan is stitched from the two shallow ones, extrapolate())."""
     if search not in ("line", "verified"):
         raise ValueError(f"lowmem_ops.plan: search must be 'line' or 'verified', got {search!r}")
     cfg, task = load_config(config)
@@ -798,7 +879,7 @@ def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[
     depths = [depth] if exact or depth <= 3 else [2, 3]
     for_plots = [v for v in plot_variants if plot_dir is not None]
     models = {}
-    for d in sorted(set(depths) | ({depth} if for_plots else set())):
+    for d in depths:
         shallow = copy.deepcopy(cfg)
         shallow.num_hidden_layers = d
         models[d] = build(shallow, task, DTYPES[dtype], lora, quant, double_quant)
@@ -826,10 +907,9 @@ def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[
         if name in for_plots:
             from pathlib import Path
 
-            whole = plans[name] if depths == [depth] else plan(made[depth][0], inputs(batch), optimizer=optimizer,
-                                                                label=name)
-            whole.plot(Path(plot_dir) / f"{config.replace('/', '-')}-{name.replace('+', '-')}.png",
-                       title=f"{config}, {name}: batch {batch}" + (f" x {seq} tokens" if seq and task != "image-classification" else ""))
+            tokens = f" x {seq} tokens" if seq and task != "image-classification" else ""
+            plans[name].plot(Path(plot_dir) / f"{config.replace('/', '-')}-{name.replace('+', '-')}.png",
+                             title=f"{config}, {name}: batch {batch}{tokens}")
     return Comparison(plans), fits
 
 
@@ -867,7 +947,15 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--fp32-adapters", action="store_true",
                         help="convert with lora_dtype=False: PEFT's float32 adapters stay float32")
+    parser.add_argument("--quant", choices=["nf4", "fp4", "int8"], default=None,
+                        help="a bitsandbytes base (QLoRA: nf4); needs --lora")
+    parser.add_argument("--double-quant", action="store_true", help="4-bit: quantise the absmax again (QLoRA's)")
     parser.add_argument("--exact", action="store_true", help="plan every layer (default: 2 and 3, extrapolated)")
+    parser.add_argument("--verified", action="store_true",
+                        help="largest batch: planned until it fits and the next does not (default: on the line "
+                             "through the plans at --batch and twice it)")
+    parser.add_argument("--plots", default=None, metavar="DIR",
+                        help="write each variant's memory over the step there (--paper: docs/plots)")
     parser.add_argument("--paper", action="store_true", help="the table of docs/plan.md (markdown)")
     parser.add_argument("--list", action="store_true", help="the known config names")
     args = parser.parse_args(argv)
@@ -880,25 +968,35 @@ def main(argv=None) -> None:
         gpus = [parse_bytes(g) for g in args.gpu]
     except ValueError as e:
         parser.error(str(e))
+    if args.quant and not args.lora:
+        parser.error("--quant needs --lora (a quantised base trains through adapters only)")
     convert_kwargs = {"lora_dtype": False} if args.fp32_adapters else {}
+    common = dict(dtype=args.dtype, optimizer=args.optimizer, variants=args.variants, exact=args.exact,
+                  convert_kwargs=convert_kwargs, search="verified" if args.verified else "line")
     if args.paper:
+        import resource
+        import sys
+        from pathlib import Path
+
+        plots = Path(args.plots or "docs/plots")
+        plots.mkdir(parents=True, exist_ok=True)
         gpus = gpus or [24 * 2**30, 40 * 2**30, 80 * 2**30]
         print("| model | setting | variant | peak GiB | reduction | saved GiB | peak in | largest batch "
               f"({' / '.join(gib(g) for g in gpus)}) |")
         print("|---|---|---|---:|---:|---:|---|---|")
         for name, s in PAPER:
-            start = time.perf_counter()
-            c, fits = run(name, **s, dtype=args.dtype, gpus=gpus, optimizer=args.optimizer, variants=args.variants,
-                      exact=args.exact, convert_kwargs=convert_kwargs)
-            setting = (f"{'LoRA r=' + str(s['lora']) if s['lora'] else 'full'}, {args.dtype}, batch {s['batch']}"
-                       + (f", {s['seq']} tokens" if s["seq"] else ""))
-            print("\n".join(markdown_rows(name, setting, c, fits)), flush=True)
-            print(f"{name}: {time.perf_counter() - start:.0f} s", file=__import__("sys").stderr)
+            start = time.process_time()
+            c, fits = run(name, **s, gpus=gpus, plot_dir=plots, plot_variants=args.variants, **common)
+            print("\n".join(markdown_rows(name, setting(args.dtype, **s), c, fits)), flush=True)
+            print(f"{name}: {time.process_time() - start:.1f} s of CPU", file=sys.stderr)
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        print(f"all rows: {sum(u.ru_utime + u.ru_stime for u in usage):.1f} s of CPU, peak RSS "
+              f"{usage[0].ru_maxrss / 2**20:.2f} GiB", file=sys.stderr)
         return
     if not args.config:
         parser.error("give a config (a config.json or a known name), --list or --paper")
-    c, fits = run(args.config, batch=args.batch, seq=args.seq, lora=args.lora, dtype=args.dtype, gpus=gpus,
-                  optimizer=args.optimizer, variants=args.variants, exact=args.exact, convert_kwargs=convert_kwargs)
+    c, fits = run(args.config, batch=args.batch, seq=args.seq, lora=args.lora, gpus=gpus, quant=args.quant,
+                  double_quant=args.double_quant, plot_dir=args.plots, plot_variants=args.variants, **common)
     print(c, end="")
     for name, by_gpu in fits.items():
         for gpu, b in by_gpu.items():
