@@ -866,10 +866,10 @@ def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[
     """The comparison and the largest batches for a config. Unless exact, each variant is planned at
     2 and 3 layers and extrapolated to the config's depth (extrapolate(): the layers are identical;
     the tests check it against planning every layer), so a 13B plan takes seconds.
-    The largest batch: search="line" solves each phase's peak on the line through the plans at `batch`
-    and 2 x batch (activations grow with the batch in proportion; two plans a variant, the tests check
-    the answers against the verified search on small models); "verified" is max_batch's search (the
-    batch fits and the next does not, planned: 8 or more plans a variant).
+    The largest batch: search="line" puts every point of the step's timeline on its line through the
+    plans at `batch` and 2 x batch (line_batches: two plans a variant; the tests check the answers
+    against the verified search); "verified" is max_batch's search (the batch fits and the next does
+    not, planned: 8 or more plans a variant), also taken where the timelines do not pair up.
     plot_dir: each of plot_variants plotted there ("<config>-<variant>.png"; the timeline of an
     extrapolated plan is stitched from the two shallow ones, extrapolate())."""
     if search not in ("line", "verified"):
@@ -901,22 +901,48 @@ def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[
         if search == "verified":
             fits[name] = dict(zip(gpus, largest_batch(planner, gpus)))
         elif gpus:
-            fits[name] = dict(zip(gpus, line_batches(plans[name], planner(2 * batch), batch, 2 * batch, gpus)))
+            answers = line_batches(plans[name], planner(2 * batch), batch, 2 * batch, gpus)
+            if answers is None:
+                answers = largest_batch(planner, gpus)
+                plans[name].notes.append("largest batch planned out: the timelines at two batches do not pair up")
+            fits[name] = dict(zip(gpus, answers))
         else:
             fits[name] = {}
         if name in for_plots:
             from pathlib import Path
 
             tokens = f" x {seq} tokens" if seq and task != "image-classification" else ""
-            plans[name].plot(Path(plot_dir) / f"{config.replace('/', '-')}-{name.replace('+', '-')}.png",
+            Path(plot_dir).mkdir(parents=True, exist_ok=True)
+            stem = Path(config).stem if Path(config).is_file() else config.replace("/", "-")
+            plans[name].plot(Path(plot_dir) / f"{stem}-{name.replace('+', '-')}.png",
                              title=f"{config}, {name}: batch {batch}{tokens}")
     return Comparison(plans), fits
 
 
-def line_batches(p: Plan, q: Plan, a: int, b: int, gpus: list[int]) -> list[int]:
-    """For each GPU size, the largest batch under it on each phase's line through (a, p) and (b, q) (0
-    where not even one fits)."""
-    return [max(0, _solve(p, q, a, b, g)) for g in gpus]
+def line_batches(p: Plan, q: Plan, a: int, b: int, gpus: list[int]) -> list[int] | None:
+    """For each GPU size, the largest batch whose step fits, from the plans at batches a and b: every
+    point of the timeline on its own line in the batch (the same ops at any batch, each storage's size
+    affine in it), the step's peak the highest of them at each batch, so no point's line may pass the
+    GPU's size. None where the timelines do not pair up (other ops at the other batch): plan it out then."""
+    if not p.timeline or len(p.timeline["weights"]) != len(q.timeline["weights"]) or p.phase_starts != q.phase_starts:
+        return None
+    low = [sum(v) for v in zip(*p.timeline.values())]
+    high = [sum(v) for v in zip(*q.timeline.values())]
+    answers = []
+    for gpu in gpus:
+        best = None
+        for x, y in zip(low, high):
+            if y > x:  # x + (n - a) (y - x) / (b - a) <= gpu
+                n = a + (gpu - x) * (b - a) // (y - x)
+            elif x > gpu:
+                n = 0
+            else:
+                continue
+            best = n if best is None else min(best, n)
+        if best is None:
+            raise ValueError("lowmem_ops.plan: the peak does not grow with the batch; check the inputs")
+        answers.append(max(0, best))
+    return answers
 
 
 def markdown_rows(config: str, settings: str, comparison: Comparison, fits: dict) -> list[str]:
