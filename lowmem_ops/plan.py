@@ -121,7 +121,7 @@ class Plan:
         ax.set_ylabel(f"{unit} alive")
         ax.set_ylim(0, max(total) * 1.12)
         ax.set_title(title or f"one training step{': ' + self.label if self.label else ''}", pad=18)
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -33,6 +33,19 @@ def quantize_linears(model: torch.nn.Module, quant: str, *, double_quant: bool =
     except ImportError as e:
         raise ImportError("lowmem_ops.quantized: 4-bit / 8-bit bases need bitsandbytes (pip install bitsandbytes)") from e
 
+    import bitsandbytes.functional
+
+    # bitsandbytes caches its 8-bit code map (double quant) on the device of the first tensor it
+    # quantises: made on meta here, it would break every real quantisation after in this process
+    cached = dict(bitsandbytes.functional.name2qmap)
+    try:
+        return _swap(model, quant, double_quant, compute_dtype, skip, bnb)
+    finally:
+        bitsandbytes.functional.name2qmap.clear()
+        bitsandbytes.functional.name2qmap.update(cached)
+
+
+def _swap(model, quant, double_quant, compute_dtype, skip, bnb):
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is torch.nn.Linear and not name.endswith(tuple(skip))]
     if not targets:

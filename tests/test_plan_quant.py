@@ -123,6 +123,16 @@ def test_linear4bit_saves_nothing_and_dequantises_in_backward():
     assert p.phase_at_peak["backward"]["activations"] == output + loss + 2 + 4 * (n * k // 64) + 2 * n * k
 
 
+def test_a_meta_build_leaves_real_quantisation_working(monkeypatch):
+    """bitsandbytes caches its double-quant code map on the first device it quantises on: a meta build
+    first must not leave it on meta (every real quantisation after it failed: 'Bnb4bitQuantize' errors
+    loading a 4-bit model)."""
+    monkeypatch.setattr(bnb.functional, "name2qmap", {})
+    meta_quantized("nf4")
+    packed, state = bnb.functional.quantize_4bit(torch.randn(64, 64), compress_statistics=True, quant_type="nf4")
+    assert packed.device.type == "cpu" and state.state2.code.device.type == "cpu"
+
+
 def test_quantize_linears_errors():
     with pytest.raises(ValueError, match="quant must be one of"):
         quantize_linears(torch.nn.Linear(4, 4), "nf3")
