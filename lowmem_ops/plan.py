@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import io
 import weakref
@@ -38,11 +39,15 @@ from torch.overrides import TorchFunctionMode
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "none")
 CATEGORIES = ("weights", "grads", "optimizer_states", "inputs", "activations")
+# the timeline's: saved is what forward's saved-tensor hooks saw (a recompute's are other); other is the
+# rest (inputs, outputs, temporaries, partial gradients)
+TIMELINE_CATEGORIES = ("weights", "grads", "optimizer_states", "saved", "other")
 
 
 @dataclass
 class Plan:
-    """Bytes of one training step. weights: parameters and buffers; grads: the trainable parameters'
+    """Bytes of one training step. weights: parameters, buffers and any other tensor the model holds
+    (a bitsandbytes weight's quant state); grads: the trainable parameters'
     .grad after backward; optimizer_states: every tensor in the optimizer's state; saved: what autograd
     saves for backward in the forward (as lo.memory.measure: storages deduplicated, parameters and
     buffers excluded; a checkpointed region's held inputs are invisible to those hooks); activations:
@@ -64,6 +69,12 @@ class Plan:
     phase_modules: dict[str, str] = field(default_factory=dict)  # the module at each phase's peak
     label: str = ""
     notes: list[str] = field(default_factory=list)
+    # bytes alive by TIMELINE_CATEGORIES after each op that changed them, and the point each phase
+    # starts at; empty for an extrapolated plan (lowmem_ops.plan.extrapolate). Not compared: a fake
+    # run frees a few temporaries an op later than the real one (the same peaks, other points between)
+    timeline: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
+    phase_starts: dict[str, int] = field(default_factory=dict, compare=False)
+    timeline_modules: list[str] = field(default_factory=list, repr=False, compare=False)  # each point's module
 
     def table(self, title: str | None = None):
         from rich.table import Table
@@ -81,6 +92,41 @@ class Plan:
     def __str__(self) -> str:
         return _render(self.table()) + "".join(f"note: {n}\n" for n in self.notes)
 
+    def plot(self, path, title: str | None = None):
+        """Memory over the step (each point: after an op that allocated or freed), stacked by category
+        (TIMELINE_CATEGORIES), in GiB (MiB under 0.25 GiB), phases marked, the peak marked; written to path (any format
+        matplotlib writes: .png, .svg, .pdf). The figure is returned (closed: its data stays readable)."""
+        if not self.timeline:
+            raise ValueError("lowmem_ops.memory: this plan has no timeline (extrapolated from plans whose layers "
+                             "could not be matched: plan the model itself, or the CLI with --exact, to plot it)")
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        unit, scale = ("GiB", 2**30) if self.peak >= 2**28 else ("MiB", 2**20)
+        x = range(len(self.timeline[TIMELINE_CATEGORIES[0]]))
+        layers = [[n / scale for n in self.timeline[c]] for c in TIMELINE_CATEGORIES]
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        ax.stackplot(x, *layers, labels=[c.replace("_", " ") for c in TIMELINE_CATEGORIES])
+        total = [sum(v) for v in zip(*layers)]
+        ax.plot(x, total, color="black", linewidth=0.8, label="total")
+        top = max(range(len(total)), key=total.__getitem__)
+        ax.annotate(f"peak {gib(self.peak)} ({self.peak_phase})", (top, total[top]),
+                    xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
+        for phase, start in self.phase_starts.items():
+            ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(start, 1.01, f" {phase}", transform=ax.get_xaxis_transform(), fontsize=8, va="bottom")
+        ax.set_xlabel("op (those that allocate or free)")
+        ax.set_ylabel(f"{unit} alive")
+        ax.set_ylim(0, max(total) * 1.12)
+        ax.set_title(title or f"one training step{': ' + self.label if self.label else ''}", pad=18)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return fig
+
 
 def gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB" if n >= 2**16 else f"{n} B"
@@ -95,7 +141,9 @@ def _render(table) -> str:
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages alive, from the op that made each (or track()) until torch frees it."""
+    """Bytes of the storages alive, from the op that made each (or track()) until torch frees it. Every
+    count and free is logged (serial, +-bytes), with how far the log had got after each op: the live set
+    at any point, the peaks' make-up and the timeline are replayed from it at the end."""
 
     def __init__(self, phase: list[str], module: Callable[[], str]):
         super().__init__()
@@ -109,10 +157,15 @@ class LiveBytes(TorchDispatchMode):
         return self.phase[0], self.module()
 
     def reset_peak(self) -> None:
-        self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
+        """Start the log here: what is alive now opens it."""
+        self.log: list[tuple[int, int]] = [(serial, n) for serial, n in self.live.values()]
+        self.op_ends: list[int] = []  # len(self.log) after each op
+        self.op_phases: list[str] = []  # the phase of each op
+        self.op_modules: list[str] = []  # the module running at each op
+        self.peak, self.peak_where, self.peak_at = self.total, self.where(), len(self.log)
         self.phase_peaks: dict[str, int] = {}
         self.phase_where: dict[str, str] = {}  # the module at each phase's peak
-        self.phase_live: dict[str, dict] = {}  # the storages alive at each phase's peak
+        self.phase_at: dict[str, int] = {}  # len(self.log) at each phase's peak
 
     def track(self, t: torch.Tensor) -> int:
         """Count t's storage from now on (once); its serial."""
@@ -122,11 +175,14 @@ class LiveBytes(TorchDispatchMode):
             self.serial += 1
             self.live[key] = (self.serial, storage.nbytes())
             self.total += storage.nbytes()
+            self.log.append(self.live[key])
             weakref.finalize(storage, self._freed, key)
         return self.live[key][0]
 
     def _freed(self, key: int) -> None:
-        self.total -= self.live.pop(key)[1]
+        serial, nbytes = self.live.pop(key)
+        self.total -= nbytes
+        self.log.append((serial, -nbytes))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -134,12 +190,47 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t)
         phase = self.phase[0]
+        self.op_ends.append(len(self.log))
+        self.op_phases.append(phase)
+        self.op_modules.append(self.module())
         if self.total > self.phase_peaks.get(phase, 0):
             self.phase_peaks[phase], self.phase_where[phase] = self.total, self.module()
-            self.phase_live[phase] = dict(self.live)
+            self.phase_at[phase] = len(self.log)
             if self.total > self.peak:
-                self.peak, self.peak_where, self.peak_live = self.total, self.where(), dict(self.live)
+                self.peak, self.peak_where, self.peak_at = self.total, self.where(), len(self.log)
         return out
+
+    def live_at(self, end: int) -> dict[int, int]:
+        """serial -> bytes of the storages alive when the log was `end` long."""
+        live: dict[int, int] = {}
+        for serial, n in self.log[:end]:
+            if n >= 0:
+                live[serial] = n
+            else:
+                del live[serial]
+        return live
+
+    def timeline(self, category: Callable[[int], str], categories):
+        """Bytes alive by category after each op that changed them ({category: bytes per point}), the
+        point each phase starts at, and the module of each point. Points, not op numbers: a fake run
+        dispatches a few more ops that change nothing."""
+        totals = dict.fromkeys(categories, 0)
+        series: dict[str, list[int]] = {c: [] for c in categories}
+        starts: dict[str, int] = {}
+        modules: list[str] = []
+        position, last = 0, None
+        for end, phase, module in zip(self.op_ends, self.op_phases, self.op_modules):
+            starts.setdefault(phase, len(series[categories[0]]))
+            for serial, n in self.log[position:end]:
+                totals[category(serial)] += n
+            position = end
+            now = tuple(totals.values())
+            if now != last:
+                last = now
+                modules.append(module)
+                for c in categories:
+                    series[c].append(totals[c])
+        return series, starts, modules
 
 
 class WhereAmI(TorchFunctionMode):
@@ -191,31 +282,84 @@ class WhereAmI(TorchFunctionMode):
 
 def fake_copy(obj, mode: FakeTensorMode):
     """A deep copy of obj (a module, or inputs) with every tensor in it a fake tensor of `mode`: no
-    data is copied or allocated. Meta tensors become fake CPU tensors (CPU's kernels, below); the same
-    tensor object twice (tied weights) stays one."""
-    memo: dict[int, object] = {}
-    for t in _tensors_in(obj):
+    data is copied or allocated. Meta tensors become fake CPU tensors (CPU's kernels, below), views of
+    one meta storage views of one fake storage (an 8-bit weight and its CB)."""
+    meta_storages: dict[int, torch.Tensor] = {}  # a meta StorageImpl -> its fake bytes
+
+    def make(t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, FakeTensor):
             if t.fake_mode is not mode:
                 raise ValueError("lowmem_ops.memory.plan: the model's fake tensors belong to another FakeTensorMode; "
                                  "pass real or meta tensors, or fake ones of one mode")
-            fake = t
-        elif t.device.type == "meta":
-            with mode:
-                fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
-        else:
-            fake = mode.from_tensor(t)
-        if isinstance(t, torch.nn.Parameter) and not isinstance(fake, torch.nn.Parameter):
-            with mode:
-                fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
-        elif t.requires_grad and not fake.requires_grad and t.is_leaf:
-            fake.requires_grad_(True)
-        memo[id(t)] = fake
-    return copy.deepcopy(obj, memo)
+            return t
+        if t.device.type != "meta":
+            return mode.from_tensor(t)  # storages shared as in t
+        storage = t.untyped_storage()
+        if storage._cdata not in meta_storages:
+            meta_storages[storage._cdata] = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu")
+        return torch.empty(0, dtype=t.dtype, device="cpu").set_(
+            meta_storages[storage._cdata].untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+    with mode:
+        return _copy_tensors(obj, make)
+
+
+def real_copy(obj):
+    """A deep copy of obj made as fake_copy makes its copy (storages copied once each, views kept,
+    tensors' own attributes carried), with real (or meta) data: the fake run's twin. copy.deepcopy would do for
+    most models, but not for bitsandbytes' (Params4bit's __deepcopy__ copies the quant state apart
+    from the module's reference to it: two of each)."""
+    storages: dict[int, torch.UntypedStorage] = {}
+
+    def make(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in storages:
+            storages[storage._cdata] = storage.clone()
+        return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            storages[storage._cdata], t.storage_offset(), t.shape, t.stride())
+
+    with torch.no_grad():
+        return _copy_tensors(obj, make)
+
+
+def _copy_tensors(obj, make: Callable[[torch.Tensor], torch.Tensor]):
+    """copy.deepcopy(obj) with make(t) as the copy of each tensor t in it: the same tensor object twice
+    (tied weights) stays one; a parameter stays a parameter (a plain one: a subclass's Python state is
+    carried as attributes); a tensor's own attributes (a bitsandbytes weight's quant_state, CB, SCB) go
+    onto its copy, their tensors copied by make too."""
+    memo: dict[int, object] = {}
+    attached = []
+    for t in _tensors_in(obj):
+        new = make(t)
+        if isinstance(t, torch.nn.Parameter) and not isinstance(new, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+        elif t.requires_grad and not new.requires_grad and t.is_leaf:
+            new.requires_grad_(True)
+        memo[id(t)] = new
+        if new is not t and _own_attributes(t):
+            attached.append((t, new))
+    copied = copy.deepcopy(obj, memo)
+    for t, new in attached:  # after the copy: an attribute pointing back into obj (Params4bit.module) finds its copy
+        for name, value in _own_attributes(t).items():
+            setattr(new, name, copy.deepcopy(value, memo))
+    return copied
+
+
+@functools.cache
+def _tensor_machinery() -> frozenset[str]:
+    """Attributes every fake tensor or parameter has of its own: not the user's."""
+    with FakeTensorMode():
+        return frozenset(vars(torch.nn.Parameter(torch.empty(0)))) | {"_is_param"}
+
+
+def _own_attributes(t: torch.Tensor) -> dict:
+    """What has been set on a tensor object beyond what torch puts there (bitsandbytes' quant_state, CB, SCB)."""
+    return {k: v for k, v in vars(t).items() if k not in _tensor_machinery()}
 
 
 def _tensors_in(obj) -> list[torch.Tensor]:
-    """Every tensor deepcopy would reach in obj: through modules, containers and objects' attributes."""
+    """Every tensor deepcopy would reach in obj: through modules, containers, objects' attributes and
+    tensors' own attributes (a 4-bit weight's quant state)."""
     found: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
     stack = [obj]
@@ -226,6 +370,7 @@ def _tensors_in(obj) -> list[torch.Tensor]:
         seen.add(id(o))
         if isinstance(o, torch.Tensor):
             found[id(o)] = o
+            stack.extend(_own_attributes(o).values())
         elif isinstance(o, dict):
             stack.extend(o.keys())
             stack.extend(o.values())
@@ -290,7 +435,7 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
     else:
         if any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in _tensors_in(model)):
             raise ValueError("lowmem_ops.memory.plan: fake=False needs a model with real tensors")
-        model = copy.deepcopy(model)
+        model = real_copy(model)
     model.train()
     context = mode if fake else contextlib.nullcontext()
     phase = ["setup"]
@@ -309,7 +454,8 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
 def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase: list, label: str, call) -> Plan:
     params = list(dict.fromkeys(model.parameters()))
     trainable = [p for p in params if p.requires_grad]
-    state = list(model.parameters()) + list(model.buffers())
+    # parameters, buffers and whatever else the model holds: a quantised weight's quant state
+    state = list(dict.fromkeys(list(model.parameters()) + list(model.buffers()) + _tensors_in(model)))
     with tracker:
         for t in state + [t for t in _tensors_in(inputs)]:
             tracker.track(t)
@@ -359,21 +505,29 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
     weights = {tracker.track(t) for t in state}
     state_serials = {tracker.track(t) for t in states}
     input_serials = {tracker.track(t) for t in _tensors_in(inputs)}
-    def by_category(live: dict) -> dict[str, int]:
+    def category(serial: int) -> str:
+        return ("weights" if serial in weights else "optimizer_states" if serial in state_serials else
+                "inputs" if serial in input_serials else "grads" if serial in grad_serials else "activations")
+
+    def by_category(end: int) -> dict[str, int]:
         out = dict.fromkeys(CATEGORIES, 0)
-        for serial, nbytes in live.values():
-            out["weights" if serial in weights else "optimizer_states" if serial in state_serials else
-                "inputs" if serial in input_serials else "grads" if serial in grad_serials else "activations"] += nbytes
+        for serial, nbytes in tracker.live_at(end).items():
+            out[category(serial)] += nbytes
         return out
 
-    at_peak = by_category(tracker.peak_live)
+    def timeline_category(serial: int) -> str:
+        c = category(serial)
+        return "saved" if c == "activations" and serial in saved else "other" if c in ("activations", "inputs") else c
+
+    series, phase_starts, point_modules = tracker.timeline(timeline_category, TIMELINE_CATEGORIES)
     peak_phase, peak_module = tracker.peak_where
     return Plan(weights=_storages_bytes(state), trainable=_storages_bytes(trainable), grads=grads,
                 optimizer_states=_storages_bytes(states), saved=sum(saved.values()), activations=activations,
-                peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=at_peak,
+                peak=tracker.peak, peak_phase=peak_phase, peak_module=peak_module, at_peak=by_category(tracker.peak_at),
                 phase_peaks=dict(tracker.phase_peaks), label=label,
-                phase_at_peak={k: by_category(v) for k, v in tracker.phase_live.items()},
-                phase_modules=dict(tracker.phase_where))
+                phase_at_peak={k: by_category(v) for k, v in tracker.phase_at.items()},
+                phase_modules=dict(tracker.phase_where), timeline=series, phase_starts=phase_starts,
+                timeline_modules=point_modules)
 
 
 VARIANTS = ("baseline", "converted", "checkpointed", "converted+checkpointed")
@@ -391,7 +545,7 @@ def variant(model: torch.nn.Module, name: str, example_inputs=None,
     tensors = _tensors_in(model)
     if any(isinstance(t, FakeTensor) for t in tensors):
         raise ValueError("lowmem_ops.memory: variants are made from a model with real or meta tensors, not fake ones")
-    model, notes = copy.deepcopy(model), []
+    model, notes = real_copy(model), []  # not copy.deepcopy: see real_copy
     if "converted" in name:
         import warnings
 
@@ -525,9 +679,18 @@ TASKS = {"causal-lm": "AutoModelForCausalLM", "image-classification": "AutoModel
          "sequence-classification": "AutoModelForSequenceClassification"}
 # the paper's settings where published (LLaMA: LoRA r=64 on all linears, bf16, batch 4, 512+128 tokens);
 # the rest are common fine-tuning settings, stated in docs/plan.md
-PAPER = [("llama-2-7b", dict(batch=4, seq=640, lora=64)), ("llama-2-13b", dict(batch=4, seq=640, lora=64)),
-         ("mistral-7b", dict(batch=4, seq=640, lora=64)), ("vit-b/16", dict(batch=64, seq=0, lora=8)),
-         ("roberta-base", dict(batch=32, seq=128, lora=0)), ("gpt2", dict(batch=8, seq=1024, lora=0))]
+# the paper's settings where published (LLaMA: QLoRA, nf4 with double quant, LoRA r=64 on all linears,
+# bf16, batch 4, 512+128 tokens); the rest are common fine-tuning settings, stated in docs/plan.md
+QLORA = dict(batch=4, seq=640, lora=64, quant="nf4", double_quant=True)
+PAPER = [("llama-2-7b", QLORA), ("llama-2-13b", QLORA), ("mistral-7b", QLORA),
+         ("vit-b/16", dict(batch=64, seq=0, lora=8)), ("roberta-base", dict(batch=32, seq=128, lora=0)),
+         ("gpt2", dict(batch=8, seq=1024, lora=0))]
+
+
+def setting(dtype: str, batch: int, seq: int, lora: int, quant: str | None = None, double_quant: bool = False) -> str:
+    base = f"QLoRA {quant}{'+dq' if double_quant and quant != 'int8' else ''}" if quant else None
+    adapters = f"LoRA r={lora}" if lora else "full"
+    return (f"{adapters}{', ' + base if base else ''}, {dtype}, batch {batch}" + (f", {seq} tokens" if seq else ""))
 
 
 def parse_bytes(text: str) -> int:
@@ -563,20 +726,30 @@ def load_config(name_or_path: str):
     return cfg, task
 
 
-def build(cfg, task: str, dtype: torch.dtype, lora: int):
-    """The model on the meta device (nothing allocated), in dtype, with PEFT LoRA adapters of rank
+HEADS = ("lm_head", "classifier", "score", "pooler.dense")
+
+
+def build(cfg, task: str, dtype: torch.dtype, lora: int, quant: str | None = None, double_quant: bool = True):
+    """The model on the meta device (nothing allocated), in dtype as from_pretrained(dtype=...) makes it
+    (buffers such as rotary frequencies stay float32), its linear layers but the head quantised by
+    bitsandbytes if quant ("nf4", "fp4", "int8"; lowmem_ops.quantized), with PEFT LoRA adapters of rank
     `lora` on every linear layer but the head (0: full fine-tuning)."""
     import transformers
 
     with torch.device("meta"):
-        model = getattr(transformers, TASKS[task]).from_config(cfg).to(dtype)
+        model = getattr(transformers, TASKS[task]).from_config(cfg, dtype=dtype)
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not n.endswith(HEADS)})
+    if quant:
+        from .quantized import quantize_linears
+
+        quantize_linears(model, quant, double_quant=double_quant, compute_dtype=dtype, skip=HEADS)
     if lora:
         import peft
 
-        heads = ("lm_head", "classifier", "score", "pooler.dense")
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                          if isinstance(m, torch.nn.Linear) and not n.endswith(heads)})
         model = peft.get_peft_model(model, peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=targets))
+    elif quant:
+        raise ValueError("lowmem_ops.plan: a quantised base trains through adapters only: give --lora")
     return model
 
 
@@ -601,7 +774,7 @@ def extrapolate(p: Plan, q: Plan, depth_p: int, depth_q: int, depth: int) -> Pla
     """The plan of a model `depth` layers deep from plans of the same model depth_p and depth_q layers
     deep (identical layers): every byte count, each phase's peak and the bytes at the peak on the line
     through the two; the peak is the highest phase's. A module in q's last layer is named in the deep
-    model's last layer."""
+    model's last layer. The timeline: _stitch (depths one apart, q's 3 or more)."""
     def line(a: int, b: int) -> int:
         return b + (b - a) * (depth - depth_q) // (depth_q - depth_p)
 
@@ -615,39 +788,161 @@ def extrapolate(p: Plan, q: Plan, depth_p: int, depth_q: int, depth: int) -> Pla
     phase_at_peak = {k: {c: line(p.phase_at_peak.get(k, {}).get(c, 0), n) for c, n in v.items()}
                      for k, v in q.phase_at_peak.items()}
     fields = {name: line(getattr(p, name), getattr(q, name)) for name in BYTES if name != "peak"}
+    timeline, starts = _stitch(p, q, depth) if depth_q - depth_p == 1 and depth_q >= 3 and q.timeline else ({}, {})
     return Plan(**fields, peak=phase_peaks[phase], peak_phase=phase, peak_module=deeper(q.phase_modules[phase]),
                 at_peak=phase_at_peak[phase], phase_peaks=phase_peaks, phase_at_peak=phase_at_peak,
-                phase_modules={k: deeper(v) for k, v in q.phase_modules.items()}, label=q.label, notes=list(q.notes))
+                phase_modules={k: deeper(v) for k, v in q.phase_modules.items()}, label=q.label, notes=list(q.notes),
+                timeline=timeline, phase_starts=starts)
+
+
+def _layer(module: str) -> int | None:
+    """The layer index in a module name (model.layers.3.mlp -> 3), None outside the layers."""
+    parts = module.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "layer", "h") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def _stitch(p: Plan, q: Plan, depth: int) -> tuple[dict, dict]:
+    """The timeline of the model `depth` layers deep from q's and p's (one layer fewer; q 3 or more deep):
+    in forward and in backward the points of layer depth_q - 2 (a middle layer: layer 0 differs, its
+    input needs no grad under LoRA, and so does the last) are repeated once per missing layer, from its
+    first point to the next layer's, each repeat and everything after it raised by what one layer
+    leaves behind in this phase: the change from p's to q's last point of the phase, less the change
+    carried in from before it (at the start: one layer's weights and optimizer states). The optimizer
+    phase, the same ops at any depth (foreach), point by point on the line through p's and q's.
+    ({}, {}) where the layers or phases cannot be matched (a model outside the named layouts)."""
+    names = TIMELINE_CATEGORIES
+    last = max((layer for layer in map(_layer, q.timeline_modules) if layer is not None), default=None)
+    if last is None or last < 2 or not p.timeline or list(p.phase_starts) != list(q.phase_starts):
+        return {}, {}
+    extra = depth - (last + 1)
+    add = lambda a, b, k=1: tuple(x + k * y for x, y in zip(a, b))  # noqa: E731
+
+    def table(plan: Plan) -> tuple[list[tuple], dict[str, tuple[int, int]]]:
+        points = [tuple(plan.timeline[c][i] for c in names) for i in range(len(plan.timeline[names[0]]))]
+        phases = sorted(plan.phase_starts.items(), key=lambda kv: kv[1])
+        return points, {name: (start, phases[i + 1][1] if i + 1 < len(phases) else len(points))
+                        for i, (name, start) in enumerate(phases)}
+
+    points, bounds = table(q)
+    p_points, p_bounds = table(p)
+    out: list[tuple] = []
+    starts: dict[str, int] = {}
+    carried = add(points[0], p_points[0], -1)  # one layer's weights and optimizer states
+    shift = tuple(extra * x for x in carried)
+    for phase, (lo, hi) in bounds.items():
+        starts[phase] = len(out)
+        p_lo, p_hi = p_bounds[phase]
+        if hi == lo or p_hi == p_lo:
+            continue
+        one_layer = add(points[hi - 1], p_points[p_hi - 1], -1)  # one layer more, by the end of this phase
+        step, carried = add(one_layer, carried, -1), one_layer
+        if phase == "optimizer" and p_hi - p_lo == hi - lo:  # each point on its line
+            out.extend(add(points[i], add(points[i], p_points[p_lo + i - lo], -1), extra) for i in range(lo, hi))
+            shift = tuple(extra * x for x in one_layer)
+            continue
+        layer_of = [_layer(q.timeline_modules[i]) for i in range(lo, hi)]
+        begins = {layer: lo + layer_of.index(layer) for layer in (last - 2, last - 1, last) if layer in layer_of}
+        if len(begins) < 3:
+            out.extend(add(points[i], shift) for i in range(lo, hi))
+            shift = add(shift, step, extra)
+            continue
+        start = begins[last - 1]
+        end = min((b for b in (begins[last - 2], begins[last]) if b > start), default=hi)
+        out.extend(add(points[i], shift) for i in range(lo, end))
+        for k in range(1, extra + 1):
+            out.extend(add(add(points[i], shift), step, k) for i in range(start, end))
+        shift = add(shift, step, extra)
+        out.extend(add(points[i], shift) for i in range(end, hi))
+    return {c: [point[j] for point in out] for j, c in enumerate(names)}, starts
 
 
 def run(config: str, *, batch: int, seq: int, lora: int, dtype: str, gpus: list[int], optimizer: str,
-        variants=VARIANTS, exact: bool = False, convert_kwargs: dict | None = None,
+        variants=VARIANTS, exact: bool = False, convert_kwargs: dict | None = None, quant: str | None = None,
+        double_quant: bool = True, search: str = "line", plot_dir=None, plot_variants=(),
         ) -> tuple[Comparison, dict[str, dict[int, int]]]:
     """The comparison and the largest batches for a config. Unless exact, each variant is planned at
     2 and 3 layers and extrapolated to the config's depth (extrapolate(): the layers are identical;
-    the tests check it against planning every layer), so a 13B plan takes seconds."""
+    the tests check it against planning every layer), so a 13B plan takes seconds.
+    The largest batch: search="line" puts every point of the step's timeline on its line through the
+    plans at `batch` and 2 x batch (line_batches: two plans a variant; the tests check the answers
+    against the verified search); "verified" is max_batch's search (the batch fits and the next does
+    not, planned: 8 or more plans a variant), also taken where the timelines do not pair up.
+    plot_dir: each of plot_variants plotted there ("<config>-<variant>.png"; the timeline of an
+    extrapolated plan is stitched from the two shallow ones, extrapolate())."""
+    if search not in ("line", "verified"):
+        raise ValueError(f"lowmem_ops.plan: search must be 'line' or 'verified', got {search!r}")
     cfg, task = load_config(config)
     depth = cfg.num_hidden_layers
     depths = [depth] if exact or depth <= 3 else [2, 3]
+    for_plots = [v for v in plot_variants if plot_dir is not None]
     models = {}
     for d in depths:
         shallow = copy.deepcopy(cfg)
         shallow.num_hidden_layers = d
-        models[d] = build(shallow, task, DTYPES[dtype], lora)
+        models[d] = build(shallow, task, DTYPES[dtype], lora, quant, double_quant)
     inputs = make_inputs(cfg, task, DTYPES[dtype], seq)
+    mode = FakeTensorMode()
     plans, fits = {}, {}
     for name in variants:
         made = {d: variant(m, name, **(convert_kwargs or {})) for d, m in models.items()}
         notes = made[depths[-1]][1] + ([f"planned at 2 and 3 layers, extrapolated to {depth}"] * (len(depths) > 1))
+        # faked once: each plan of it copies the module structure only, and the fake mode's op cache is shared
+        made = {d: (fake_copy(m, mode), n) for d, (m, n) in made.items()}
 
-        def planner(b: int, made=made) -> Plan:
+        def planner(b: int, made=made, name=name) -> Plan:
             ps = [plan(made[d][0], inputs(b), optimizer=optimizer, label=name) for d in depths]
             return ps[0] if len(ps) == 1 else extrapolate(ps[0], ps[1], 2, 3, depth)
 
         plans[name] = planner(batch)
         plans[name].notes.extend(notes)
-        fits[name] = dict(zip(gpus, largest_batch(planner, gpus)))
+        if search == "verified":
+            fits[name] = dict(zip(gpus, largest_batch(planner, gpus)))
+        elif gpus:
+            answers = line_batches(plans[name], planner(2 * batch), batch, 2 * batch, gpus)
+            if answers is None:
+                answers = largest_batch(planner, gpus)
+                plans[name].notes.append("largest batch planned out: the timelines at two batches do not pair up")
+            fits[name] = dict(zip(gpus, answers))
+        else:
+            fits[name] = {}
+        if name in for_plots:
+            from pathlib import Path
+
+            tokens = f" x {seq} tokens" if seq and task != "image-classification" else ""
+            Path(plot_dir).mkdir(parents=True, exist_ok=True)
+            stem = Path(config).stem if Path(config).is_file() else config.replace("/", "-")
+            plans[name].plot(Path(plot_dir) / f"{stem}-{name.replace('+', '-')}.png",
+                             title=f"{config}, {name}: batch {batch}{tokens}")
     return Comparison(plans), fits
+
+
+def line_batches(p: Plan, q: Plan, a: int, b: int, gpus: list[int]) -> list[int] | None:
+    """For each GPU size, the largest batch whose step fits, from the plans at batches a and b: every
+    point of the timeline on its own line in the batch (the same ops at any batch, each storage's size
+    affine in it), the step's peak the highest of them at each batch, so no point's line may pass the
+    GPU's size. None where the timelines do not pair up (other ops at the other batch): plan it out then."""
+    if not p.timeline or len(p.timeline["weights"]) != len(q.timeline["weights"]) or p.phase_starts != q.phase_starts:
+        return None
+    low = [sum(v) for v in zip(*p.timeline.values())]
+    high = [sum(v) for v in zip(*q.timeline.values())]
+    answers = []
+    for gpu in gpus:
+        best = None
+        for x, y in zip(low, high):
+            if y > x:  # x + (n - a) (y - x) / (b - a) <= gpu
+                n = a + (gpu - x) * (b - a) // (y - x)
+            elif x > gpu:
+                n = 0
+            else:
+                continue
+            best = n if best is None else min(best, n)
+        if best is None:
+            raise ValueError("lowmem_ops.plan: the peak does not grow with the batch; check the inputs")
+        answers.append(max(0, best))
+    return answers
 
 
 def markdown_rows(config: str, settings: str, comparison: Comparison, fits: dict) -> list[str]:
@@ -678,7 +973,15 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--fp32-adapters", action="store_true",
                         help="convert with lora_dtype=False: PEFT's float32 adapters stay float32")
+    parser.add_argument("--quant", choices=["nf4", "fp4", "int8"], default=None,
+                        help="a bitsandbytes base (QLoRA: nf4); needs --lora")
+    parser.add_argument("--double-quant", action="store_true", help="4-bit: quantise the absmax again (QLoRA's)")
     parser.add_argument("--exact", action="store_true", help="plan every layer (default: 2 and 3, extrapolated)")
+    parser.add_argument("--verified", action="store_true",
+                        help="largest batch: planned until it fits and the next does not (default: on the line "
+                             "through the plans at --batch and twice it)")
+    parser.add_argument("--plots", default=None, metavar="DIR",
+                        help="write each variant's memory over the step there (--paper: docs/plots)")
     parser.add_argument("--paper", action="store_true", help="the table of docs/plan.md (markdown)")
     parser.add_argument("--list", action="store_true", help="the known config names")
     args = parser.parse_args(argv)
@@ -691,25 +994,35 @@ def main(argv=None) -> None:
         gpus = [parse_bytes(g) for g in args.gpu]
     except ValueError as e:
         parser.error(str(e))
+    if args.quant and not args.lora:
+        parser.error("--quant needs --lora (a quantised base trains through adapters only)")
     convert_kwargs = {"lora_dtype": False} if args.fp32_adapters else {}
+    common = dict(dtype=args.dtype, optimizer=args.optimizer, variants=args.variants, exact=args.exact,
+                  convert_kwargs=convert_kwargs, search="verified" if args.verified else "line")
     if args.paper:
+        import resource
+        import sys
+        from pathlib import Path
+
+        plots = Path(args.plots or "docs/plots")
+        plots.mkdir(parents=True, exist_ok=True)
         gpus = gpus or [24 * 2**30, 40 * 2**30, 80 * 2**30]
         print("| model | setting | variant | peak GiB | reduction | saved GiB | peak in | largest batch "
               f"({' / '.join(gib(g) for g in gpus)}) |")
         print("|---|---|---|---:|---:|---:|---|---|")
         for name, s in PAPER:
-            start = time.perf_counter()
-            c, fits = run(name, **s, dtype=args.dtype, gpus=gpus, optimizer=args.optimizer, variants=args.variants,
-                      exact=args.exact, convert_kwargs=convert_kwargs)
-            setting = (f"{'LoRA r=' + str(s['lora']) if s['lora'] else 'full'}, {args.dtype}, batch {s['batch']}"
-                       + (f", {s['seq']} tokens" if s["seq"] else ""))
-            print("\n".join(markdown_rows(name, setting, c, fits)), flush=True)
-            print(f"{name}: {time.perf_counter() - start:.0f} s", file=__import__("sys").stderr)
+            start = time.process_time()
+            c, fits = run(name, **s, gpus=gpus, plot_dir=plots, plot_variants=args.variants, **common)
+            print("\n".join(markdown_rows(name, setting(args.dtype, **s), c, fits)), flush=True)
+            print(f"{name}: {time.process_time() - start:.1f} s of CPU", file=sys.stderr)
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        print(f"all rows: {sum(u.ru_utime + u.ru_stime for u in usage):.1f} s of CPU, peak RSS "
+              f"{usage[0].ru_maxrss / 2**20:.2f} GiB", file=sys.stderr)
         return
     if not args.config:
         parser.error("give a config (a config.json or a known name), --list or --paper")
-    c, fits = run(args.config, batch=args.batch, seq=args.seq, lora=args.lora, dtype=args.dtype, gpus=gpus,
-                  optimizer=args.optimizer, variants=args.variants, exact=args.exact, convert_kwargs=convert_kwargs)
+    c, fits = run(args.config, batch=args.batch, seq=args.seq, lora=args.lora, gpus=gpus, quant=args.quant,
+                  double_quant=args.double_quant, plot_dir=args.plots, plot_variants=args.variants, **common)
     print(c, end="")
     for name, by_gpu in fits.items():
         for gpu, b in by_gpu.items():

@@ -211,3 +211,37 @@ def test_bad_arguments_are_clear_errors():
         lo.memory.plan(mlp(), torch.randn(2, 16), loss_fn=lambda out: out)
     with pytest.raises(ValueError, match="gradient_checkpointing_enable"):
         lo.memory.compare(mlp(), torch.randn(2, 16), variants=["checkpointed"])
+
+
+def test_plot_draws_the_plans_numbers(tmp_path):
+    """The data handed to matplotlib (not pixels): one stacked layer per category, the total line, in MiB
+    here; its top is the peak, each phase's top that phase's peak, the layers at the top the peak's make-up."""
+    from lowmem_ops.plan import TIMELINE_CATEGORIES
+
+    model, inputs = hf_llama()
+    p = lo.memory.plan(model, inputs)
+    fig = p.plot(tmp_path / "step.png")
+    assert (tmp_path / "step.png").stat().st_size > 10_000
+    ax = fig.axes[0]
+    assert [c.get_label() for c in ax.collections] == [c.replace("_", " ") for c in TIMELINE_CATEGORIES]
+    total = ax.lines[0].get_ydata()
+    series = [p.timeline[c] for c in TIMELINE_CATEGORIES]
+    assert list(total) == pytest.approx([sum(v) / 2**20 for v in zip(*series)])
+    sums = [sum(v) for v in zip(*series)]
+    assert max(sums) == p.peak
+    bounds = sorted(p.phase_starts.values()) + [len(sums)]
+    for phase, start in p.phase_starts.items():
+        end = min(b for b in bounds if b > start)
+        assert max(sums[start:end]) == p.phase_peaks[phase], phase
+    top = sums.index(p.peak)
+    at = {c: p.timeline[c][top] for c in TIMELINE_CATEGORIES}
+    assert at["weights"] == p.at_peak["weights"] and at["grads"] == p.at_peak["grads"]
+    assert at["optimizer_states"] == p.at_peak["optimizer_states"]
+    assert at["saved"] + at["other"] == p.at_peak["inputs"] + p.at_peak["activations"]
+    # the stacked layers: each one's top edge is the running sum of the categories below it
+    running = [0] * len(sums)
+    for layer, c in zip(ax.collections, TIMELINE_CATEGORIES):
+        running = [r + n for r, n in zip(running, p.timeline[c])]
+        assert layer.get_paths()[0].vertices[:, 1].max() == pytest.approx(max(running) / 2**20)
+    with pytest.raises(ValueError, match="no timeline"):
+        lo.plan.Plan(**{**p.__dict__, "timeline": {}}).plot(tmp_path / "none.png")
