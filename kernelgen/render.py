@@ -397,10 +397,16 @@ def _cpp_gated_fields(s: Spec) -> dict:
     def statements(temps):
         return [[name, Code(value)] for name, value in temps]
 
-    h_temps, (h,) = s.forward.cpp_vec_program(derivative=False)
-    dh_temps, (_, dh) = s.forward.cpp_vec_program(derivative=True)
+    # One program for h and h' (their common subexpressions computed once: GELU's erf, SiLU's exp); the
+    # forward runs the statements h needs, so forward and backward compute h alike, to the bit.
+    temps, (h, dh) = s.forward.cpp_vec_program(derivative=True)
+    needed = set(re.findall(r"\bt\d+\b", h))
+    for name, value in reversed(temps):
+        if name in needed:
+            needed |= set(re.findall(r"\bt\d+\b", value))
+    h_temps = [(name, value) for name, value in temps if name in needed]
     asym = asymptotes(s.forward)
-    return {"h_temps": statements(h_temps), "h": Code(h), "dh_temps": statements(dh_temps),
+    return {"h_temps": statements(h_temps), "h": Code(h), "dh_temps": statements(temps),
             "dh": Code(dh), "slope_left": _cpp_float(asym.slope_left),
             "slope_right": _cpp_float(asym.slope_right)}
 

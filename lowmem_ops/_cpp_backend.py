@@ -60,10 +60,15 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
 
 def _cflags() -> list[str]:
     """-O3 and OpenMP (its simd reductions), no contraction into FMAs (every product and sum rounds as in
-    the torch path). at::vec's AVX2 Vectorized<float> (8 lanes, Sleef's functions from libtorch) where
-    this CPU and this torch build have it; else its portable version (same results, element by element)."""
+    the torch path). at::vec's Vectorized<float> (Sleef's functions from libtorch) for AVX2 where
+    this CPU and this torch build have it (AVX-512: 16 lanes, as torch's own kernels there); else its
+    portable version (same formulas, element by element)."""
     flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                  "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+    elif capability == "AVX2":
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return flags
 
@@ -282,8 +287,8 @@ def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: 
         codes = codes.contiguous() if need_gate else None
         _call(_gated_kernel(op, 3), op, dy.data_ptr(), _ptr(up), _ptr(h), _ptr(codes), dtype, n, out_gate, out_up)
     else:
-        _call(_gated_kernel(op, 2), op, dy.data_ptr(), _same_layout(gate, dy).data_ptr(), _ptr(up), dtype, n,
-              out_gate, out_up)
+        gate = _same_layout(gate, dy)  # held here: a pointer into a temporary would dangle during the call
+        _call(_gated_kernel(op, 2), op, dy.data_ptr(), gate.data_ptr(), _ptr(up), dtype, n, out_gate, out_up)
     return dgate, dup
 
 
@@ -360,7 +365,8 @@ def norm_backward(tree: Path, dy, y, rstd, weight, bias, is_rms: bool, x_dtype):
     db = torch.zeros(cols, dtype=torch.float32) if bias is not None else None
     if rows:
         w, b = _param(weight), _param(bias)
-        _norm_call(tree, 1, dy.data_ptr(), y.data_ptr(), _DTYPE_CODE[y.dtype], rstd.float().contiguous().data_ptr(),
+        rstd = rstd.float().contiguous()  # held: its pointer must outlive the call
+        _norm_call(tree, 1, dy.data_ptr(), y.data_ptr(), _DTYPE_CODE[y.dtype], rstd.data_ptr(),
                    rows, cols, _ptr(w), _ptr(b), int(is_rms), dx.data_ptr(), _DTYPE_CODE[x_dtype], _ptr(dw), _ptr(db))
     return dx, dw, db
 
