@@ -92,6 +92,7 @@ def row(op, phase, n, dtype, ours, theirs):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu",), default="cpu", help="the C++ backend runs CPU tensors only")
     p.add_argument("--sizes", nargs="+", help="element counts (2**20 ...), default 2**20 2**24")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
