@@ -76,6 +76,20 @@ class Expr:
     def torch_derivative(self) -> str:
         return _Printer(_TORCH).print(self.derivative())
 
+    def cpp_vec(self) -> str:
+        """C++ over at::vec::Vectorized<float> (the CPU template's V, with its lm:: helpers)."""
+        return _Printer(_CPP_VEC).print(self.sym)
+
+    def cpp_vec_program(self, derivative: bool) -> tuple[list[tuple[str, str]], list[str]]:
+        """h (and h') as C++ over Vectorized<float>, sharing common subexpressions: the statements
+        (name, value) that define temporaries t0, t1, ... in order, then the result expressions. The
+        vector functions are opaque calls to the compiler, so without this SiLU's h' computes exp(-x)
+        three times."""
+        exprs = [self.sym] + ([self.derivative()] if derivative else [])
+        temps, results = sympy.cse(exprs, symbols=sympy.numbered_symbols("t", real=True), optimizations=None)
+        printer = _Printer(_CPP_VEC)
+        return [(name.name, printer.print(value)) for name, value in temps], [printer.print(r) for r in results]
+
     def check_printable(self, derivative: bool) -> None:
         """ExprError unless h (and h' if `derivative`) print as code whose every constant is a
         finite float32: a constant beyond float32 would otherwise fail deep in the Triton compiler."""
@@ -218,6 +232,7 @@ class _Target:
     funcs: dict
     sqrt: str
     where: str
+    number: object = None  # how a constant is spelled; None: Python's repr (Triton, torch)
 
 
 _TRITON = _Target(
@@ -232,6 +247,15 @@ _TORCH = _Target(
            sympy.Abs: "torch.abs({})", sympy.tanh: "torch.tanh({})"},
     sqrt="torch.sqrt({})",
     where="torch.where({}, {}, {})",
+)
+# C++ CPU kernels: every value is a Vectorized<float>; constants are float32 hex literals (exact, as
+# the float32 kernels round them), functions the vector library's (Sleef inside torch), where() a blend.
+_CPP_VEC = _Target(
+    funcs={sympy.exp: "lm::exp({})", sympy.log: "lm::log({})", sympy.erf: "lm::erf({})", sympy.Abs: "lm::abs({})",
+           sympy.tanh: "lm::tanh({})"},
+    sqrt="lm::sqrt({})",
+    where="lm::where({}, {}, {})",
+    number=lambda v: f"V({float.hex(to_f32(v))}f)",
 )
 TRITON_HELPERS = '''
 @triton.jit
@@ -249,12 +273,18 @@ class _Printer:
     def __init__(self, target: _Target):
         self.t = target
 
+    def num(self, value: float) -> str:
+        if self.t.number is not None:
+            return self.t.number(value)
+        return repr(value) if value >= 0 else f"({value!r})"
+
     def print(self, e) -> str:
         if not e.free_symbols:
-            value = _constant(e)
-            return repr(value) if value >= 0 else f"({value!r})"
+            return self.num(_constant(e))
         if e == X:
             return "x"
+        if isinstance(e, sympy.Symbol):  # a temporary of cpp_vec_program
+            return e.name
         if isinstance(e, sympy.Add):
             return "(" + " + ".join(self.print(a) for a in _ordered(e.args)) + ")"
         if isinstance(e, sympy.Mul):
@@ -264,8 +294,8 @@ class _Printer:
             nums = [a for a in rest if not (isinstance(a, sympy.Pow) and a.exp.is_negative)]
             dens = [1 / a for a in rest if isinstance(a, sympy.Pow) and a.exp.is_negative]
             sign, coeff = ("-", -coeff) if coeff < 0 else ("", coeff)
-            factors = ([] if coeff == 1.0 else [repr(coeff)]) + [self.print(a) for a in nums]
-            top = sign + (" * ".join(factors) if factors else "1.0")
+            factors = ([] if coeff == 1.0 else [self.num(coeff)]) + [self.print(a) for a in nums]
+            top = sign + (" * ".join(factors) if factors else self.num(1.0))
             if not dens:
                 return "(" + top + ")"
             return "(" + top + " / (" + " * ".join(self.print(d) for d in dens) + "))"
@@ -274,12 +304,12 @@ class _Printer:
             if exp == sympy.Rational(1, 2):
                 return self.t.sqrt.format(self.print(base))
             if exp == sympy.Rational(-1, 2):
-                return "(1.0 / " + self.t.sqrt.format(self.print(base)) + ")"
+                return "(" + self.num(1.0) + " / " + self.t.sqrt.format(self.print(base)) + ")"
             if exp.is_Integer and 0 < int(exp) <= 4:
                 b = self.print(base)
                 return "(" + " * ".join([b] * int(exp)) + ")"
             if exp.is_Integer and -4 <= int(exp) < 0:
-                return "(1.0 / " + self.print(base ** -exp) + ")"
+                return "(" + self.num(1.0) + " / " + self.print(base ** -exp) + ")"
             raise ExprError(f"unsupported power {e}: only integer powers up to 4 and square roots")
         if isinstance(e, sympy.Piecewise):
             (value, cond), rest = e.args[0], e.args[1:]
@@ -293,10 +323,12 @@ class _Printer:
             return self.t.where.format(f"({pa} {op} {b})", pa, b)
         if isinstance(e, sympy.Heaviside):  # from d/dx max(x, 0): 0 below, 1 above, 1/2 at 0
             z = self.print(e.args[0])
-            return self.t.where.format(f"({z} > 0.0)", "1.0", self.t.where.format(f"({z} < 0.0)", "0.0", "0.5"))
+            one, zero, half = self.num(1.0), self.num(0.0), self.num(0.5)
+            return self.t.where.format(f"({z} > {zero})", one, self.t.where.format(f"({z} < {zero})", zero, half))
         if isinstance(e, sympy.sign):
             z = self.print(e.args[0])
-            return self.t.where.format(f"({z} > 0.0)", "1.0", self.t.where.format(f"({z} < 0.0)", "(-1.0)", "0.0"))
+            one, zero = self.num(1.0), self.num(0.0)
+            return self.t.where.format(f"({z} > {zero})", one, self.t.where.format(f"({z} < {zero})", self.num(-1.0), zero))
         if type(e) in _RELATIONS:
             return f"({self.print(e.lhs)} {_RELATIONS[type(e)]} {self.print(e.rhs)})"
         for cls, fmt in self.t.funcs.items():

@@ -35,6 +35,7 @@ NORM_TEMPLATE = "norm.py.j2"
 CONFIGS_TEMPLATE = "configs.py.j2"
 CONFIGS_FILE = "configs"
 CPU_TEMPLATE = "cpu_activation.cpp.j2"
+CPU_NORM_TEMPLATE = "cpu_norm.cpp.j2"  # included by CPU_TEMPLATE
 CPU_FILE = "cpu_kernels.cpp"  # at the top of a tree, beside ops.py: arch-independent
 
 
@@ -427,6 +428,25 @@ def _cpp_float(value: float) -> Code:
     return Code(float.hex(f) + "f")
 
 
+def _cpp_gated_fields(s: Spec) -> dict:
+    """h, and h with h', of a gated spec as C++ statements over Vectorized<float> (kernelgen.expr)."""
+    def statements(temps):
+        return [[name, Code(value)] for name, value in temps]
+
+    # One program for h and h' (their common subexpressions computed once: GELU's erf, SiLU's exp); the
+    # forward runs the statements h needs, so forward and backward compute h alike, to the bit.
+    temps, (h, dh) = s.forward.cpp_vec_program(derivative=True)
+    needed = set(re.findall(r"\bt\d+\b", h))
+    for name, value in reversed(temps):
+        if name in needed:
+            needed |= set(re.findall(r"\bt\d+\b", value))
+    h_temps = [(name, value) for name, value in temps if name in needed]
+    asym = asymptotes(s.forward)
+    return {"h_temps": statements(h_temps), "h": Code(h), "dh_temps": statements(temps),
+            "dh": Code(dh), "slope_left": _cpp_float(asym.slope_left),
+            "slope_right": _cpp_float(asym.slope_right)}
+
+
 def render_cpu(specs: list[Spec]) -> str:
     """One C++ translation unit with the codes and gradient kernels of every spec (lowmem_ops compiles it
     on first use on CPU tensors). Free text reaches it only inside comments, as ASCII string literals:
@@ -435,11 +455,13 @@ def render_cpu(specs: list[Spec]) -> str:
     rows = [{"name": s.name, "description": quoted(s.description), "bits": s.bits, "planes": s.planes,
              "codes_per_byte": s.codes_per_byte, "boundary": s.boundary,
              "compare": Code(">" if s.boundary == "lower" else ">="),
-             "thresholds": [_cpp_float(c) for c in s.thresholds], "levels": [_cpp_float(v) for v in s.levels]}
+             "thresholds": [_cpp_float(c) for c in s.thresholds], "levels": [_cpp_float(v) for v in s.levels],
+             "gated": s.gated, **(_cpp_gated_fields(s) if s.gated else {})}
             for s in specs]
     try:
         return _render(CPU_TEMPLATE, ops=rows, spec_files=[quoted(spec_file_label(s)) for s in specs],
-                       template_sha256=template_sha256(CPU_TEMPLATE), dtypes=["Float32", "BFloat16", "Float16"])
+                       template_sha256=template_sha256(CPU_TEMPLATE),
+                       norm_template_sha256=template_sha256(CPU_NORM_TEMPLATE), dtypes=["Float32", "BFloat16", "Float16"])
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the CPU kernels from templates/{CPU_TEMPLATE}: {err}") from err
 

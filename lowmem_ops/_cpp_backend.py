@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -42,11 +43,12 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
                 "`kernelgen build`")
     from torch.utils import cpp_extension
 
-    # One build per distinct source (the name holds its hash): trees of the same specs share it, and a
-    # changed source never loads an old build.
-    name = "lowmem_ops_cpu_" + hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    # One build per distinct source and flags (the name holds their hash): trees of the same specs share
+    # it, and a changed source never loads an old build.
+    flags = _cflags()
+    name = "lowmem_ops_cpu_" + hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     try:
-        path = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3", "-fopenmp"],
+        path = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return ctypes.CDLL(path)
     except Exception as err:  # noqa: BLE001 - any failure to build or load means: no C++ kernels
@@ -54,6 +56,21 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
         if len(message) > 700:
             message = f"{message[:200]} ... {message[-500:]}"
         return f"compiling {source} failed: {type(err).__name__}: {message}"
+
+
+def _cflags() -> list[str]:
+    """-O3 and OpenMP (its simd reductions), no contraction into FMAs (every product and sum rounds as in
+    the torch path). at::vec's Vectorized<float> (Sleef's functions from libtorch) for AVX2 where
+    this CPU and this torch build have it (AVX-512: 16 lanes, as torch's own kernels there); else its
+    portable version (same formulas, element by element)."""
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                  "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+    elif capability == "AVX2":
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return flags
 
 
 def _library(tree: Path) -> ctypes.CDLL | str:
@@ -189,3 +206,183 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         _call(_kernel(op, 1), op, dy.data_ptr(), codes.data_ptr(), _DTYPE_CODE[dy.dtype],
               dy.numel(), dx.data_ptr())
     return dx
+
+
+# --- gated activations --------------------------------------------------------------------------
+
+_gated_checked: dict[tuple[Path, str], tuple | str] = {}
+
+
+def _gated_kernels(op: OpInfo) -> tuple | str:
+    key = (op.tree, op.name)
+    if key not in _gated_checked:
+        found = _kernels(op)  # the codes kernel and the baked-spec check come with the activation's
+        if isinstance(found, str):
+            _gated_checked[key] = found
+        else:
+            lib = _library(op.tree)
+            try:
+                fns = tuple(getattr(lib, f"lowmem_{op.name}_gated_{what}") for what in ("forward", "exact", "approx"))
+            except AttributeError:
+                _gated_checked[key] = (f"{op.tree / CPU_FILE} has no gated kernels for {op.name}: rebuild the tree "
+                                       "with `kernelgen build`")
+            else:
+                p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+                fns[0].argtypes = [p, p, i32, i64, p, p]
+                fns[1].argtypes = [p, p, p, i32, i64, p, p]
+                fns[2].argtypes = [p, p, p, p, i32, i64, p, p]
+                for fn in fns:
+                    fn.restype = i32
+                _gated_checked[key] = (found[0], *fns)
+    return _gated_checked[key]
+
+
+def gated_unavailable(op: OpInfo) -> str | None:
+    """Why the C++ kernels cannot run the gated `op`, or None when they can."""
+    found = _gated_kernels(op)
+    return found if isinstance(found, str) else None
+
+
+def _gated_kernel(op: OpInfo, which: int):
+    found = _gated_kernels(op)
+    if isinstance(found, str):
+        raise RuntimeError(f"lowmem_ops.{op.name}: no C++ CPU gated kernels: {found}")
+    return found[which]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def gated_forward(op: OpInfo, gate: torch.Tensor, up: torch.Tensor, write_h: bool, write_codes: bool):
+    """out = h(gate) * up, h(gate) with write_h, the codes of gate with write_codes; gate and up
+    contiguous float32/bfloat16/float16 CPU tensors of one shape and dtype (checked by the caller).
+    Codes bit for bit the torch path's; out and h from the spec's expression (kernelgen.expr, at::vec)."""
+    out = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    h = torch.empty_like(out) if write_h else gate.new_empty(0)
+    codes = torch.empty(op.n_code_bytes(gate.numel()) if write_codes else 0, dtype=torch.uint8)
+    n, dtype = gate.numel(), _DTYPE_CODE[gate.dtype]
+    if n:
+        _call(_gated_kernel(op, 1), op, gate.data_ptr(), up.data_ptr(), dtype, n, out.data_ptr(),
+              h.data_ptr() if write_h else None)
+        if write_codes:
+            _call(_gated_kernel(op, 0), op, gate.data_ptr(), dtype, n, codes.data_ptr())
+    return out, h, codes
+
+
+def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: bool, need_up: bool):
+    """(d_gate, d_up), each empty where not needed. dy contiguous; the saved tensors as the forward
+    made them. Approximate: the torch path's results bit for bit."""
+    def grad(needed: bool) -> torch.Tensor:
+        return torch.empty_like(dy, memory_format=torch.contiguous_format) if needed else dy.new_empty(0)
+
+    dgate, dup = grad(need_gate), grad(need_up)
+    n, dtype = dy.numel(), _DTYPE_CODE[dy.dtype]
+    if n == 0 or not (need_gate or need_up):
+        return dgate, dup
+    up = _same_layout(up, dy) if need_gate else None
+    out_gate, out_up = (dgate.data_ptr() if need_gate else None), (dup.data_ptr() if need_up else None)
+    if approx:
+        h = _same_layout(h, dy) if need_up else None
+        codes = codes.contiguous() if need_gate else None
+        _call(_gated_kernel(op, 3), op, dy.data_ptr(), _ptr(up), _ptr(h), _ptr(codes), dtype, n, out_gate, out_up)
+    else:
+        gate = _same_layout(gate, dy)  # held here: a pointer into a temporary would dangle during the call
+        _call(_gated_kernel(op, 2), op, dy.data_ptr(), gate.data_ptr(), _ptr(up), dtype, n, out_gate, out_up)
+    return dgate, dup
+
+
+def _same_layout(t: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """A saved tensor as the kernels read it: contiguous, dy's shape and dtype."""
+    if t.shape != dy.shape or t.dtype != dy.dtype:
+        raise ValueError(f"lowmem_ops: a saved gated input of shape {tuple(t.shape)} {t.dtype} does not match the "
+                         f"gradient's {tuple(dy.shape)} {dy.dtype}")
+    return t.contiguous()
+
+
+# --- memory-sharing norms -------------------------------------------------------------------------
+
+_norm_checked: dict[Path, tuple | str] = {}
+
+
+def _norm_kernels(tree: Path) -> tuple | str:
+    if tree not in _norm_checked:
+        lib = _library(tree)
+        if isinstance(lib, str):
+            _norm_checked[tree] = lib
+        else:
+            try:
+                fwd, bwd = lib.lowmem_norm_forward, lib.lowmem_norm_backward
+            except AttributeError:
+                _norm_checked[tree] = f"{tree / CPU_FILE} has no norm kernels: rebuild the tree with `kernelgen build`"
+            else:
+                p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+                fwd.argtypes = [p, i32, i64, i64, p, p, ctypes.c_float, i32, p, i32, p]
+                bwd.argtypes = [p, p, i32, p, i64, i64, p, p, i32, p, i32, p, p]
+                fwd.restype = bwd.restype = i32
+                _norm_checked[tree] = (fwd, bwd)
+    return _norm_checked[tree]
+
+
+def norm_unavailable(tree: Path) -> str | None:
+    found = _norm_kernels(tree)
+    return found if isinstance(found, str) else None
+
+
+def _norm_call(tree: Path, which: int, *args) -> None:
+    found = _norm_kernels(tree)
+    if isinstance(found, str):
+        raise RuntimeError(f"lowmem_ops.ms_norm: no C++ CPU kernels: {found}")
+    rc = found[which](*args)
+    if rc != 0:
+        raise RuntimeError(f"lowmem_ops.ms_norm: the C++ CPU kernel {found[which].__name__} failed (code {rc})")
+
+
+def _param(p: torch.Tensor | None) -> torch.Tensor | None:
+    return p.detach().to(torch.float32).contiguous() if p is not None else None  # the torch path's p.to(float32)
+
+
+def norm_forward(tree: Path, x, weight, bias, eps: float, is_rms: bool, out_dtype):
+    """(y, rstd) of the (rows, cols) CPU tensor x (float32/bfloat16/float16, out_dtype one of them)."""
+    x = x.contiguous()
+    rows, cols = x.shape
+    y = torch.empty((rows, cols), dtype=out_dtype)
+    rstd = torch.empty(rows, dtype=torch.float32)
+    if rows:
+        w, b = _param(weight), _param(bias)
+        _norm_call(tree, 0, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), eps, int(is_rms),
+                   y.data_ptr(), _DTYPE_CODE[out_dtype], rstd.data_ptr())
+    return y, rstd
+
+
+def norm_backward(tree: Path, dy, y, rstd, weight, bias, is_rms: bool, x_dtype):
+    """(dx, dweight, dbias) as torch_backward returns them (parameter gradients float32, None if absent)."""
+    y = y.contiguous()
+    dy = dy.to(y.dtype).contiguous()
+    rows, cols = y.shape
+    dx = torch.empty((rows, cols), dtype=x_dtype)
+    dw = torch.zeros(cols, dtype=torch.float32) if weight is not None else None
+    db = torch.zeros(cols, dtype=torch.float32) if bias is not None else None
+    if rows:
+        w, b = _param(weight), _param(bias)
+        rstd = rstd.float().contiguous()  # held: its pointer must outlive the call
+        _norm_call(tree, 1, dy.data_ptr(), y.data_ptr(), _DTYPE_CODE[y.dtype], rstd.data_ptr(),
+                   rows, cols, _ptr(w), _ptr(b), int(is_rms), dx.data_ptr(), _DTYPE_CODE[x_dtype], _ptr(dw), _ptr(db))
+    return dx, dw, db
+
+
+def choose(backend: str, why_not, what: str, tree: Path) -> str:
+    """`backend`, except that 'cpp' becomes 'torch' where the C++ kernels cannot run (`why_not()` says
+    why): auto warns once, a forced LOWMEM_OPS_BACKEND=cpp raises."""
+    if backend != "cpp":
+        return backend
+    why = why_not()
+    if why is None:
+        return "cpp"
+    if os.environ.get("LOWMEM_OPS_BACKEND") == "cpp":
+        raise RuntimeError(f"lowmem_ops.{what}: LOWMEM_OPS_BACKEND=cpp, but {why}")
+    if (tree, why) not in _warned:
+        _warned.add((tree, why))
+        warnings.warn(f"lowmem_ops: no C++ CPU kernels ({why}); CPU tensors take the torch path (same results, "
+                      "slower). LOWMEM_OPS_BACKEND=torch chooses that path without this warning.", stacklevel=5)
+    return "torch"

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import _torch_backend, _transforms, _triton_backend
+from . import _cpp_backend, _torch_backend, _transforms, _triton_backend
 from ._common import backend as pick_backend
 from ._common import check_float_tensor, compute_dtype
 from ._tree import OpInfo, get_op
@@ -61,13 +61,19 @@ def _check(gate, up, name):
                          f"{tuple(gate.shape)} {gate.dtype} {gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
 
 
+def _cpp_or_torch(op: OpInfo, backend: str) -> str:
+    return _cpp_backend.choose(backend, lambda: _cpp_backend.gated_unavailable(op), op.name, op.tree)
+
+
 def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, need_gate: bool,
                need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = gated_op(name)
     _check(gate, up, name)
     gate, up = gate.contiguous(), up.contiguous()
     write_h, write_codes = approx and need_up, approx and need_gate
-    backend = pick_backend(gate)
+    backend = _cpp_or_torch(op, pick_backend(gate, has_cpp=True))
+    if backend == "cpp":
+        return _cpp_backend.gated_forward(op, gate, up, write_h, write_codes)
     if backend == "torch":
         return _torch_backend.gated_forward(op, gate, up, write_h, write_codes)
     return _triton_backend.gated_forward(op, gate, up, write_h, write_codes, backend == "triton-interpret")
@@ -90,7 +96,9 @@ def _gated_bwd(dy: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torc
                need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = gated_op(name)
     dy = dy.contiguous()
-    backend = pick_backend(dy)
+    backend = _cpp_or_torch(op, pick_backend(dy, has_cpp=True))
+    if backend == "cpp":
+        return _cpp_backend.gated_backward(op, dy, gate, up, h, codes, approx, need_gate, need_up)
     if backend == "torch":
         return _torch_backend.gated_backward(op, dy, gate, up, h, codes, approx, need_gate, need_up)
     return _triton_backend.gated_backward(op, dy, gate, up, h, codes, approx, need_gate, need_up,

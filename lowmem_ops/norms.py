@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from . import _norm_backends as nb
+from . import _cpp_norms as _cpp
 from . import _transforms
 from ._common import backend as pick_backend
 from ._common import FLOAT_DTYPES, check_float_tensor, compute_dtype
@@ -69,12 +70,13 @@ def _ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional
     w = weight.reshape(-1).contiguous() if weight is not None else None
     b = bias.reshape(-1).contiguous() if bias is not None else None
     rule = (GAMMA_MIN, BETA_RATIO) if check_rule and w is not None else None
-    backend = pick_backend(x)
-    if backend == "torch" or out_dtype == torch.float64:
-        y, rstd = nb.torch_forward(x2, w, b, eps, is_rms, out_dtype)
-        flag = nb.inverse_rule_holds(w, b, *rule) if rule else x.new_empty(0, dtype=torch.int32)
-    else:
+    backend = _cpp.choose_for_norms(pick_backend(x, has_cpp=True))
+    if backend in ("triton", "triton-interpret") and out_dtype != torch.float64:
         y, rstd, flag = nb.triton_forward(x2, w, b, eps, is_rms, out_dtype, backend == "triton-interpret", rule=rule)
+    else:  # the host's implementations (float64 always takes torch's)
+        host = _cpp.norm_forward if backend == "cpp" and out_dtype != torch.float64 else nb.torch_forward
+        y, rstd = host(x2, w, b, eps, is_rms, out_dtype)
+        flag = nb.inverse_rule_holds(w, b, *rule) if rule else x.new_empty(0, dtype=torch.int32)
     return y.view(x.shape), rstd, flag
 
 
@@ -96,9 +98,11 @@ def _ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: 
     y2 = y.reshape(-1, n_cols)
     w = weight.reshape(-1).contiguous() if weight is not None else None
     b = bias.reshape(-1).contiguous() if bias is not None else None
-    backend = pick_backend(y)
+    backend = _cpp.choose_for_norms(pick_backend(y, has_cpp=True))
     if backend == "torch" or x_dtype == torch.float64 or y.dtype == torch.float64:
         dx, dw, db = nb.torch_backward(dy2, y2, rstd, w, b, is_rms, x_dtype)
+    elif backend == "cpp":
+        dx, dw, db = _cpp.norm_backward(dy2, y2, rstd, w, b, is_rms, x_dtype)
     else:
         dx, dw, db = nb.triton_backward(dy2, y2, rstd, w, b, is_rms, x_dtype, backend == "triton-interpret")
     return (dx.view(y.shape),

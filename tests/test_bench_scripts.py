@@ -46,3 +46,14 @@ def test_bench_activations_records_spread(tmp_path):
     assert doc["environment"]["torch_num_threads"] == 1
     for r in doc["records"]:
         assert r["ours_us_min"] <= r["ours_us"] <= r["ours_us_max"]
+
+
+def test_bench_cpu_times_gated_and_norms_against_torch(tmp_path):
+    doc = run("bench_cpu.py", tmp_path, "--threads", "1", "--sizes", "2**12", "--cols", "64", "--reps", "2",
+              "--warmup", "0", "--dtypes", "fp32")
+    assert doc["threads"] == 1 and doc["backend"] == "cpp"
+    ops = {r["op"] for r in doc["records"]}
+    assert {"swiglu exact", "geglu approx", "layernorm inverse 64c", "rmsnorm none 64c"} <= ops
+    for r in doc["records"]:
+        assert r["ours_us_min"] <= r["ours_us"] <= r["ours_us_max"]
+        assert r["ratio"] == pytest.approx(r["ours_us"] / r["torch_us"])

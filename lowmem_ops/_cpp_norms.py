@@ -1,0 +1,28 @@
+"""The memory-sharing norms' C++ CPU kernels (templates/cpu_norm.cpp.j2, compiled with the activations'
+in the built-in tree's cpu_kernels.cpp): the dispatch glue norms.py calls, so that file changes by a
+few lines only. Semantics: those of _norm_backends.torch_forward / torch_backward (see the template's
+header for where the rounding differs: float64 row sums)."""
+
+from __future__ import annotations
+
+import functools
+
+from . import _cpp_backend
+from ._tree import builtin_tree as _builtin_tree
+
+# resolving the package's path costs tens of microseconds: once per process
+builtin_tree = functools.cache(_builtin_tree)
+
+
+def choose_for_norms(backend: str) -> str:
+    """'cpp' only where the kernels can run; else auto warns once and takes the torch path."""
+    tree = builtin_tree()
+    return _cpp_backend.choose(backend, lambda: _cpp_backend.norm_unavailable(tree), "ms_norm", tree)
+
+
+def norm_forward(x, weight, bias, eps, is_rms, out_dtype):
+    return _cpp_backend.norm_forward(builtin_tree(), x, weight, bias, eps, is_rms, out_dtype)
+
+
+def norm_backward(dy, y, rstd, weight, bias, is_rms, x_dtype):
+    return _cpp_backend.norm_backward(builtin_tree(), dy, y, rstd, weight, bias, is_rms, x_dtype)
