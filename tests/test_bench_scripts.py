@@ -57,3 +57,15 @@ def test_bench_cpu_times_gated_and_norms_against_torch(tmp_path):
     for r in doc["records"]:
         assert r["ours_us_min"] <= r["ours_us"] <= r["ours_us_max"]
         assert r["ratio"] == pytest.approx(r["ours_us"] / r["torch_us"])
+
+
+def test_plan_gpu_check_compares_plan_and_real_step(tmp_path):
+    """The GPU check's path on CPU: each model and variant planned on fake tensors, and measured on real
+    ones (by the tracker there, as CPU has no allocator peak); fake and real must agree within 5 %."""
+    doc = run("plan_gpu_check.py", tmp_path, "--tiny")
+    assert doc["device"] == "cpu"
+    assert {(r["model"], r["variant"]) for r in doc["rows"]} == {(m, v) for m in ("llama-style", "vit")
+                                                                  for v in ("baseline", "converted")}
+    for r in doc["rows"]:
+        assert r["planned"] > 0 and r["ratio"] == pytest.approx(r["planned"] / r["measured"])
+        assert r["within_5_percent"], r
