@@ -4,9 +4,12 @@ backend compiles on the CPU), checked against LLVM's own occupancy report."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+import kernelgen.render  # noqa: F401 - loads the module read below
 
 from kernelgen.aot_amd import AmdCompileJob, AmdCompileResult, compile_kernel, compile_one, parse_resources
 from kernelgen.prune_amd import judge
@@ -16,15 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ACTIVATION = str(ROOT / "generated" / "sm80" / "regelu2.py")  # kernel sources are arch-independent
 NORM = str(ROOT / "generated" / "sm80" / "ms_norm.py")
 
-FORWARD_SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "codes_ptr": "*u8", "n_elements": "i32",
-               "WRITE_CODES": "constexpr", "BLOCK_BYTES": "constexpr"}
-NORM_FORWARD_SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-                    "n_cols": "i32", "eps": "fp32", "IS_RMS": "constexpr", "AFFINE": "constexpr",
-                    "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "SINGLE_PASS": "constexpr"}
-NORM_BACKWARD_SIG = {"dy_ptr": "*bf16", "y_ptr": "*bf16", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-                     "dx_ptr": "*bf16", "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
-                     "IS_RMS": "constexpr", "AFFINE": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr",
-                     "SINGLE_PASS": "constexpr"}
+# the signatures the NVIDIA build compiles (kernelgen.render), so these stay in step with the templates
+_render = sys.modules["kernelgen.render"]  # the package exports a function of that name too
+FORWARD_SIG = _render._activation_variant("regelu2", "forward", "float32", {"BLOCK_BYTES": 128, "num_warps": 4}).signature
+NORM_FORWARD_SIG = _render._norm_variant("layernorm.affine.forward", "float32", {"BLOCK_N": 1024, "num_warps": 4},
+                                         "float32").signature
+NORM_BACKWARD_SIG = _render._norm_variant("layernorm.affine.backward", "bfloat16", {"BLOCK_N": 1024, "num_warps": 4},
+                                          "float32").signature
 
 
 # ---- occupancy model: figures worked out by hand from the per-target rules in kernelgen/targets.py

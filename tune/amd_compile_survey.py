@@ -29,7 +29,8 @@ for dtype in ("float32", "bfloat16"):
                                               {"BLOCK_N": 4096, "SINGLE_PASS": False, "num_warps": 8}]),
                                 ("param_grad", [{"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4}] if affine else [])):
                 for c in cfgs:
-                    variants.append(render._norm_variant(render.norm_kernel(kind, affine, stage), dtype, c))
+                    kernel = render.norm_kernel(kind, affine, stage)
+                    variants.append(render._norm_variant(kernel, dtype, c, render.norm_weight_dtypes(kernel, dtype)[-1]))
 for t in targets:
     scale = AMD_TARGETS[t].warp_size // 32  # same elements per lane as on a 32-wide warp
     for v in variants:
