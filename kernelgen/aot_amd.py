@@ -15,13 +15,12 @@ metadata.shared bytes are added at launch, so the kernel's LDS is static + metad
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
 from dataclasses import asdict, dataclass
 
-from .aot import one_line
+from .aot import _module, one_line  # one loaded copy of each rendered file per process
 from .targets import AMD_TARGETS, AmdTarget
 
 
@@ -129,19 +128,6 @@ def parse_resources(asm: str, dynamic_lds: int) -> AmdCompileResult:
         llvm_waves_per_simd=_comment_int(asm, "Occupancy"),
         wavefront_size=number["wavefront_size"],
     )
-
-
-_modules: dict[str, object] = {}
-
-
-def _module(path: str):
-    """The rendered file as a module, loaded once per process (compiling needs its @triton.jit functions)."""
-    if path not in _modules:
-        spec = importlib.util.spec_from_file_location(f"_kernelgen_aot_amd_{len(_modules)}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _modules[path] = module
-    return _modules[path]
 
 
 def compile_kernel(job: AmdCompileJob):

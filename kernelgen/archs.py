@@ -85,11 +85,17 @@ NUM_WARPS = 4
 
 def resolve(names: str | list[str]) -> list[Arch]:
     """'sm80' -> [sm80]; 'all' -> every arch; an unknown name raises ValueError naming the choices."""
-    wanted = list(ARCHS) if names == "all" else [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in wanted if n not in ARCHS]
+    return pick(ARCHS, names, "arch")
+
+
+def pick(table: dict, names: str | list[str], what: str) -> list:
+    """The entries of `table` that `names` (a name, a list, or 'all') names, in order; an unknown name
+    raises ValueError naming the choices."""
+    wanted = list(table) if names == "all" else [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in wanted if n not in table]
     if unknown:
-        raise ValueError(f"unknown arch {', '.join(unknown)}; choose from {', '.join(ARCHS)} or all")
-    return [ARCHS[n] for n in wanted]
+        raise ValueError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(table)} or all")
+    return [table[n] for n in wanted]
 
 
 def elementwise_config(arch: Arch, dtype: str, codes_per_byte: int) -> dict[str, int]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .archs import ARCHS, Arch
+from .archs import ARCHS, Arch, pick
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,4 @@ TARGETS: dict[str, Target] = {**{name: nvidia(a) for name, a in ARCHS.items()}, 
 
 def resolve(names: str | list[str]) -> list[Target]:
     """'gfx942' -> [gfx942]; 'all' -> every target; an unknown name raises ValueError naming the choices."""
-    wanted = list(TARGETS) if names == "all" else [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in wanted if n not in TARGETS]
-    if unknown:
-        raise ValueError(f"unknown target {', '.join(unknown)}; choose from {', '.join(TARGETS)} or all")
-    return [TARGETS[n] for n in wanted]
+    return pick(TARGETS, names, "target")

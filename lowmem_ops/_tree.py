@@ -6,6 +6,7 @@ Only torch is imported here; triton is imported when a kernel module is first lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -272,27 +273,38 @@ def kernel_module_file(tree: Path, arch: str, stem: str, interpret: bool) -> Mod
     path = tree / arch / f"{stem}.py"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError(f"lowmem_ops needs triton to run its kernels ({err}): `pip install triton`, "
-                           "or LOWMEM_OPS_BACKEND=torch for the torch implementation") from None
+    require_triton("lowmem_ops needs triton to run its kernels")
     name = f"lowmem_ops._trees.{tree_key(tree)}.{arch}.{stem}" + ("_interpret" if interpret else "")
     if not interpret:
         return import_file(path, name)
     # triton itself is imported above as configured, so its own @jit helpers stay consistent with
     # the rest of the process; only our kernels' decorators see TRITON_INTERPRET=1. Generated code
     # therefore calls Triton builtins only (see kernelgen/expr.py).
+    with interpreting():
+        return import_file(path, name)
+
+
+def require_triton(what: str) -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"{what} ({err}): `pip install triton`, or LOWMEM_OPS_BACKEND=torch for the torch "
+                           "implementation") from None
+
+
+@contextlib.contextmanager
+def interpreting():
+    """TRITON_INTERPRET=1 while modules are imported inside: the @triton.jit functions they create read
+    it then and run on CPU tensors. One thread at a time (the variable is process-wide)."""
     try:  # Triton >= 3.5 imports gluon lazily from the interpreter: do it now, outside the toggle
         import triton.experimental.gluon  # noqa: F401
     except ImportError:
         pass
-
     with _lock:
         before = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"
         try:
-            return import_file(path, name)
+            yield
         finally:
             if before is None:
                 os.environ.pop("TRITON_INTERPRET", None)

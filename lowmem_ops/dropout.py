@@ -35,8 +35,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
-import os
-import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,11 +43,10 @@ import torch
 from . import _philox, _transforms, _triton_backend
 from ._common import backend as pick_backend
 from ._common import check_float_tensor, compute_dtype
-from ._tree import import_file
+from ._tree import import_file, interpreting, require_triton
 
 _TORCH_CHUNK = 1 << 18  # elements per step of the torch path: bounds its int64 temporaries (~20 MiB)
 _COUNTERS = 2 ** 63  # offset + i stays a non-negative int64
-_kernel_lock = threading.Lock()
 
 
 def check_p(p, where: str = "dropout") -> float:
@@ -118,31 +115,15 @@ def _kernel_module(interpret: bool):
     TRITON_INTERPRET=1 (read when @triton.jit runs), so that it runs on CPU tensors, and whose `rand`
     is Triton's random module loaded the same way (an interpreted kernel can call interpreted
     functions only)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError(f"lowmem_ops.dropout needs triton to run its kernel ({err}): `pip install triton`, "
-                           "or LOWMEM_OPS_BACKEND=torch for the torch implementation") from None
+    require_triton("lowmem_ops.dropout needs triton to run its kernel")
     if not interpret:
         from . import _dropout_kernel
         return _dropout_kernel
     import triton.language.random
-    try:  # Triton >= 3.5 imports gluon lazily from the interpreter: do it now, outside the toggle
-        import triton.experimental.gluon  # noqa: F401
-    except ImportError:
-        pass
-    with _kernel_lock:
-        before = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            random = _import_in_package(Path(triton.language.random.__file__), "triton.language",
-                                        "lowmem_ops._triton_random_interpret")
-            module = import_file(Path(__file__).with_name("_dropout_kernel.py"), "lowmem_ops._dropout_kernel_interpret")
-        finally:
-            if before is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = before
+    with interpreting():
+        random = _import_in_package(Path(triton.language.random.__file__), "triton.language",
+                                    "lowmem_ops._triton_random_interpret")
+        module = import_file(Path(__file__).with_name("_dropout_kernel.py"), "lowmem_ops._dropout_kernel_interpret")
     module.rand = _restoring_calls(random).rand
     return module
 
