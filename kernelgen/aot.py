@@ -115,33 +115,46 @@ def _ptxas_report():
             os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)
 
 
+def divisibility_attrs(signature: dict, aligned_args=()) -> dict:
+    """What Triton's JIT marks divisible by 16 at a launch: pointers (torch's allocator aligns to 16 B
+    and more) and integers that are multiples of 16 (`aligned_args`: the aligned specialisation's sizes)."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+            if kind.startswith("*") or name in aligned_args}
+
+
+def compile_kernel(job: CompileJob):
+    """triton.compile the job for its CUDA arch: (Triton's CompiledKernel, ptxas' -v report)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    options = {"num_warps": job.num_warps}
+    if job.num_stages is not None:
+        options["num_stages"] = job.num_stages
+    with _ptxas_report() as log:
+        compiled = triton.compile(
+            ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature, constexprs=job.constexprs,
+                      attrs=divisibility_attrs(job.signature, job.aligned_args)),
+            target=GPUTarget("cuda", job.capability, 32),
+            options=options,
+        )
+    return compiled, log.getvalue()
+
+
+def resources(compiled, ptxas_log: str) -> CompileResult:
+    """What a compiled kernel uses: registers and shared memory from its cubin, spills from ptxas."""
+    spills = _SPILL_RE.findall(ptxas_log)
+    if not spills:
+        raise RuntimeError("ptxas printed no spill report")
+    reg, stack, static_shared, local = _resource_usage(compiled.asm["cubin"])
+    return CompileResult(reg, sum(int(s) for s, _ in spills), sum(int(ld) for _, ld in spills), stack, local,
+                         static_shared + int(compiled.metadata.shared))
+
+
 def compile_one(job: CompileJob) -> Outcome:
     """Compile in this process. Any error comes back as its message (Triton raises many types)."""
     try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        # What Triton's JIT marks at a launch: pointers (torch's allocator aligns to 16 B and more)
-        # and integers that are multiples of 16 (the aligned specialisation's sizes).
-        marked = [i for i, (name, v) in enumerate(job.signature.items()) if v.startswith("*") or name in job.aligned_args]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in marked}
-        options = {"num_warps": job.num_warps}
-        if job.num_stages is not None:
-            options["num_stages"] = job.num_stages
-        with _ptxas_report() as log:
-            compiled = triton.compile(
-                ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature, constexprs=job.constexprs,
-                          attrs=attrs),
-                target=GPUTarget("cuda", job.capability, 32),
-                options=options,
-            )
-        spills = _SPILL_RE.findall(log.getvalue())
-        if not spills:
-            raise RuntimeError("ptxas printed no spill report")
-        reg, stack, static_shared, local = _resource_usage(compiled.asm["cubin"])
-        return CompileResult(reg, sum(int(s) for s, _ in spills), sum(int(ld) for _, ld in spills), stack, local,
-                             static_shared + int(compiled.metadata.shared))
+        return resources(*compile_kernel(job))
     except Exception as err:
         return one_line(err)
 

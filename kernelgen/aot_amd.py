@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-from .aot import _module, one_line  # one loaded copy of each rendered file per process
+from .aot import _module, divisibility_attrs, one_line  # one loaded copy of each rendered file per process
 from .targets import AMD_TARGETS, AmdTarget
 
 
@@ -136,8 +136,6 @@ def compile_kernel(job: AmdCompileJob):
     from triton.compiler import ASTSource
 
     target: AmdTarget = AMD_TARGETS[job.target]
-    pointer_args = [i for i, v in enumerate(job.signature.values()) if v.startswith("*")]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in pointer_args}  # torch's allocator aligns to 16 B+
     options = {"num_warps": job.num_warps}
     if job.num_stages is not None:
         options["num_stages"] = job.num_stages
@@ -145,7 +143,8 @@ def compile_kernel(job: AmdCompileJob):
         options["waves_per_eu"] = job.waves_per_eu
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unless set; 1 is its default
     return triton.compile(
-        ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature, constexprs=job.constexprs, attrs=attrs),
+        ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature, constexprs=job.constexprs,
+                  attrs=divisibility_attrs(job.signature)),
         target=target.gpu_target(), options=options)
 
 

@@ -14,7 +14,7 @@ import torch
 from ._common import compute_dtype
 from . import _configs
 from ._tree import builtin_tree, kernel_module_file
-from ._triton_backend import arch_for, dense, launch
+from ._triton_backend import arch_for, dense, launch, placeholder
 
 NORM_FILE = "ms_norm"
 
@@ -92,18 +92,6 @@ def _launch_args(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k != "PROGRAMS_PER_SM"}  # a grid size, not a kernel argument
 
 
-_flag_sinks: dict[torch.device, torch.Tensor] = {}
-
-
-def _flag_sink(device: torch.device) -> torch.Tensor:
-    """Where an affine forward whose caller does not want the rule flag writes it: one per device,
-    never read (concurrent writes to it are harmless)."""
-    sink = _flag_sinks.get(device)
-    if sink is None:
-        sink = _flag_sinks[device] = torch.empty((), dtype=torch.int32, device=device)
-    return sink
-
-
 def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict | None = None,
                    rule: tuple[float, float] | None = None):
     """Returns (y, rstd, flag). `rule` = (gamma_min, beta_ratio): the affine kernel also reports
@@ -123,7 +111,7 @@ def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict
     cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "forward"), x.dtype, rows, cols)
     w = weight if affine else rstd  # never read when AFFINE is off
     b = bias if bias is not None else w
-    ok = flag if flag.dim() == 0 else _flag_sink(x.device)
+    ok = flag if flag.dim() == 0 else placeholder(x.device, torch.int32)  # the flag nobody asked for
     gamma_min, beta_ratio = rule or (0.0, 0.0)
     launch(module.forward_kernel, (rows,), x, y, rstd, w, b, ok, cols, eps, gamma_min, beta_ratio, IS_RMS=is_rms,
            AFFINE=affine, HAS_BIAS=bias is not None, **_launch_args(cfg))

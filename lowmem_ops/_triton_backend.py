@@ -9,7 +9,7 @@ import torch
 from . import _configs
 from ._tree import OpInfo, kernel_module, lowest_arch, pick_arch
 
-_dummy_codes: dict[torch.device, torch.Tensor] = {}
+_placeholders: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _capabilities: dict[int, int] = {}
 _archs: dict[tuple, str] = {}
 
@@ -76,7 +76,7 @@ def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool,
     if n == 0:
         return y, codes
     module, cfg = _module_and_config(op, "forward" if save_codes else "forward_nograd", x, interpret, cfg)
-    codes_arg = codes if save_codes else _dummy(x.device)
+    codes_arg = codes if save_codes else placeholder(x.device)
     launch(module.forward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
            x, y, codes_arg, n, WRITE_CODES=save_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
     return y, codes
@@ -94,11 +94,13 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, interpret: bool,
     return dx
 
 
-def _dummy(device: torch.device) -> torch.Tensor:
-    """A uint8 pointer for kernels that are told not to touch their codes (Triton wants a real one)."""
-    dummy = _dummy_codes.get(device)
+def placeholder(device: torch.device, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A small tensor per device and dtype for pointer arguments whose contents nobody reads: codes a
+    kernel is told not to touch (Triton wants a real pointer), or a flag the caller did not ask for."""
+    key = (device, dtype)
+    dummy = _placeholders.get(key)
     if dummy is None:
-        dummy = _dummy_codes[device] = torch.zeros(16, dtype=torch.uint8, device=device)
+        dummy = _placeholders[key] = torch.zeros(16, dtype=dtype, device=device)
     return dummy
 
 
@@ -123,7 +125,7 @@ def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interp
     kind = "gated_forward_approx" if write_codes or write_h else "gated_forward"
     module, cfg = _module_and_config(op, kind, gate, interpret, cfg)
     launch(module.gated_forward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
-           gate, up, out, h if write_h else out, codes if write_codes else _dummy(gate.device), n,
+           gate, up, out, h if write_h else out, codes if write_codes else placeholder(gate.device), n,
            WRITE_H=write_h, WRITE_CODES=write_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
     return out, h, codes
 
@@ -141,6 +143,6 @@ def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: 
     # Tensors a variant does not read still need a pointer of the right type: dy stands in.
     launch(module.gated_backward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
            dy, gate if gate is not None else dy, up if up is not None else dy, h if h is not None else dy,
-           codes if codes is not None else _dummy(dy.device), dgate if need_gate else dy, dup if need_up else dy, n,
+           codes if codes is not None else placeholder(dy.device), dgate if need_gate else dy, dup if need_up else dy, n,
            APPROX=approx, NEED_GATE=need_gate, NEED_UP=need_up, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
     return dgate, dup

@@ -395,6 +395,15 @@ def _optimizer(spec, params: list, foreach: bool):
     return (torch.optim.AdamW if spec == "adamw" else torch.optim.Adam)(params, lr=1e-4, foreach=foreach)
 
 
+def steady_state(opt, trainable: list) -> None:
+    """Give `opt` the state a first step makes (a step on zero gradients), so that the step planned or
+    measured after it is a steady-state one."""
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def default_loss(outputs) -> torch.Tensor:
     """outputs.loss when the model computed one (pass labels to a Hugging Face model), else the sum of
     the first floating tensor output (a sum saves nothing: pass loss_fn for a real loss)."""
@@ -460,11 +469,8 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
         for t in state + [t for t in _tensors_in(inputs)]:
             tracker.track(t)
         opt = _optimizer(optimizer, trainable, foreach)
-        if opt is not None:  # steady state: the state a first step makes
-            for p in trainable:
-                p.grad = torch.zeros_like(p)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            steady_state(opt, trainable)
         states = [t for s in (opt.state.values() if opt is not None else ()) for t in s.values()
                   if isinstance(t, torch.Tensor)]
         gc.collect(0)  # gc is off during the step: every cycle made in it is still in the youngest generation

@@ -54,11 +54,8 @@ def _to(inputs: dict, device, dtype) -> dict:
 def _real_peak_cuda(model, inputs) -> int:
     """Peak bytes the CUDA allocator holds during one steady-state AdamW step (weights included)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, foreach=True)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt = planning._optimizer("adamw", params, foreach=True)  # the optimizer the plan steps
+    planning.steady_state(opt, params)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     loss = planning.default_loss(model(**inputs))

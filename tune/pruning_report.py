@@ -46,8 +46,9 @@ def summary(tree: Path) -> list[str]:
 def aligned_vs_any(tree: Path, arch: str) -> list[str]:
     """Registers of the chosen configs: sizes that are multiples of 16 against any size."""
     m = json.loads((tree / arch / "manifest.json").read_text())
-    chosen = {(c["op"], c["kernel"], c["dtype"], json.dumps({k: v for k, v in (c.get("tuned") or c["static"]).items()
-                                                              if k != "PROGRAMS_PER_SM"}, sort_keys=True))
+    from kernelgen.space import compile_part
+
+    chosen = {(c["op"], c["kernel"], c["dtype"], json.dumps(compile_part(c.get("tuned") or c["static"]), sort_keys=True))
               for c in m["choices"]}
     lines = ["| kernel | dtype | config | registers, aligned | registers, any size | spills, any size |",
              "|---|---|---|---:|---:|---|"]
@@ -80,10 +81,6 @@ def access_widths(ptx: str) -> Counter:
 
 
 def ptx_widths(tree: Path, arch_name: str) -> list[str]:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     import kernelgen.render  # noqa: F401 - the package exports a function of that name too
     from kernelgen import archs, aot
 
@@ -99,22 +96,16 @@ def ptx_widths(tree: Path, arch_name: str) -> list[str]:
              "|---|---|---|---:|---|---|---|"]
     for v in variants:
         for variant in (v, v.unaligned()):
-            module = aot._module(str(tree / arch_name / f"{variant.op}.py"))
-            marked = [i for i, (name, t) in enumerate(variant.signature.items())
-                      if t.startswith("*") or name in variant.aligned_args]
-            with aot._ptxas_report() as log:
-                compiled = triton.compile(ASTSource(getattr(module, variant.fn), variant.signature, variant.constexprs,
-                                                    {(i,): [["tt.divisibility", 16]] for i in marked}),
-                                          target=GPUTarget("cuda", arch.capability, 32),
-                                          options={"num_warps": variant.num_warps})
-            spills = aot._SPILL_RE.findall(log.getvalue())
-            stored, loaded = sum(int(a) for a, _ in spills), sum(int(b) for _, b in spills)
-            registers = aot._resource_usage(compiled.asm["cubin"])[0]
+            job = aot.CompileJob(str(tree / arch_name / f"{variant.op}.py"), variant.fn, variant.signature,
+                                 variant.constexprs, variant.num_warps, variant.num_stages, arch.capability,
+                                 variant.aligned_args)
+            compiled, log = aot.compile_kernel(job)  # the build's own compile, kept for its PTX
+            used = aot.resources(compiled, log)
             widths = access_widths(compiled.asm["ptx"])
             loads = ", ".join(f"{b}: {n}" for (k, b), n in sorted(widths.items()) if k == "ld")
             stores = ", ".join(f"{b}: {n}" for (k, b), n in sorted(widths.items()) if k == "st")
             lines.append(f"| {variant.op}.{variant.kernel} | {variant.config} | {variant.specialisation['sizes']} | "
-                         f"{registers} | {stored} / {loaded} | {loads} | {stores} |")
+                         f"{used.registers} | {used.spill_stores} / {used.spill_loads} | {loads} | {stores} |")
     return lines
 
 
