@@ -2,9 +2,14 @@
 
     spec.py    TOML spec -> validated Spec
     expr.py    forward expression -> sympy -> Triton / torch code
-    archs.py   static arch table and the static launch configs
-    space.py   launch-config spaces and shape buckets (templates/*.space.toml)
-    render.py  Jinja templates -> source; tuning groups and the kernels they compile
+    contract.py    the names shared with the runtime (lowmem_ops/_contract.py)
+    archs.py       static NVIDIA arch table, dtype names (targets.py: GPU targets, AMD too)
+    space.py       launch-config spaces and shape buckets: the pieces (templates/*.space.toml)
+    kernels.py     TuneGroup, KernelVariant and the Family protocol
+    families/      one module per kernel family (activation, norm): template, space, static
+                   config, tuning groups, variants, configs.py table, traffic and timing inputs
+    templating.py  the Jinja environment and the marked text types a template accepts
+    render.py      the arch-independent files (ops.py, cpu_kernels.cpp) and configs.py
     aot.py     ahead-of-time compiles in worker processes, resource usage per cubin
     prune.py   static pruning (spills, shared memory) and occupancy ranking
     tunedb.py  the tuning database tune/db/<arch>.json and choosing its winners

@@ -46,12 +46,15 @@ class CompileJob:
     num_stages: int | None  # None: Triton's default
     capability: int
     aligned_args: tuple[str, ...] = ()  # integer arguments marked multiples of 16, as Triton's JIT marks them
+    warp_size: int = 32  # the target's (Arch.warp_size)
 
     def key(self, source_sha256: str, triton_version: str) -> str:
         """What the result depends on: the source, the kernel, its specialisation, target, compiler."""
         record = {"results": RESULT_FORMAT, "source": source_sha256, "fn": self.fn, "signature": self.signature, "constexprs": self.constexprs,
                   "num_warps": self.num_warps, "num_stages": self.num_stages, "capability": self.capability,
                   "aligned_args": list(self.aligned_args), "triton": triton_version}
+        if self.warp_size != 32:  # recorded where it is not CUDA's 32, so the manifests' keys stay valid
+            record["warp_size"] = self.warp_size
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -135,7 +138,7 @@ def compile_kernel(job: CompileJob):
         compiled = triton.compile(
             ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature, constexprs=job.constexprs,
                       attrs=divisibility_attrs(job.signature, job.aligned_args)),
-            target=GPUTarget("cuda", job.capability, 32),
+            target=GPUTarget("cuda", job.capability, job.warp_size),
             options=options,
         )
     return compiled, log.getvalue()

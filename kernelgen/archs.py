@@ -1,8 +1,9 @@
-"""Static table of the NVIDIA archs we build for, and the launch configs chosen from it.
+"""Static table of the NVIDIA archs we build for (each family derives its static launch configs
+from it: kernelgen/families), and the dtype names and sizes the kernels use.
 
 Nothing here asks a live device: an arch build must give the same result on a laptop, in CI and on
-the GPU itself. These configs are the static choice of each tuning group (kernelgen/space.py), which
-a measured winner from the tuning database replaces at build time (docs/tuning.md).
+the GPU itself. The static configs are each tuning group's first candidate, which a measured
+winner from the tuning database replaces at build time (docs/tuning.md).
 Figures are the data-sheet values of each arch's reference GPU.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+
+from .contract import contract
 
 
 @dataclass(frozen=True)
@@ -25,11 +28,12 @@ class Arch:
     regs_per_sm: int
     max_regs_per_thread: int
     max_smem_per_block: int  # bytes, with the opt-in carve-out
+    warp_size: int = 32  # threads per warp: Triton's GPUTarget and the occupancy rules
 
     def occupancy(self, num_warps: int, regs_per_thread: int, smem_bytes: int) -> float:
         """Fraction of the SM's thread slots filled, by the usual CUDA occupancy rules."""
-        threads = num_warps * 32
-        regs_per_warp = math.ceil(max(regs_per_thread, 1) * 32 / 256) * 256  # allocation unit: 256
+        threads = num_warps * self.warp_size
+        regs_per_warp = math.ceil(max(regs_per_thread, 1) * self.warp_size / 256) * 256  # allocation unit: 256
         blocks = min(
             self.max_blocks_per_sm,
             self.max_threads_per_sm // threads,
@@ -74,13 +78,12 @@ def gpu_peak_gbps(device_name: str) -> float | None:
     return None
 
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = contract.DTYPES
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 VECTOR_BYTES = 16  # one 128-bit load/store per thread per access
 DRAM_LATENCY_NS = 600.0  # order of magnitude for all of these archs; used for Little's law only
-NUM_WARPS = 4
 
 
 def resolve(names: str | list[str]) -> list[Arch]:
@@ -96,33 +99,3 @@ def pick(table: dict, names: str | list[str], what: str) -> list:
     if unknown:
         raise ValueError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(table)} or all")
     return [table[n] for n in wanted]
-
-
-def elementwise_config(arch: Arch, dtype: str, codes_per_byte: int) -> dict[str, int]:
-    """Launch config for a streaming kernel that handles BLOCK_BYTES code bytes per program.
-
-    By Little's law an SM must keep bandwidth x latency / SMs bytes in flight. Each thread gets
-    enough 16-byte vectors for that at full occupancy, and never fewer than two (so loads overlap).
-    """
-    in_flight_per_thread = arch.dram_gbps * DRAM_LATENCY_NS / arch.sm_count / arch.max_threads_per_sm
-    vectors = max(2, 2 ** math.ceil(math.log2(max(1.0, in_flight_per_thread / VECTOR_BYTES))))
-    elems_per_thread = vectors * VECTOR_BYTES // DTYPE_BYTES[dtype]
-    elems_per_program = elems_per_thread * 32 * NUM_WARPS
-    return {"BLOCK_BYTES": elems_per_program // codes_per_byte, "num_warps": NUM_WARPS}
-
-
-def norm_config(arch: Arch) -> dict:
-    """Row-wise norms, the static table: a row that fits takes one pass with at most 16 float32
-    values per thread per row tensor; wider rows loop over loop_block chunks. The backward runs a few
-    programs per SM, each over many rows, so the dgamma/dbeta partial sums stay few. Pruning drops
-    what spills (the 8192-wide backward does at 16 warps: 128 registers per thread at most)."""
-    warps = {1 << p: min(16, max(1, (1 << p) // 256)) for p in range(0, 17)}  # 1 .. 65536 columns
-    return {
-        "single_warps": warps,
-        "loop_block": 4096,
-        "loop_warps": 8,
-        "backward_programs_per_sm": 4 if arch.max_threads_per_sm >= 2048 else 3,
-        "param_grad_block_r": 32,
-        "param_grad_block_c": 128,
-        "param_grad_warps": 4,
-    }

@@ -32,10 +32,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import aot, prune, render, space, tunedb
+from . import aot, families, prune, render, space, tunedb
 from . import spec as spec_mod
 from .archs import Arch
-from .render import KernelVariant
+from .contract import contract
+from .kernels import Family, KernelVariant, TuneGroup
 from .spec import Spec
 
 TREE_DOC = '"""Kernels rendered by kernelgen. Do not edit: run `kernelgen build`."""\n'
@@ -46,7 +47,7 @@ MARKER_TEXT = ("A tree of kernels written by `kernelgen build`. A build into thi
 
 
 # The files at the top of a tree that every build writes (the arch folders aside).
-TOP_FILES = (MARKER, "__init__.py", "ops.py", render.CPU_FILE)
+TOP_FILES = (MARKER, "__init__.py", contract.OPS_FILE, contract.CPU_FILE)
 
 
 class BuildError(RuntimeError):
@@ -80,18 +81,13 @@ class BuildOptions:
 
 # --- one arch --------------------------------------------------------------------------------
 
-def groups_for(specs: list[Spec], arch: Arch, norms: bool) -> list[render.TuneGroup]:
-    groups = [g for s in specs for g in render.activation_groups(s, arch)]
-    return groups + (render.norm_groups(arch) if norms else [])
+def config_count(specs: list[Spec], arch: Arch, fams: tuple[Family, ...] = families.ALL) -> int:
+    return len(families.variants(families.groups(specs, arch, fams)))
 
 
-def config_count(specs: list[Spec], arch: Arch, norms: bool) -> int:
-    return len(render.variants(groups_for(specs, arch, norms)))
-
-
-def compile_count(specs: list[Spec], arch: Arch, norms: bool) -> int:
+def compile_count(specs: list[Spec], arch: Arch, fams: tuple[Family, ...] = families.ALL) -> int:
     """The compiles every config needs (each weight dtype); the chosen configs' unaligned ones aside."""
-    return sum(len(vs) for vs in render.variants(groups_for(specs, arch, norms)))
+    return sum(len(vs) for vs in families.variants(families.groups(specs, arch, fams)))
 
 
 def _previous_results(manifest: Path, triton_version: str) -> dict[str, dict]:
@@ -127,9 +123,9 @@ def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[s
     import triton
 
     for op in sorted({v.op for v in variants}):  # a rendered file that does not import fails here, by name
-        _import_path(dest / f"{op}.py", f"_kernelgen_check_{arch.name}_{op}")
-    jobs = [aot.CompileJob(str(dest / f"{v.op}.py"), v.fn, v.signature, v.constexprs, v.num_warps, v.num_stages,
-                           arch.capability, v.aligned_args) for v in variants]
+        _import_path(dest / contract.kernel_file(op), f"_kernelgen_check_{arch.name}_{op}")
+    jobs = [aot.CompileJob(str(dest / contract.kernel_file(v.op)), v.fn, v.signature, v.constexprs, v.num_warps, v.num_stages,
+                           arch.capability, v.aligned_args, arch.warp_size) for v in variants]
     keys = [job.key(shas[v.op], triton.__version__) for job, v in zip(jobs, variants)]
     outcomes: dict[int, aot.Outcome] = {}
     for i, key in enumerate(keys):
@@ -166,6 +162,31 @@ def _manifest_variant(compiles: list[tuple[KernelVariant, str, aot.Outcome]], ve
     if len(compiles) > 1:
         row["also"] = [_compile_record(*c) for c in compiles[1:]]
     return row
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """What an arch's build decided, read back from the manifest _build_arch wrote: the source hash of
+    each kernel file and the pruning verdict of each compiled config (what the tuner measures)."""
+
+    manifest: Path
+    sources: dict[str, str]  # kernel file stem -> source_sha256
+    verdicts: dict[tuple[str, str, str, str], prune.Verdict]  # (op, kernel, dtype, config_id) -> verdict
+
+    def verdict(self, group: TuneGroup, config: dict) -> prune.Verdict | None:
+        return self.verdicts.get((group.op, group.kernel, group.dtype, space.config_id(config)))
+
+
+def build_record(tree: Path, arch: Arch) -> BuildRecord | None:
+    """The record of `tree`'s build of `arch`; None when it has no manifest."""
+    path = tree / arch.name / contract.MANIFEST_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    sources = {op: f["source_sha256"] for op, f in data.get("ops", {}).items()}
+    verdicts = {(v["op"], v["kernel"], v["dtype"], space.config_id(v["config"])):
+                prune.Verdict(v["kept"], v["reason"], v.get("occupancy", 0.0)) for v in data.get("variants", [])}
+    return BuildRecord(path, sources, verdicts)
 
 
 def _config_ident(v: KernelVariant) -> tuple:
@@ -241,7 +262,7 @@ def _json_rows(data: dict, row_keys: tuple[str, ...]) -> str:
     return head[:-2] + ",\n" + ",\n".join(parts) + "\n}\n"
 
 
-def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool, opts: BuildOptions,
+def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, fams: tuple[Family, ...], opts: BuildOptions,
                 previous_manifest: Path | None) -> int:
     """Build one arch into `dest`; returns how many kernels it compiled (not reused)."""
     import triton
@@ -249,29 +270,14 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
     dest.mkdir(parents=True)
     (dest / "__init__.py").write_text(TREE_DOC)
     files = {}
-    for spec in specs:
-        path = dest / f"{spec.name}.py"
-        path.write_text(render.render_activation(spec, arch))
-        files[spec.name] = {
-            "file": path.name,
-            "spec": render.spec_file_label(spec),
-            "spec_sha256": spec.sha256,
-            "template": render.ACTIVATION_TEMPLATE,
-            "template_sha256": render.template_sha256(render.ACTIVATION_TEMPLATE),
-            "source_sha256": _sha256(path),
-        }
-    if norms:
-        path = dest / f"{render.NORM_FILE}.py"
-        path.write_text(render.render_norm(arch))
-        files[render.NORM_FILE] = {
-            "file": path.name,
-            "template": render.NORM_TEMPLATE,
-            "template_sha256": render.template_sha256(render.NORM_TEMPLATE),
-            "source_sha256": _sha256(path),
-        }
+    for family in fams:
+        for source in family.sources(specs, arch):
+            path = dest / contract.kernel_file(source.stem)
+            path.write_text(source.text)
+            files[source.stem] = {"file": path.name, **source.record, "source_sha256": _sha256(path)}
     shas = {op: f["source_sha256"] for op, f in files.items()}
-    groups = groups_for(specs, arch, norms)
-    configs = {_config_ident(vs[0]): vs for vs in render.variants(groups)}
+    groups = families.groups(specs, arch, fams)
+    configs = {_config_ident(vs[0]): vs for vs in families.variants(groups)}
     previous = {} if opts.recompile or previous_manifest is None else _previous_results(previous_manifest,
                                                                                          triton.__version__)
     # Every config, compiled as launched with sizes that are multiples of 16 (each weight dtype):
@@ -305,7 +311,7 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
     for message, category in notes:
         warnings.warn(message, category, stacklevel=3)
     rows = [_manifest_variant(compiles[ident], verdicts[ident]) for ident in configs]
-    (dest / f"{render.CONFIGS_FILE}.py").write_text(render.render_configs(arch, baked, _tuned_with(choices)))
+    (dest / contract.CONFIGS_FILE).write_text(render.render_configs(arch, baked, _tuned_with(choices)))
     manifest = {
         "arch": arch.name,
         "capability": arch.capability,
@@ -314,24 +320,24 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, norms: bool
                           "specialisations": "each config as launched with sizes that are multiples of 16 (pruned "
                                              "and ranked on those, every weight dtype); chosen ones also for any "
                                              "size (\"also\")"},
-        "spaces": {"activation": space.ACTIVATION_SPACE, "norm": space.NORM_SPACE},
+        "spaces": {f.name: f.space_file for f in families.ALL},
         "ops": files,
         "pruning": {"compiled": sum(1 + len(r.get("also", ())) for r in rows), "kept": sum(r["kept"] for r in rows),
                     "dropped": sum(not r["kept"] for r in rows)},
         "variants": sorted(rows, key=lambda r: (r["op"], r["kernel"], r["dtype"], space.config_id(r["config"]))),
         "choices": choices,
     }
-    (dest / "manifest.json").write_text(_json_rows(manifest, ("choices", "variants")))
+    (dest / contract.MANIFEST_FILE).write_text(_json_rows(manifest, ("choices", "variants")))
     return n_compiled
 
 
-def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: bool, opts: BuildOptions,
+def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, fams: tuple[Family, ...], opts: BuildOptions,
            previous: Path) -> int:
     import triton
 
     if not opts.recompile:
         for arch in archs:  # every damaged manifest is reported before the first compile, not minutes later
-            manifest = previous / arch.name / "manifest.json"
+            manifest = previous / arch.name / contract.MANIFEST_FILE
             _previous_results(manifest, triton.__version__)
             if (previous / arch.name).is_dir() and not manifest.is_file():
                 warnings.warn(f"{manifest} is missing: every config of {arch.name} is compiled again (minutes)",
@@ -339,27 +345,27 @@ def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, norms: b
     stage.mkdir(parents=True, exist_ok=True)
     (stage / MARKER).write_text(MARKER_TEXT)
     (stage / "__init__.py").write_text(TREE_DOC)
-    (stage / "ops.py").write_text(render.render_ops(specs))
-    (stage / render.CPU_FILE).write_text(render.render_cpu(specs))
-    return sum(_build_arch(specs, arch, stage / arch.name, progress, norms, opts, previous / arch.name / "manifest.json")
+    (stage / contract.OPS_FILE).write_text(render.render_ops(specs))
+    (stage / contract.CPU_FILE).write_text(render.render_cpu(specs))
+    return sum(_build_arch(specs, arch, stage / arch.name, progress, fams, opts, previous / arch.name / contract.MANIFEST_FILE)
                for arch in archs)
 
 
 # --- public entry points -----------------------------------------------------------------------
 
-def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True,
-          opts: BuildOptions | None = None) -> int:
+def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None,
+          fams: tuple[Family, ...] = families.ALL, opts: BuildOptions | None = None) -> int:
     """Build into `out`. Nothing in `out` changes unless every render and compile succeeded; then
     each arch folder is swapped in so that a kill at any point leaves a complete arch (_swap_in).
-    `out` must be new, empty or a kernelgen tree (it holds MARKER). norms=False leaves out the norm kernels (a user's tree of their
-    own activations). Compile results `out`'s manifests recorded for the same source, config and
+    `out` must be new, empty or a kernelgen tree (it holds MARKER). `fams`: the kernel families to build
+    (families.for_tree(builtin=False) for a user's tree of their own activations). Compile results `out`'s manifests recorded for the same source, config and
     Triton are reused; returns how many kernels were compiled afresh."""
     opts = opts or BuildOptions()
     if not specs:
         raise BuildError("no specs to build")
     out = Path(out)
     _refuse_foreign_out(out)
-    _refuse_builtin_out(specs, out, norms)
+    _refuse_builtin_out(specs, out, fams)
     _refuse_foreign_files_in_archs(out, archs, specs)
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead_stages(out)
@@ -368,7 +374,7 @@ def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
     prefix = f".{out.name}-stage-{os.getpid()}-"
     with tempfile.TemporaryDirectory(prefix=prefix, dir=out.parent) as tmp:
         stage = Path(tmp) / "tree"
-        n_compiled = _stage(specs, archs, stage, progress, norms, opts, out)
+        n_compiled = _stage(specs, archs, stage, progress, fams, opts, out)
         _install(stage, out, [a.name for a in archs])
     return n_compiled
 
@@ -380,7 +386,7 @@ def is_kernelgen_tree(folder: Path) -> bool:
         return True
     try:
         return (folder / "__init__.py").read_text() == TREE_DOC and \
-            (folder / "ops.py").read_text().startswith("# Generated by kernelgen")
+            (folder / contract.OPS_FILE).read_text().startswith("# Generated by kernelgen")
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -394,14 +400,14 @@ def _refuse_foreign_out(out: Path) -> None:
                          f"replace files there. Choose a new or empty folder for --out, or move {out} away first")
 
 
-def _refuse_builtin_out(specs: list[Spec], out: Path, norms: bool) -> None:
-    """generated/ of the checkout is the tree lowmem_ops ships: a build of other specs (or without the
-    norms) would delete its kernels."""
+def _refuse_builtin_out(specs: list[Spec], out: Path, fams: tuple[Family, ...]) -> None:
+    """generated/ of the checkout is the tree lowmem_ops ships: a build of other specs (or without
+    every family, e.g. the norms) would delete its kernels."""
     builtin = default_out()
     if builtin is None or out.resolve() != builtin.resolve():
         return
     ours = sorted((s.name, s.sha256) for s in spec_mod.load_builtin())
-    if not norms or sorted((s.name, s.sha256) for s in specs) != ours:
+    if set(fams) != set(families.ALL) or sorted((s.name, s.sha256) for s in specs) != ours:
         raise BuildError(f"{out} is the built-in tree of lowmem_ops: a tree of other specs would replace its "
                          "kernels. Build into a folder of your own (--out kernels) and load it with lo.load")
 
@@ -413,10 +419,10 @@ def _refuse_foreign_files_in_archs(out: Path, archs: list[Arch], specs: list[Spe
         folder = out / arch.name
         if not folder.is_dir():
             continue
-        ours = {"__init__.py", f"{render.CONFIGS_FILE}.py", "manifest.json", "__pycache__", f"{render.NORM_FILE}.py"}
-        ours |= {f"{s.name}.py" for s in specs}
+        ours = {"__init__.py", contract.CONFIGS_FILE, contract.MANIFEST_FILE, "__pycache__"}
+        ours |= {contract.kernel_file(stem) for f in families.ALL for stem in f.stems(specs)}
         try:
-            ours |= {str(f.get("file")) for f in json.loads((folder / "manifest.json").read_text())["ops"].values()}
+            ours |= {str(f.get("file")) for f in json.loads((folder / contract.MANIFEST_FILE).read_text())["ops"].values()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # a damaged manifest is reported on its own (_previous_results)
         foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
@@ -520,8 +526,8 @@ def _renameat2():
     return fn
 
 
-def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None, norms: bool = True,
-          opts: BuildOptions | None = None) -> list[str]:
+def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None,
+          fams: tuple[Family, ...] = families.ALL, opts: BuildOptions | None = None) -> list[str]:
     """Rebuild into a scratch folder and compare with `out`. Returns the problems (empty: fresh).
     With opts.recompile the compile results are redone, not taken from `out`'s manifests."""
     opts = opts or BuildOptions()
@@ -531,7 +537,7 @@ def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
         return problems
     with tempfile.TemporaryDirectory(prefix="kernelgen-check-") as tmp:
         stage = Path(tmp) / "tree"
-        _stage(specs, archs, stage, progress, norms, opts, out)
+        _stage(specs, archs, stage, progress, fams, opts, out)
         wanted = list(TOP_FILES) + [
             str(p.relative_to(stage)) for a in archs for p in sorted((stage / a.name).iterdir())
         ]
@@ -557,7 +563,7 @@ def _missing_or_damaged(archs: list[Arch], out: Path) -> list[str]:
     problems = [f"{sibling}: left by a build that was stopped while it swapped an arch folder in: run the build "
                 "again to finish it" for sibling in sorted(out.glob(".*.incoming")) + sorted(out.glob(".*.outgoing"))]
     for a in archs:
-        manifest = out / a.name / "manifest.json"
+        manifest = out / a.name / contract.MANIFEST_FILE
         if not (out / a.name).is_dir():
             problems.append(f"{out / a.name}: missing (not built: run `kernelgen build --arch {a.name}`)")
         elif not manifest.is_file():

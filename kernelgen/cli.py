@@ -11,8 +11,9 @@ from pathlib import Path
 
 from . import archs as archs_mod
 from . import build as build_mod
+from . import families
 from . import spec as spec_mod
-from .render import RenderError
+from .templating import RenderError
 from .tuner import TuneError
 
 
@@ -47,12 +48,12 @@ def _cmd_build(args) -> int:
     arch_list = archs_mod.resolve(args.arch)
     specs = _specs(args.spec)
     out = _build_out(args)
-    norms = not args.spec  # a tree of the user's own activations; the norms live in the built-in tree
+    fams = families.for_tree(builtin=not args.spec)  # a tree of the user's own activations, or the built-in one
     db_dir = Path(args.db) if args.db else build_mod.default_db_dir()
     opts = build_mod.BuildOptions(workers=args.jobs, recompile=args.recompile, db_dir=db_dir)
-    configs = sum(build_mod.config_count(specs, a, norms) for a in arch_list)
+    configs = sum(build_mod.config_count(specs, a, fams) for a in arch_list)
     # the aligned compiles; the chosen configs' unaligned ones come on top (a few hundred per arch)
-    total = sum(build_mod.compile_count(specs, a, norms) for a in arch_list)
+    total = sum(build_mod.compile_count(specs, a, fams) for a in arch_list)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=not console.is_terminal) as bar:
@@ -65,9 +66,9 @@ def _cmd_build(args) -> int:
             warnings.simplefilter("always")
             compiled = None
             if args.check:
-                problems = build_mod.check(specs, arch_list, out, progress, norms, opts)
+                problems = build_mod.check(specs, arch_list, out, progress, fams, opts)
             else:
-                compiled = build_mod.build(specs, arch_list, out, progress, norms, opts)
+                compiled = build_mod.build(specs, arch_list, out, progress, fams, opts)
                 problems = []
     for w in caught:
         print(f"kernelgen build: warning: {w.message}", file=sys.stderr)
@@ -79,7 +80,7 @@ def _cmd_build(args) -> int:
             print(p, file=sys.stderr)  # unwrapped: paths and diffs stay greppable
         return 1
     verb = "is fresh" if args.check else "built"
-    what = f"{len(specs)} activations" + (" + norms" if norms else "")
+    what = f"{len(specs)} activations" + "".join(f" + {f.name}s" for f in fams if f.builtin_only)
     how = "" if compiled is None else f" ({compiled} compiles run, the others' results reused from the manifests)"
     print(f"{out}: {what}, {configs} kernel configs {verb} for {names}{how} in {elapsed:.1f} s",
           file=sys.stderr)  # status on stderr, as the progress bar; unwrapped

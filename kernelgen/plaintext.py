@@ -1,7 +1,7 @@
 """What counts as one line of plain text: the rule every free-text field (spec names, descriptions,
 tuning-database strings) must pass before kernelgen uses it.
 
-Generated files quote free text (render.py), so this is the second wall: a character that some
+Generated files quote free text (templating.py), so this is the second wall: a character that some
 reader treats as a line break or a control code (Python's tokenizer, str.splitlines, a terminal, a
 diff) is refused where the data is read, with a message naming it.
 """

@@ -62,7 +62,7 @@ class NvidiaTarget(Target):
 
 
 def nvidia(arch: Arch) -> NvidiaTarget:
-    return NvidiaTarget("nvidia", arch.name, "cuda", arch.capability, 32, arch.reference_gpu, arch.sm_count,
+    return NvidiaTarget("nvidia", arch.name, "cuda", arch.capability, arch.warp_size, arch.reference_gpu, arch.sm_count,
                         arch.dram_gbps, arch)
 
 

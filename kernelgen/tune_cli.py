@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
 from . import build as build_mod
-from . import render, space, tunedb, tuner
+from . import families, tunedb, tuner
 from .archs import DTYPES, Arch, gpu_peak_gbps
+from .kernels import TuneGroup
 
 
 def _split(text: str | None) -> set[str] | None:
@@ -24,7 +24,7 @@ def _selector(args, default_dtypes: set[str], known_ops: set[str] | None = None)
     if known_ops is not None and ops and ops - known_ops:
         raise ValueError(f"--ops: unknown {', '.join(sorted(ops - known_ops))}; choose from {', '.join(sorted(known_ops))}")
 
-    def select(g: render.TuneGroup) -> bool:
+    def select(g: TuneGroup) -> bool:
         return ((ops is None or g.op in ops) and g.dtype in dtypes
                 and (kernels is None or any(k in g.kernel for k in kernels)))
 
@@ -32,7 +32,7 @@ def _selector(args, default_dtypes: set[str], known_ops: set[str] | None = None)
 
 
 def _space_dtypes() -> set[str]:
-    return set(space.activation_space().dtypes) | set(space.norm_space().dtypes)
+    return {d for f in families.ALL for d in f.space().dtypes}
 
 
 def measure(arch: Arch, db_dir: Path, specs, console, args) -> int:
@@ -49,20 +49,22 @@ def measure(arch: Arch, db_dir: Path, specs, console, args) -> int:
     out = Path(args.out) if args.out else build_mod.default_out()
     if out is None:
         raise tuner.TuneError("kernelgen is not running from a checkout: pass --out DIR for the tree to tune")
-    norms = not args.spec
-    if norms:
+    fams = families.for_tree(builtin=not args.spec)
+    builtin_only = [f.name for f in fams if f.builtin_only]
+    if builtin_only:
         from lowmem_ops._tree import builtin_tree
 
         if out.resolve() != builtin_tree():
-            raise tuner.TuneError(f"{out} is not the tree lowmem_ops loads ({builtin_tree()}): the norms run from "
-                                  "that one; pass --spec for a tree of your own activations")
+            raise tuner.TuneError(f"{out} is not the tree lowmem_ops loads ({builtin_tree()}): the "
+                                  f"{'/'.join(builtin_only)} kernels run from that one; pass --spec for a tree of "
+                                  "your own activations")
     path = tunedb.db_path(db_dir, arch.name)
     try:
         db = tunedb.load(path, arch.name)
     except tunedb.DBError as err:  # never overwrite what we cannot read: it may be someone's measurements
         raise tuner.TuneError(f"{err}; fix or move that file, then tune again") from None
-    known = {s.name for s in specs} | ({render.NORM_FILE} if norms else set())
-    tasks = tuner.plan(specs, arch, out, norms, _selector(args, _space_dtypes(), known))
+    known = {stem for f in fams for stem in f.stems(specs)}
+    tasks = tuner.plan(specs, arch, out, fams, _selector(args, _space_dtypes(), known))
     if not tasks:
         raise tuner.TuneError("nothing to tune: no group matches --ops / --kernels / --dtypes with two or more "
                               "configs that survived pruning")
@@ -96,8 +98,9 @@ def report(arch: Arch, db_dir: Path, console, args) -> int:
         db = tunedb.load(path, arch.name)
     except tunedb.DBError as err:
         raise tuner.TuneError(str(err)) from None
-    manifest = _manifest(Path(args.out) if args.out else build_mod.default_out(), arch)
-    current = {op: f["source_sha256"] for op, f in manifest.get("ops", {}).items()}
+    tree = Path(args.out) if args.out else build_mod.default_out()
+    record = build_mod.build_record(tree, arch) if tree else None
+    current = record.sources if record else {}
     select = _selector(args, set(DTYPES))
     rows = [r for r in (_row(e, current) for e in db.entries.values()) if select(_as_group(r))]
     if not rows:
@@ -108,7 +111,7 @@ def report(arch: Arch, db_dir: Path, console, args) -> int:
     numeric = ("configs", "static us", "best us", "speed-up", "GB/s", "of peak")
     for col in ("op", "kernel", "dtype", "bucket", "GPU") + numeric + ("best config", "state"):
         table.add_column(col, justify="right" if col in numeric else "left")
-    order = {b: i for i, b in enumerate(space.activation_space().buckets + space.norm_space().buckets)}
+    order = {b: i for i, b in enumerate(b for f in families.ALL for b in f.space().buckets)}
     for r in sorted(rows, key=lambda r: (r["op"], r["kernel"], r["dtype"], order.get(r["bucket"], -1), r["bucket"], r["gpu"])):
         table.add_row(r["op"], r["kernel"], r["dtype"], r["bucket"], r["gpu"], f"{r['ok']}/{r['configs']}",
                       _us(r["static_ms"]), _us(r["best_ms"]), f"{r['speedup']:.2f}x" if r["speedup"] else "-",
@@ -128,13 +131,8 @@ def report(arch: Arch, db_dir: Path, console, args) -> int:
     return 0
 
 
-def _manifest(tree: Path | None, arch: Arch) -> dict:
-    path = tree / arch.name / "manifest.json" if tree else None
-    return json.loads(path.read_text()) if path and path.is_file() else {}
-
-
-def _as_group(r: dict) -> render.TuneGroup:
-    return render.TuneGroup(r["op"], r["kernel"], r["dtype"], r["bucket"], (), ())
+def _as_group(r: dict) -> TuneGroup:
+    return TuneGroup(r["op"], r["kernel"], r["dtype"], r["bucket"], (), ())
 
 
 def _us(ms: float | None) -> str:

@@ -123,7 +123,7 @@ def _need(cond: bool, where: str, what: str) -> None:
 
 
 # The shape of every key field. The DB comes from another machine, maybe another person: its text
-# reaches configs.py (quoted, render.py) and the manifest, so each field is held to what kernelgen
+# reaches configs.py (quoted, templating.py) and the manifest, so each field is held to what kernelgen
 # itself writes there; the free-text one (the GPU's name) to one line of printable text.
 _KEY_FORMATS = {
     "op": (re.compile(r"[a-z][a-z0-9_]{0,47}"), "an op name"),

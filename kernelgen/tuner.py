@@ -11,7 +11,6 @@ error) is stored as infinitely slow with its reason. Time and the measurement it
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -19,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import prune, render, space, tunedb
+from . import families, prune, space, tunedb
 from .aot import one_line
-from .archs import DTYPE_BYTES, Arch
+from .archs import Arch
+from .contract import contract
+from .kernels import Family, TuneGroup
 from .spec import Spec
 
 
@@ -35,7 +36,7 @@ class CompileTimeout(RuntimeError):
 
 @dataclass(frozen=True)
 class Task:
-    group: render.TuneGroup
+    group: TuneGroup
     source_sha256: str
     ranked: tuple[dict, ...]  # kept candidates, measuring order: the static choice, then by occupancy
     problem: tuple[int, ...]  # (n,) or (rows, cols)
@@ -48,68 +49,40 @@ class Task:
 
 # --- what to measure -------------------------------------------------------------------------
 
-_ELEMENTWISE_TRAFFIC = {  # (elements of the dtype read + written, code arrays touched) per element
-    "forward": (2, 1), "forward_nograd": (2, 0), "backward": (2, 1),
-    "gated_forward": (3, 0), "gated_forward_approx": (4, 1),
-    "gated_backward": (5, 0), "gated_backward_approx": (5, 1),
-}
-_NORM_TRAFFIC = {"forward": 2, "backward": 3, "param_grad": 2}  # row tensors read + written
-
-
-def bytes_moved(group: render.TuneGroup, problem: tuple[int, ...], bits: int) -> int:
-    """The DRAM traffic one launch cannot avoid: its inputs read once, its outputs written once."""
-    d = DTYPE_BYTES[group.dtype]
-    if group.op == render.NORM_FILE:
-        rows, cols = problem
-        return _NORM_TRAFFIC[group.kernel.rsplit(".", 1)[1]] * d * rows * cols + 4 * rows
-    (n,) = problem
-    tensors, codes = _ELEMENTWISE_TRAFFIC[group.kernel]
-    return tensors * d * n + codes * -(-n * bits // 8)
-
-
-def problem_of(group: render.TuneGroup) -> tuple[int, ...]:
-    if group.op == render.NORM_FILE:
-        return space.norm_space().problem_shape(*group.index)
-    return (space.activation_space().problem_size(group.index[0]),)
-
-
-def plan(specs: list[Spec], arch: Arch, tree: Path, norms: bool, select: Callable[[render.TuneGroup], bool]) -> list[Task]:
-    """The tasks of `tree`'s `arch` build, from its manifest (what pruning kept) and the spaces.
+def plan(specs: list[Spec], arch: Arch, tree: Path, fams: tuple[Family, ...],
+         select: Callable[[TuneGroup], bool]) -> list[Task]:
+    """The tasks of `tree`'s `arch` build, from its build record (what pruning kept) and the spaces.
     Refuses a tree whose kernel files are not what the current templates and specs render: times
     measured on them would be stale the moment they are stored."""
-    from .build import groups_for
+    from .build import build_record
 
-    manifest_path = tree / arch.name / "manifest.json"
-    if not manifest_path.is_file():
-        raise TuneError(f"{manifest_path} is missing: run `kernelgen build --arch {arch.name}` first")
-    manifest = json.loads(manifest_path.read_text())
-    fresh = {s.name: render.render_activation(s, arch) for s in specs}
-    if norms:
-        fresh[render.NORM_FILE] = render.render_norm(arch)
-    for op, text in fresh.items():
-        path = tree / arch.name / f"{op}.py"
-        if not path.is_file() or path.read_text() != text or op not in manifest.get("ops", {}):
-            raise TuneError(f"{path} is not what the current templates and specs render: run "
-                            f"`kernelgen build --arch {arch.name}` first, then tune")
-    verdicts = {(v["op"], v["kernel"], v["dtype"], space.config_id(v["config"])): v for v in manifest["variants"]}
-    bits = {s.name: s.bits for s in specs}
+    record = build_record(tree, arch)
+    if record is None:
+        raise TuneError(f"{tree / arch.name / contract.MANIFEST_FILE} is missing: run `kernelgen build --arch "
+                        f"{arch.name}` first")
+    for family in fams:
+        for source in family.sources(specs, arch):
+            path = tree / arch.name / contract.kernel_file(source.stem)
+            if not path.is_file() or path.read_text() != source.text or source.stem not in record.sources:
+                raise TuneError(f"{path} is not what the current templates and specs render: run "
+                                f"`kernelgen build --arch {arch.name}` first, then tune")
     tasks = []
-    for g in groups_for(specs, arch, norms):
+    for g in families.groups(specs, arch, fams):
         if not select(g):
             continue
 
         def verdict_of(c, g=g):
-            v = verdicts.get((g.op, g.kernel, g.dtype, space.config_id(c)))
+            v = record.verdict(g, c)
             if v is None:
-                raise TuneError(f"{manifest_path} has no entry for {g.op}.{g.kernel}[{g.dtype}] {c}: rebuild it")
-            return prune.Verdict(v["kept"], v["reason"], v.get("occupancy", 0.0))
+                raise TuneError(f"{record.manifest} has no entry for {g.op}.{g.kernel}[{g.dtype}] {c}: rebuild it")
+            return v
 
         ordered = prune.measuring_order(list(g.candidates), verdict_of)
         if len(ordered) < 2:
             continue  # nothing to choose between
-        problem = problem_of(g)
-        tasks.append(Task(g, manifest["ops"][g.op]["source_sha256"], tuple(ordered), problem,
-                          bytes_moved(g, problem, bits.get(g.op, 0))))
+        family = families.of(g)
+        problem = family.problem(g)
+        tasks.append(Task(g, record.sources[g.op], tuple(ordered), problem, family.bytes_moved(g, problem, specs)))
     return tasks
 
 
@@ -230,67 +203,6 @@ class CudaMeasure:
         key = (g.op, g.kernel, g.dtype, self._shape(task))
         if key not in self._inputs:
             self._inputs.clear()  # one task's tensors at a time: the largest buckets are GBs
-            self._inputs[key] = self._make_inputs(task)
-        args = self._inputs[key]
-        return (self._norm_launcher if g.op == render.NORM_FILE else self._activation_launcher)(g, args, cfg)
-
-    def _make_inputs(self, task: Task) -> dict:
-        torch = self.torch
-        from lowmem_ops import _norm_backends as nb
-        from lowmem_ops import _triton_backend as tb
-        from lowmem_ops._tree import get_op
-
-        g, shape = task.group, self._shape(task)
-        dtype = getattr(torch, g.dtype)
-        gen = torch.Generator(device=self.device).manual_seed(0)
-
-        def randn(*s):
-            return torch.randn(*s, generator=gen, device=self.device, dtype=torch.float32).to(dtype)
-
-        if g.op != render.NORM_FILE:
-            op = get_op(g.op)
-            x, dy = randn(*shape), randn(*shape)
-            args = {"op": op, "x": x, "dy": dy, "up": randn(*shape)}
-            if g.kernel == "backward":
-                args["codes"] = tb.forward(op, x, True, self.interpret)[1]
-            if g.kernel == "gated_backward_approx":
-                _, args["h"], args["codes"] = tb.gated_forward(op, x, args["up"], True, True, self.interpret)
-            return args
-        kind, *rest = g.kernel.split(".")
-        affine = rest[0] == "affine"
-        rows, cols = shape
-        w = (1.0 + 0.1 * torch.rand(cols, generator=gen, device=self.device)) if affine else None
-        b = 0.1 * torch.randn(cols, generator=gen, device=self.device) if affine and kind == "layernorm" else None
-        x = randn(rows, cols)
-        y, rstd, _ = nb.triton_forward(x, w, b, 1e-5, kind == "rmsnorm", dtype, self.interpret)
-        return {"x": x, "w": w, "b": b, "y": y, "rstd": rstd, "dy": randn(rows, cols), "is_rms": kind == "rmsnorm",
-                "dtype": dtype}
-
-    def _activation_launcher(self, g, a: dict, cfg: dict):
-        from lowmem_ops import _triton_backend as tb
-
-        op, x, dy, up, it = a["op"], a["x"], a["dy"], a["up"], self.interpret
-        return {
-            "forward": lambda: tb.forward(op, x, True, it, cfg),
-            "forward_nograd": lambda: tb.forward(op, x, False, it, cfg),
-            "backward": lambda: tb.backward(op, dy, a.get("codes"), it, cfg),
-            "gated_forward": lambda: tb.gated_forward(op, x, up, False, False, it, cfg),
-            "gated_forward_approx": lambda: tb.gated_forward(op, x, up, True, True, it, cfg),
-            "gated_backward": lambda: tb.gated_backward(op, dy, x, up, None, None, False, True, True, it, cfg),
-            "gated_backward_approx": lambda: tb.gated_backward(op, dy, None, up, a.get("h"), a.get("codes"), True, True,
-                                                               True, it, cfg),
-        }[g.kernel]
-
-    def _norm_launcher(self, g, a: dict, cfg: dict):
-        from lowmem_ops import _norm_backends as nb
-
-        stage, it = g.kernel.rsplit(".", 1)[1], self.interpret
-        if stage == "forward":
-            return lambda: nb.triton_forward(a["x"], a["w"], a["b"], 1e-5, a["is_rms"], a["dtype"], it, cfg)
-        if stage == "backward":
-            return lambda: nb.triton_backward(a["dy"], a["y"], a["rstd"], a["w"], a["b"], a["is_rms"], a["dtype"], it, cfg)
-        # dgamma/dbeta runs after the looped backward: time both, the backward at its static config
-        loop = space.norm_space().configs(self.arch, "backward", g.dtype, len(space.norm_space().widths))[0]
-        return lambda: nb.triton_backward(a["dy"], a["y"], a["rstd"], a["w"], a["b"], a["is_rms"], a["dtype"], it,
-                                          loop, param_cfg=cfg)
-
+            gen = self.torch.Generator(device=self.device).manual_seed(0)
+            self._inputs[key] = families.of(g).measure_inputs(g, self._shape(task), self.device, self.interpret, gen)
+        return families.of(g).launcher(g, self._inputs[key], cfg, self.interpret, self.arch)

@@ -10,25 +10,28 @@ from types import ModuleType
 
 import torch
 
+from . import _contract as C
 from ._tree import import_file, tree_key
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = {getattr(torch, name): name for name in C.DTYPES}
 
 
 @lru_cache(maxsize=None)
 def table(tree: Path, arch: str) -> ModuleType:
-    path = tree / arch / "configs.py"
+    path = tree / arch / C.CONFIGS_FILE
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
-    return import_file(path, f"lowmem_ops._trees.{tree_key(tree)}.{arch}.configs")
+    return import_file(path, f"lowmem_ops._trees.{tree_key(tree)}.{arch}.{C.CONFIGS_STEM}")
 
 
 def activation(tree: Path, arch: str, op: str, kernel: str, dtype, n: int) -> dict:
     t = table(tree, arch)
-    return t.ACTIVATION[(op, kernel, DTYPE_NAMES[dtype], bisect_left(t.ELEMENT_BOUNDS, n))]
+    bounds = getattr(t, C.ELEMENT_BOUNDS)
+    return getattr(t, C.ACTIVATION_TABLE)[(op, kernel, DTYPE_NAMES[dtype], bisect_left(bounds, n))]
 
 
 def norm(tree: Path, arch: str, kernel: str, dtype, rows: int, cols: int) -> dict:
     """Rows of up to NORM_WIDTHS[i] columns use width bucket i (one pass); wider ones the last (looped)."""
     t = table(tree, arch)
-    return t.NORM[(kernel, DTYPE_NAMES[dtype], bisect_left(t.NORM_WIDTHS, cols), bisect_left(t.NORM_ROW_BOUNDS, rows))]
+    widths, row_bounds = getattr(t, C.NORM_WIDTHS), getattr(t, C.NORM_ROW_BOUNDS)
+    return getattr(t, C.NORM_TABLE)[(kernel, DTYPE_NAMES[dtype], bisect_left(widths, cols), bisect_left(row_bounds, rows))]

@@ -13,10 +13,11 @@ import torch
 
 from ._common import compute_dtype
 from . import _configs
+from . import _contract as C
 from ._tree import builtin_tree, kernel_module_file
 from ._triton_backend import arch_for, dense, launch, placeholder
 
-NORM_FILE = "ms_norm"
+NORM_FILE = C.NORM_STEM
 
 
 # --- torch ---------------------------------------------------------------------------------------
@@ -85,11 +86,11 @@ def _module(device: torch.device, interpret: bool):
 
 def kernel_name(is_rms: bool, affine: bool, stage: str) -> str:
     """The kernel's name in configs.py and the tuning DB: layernorm.affine.backward, ..."""
-    return f"{'rmsnorm' if is_rms else 'layernorm'}{'.affine' if affine else ''}.{stage}"
+    return C.norm_kernel("rmsnorm" if is_rms else "layernorm", affine, stage)
 
 
 def _launch_args(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k != "PROGRAMS_PER_SM"}  # a grid size, not a kernel argument
+    return {k: v for k, v in cfg.items() if k not in C.LAUNCH_ONLY}  # a grid size, not a kernel argument
 
 
 def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict | None = None,
@@ -127,7 +128,7 @@ def _backward_programs(cfg: dict, device, rows, interpret) -> int:
     sms = _sm_counts.get(device.index)
     if sms is None:
         sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(rows, sms * cfg["PROGRAMS_PER_SM"])
+    return min(rows, sms * cfg[C.PROGRAMS_PER_SM])
 
 
 def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret, cfg: dict | None = None,

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from . import _contract
 from ._tree_specs import check_ops_module
 
 
@@ -92,7 +93,7 @@ def load_tree(tree: str | Path) -> list[str]:
     with _lock:
         if tree in _loaded_trees:
             return [n for n, op in _ops.items() if op.tree == tree]
-        ops_file = tree / "ops.py"
+        ops_file = tree / _contract.OPS_FILE
         if not ops_file.is_file():
             raise FileNotFoundError(f"{tree} is not a kernelgen tree: it has no ops.py (build one with `kernelgen build`)")
         module_name = f"lowmem_ops._trees.{tree_key(tree)}.ops"
@@ -181,11 +182,11 @@ def built_archs(tree: Path) -> dict[int, str]:
 def _scan_archs(tree: Path) -> tuple[dict[int, str], list[tuple[tuple, str]]]:
     found, problems = {}, []
     for arch, folder in arch_folders(tree).items():
-        manifest = folder / "manifest.json"
+        manifest = folder / _contract.MANIFEST_FILE
         try:
             st = manifest.stat()
         except OSError:
-            if (folder / "configs.py").is_file():  # an arch folder (not some other directory) lost its manifest
+            if (folder / _contract.CONFIGS_FILE).is_file():  # an arch folder (not some other directory) lost its manifest
                 problems.append((("manifest", manifest), manifest_problem(tree, arch, manifest, "missing")))
             continue
         capability = _manifest_capability(str(manifest), st.st_mtime_ns, st.st_size)
@@ -270,7 +271,7 @@ def kernel_module(op: str, arch: str, interpret: bool) -> ModuleType:
 def kernel_module_file(tree: Path, arch: str, stem: str, interpret: bool) -> ModuleType:
     """Import `<tree>/<arch>/<stem>.py`. With interpret=True its kernels are created under
     TRITON_INTERPRET=1 (Triton reads it when @triton.jit runs), so they run on CPU tensors."""
-    path = tree / arch / f"{stem}.py"
+    path = tree / arch / _contract.kernel_file(stem)
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
     require_triton("lowmem_ops needs triton to run its kernels")

@@ -15,8 +15,10 @@ import struct
 from pathlib import Path
 from types import ModuleType
 
+from . import _contract
+
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")  # kernelgen/spec.py's rule, matched in full
-RESERVED = {"configs", "ms_norm"}  # file stems of an arch folder that are not activations
+RESERVED = _contract.RESERVED_STEMS  # file stems of an arch folder that are not activations
 BITS = (1, 2, 3, 4)
 BOUNDARIES = ("lower", "upper")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -37,7 +39,7 @@ def _f32(v: float) -> float:
 
 def check_ops_module(tree: Path, module: ModuleType) -> None:
     """Raise TreeSpecError for the first malformed entry of the module's SPECS / FORWARD / DERIVATIVE."""
-    where = tree / "ops.py"
+    where = tree / _contract.OPS_FILE
     hint = (f"rebuild it from its spec files with `kernelgen build --arch ARCH --spec FILE --out {tree}` "
             "(the built-in tree: `git checkout generated/` in a checkout, else reinstall lowmem-ops)")
 

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from . import _configs
+from . import _contract as C
 from ._tree import OpInfo, kernel_module, lowest_arch, pick_arch
 
 _placeholders: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -75,7 +76,7 @@ def forward(op: OpInfo, x: torch.Tensor, save_codes: bool, interpret: bool,
     codes = torch.empty(op.n_code_bytes(n) if save_codes else 0, dtype=torch.uint8, device=x.device)
     if n == 0:
         return y, codes
-    module, cfg = _module_and_config(op, "forward" if save_codes else "forward_nograd", x, interpret, cfg)
+    module, cfg = _module_and_config(op, C.FORWARD if save_codes else C.FORWARD_NOGRAD, x, interpret, cfg)
     codes_arg = codes if save_codes else placeholder(x.device)
     launch(module.forward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
            x, y, codes_arg, n, WRITE_CODES=save_codes, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
@@ -88,7 +89,7 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor, interpret: bool,
     dx = torch.empty_like(dy)
     if n == 0:
         return dx
-    module, cfg = _module_and_config(op, "backward", dy, interpret, cfg)
+    module, cfg = _module_and_config(op, C.BACKWARD, dy, interpret, cfg)
     launch(module.backward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
            dy, codes, dx, n, BLOCK_BYTES=cfg["BLOCK_BYTES"], num_warps=cfg["num_warps"])
     return dx
@@ -122,7 +123,7 @@ def gated_forward(op: OpInfo, gate, up, write_h: bool, write_codes: bool, interp
     codes = torch.empty(op.n_code_bytes(n) if write_codes else 0, dtype=torch.uint8, device=gate.device)
     if n == 0:
         return out, h, codes
-    kind = "gated_forward_approx" if write_codes or write_h else "gated_forward"
+    kind = C.GATED_FORWARD_APPROX if write_codes or write_h else C.GATED_FORWARD
     module, cfg = _module_and_config(op, kind, gate, interpret, cfg)
     launch(module.gated_forward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
            gate, up, out, h if write_h else out, codes if write_codes else placeholder(gate.device), n,
@@ -139,7 +140,7 @@ def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: 
     dup = torch.empty_like(dy) if need_up else torch.empty(0, dtype=dy.dtype, device=dy.device)
     if n == 0:
         return dgate, dup
-    module, cfg = _module_and_config(op, "gated_backward_approx" if approx else "gated_backward", dy, interpret, cfg)
+    module, cfg = _module_and_config(op, C.GATED_BACKWARD_APPROX if approx else C.GATED_BACKWARD, dy, interpret, cfg)
     # Tensors a variant does not read still need a pointer of the right type: dy stands in.
     launch(module.gated_backward_kernel, _grid(n, op, cfg["BLOCK_BYTES"]),
            dy, gate if gate is not None else dy, up if up is not None else dy, h if h is not None else dy,

@@ -4,13 +4,11 @@ backend compiles on the CPU), checked against LLVM's own occupancy report."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-import kernelgen.render  # noqa: F401 - loads the module read below
-
+from kernelgen.families import activation, norm
 from kernelgen.aot_amd import AmdCompileJob, AmdCompileResult, compile_kernel, compile_one, parse_resources
 from kernelgen.prune_amd import judge
 from kernelgen.targets import AMD_TARGETS, TARGETS, resolve
@@ -19,12 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ACTIVATION = str(ROOT / "generated" / "sm80" / "regelu2.py")  # kernel sources are arch-independent
 NORM = str(ROOT / "generated" / "sm80" / "ms_norm.py")
 
-# the signatures the NVIDIA build compiles (kernelgen.render), so these stay in step with the templates
-_render = sys.modules["kernelgen.render"]  # the package exports a function of that name too
-FORWARD_SIG = _render._activation_variant("regelu2", "forward", "float32", {"BLOCK_BYTES": 128, "num_warps": 4}).signature
-NORM_FORWARD_SIG = _render._norm_variant("layernorm.affine.forward", "float32", {"BLOCK_N": 1024, "num_warps": 4},
+# the signatures the NVIDIA build compiles (kernelgen.families), so these stay in step with the templates
+FORWARD_SIG = activation.variant("regelu2", "forward", "float32", {"BLOCK_BYTES": 128, "num_warps": 4}).signature
+NORM_FORWARD_SIG = norm.variant("layernorm.affine.forward", "float32", {"BLOCK_N": 1024, "num_warps": 4},
                                          "float32").signature
-NORM_BACKWARD_SIG = _render._norm_variant("layernorm.affine.backward", "bfloat16", {"BLOCK_N": 1024, "num_warps": 4},
+NORM_BACKWARD_SIG = norm.variant("layernorm.affine.backward", "bfloat16", {"BLOCK_N": 1024, "num_warps": 4},
                                           "float32").signature
 
 

@@ -8,7 +8,6 @@ and divisibility attributes it would compile must be those of one of the variant
 """
 
 import importlib.util
-import sys
 
 import pytest
 import torch
@@ -23,9 +22,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from kernelgen import archs, build, spec  # noqa: E402
+from kernelgen import archs, build, families, kernels, spec  # noqa: E402
 
-render = sys.modules["kernelgen.render"]  # the package exports a function of that name too
 ARCH = archs.ARCHS["sm90"]
 REPO_GENERATED = build.default_out()
 
@@ -74,7 +72,7 @@ def _jit_view(fn, args, meta):
 def _aot_variants():
     specs = spec.load_builtin()
     out = []
-    for config in render.variants(build.groups_for(specs, ARCH, True)):
+    for config in families.variants(families.groups(specs, ARCH)):
         for v in config:
             out += [v, v.unaligned()]
     return out
@@ -126,6 +124,6 @@ def test_every_launch_is_a_kernel_the_build_compiled(monkeypatch, rows, cols, dt
         assert any(same for _, same in found), (
             f"{stem}.{fn.__name__}: the JIT marks {sorted(marked)} as multiples of 16; the build's compiles mark "
             f"{[sorted({k for k, t in v.signature.items() if t.startswith('*')} | set(v.aligned_args)) for v, _ in found]}")
-        sizes = [args[i] for i, name in enumerate(fn.arg_names) if name in render.SIZE_ARGS]
+        sizes = [args[i] for i, name in enumerate(fn.arg_names) if name in kernels.SIZE_ARGS]
         aligned = [v for v, same in found if same]
         assert all(v.aligned == all(s % 16 == 0 for s in sizes) for v in aligned)

@@ -24,7 +24,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernelgen import archs, build, render, spec, tunedb
+from kernelgen import archs, build, families, render, spec, templating, tunedb
+from kernelgen.families import activation
 
 from . import reference as ref
 
@@ -167,12 +168,12 @@ def test_render_refuses_unchecked_text_by_construction(tmp_path):
         assert exec_ops_ns["description"] == value and exec_ops_ns["replaces"] == value
         if any(c in CONTROLS for c in value):
             with pytest.raises(render.RenderError, match=r"myact: \[op\]\.description: contains U\+"):
-                render.render_activation(s, ARCH)
+                activation.render_activation(s, ARCH)
     odd = spec.load(spec_with(tmp_path, "description", "d", filename="a\nraise SystemExit\n.toml"))
     with pytest.raises(render.RenderError, match="file name: contains U\\+000A"):
-        render.render_activation(odd, ARCH)
+        activation.render_activation(odd, ARCH)
     with pytest.raises(render.RenderError, match="handed to a template unmarked"):
-        render._render(render.OPS_TEMPLATE, specs=[{"name": "myact", "description": "a\nb"}],
+        templating.render(render.OPS_TEMPLATE, specs=[{"name": "myact", "description": "a\nb"}],
                        spec_files=[], template_sha256="0")
     assert not marker.exists()
 
@@ -206,7 +207,7 @@ def test_db_strings_refused_or_data(tmp_path, field):
         key = next(iter(db.entries))
         assert (key.gpu if field == "gpu" else db.entries[key].results[next(iter(db.entries[key].results))].error) == value
         if field == "gpu":  # what reaches configs.py: the GPU's name in a comment
-            groups = render.activation_groups(spec.load(spec_with(tmp_path, "description", "d")), ARCH)
+            groups = activation.groups_of(spec.load(spec_with(tmp_path, "description", "d")), ARCH)
             choices = [(g, dict(g.candidates[0]), "tuned 1.10x") for g in groups]
             source = render.render_configs(ARCH, choices, build._tuned_with([{"gpu": value, "triton": "3.9.0"}]))
             namespace: dict = {}
@@ -246,13 +247,13 @@ def built_tree(tmp_path_factory):
     path.write_bytes(tomli_w.dumps(data).encode())
     s = spec.load(path)
     out = root / "tree"
-    source_sha = hashlib.sha256(render.render_activation(s, ARCH).encode()).hexdigest()
+    source_sha = hashlib.sha256(activation.render_activation(s, ARCH).encode()).hexdigest()
     db_dir = root / "db"
     db_dir.mkdir()
     gpu = f"GPU \"x\" ''' \\ # {code}"
     entry = {**DB_ENTRY, "op": "nastyact", "source_sha256": source_sha, "gpu": gpu}
     (db_dir / "sm80.json").write_text(json.dumps({"arch": "sm80", "entries": [entry], "format": tunedb.FORMAT}))
-    build.build([s], [ARCH], out, norms=False, opts=build.BuildOptions(db_dir=db_dir))
+    build.build([s], [ARCH], out, fams=families.for_tree(builtin=False), opts=build.BuildOptions(db_dir=db_dir))
     return out, marker, data["op"], gpu
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lowmem_ops  # noqa: F401  (registers the built-in ops)
-from kernelgen import archs, build, cli, spec
+from kernelgen import archs, build, cli, families, spec
 from lowmem_ops import _tree
 
 from . import reference as ref
@@ -75,7 +75,7 @@ def test_other_specs_into_the_builtin_tree_are_refused(fake_builtin, tmp_path, c
     assert cli.main(argv) == 1
     assert "is the built-in tree of lowmem_ops" in capsys.readouterr().err
     with pytest.raises(build.BuildError, match="built-in tree"):
-        build.build(spec.load_builtin(), archs.resolve("sm80"), fake_builtin, norms=False)
+        build.build(spec.load_builtin(), archs.resolve("sm80"), fake_builtin, fams=families.for_tree(builtin=False))
     assert snapshot(fake_builtin) == before
 
 
@@ -246,5 +246,5 @@ def test_files_of_the_user_inside_an_arch_folder_stop_the_build(tmp_path):
         build.build(specs, sm80, tree)
     assert snapshot(tree) == before
     (tree / "sm80" / "my_results.csv").unlink()
-    build.build(specs[1:], sm80, tree, norms=True)  # drop an op: its kernel file is the build's to remove
+    build.build(specs[1:], sm80, tree, fams=families.ALL)  # drop an op: its kernel file is the build's to remove
     assert not (tree / "sm80" / f"{specs[0].name}.py").exists()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernelgen import aot, archs, build, cli, prune, render, space, spec, tunedb, tuner
+from kernelgen import aot, archs, build, cli, families, kernels, prune, space, spec, tunedb, tuner
+from kernelgen.families import activation, norm
 from lowmem_ops import _configs
 from lowmem_ops._tree import builtin_tree
 
@@ -22,19 +23,19 @@ SM80, SM90 = archs.ARCHS["sm80"], archs.ARCHS["sm90"]
 # --- spaces --------------------------------------------------------------------------------------
 
 def test_activation_space_enumerates_the_declared_product_plus_static(tmp_path):
-    sp = space.activation_space()
+    sp = activation.config_space()
     assert sp.dtypes == ("float32", "float16", "bfloat16")
     assert sp.vectors_per_thread == (1, 2, 4) and sp.num_warps == (4, 8)
     narrow = tmp_path / "a.space.toml"
     narrow.write_text("dtypes = ['bfloat16']\nvectors_per_thread = [1]\nnum_warps = [4]\n[buckets]\nn_elements = [8]\n")
     for cpb in (1, 2, 4, 8):
-        fp32 = space.load_elementwise(narrow).configs(SM90, "float32", cpb)
-        assert fp32 == [archs.elementwise_config(SM90, "float32", cpb)]  # outside the space: static only
+        fp32 = activation.load_space(narrow).configs(SM90, "float32", cpb)
+        assert fp32 == [activation.static_config(SM90, "float32", cpb)]  # outside the space: static only
         # 4 fp32 elements per 16-byte vector
         assert {(c["BLOCK_BYTES"], c["num_warps"]) for c in sp.configs(SM90, "float32", cpb)} == \
             {(v * 4 * 32 * w // cpb, w) for v in (1, 2, 4) for w in (4, 8)}
         bf16 = sp.configs(SM90, "bfloat16", cpb)
-        assert bf16[0] == archs.elementwise_config(SM90, "bfloat16", cpb)
+        assert bf16[0] == activation.static_config(SM90, "bfloat16", cpb)
         # 8 bf16 elements per 16-byte vector: elements per program = vectors * 8 * 32 * warps
         want = {(v * 8 * 32 * w // cpb, w) for v in (1, 2, 4) for w in (4, 8)}
         assert {(c["BLOCK_BYTES"], c["num_warps"]) for c in bf16} == want
@@ -43,12 +44,12 @@ def test_activation_space_enumerates_the_declared_product_plus_static(tmp_path):
 
 
 def test_norm_space_respects_its_constraints():
-    sp = space.norm_space()
+    sp = norm.config_space()
     lo, hi = sp.elements_per_thread
     for w_index, width in enumerate(sp.widths):
         fwd = sp.configs(SM90, "forward", "bfloat16", w_index)
         single = [c for c in fwd if c["SINGLE_PASS"]]
-        assert single[0]["num_warps"] == archs.norm_config(SM90)["single_warps"][width]  # static first
+        assert single[0]["num_warps"] == norm.static_config(SM90)["single_warps"][width]  # static first
         assert all(c["BLOCK_N"] == width for c in single)
         assert {c["num_warps"] for c in single[1:]} <= {w for w in sp.single_warps if lo <= width // (32 * w) <= hi}
         loops = [c for c in fwd if not c["SINGLE_PASS"]]
@@ -65,8 +66,8 @@ def test_norm_space_respects_its_constraints():
 
 def test_variants_are_unique_compile_configs():
     specs = spec.load_builtin()
-    groups = build.groups_for(specs, SM90, True)
-    configs = render.variants(groups)
+    groups = families.groups(specs, SM90)
+    configs = families.variants(groups)
     variants = [vs[0] for vs in configs]
     idents = [(v.op, v.kernel, v.dtype, space.config_id(v.config)) for v in variants]
     assert len(idents) == len(set(idents))
@@ -95,7 +96,7 @@ def test_bad_space_files_are_rejected_with_file_and_key(tmp_path, text, needle):
     path = tmp_path / "bad.space.toml"
     path.write_text(text)
     with pytest.raises(space.SpaceError) as err:
-        space.load_elementwise(path)
+        activation.load_space(path)
     assert needle in str(err.value) and str(path) in str(err.value)
 
 
@@ -190,7 +191,7 @@ def test_recorded_compile_results_match_a_fresh_compile(arch):
     sample += [v for v in m["variants"] if v["op"] == "ms_norm" and v["kept"] and v["kernel"].endswith("backward")
                and len(v.get("also", ())) >= 3][:3]
     by_key = {}
-    for config in render.variants(build.groups_for([specs["regelu2"]], a, True)):
+    for config in families.variants(families.groups([specs["regelu2"]], a)):
         for vv in config:
             for case in (vv, vv.unaligned()):
                 by_key[(case.op, case.kernel, case.dtype, space.config_id(case.config),
@@ -318,7 +319,7 @@ def test_tuned_choice_prefers_current_triton_and_allowed_configs():
 # --- the search ------------------------------------------------------------------------------------
 
 def _task(name, n_configs, source="s" * 64):
-    g = render.TuneGroup(name, "forward", "bfloat16", "n<=65536", (0,), ())
+    g = kernels.TuneGroup(name, "forward", "bfloat16", "n<=65536", (0,), ())
     ranked = tuple({"BLOCK_BYTES": 64 << i, "num_warps": 4} for i in range(n_configs))
     return tuner.Task(g, source, ranked, (65536,), 400000)
 
@@ -413,7 +414,7 @@ def test_rebuilding_from_recorded_results_reproduces_the_committed_arch(tree):
 
 def _plan(tree, ops=None):
     select = (lambda g: g.op in ops) if ops else (lambda g: True)
-    return tuner.plan(spec.load_builtin(), SM90, tree, True, select)
+    return tuner.plan(spec.load_builtin(), SM90, tree, families.ALL, select)
 
 
 def test_plan_takes_kept_configs_static_first(tree):
@@ -513,7 +514,7 @@ def test_measure_launches_every_kernel_kind_with_candidate_configs(tree):
     for t in tasks:
         kind = t.group.kernel if t.group.op != "ms_norm" else t.group.kernel.split(".", 1)[1]
         if t.group.dtype == "bfloat16" and t.group.index[-1] == 0 and kind not in picked:
-            if t.group.op != "ms_norm" or t.group.index[0] in (1, len(space.norm_space().widths)):
+            if t.group.op != "ms_norm" or t.group.index[0] in (1, len(norm.config_space().widths)):
                 picked[kind] = t
     assert {"forward", "backward", "gated_backward_approx", "affine.backward", "affine.param_grad"} <= set(picked)
     for t in picked.values():

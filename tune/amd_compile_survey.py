@@ -9,8 +9,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from kernelgen import render
-from kernelgen.archs import ARCHS, elementwise_config
+from kernelgen.archs import ARCHS
+from kernelgen.contract import contract
+from kernelgen.families import activation, norm
 from kernelgen.aot_amd import AmdCompileJob, compile_one
 from kernelgen.targets import AMD_TARGETS
 
@@ -18,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent  # kernel sources are arch-indepen
 targets = sys.argv[1].split(",") if len(sys.argv) > 1 else list(AMD_TARGETS)
 variants = []
 for dtype in ("float32", "bfloat16"):
-    cfg = elementwise_config(ARCHS["sm80"], dtype, 4)
-    for kernel in render.ELEMENTWISE_KERNELS:
-        variants.append(render._activation_variant("regelu2", kernel, dtype, cfg))
+    cfg = activation.static_config(ARCHS["sm80"], dtype, 4)
+    for kernel in activation.ELEMENTWISE_KERNELS:
+        variants.append(activation.variant("regelu2", kernel, dtype, cfg))
     for kind in ("layernorm", "rmsnorm"):
         for affine in (False, True):
             for stage, cfgs in (("forward", [{"BLOCK_N": 1024, "SINGLE_PASS": True, "num_warps": 4},
@@ -29,8 +30,8 @@ for dtype in ("float32", "bfloat16"):
                                               {"BLOCK_N": 4096, "SINGLE_PASS": False, "num_warps": 8}]),
                                 ("param_grad", [{"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4}] if affine else [])):
                 for c in cfgs:
-                    kernel = render.norm_kernel(kind, affine, stage)
-                    variants.append(render._norm_variant(kernel, dtype, c, render.norm_weight_dtypes(kernel, dtype)[-1]))
+                    kernel = contract.norm_kernel(kind, affine, stage)
+                    variants.append(norm.variant(kernel, dtype, c, norm.weight_dtypes(kernel, dtype)[-1]))
 for t in targets:
     scale = AMD_TARGETS[t].warp_size // 32  # same elements per lane as on a 32-wide warp
     for v in variants:

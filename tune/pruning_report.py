@@ -81,15 +81,13 @@ def access_widths(ptx: str) -> Counter:
 
 
 def ptx_widths(tree: Path, arch_name: str) -> list[str]:
-    import kernelgen.render  # noqa: F401 - the package exports a function of that name too
     from kernelgen import archs, aot
-
-    render = sys.modules["kernelgen.render"]
+    from kernelgen.families import activation, norm
     arch = archs.ARCHS[arch_name]
     variants = [  # the examples: regelu2 at its static config, LayerNorm's 8192-wide affine backward
-        render._activation_variant("regelu2", "forward", "bfloat16", {"BLOCK_BYTES": 1024, "num_warps": 4}),
-        render._activation_variant("regelu2", "backward", "bfloat16", {"BLOCK_BYTES": 1024, "num_warps": 4}),
-        render._norm_variant("layernorm.affine.backward", "bfloat16", {"BLOCK_N": 8192, "SINGLE_PASS": True,
+        activation.variant("regelu2", "forward", "bfloat16", {"BLOCK_BYTES": 1024, "num_warps": 4}),
+        activation.variant("regelu2", "backward", "bfloat16", {"BLOCK_BYTES": 1024, "num_warps": 4}),
+        norm.variant("layernorm.affine.backward", "bfloat16", {"BLOCK_N": 8192, "SINGLE_PASS": True,
                                                                        "num_warps": 16}, "bfloat16"),
     ]
     lines = ["| kernel (bf16) | config | sizes | registers | spills (B stored / loaded) | loads (bits: count) | stores |",

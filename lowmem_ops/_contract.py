@@ -1,0 +1,57 @@
+"""The names `kernelgen build` writes and the runtime reads: one spelling for both sides.
+
+A generated tree (layout: kernelgen/build.py) is the interface between the generator and lowmem_ops;
+everything either side must agree on by name is here: file names of a tree, the kernel names of
+configs.py and the tuning database, the tables configs.py defines, dtype names. Standard library
+only: the runtime imports it without kernelgen's dependencies (jinja2, sympy, scipy).
+"""
+
+from __future__ import annotations
+
+# --- a tree's files ------------------------------------------------------------------------------
+OPS_FILE = "ops.py"  # arch-independent: the op specs and their torch functions
+CPU_FILE = "cpu_kernels.cpp"  # arch-independent: the C++ CPU kernels
+CONFIGS_STEM = "configs"  # <arch>/configs.py: the baked launch configs
+CONFIGS_FILE = CONFIGS_STEM + ".py"
+MANIFEST_FILE = "manifest.json"  # <arch>/manifest.json: the build record
+NORM_STEM = "ms_norm"  # <arch>/ms_norm.py: the memory-sharing norm kernels
+RESERVED_STEMS = frozenset({CONFIGS_STEM, NORM_STEM})  # file stems of an arch folder that are not activations
+
+
+def kernel_file(stem: str) -> str:
+    """<arch>/<stem>.py: an activation's kernels (stem = the op's name), or another family's file."""
+    return f"{stem}.py"
+
+
+# --- dtypes ----------------------------------------------------------------------------------------
+DTYPES = ("float32", "float16", "bfloat16")  # torch's names: getattr(torch, name)
+
+# --- activation kernels (configs.py ACTIVATION[(op, kernel, dtype, bucket)]) --------------------
+FORWARD = "forward"
+FORWARD_NOGRAD = "forward_nograd"
+BACKWARD = "backward"
+GATED_FORWARD = "gated_forward"
+GATED_FORWARD_APPROX = "gated_forward_approx"
+GATED_BACKWARD = "gated_backward"
+GATED_BACKWARD_APPROX = "gated_backward_approx"
+ACTIVATION_KERNELS = (FORWARD, FORWARD_NOGRAD, BACKWARD)
+GATED_KERNELS = (GATED_FORWARD, GATED_FORWARD_APPROX, GATED_BACKWARD, GATED_BACKWARD_APPROX)
+
+# --- norm kernels (configs.py NORM[(kernel, dtype, width bucket, row bucket)]) ------------------
+NORM_KINDS = ("layernorm", "rmsnorm")
+NORM_STAGES = ("forward", "backward", "param_grad")
+
+
+def norm_kernel(kind: str, affine: bool, stage: str) -> str:
+    """A norm kernel's name: layernorm.affine.backward, rmsnorm.forward, ..."""
+    return f"{kind}{'.affine' if affine else ''}.{stage}"
+
+
+# --- configs.py: the tables it defines and the launch-only parameters ---------------------------
+ACTIVATION_TABLE = "ACTIVATION"
+ELEMENT_BOUNDS = "ELEMENT_BOUNDS"
+NORM_TABLE = "NORM"
+NORM_WIDTHS = "NORM_WIDTHS"
+NORM_ROW_BOUNDS = "NORM_ROW_BOUNDS"
+PROGRAMS_PER_SM = "PROGRAMS_PER_SM"  # grid size only: one compile serves every value
+LAUNCH_ONLY = frozenset({PROGRAMS_PER_SM})
