@@ -357,9 +357,10 @@ def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
           fams: tuple[Family, ...] = families.ALL, opts: BuildOptions | None = None) -> int:
     """Build into `out`. Nothing in `out` changes unless every render and compile succeeded; then
     each arch folder is swapped in so that a kill at any point leaves a complete arch (_swap_in).
-    `out` must be new, empty or a kernelgen tree (it holds MARKER). `fams`: the kernel families to build
-    (families.for_tree(builtin=False) for a user's tree of their own activations). Compile results `out`'s manifests recorded for the same source, config and
-    Triton are reused; returns how many kernels were compiled afresh."""
+    `out` must be new, empty or a kernelgen tree (it holds MARKER). `fams`: the kernel families to
+    build (families.for_tree(builtin=False) for a user's tree of their own activations). Compile
+    results `out`'s manifests recorded for the same source, config and Triton are reused; returns
+    how many kernels were compiled afresh."""
     opts = opts or BuildOptions()
     if not specs:
         raise BuildError("no specs to build")

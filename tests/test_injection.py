@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernelgen import archs, build, families, render, spec, templating, tunedb
-from kernelgen.families import activation
+from kernelgen.families.activation import groups_of, render_activation
 
 from . import reference as ref
 
@@ -79,7 +79,7 @@ def exec_ops(source: str) -> dict:
 @pytest.fixture(scope="module")
 def reference_sources(tmp_path_factory):
     s = spec.load(spec_with(tmp_path_factory.mktemp("ref"), "description", "d"))
-    return (code_tokens(render.render_activation(s, ARCH)), code_tokens(render.render_ops([s])),
+    return (code_tokens(render_activation(s, ARCH)), code_tokens(render.render_ops([s])),
             cpp_code_lines(render.render_cpu([s])))
 
 
@@ -103,7 +103,7 @@ def check_text_is_data(tmp_path: Path, field: str, value: str, reference_sources
         assert "\n" not in msg and "\r" not in msg and f"[{'approx' if field == 'fit_source' else 'op'}].{field}: " in msg, msg
         return
     assert all(value.count(c) == 0 for c in CONTROLS), f"{field} = {value!r} was accepted"
-    activation, ops = render.render_activation(s, ARCH), render.render_ops([s])
+    activation, ops = render_activation(s, ARCH), render.render_ops([s])
     ref_activation, ref_ops, ref_cpp = reference_sources
     assert cpp_code_lines(render.render_cpu([s])) == ref_cpp  # the C++ kernels: comments changed only
     assert code_tokens(activation) == ref_activation  # the text changed comments only
@@ -150,7 +150,7 @@ def test_comments_are_stripped_from_expressions(tmp_path):
         s = spec.load(spec_with(tmp_path, "forward", text))
         assert s.forward.text == "x * sigmoid(x)"
         assert exec_ops(render.render_ops([s]))["SPECS"]["myact"]["forward"] == "x * sigmoid(x)"
-        assert "__import__" not in render.render_activation(s, ARCH) + render.render_ops([s])
+        assert "__import__" not in render_activation(s, ARCH) + render.render_ops([s])
     assert not marker.exists()
     for bad in ["x\x0b+ 1", "x\u2028+ 1", "x +\x85 1"]:
         with pytest.raises(spec.SpecError, match=r"\[op\]\.forward: .*contains U\+"):
@@ -168,10 +168,10 @@ def test_render_refuses_unchecked_text_by_construction(tmp_path):
         assert exec_ops_ns["description"] == value and exec_ops_ns["replaces"] == value
         if any(c in CONTROLS for c in value):
             with pytest.raises(render.RenderError, match=r"myact: \[op\]\.description: contains U\+"):
-                activation.render_activation(s, ARCH)
+                render_activation(s, ARCH)
     odd = spec.load(spec_with(tmp_path, "description", "d", filename="a\nraise SystemExit\n.toml"))
     with pytest.raises(render.RenderError, match="file name: contains U\\+000A"):
-        activation.render_activation(odd, ARCH)
+        render_activation(odd, ARCH)
     with pytest.raises(render.RenderError, match="handed to a template unmarked"):
         templating.render(render.OPS_TEMPLATE, specs=[{"name": "myact", "description": "a\nb"}],
                        spec_files=[], template_sha256="0")
@@ -207,7 +207,7 @@ def test_db_strings_refused_or_data(tmp_path, field):
         key = next(iter(db.entries))
         assert (key.gpu if field == "gpu" else db.entries[key].results[next(iter(db.entries[key].results))].error) == value
         if field == "gpu":  # what reaches configs.py: the GPU's name in a comment
-            groups = activation.groups_of(spec.load(spec_with(tmp_path, "description", "d")), ARCH)
+            groups = groups_of(spec.load(spec_with(tmp_path, "description", "d")), ARCH)
             choices = [(g, dict(g.candidates[0]), "tuned 1.10x") for g in groups]
             source = render.render_configs(ARCH, choices, build._tuned_with([{"gpu": value, "triton": "3.9.0"}]))
             namespace: dict = {}
@@ -247,7 +247,7 @@ def built_tree(tmp_path_factory):
     path.write_bytes(tomli_w.dumps(data).encode())
     s = spec.load(path)
     out = root / "tree"
-    source_sha = hashlib.sha256(activation.render_activation(s, ARCH).encode()).hexdigest()
+    source_sha = hashlib.sha256(render_activation(s, ARCH).encode()).hexdigest()
     db_dir = root / "db"
     db_dir.mkdir()
     gpu = f"GPU \"x\" ''' \\ # {code}"

@@ -178,7 +178,7 @@ def test_killed_install_leaves_a_complete_arch_and_a_rerun_finishes(exchange, tm
     old = dict(committed, **{"__init__.py": b"# an older build's folder\n"})
     # Render and compile once; every build below installs a copy of that stage (the install is under test).
     staged = tmp_path / "staged"
-    build._stage(specs, sm80, staged, lambda msg: None, True, build.BuildOptions(), small_copy(tmp_path / "seed"))
+    build._stage(specs, sm80, staged, lambda msg: None, families.ALL, build.BuildOptions(), small_copy(tmp_path / "seed"))
     monkeypatch.setattr(build, "_stage", lambda specs, archs, stage, *args: shutil.copytree(staged, stage) and 0)
     step = 2  # from the last of the file replaces (marker, __init__.py, ops.py: each one rename) on
     while True:
