@@ -25,6 +25,7 @@ def kernel_file(stem: str) -> str:
 
 # --- dtypes ----------------------------------------------------------------------------------------
 DTYPES = ("float32", "float16", "bfloat16")  # torch's names: getattr(torch, name)
+CPU_DTYPE_CODES = ("float32", "bfloat16", "float16")  # cpu_kernels.cpp's dtype argument: the index here
 
 # --- activation kernels (configs.py ACTIVATION[(op, kernel, dtype, bucket)]) --------------------
 FORWARD = "forward"

@@ -26,7 +26,7 @@ from . import _contract
 from ._tree import OpInfo
 
 CPU_FILE = _contract.CPU_FILE
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' dtype argument
+_DTYPE_CODE = {getattr(torch, name): code for code, name in enumerate(_contract.CPU_DTYPE_CODES)}  # the kernels' dtype argument
 # Where y of a 16-bit input is computed in float32, it is this many elements at a time, so the
 # float32 copies stay in cache: one pass over memory instead of three.
 _Y_CHUNK = 1 << 15
