@@ -348,8 +348,14 @@ def _params(weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
     dtype = weight.dtype if weight is not None else torch.float32
     if dtype not in _DTYPE_CODE or (bias is not None and bias.dtype != dtype):
         dtype = torch.float32
-    w, b = ((p.detach().to(dtype).contiguous() if p is not None else None) for p in (weight, bias))
-    return w, b, _DTYPE_CODE[dtype]
+    return _as_read(weight, dtype), _as_read(bias, dtype), _DTYPE_CODE[dtype]
+
+
+def _as_read(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # the usual case (a model's contiguous parameter in the kernels' dtype) creates no tensor
+    if p is None or (p.dtype == dtype and p.is_contiguous()):
+        return p
+    return p.detach().to(dtype).contiguous()
 
 
 def norm_rule(tree: Path, weight: torch.Tensor, bias: torch.Tensor | None, gamma_min: float, beta_ratio: float) -> bool:
