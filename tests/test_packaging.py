@@ -150,3 +150,16 @@ def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_kernelgen_without_the_extra_says_how_to_get_it(tmp_path):
+    code = BLOCKER + textwrap.dedent("""
+        import pytest
+        with pytest.raises(ImportError, match=r"kernelgen needs scipy, threadpoolctl, matplotlib, tomli_w, not "
+                                              r"installed: pip install 'lowmem-ops\\[kernelgen\\]'"):
+            import kernelgen.cli
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
