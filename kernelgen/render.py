@@ -36,6 +36,7 @@ CONFIGS_TEMPLATE = "configs.py.j2"
 CONFIGS_FILE = "configs"
 CPU_TEMPLATE = "cpu_activation.cpp.j2"
 CPU_NORM_TEMPLATE = "cpu_norm.cpp.j2"  # included by CPU_TEMPLATE
+CPU_DROPOUT_TEMPLATE = "cpu_dropout.cpp.j2"  # included by CPU_TEMPLATE
 CPU_FILE = "cpu_kernels.cpp"  # at the top of a tree, beside ops.py: arch-independent
 
 
@@ -461,7 +462,8 @@ def render_cpu(specs: list[Spec]) -> str:
     try:
         return _render(CPU_TEMPLATE, ops=rows, spec_files=[quoted(spec_file_label(s)) for s in specs],
                        template_sha256=template_sha256(CPU_TEMPLATE),
-                       norm_template_sha256=template_sha256(CPU_NORM_TEMPLATE), dtypes=["Float32", "BFloat16", "Float16"])
+                       norm_template_sha256=template_sha256(CPU_NORM_TEMPLATE),
+                       dropout_template_sha256=template_sha256(CPU_DROPOUT_TEMPLATE), dtypes=["Float32", "BFloat16", "Float16"])
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the CPU kernels from templates/{CPU_TEMPLATE}: {err}") from err
 

@@ -312,15 +312,17 @@ def _norm_kernels(tree: Path) -> tuple | str:
             _norm_checked[tree] = lib
         else:
             try:
-                fwd, bwd = lib.lowmem_norm_forward, lib.lowmem_norm_backward
+                fwd, bwd, rule = lib.lowmem_norm_forward, lib.lowmem_norm_backward, lib.lowmem_norm_rule
             except AttributeError:
                 _norm_checked[tree] = f"{tree / CPU_FILE} has no norm kernels: rebuild the tree with `kernelgen build`"
             else:
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-                fwd.argtypes = [p, i32, i64, i64, p, p, ctypes.c_float, i32, p, i32, p]
-                bwd.argtypes = [p, p, i32, p, i64, i64, p, p, i32, p, i32, p, p]
-                fwd.restype = bwd.restype = i32
-                _norm_checked[tree] = (fwd, bwd)
+                f32 = ctypes.c_float
+                fwd.argtypes = [p, i32, i64, i64, p, p, i32, f32, i32, p, i32, p]
+                bwd.argtypes = [p, p, i32, p, i64, i64, p, p, i32, i32, p, i32, p, p]
+                rule.argtypes = [p, p, i32, i64, f32, f32]
+                fwd.restype = bwd.restype = rule.restype = i32
+                _norm_checked[tree] = (fwd, bwd, rule)
     return _norm_checked[tree]
 
 
@@ -329,17 +331,38 @@ def norm_unavailable(tree: Path) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _norm_call(tree: Path, which: int, *args) -> None:
+def _norm_call(tree: Path, which: int, *args) -> int:
     found = _norm_kernels(tree)
     if isinstance(found, str):
         raise RuntimeError(f"lowmem_ops.ms_norm: no C++ CPU kernels: {found}")
     rc = found[which](*args)
-    if rc != 0:
+    if rc < 0 or (rc != 0 and which != 2):
         raise RuntimeError(f"lowmem_ops.ms_norm: the C++ CPU kernel {found[which].__name__} failed (code {rc})")
+    return rc
 
 
-def _param(p: torch.Tensor | None) -> torch.Tensor | None:
-    return p.detach().to(torch.float32).contiguous() if p is not None else None  # the torch path's p.to(float32)
+def _params(weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
+    """gamma and beta as the kernels read them: contiguous, of one dtype the kernels convert to float32
+    themselves (the model's bf16/fp16 parameters need no torch conversion per call); held by the
+    caller for the call's duration."""
+    dtype = weight.dtype if weight is not None else torch.float32
+    if dtype not in _DTYPE_CODE or (bias is not None and bias.dtype != dtype):
+        dtype = torch.float32
+    return _as_read(weight, dtype), _as_read(bias, dtype), _DTYPE_CODE[dtype]
+
+
+def _as_read(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # the usual case (a model's contiguous parameter in the kernels' dtype) creates no tensor
+    if p is None or (p.dtype == dtype and p.is_contiguous()):
+        return p
+    return p.detach().to(dtype).contiguous()
+
+
+def norm_rule(tree: Path, weight: torch.Tensor, bias: torch.Tensor | None, gamma_min: float, beta_ratio: float) -> bool:
+    """Inverse mode's rule on CPU parameters (what _norm_backends.inverse_rule_holds computes with torch
+    ops, in one pass)."""
+    w, b, code = _params(weight, bias)
+    return _norm_call(tree, 2, w.data_ptr(), _ptr(b), code, w.numel(), gamma_min, beta_ratio) == 1
 
 
 def norm_forward(tree: Path, x, weight, bias, eps: float, is_rms: bool, out_dtype):
@@ -349,8 +372,8 @@ def norm_forward(tree: Path, x, weight, bias, eps: float, is_rms: bool, out_dtyp
     y = torch.empty((rows, cols), dtype=out_dtype)
     rstd = torch.empty(rows, dtype=torch.float32)
     if rows:
-        w, b = _param(weight), _param(bias)
-        _norm_call(tree, 0, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), eps, int(is_rms),
+        w, b, param_dtype = _params(weight, bias)
+        _norm_call(tree, 0, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), param_dtype, eps, int(is_rms),
                    y.data_ptr(), _DTYPE_CODE[out_dtype], rstd.data_ptr())
     return y, rstd
 
@@ -364,10 +387,10 @@ def norm_backward(tree: Path, dy, y, rstd, weight, bias, is_rms: bool, x_dtype):
     dw = torch.zeros(cols, dtype=torch.float32) if weight is not None else None
     db = torch.zeros(cols, dtype=torch.float32) if bias is not None else None
     if rows:
-        w, b = _param(weight), _param(bias)
+        w, b, param_dtype = _params(weight, bias)
         rstd = rstd.float().contiguous()  # held: its pointer must outlive the call
         _norm_call(tree, 1, dy.data_ptr(), y.data_ptr(), _DTYPE_CODE[y.dtype], rstd.data_ptr(),
-                   rows, cols, _ptr(w), _ptr(b), int(is_rms), dx.data_ptr(), _DTYPE_CODE[x_dtype], _ptr(dw), _ptr(db))
+                   rows, cols, _ptr(w), _ptr(b), param_dtype, int(is_rms), dx.data_ptr(), _DTYPE_CODE[x_dtype], _ptr(dw), _ptr(db))
     return dx, dw, db
 
 
@@ -386,3 +409,43 @@ def choose(backend: str, why_not, what: str, tree: Path) -> str:
         warnings.warn(f"lowmem_ops: no C++ CPU kernels ({why}); CPU tensors take the torch path (same results, "
                       "slower). LOWMEM_OPS_BACKEND=torch chooses that path without this warning.", stacklevel=5)
     return "torch"
+
+
+# --- dropout --------------------------------------------------------------------------------------
+
+_dropout_checked: dict[Path, object] = {}
+
+
+def _dropout_kernel(tree: Path):
+    """The C++ dropout of `tree`, or why there is none."""
+    if tree not in _dropout_checked:
+        lib = _library(tree)
+        if isinstance(lib, str):
+            _dropout_checked[tree] = lib
+        elif not hasattr(lib, "lowmem_dropout"):
+            _dropout_checked[tree] = f"{tree / CPU_FILE} has no dropout kernel: rebuild the tree with `kernelgen build`"
+        else:
+            fn = lib.lowmem_dropout
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                           ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            _dropout_checked[tree] = fn
+    return _dropout_checked[tree]
+
+
+def dropout_unavailable(tree: Path) -> str | None:
+    found = _dropout_kernel(tree)
+    return found if isinstance(found, str) else None
+
+
+def dropout_apply(tree: Path, x: torch.Tensor, seed: int, offset: int, threshold: float, scale: float) -> torch.Tensor:
+    """y = x * scale where tl.rand(seed, offset + i) >= threshold, else 0, for a contiguous float32 /
+    bfloat16 / float16 CPU tensor x and a seed taken modulo 2**64 (what Triton does to it)."""
+    fn = _dropout_kernel(tree)
+    if isinstance(fn, str):
+        raise RuntimeError(f"lowmem_ops.dropout: no C++ CPU kernels: {fn}")
+    y = torch.empty_like(x)
+    rc = fn(x.data_ptr(), _DTYPE_CODE[x.dtype], x.numel(), seed % 2 ** 64, offset, threshold, scale, y.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"lowmem_ops.dropout: the C++ CPU kernel failed (code {rc})")
+    return y
