@@ -11,7 +11,7 @@ import re
 
 import jinja2
 
-from . import families
+from . import families, targets
 from .archs import Arch
 from .contract import contract
 from .fit import asymptotes
@@ -130,10 +130,12 @@ def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned
         rows = [row(family.config_key(g), cfg, note) for g, cfg, note in choices if g.family == family.name]
         tables.update(family.configs_vars(rows))
     n_tuned = sum(note.startswith("tuned") for _, _, note in choices)
+    target = targets.TARGETS[arch.name]  # what the runtime matches a GPU against
     try:
         return render(
             CONFIGS_TEMPLATE,
             arch=arch_vars(arch), template_sha256=template_sha256(CONFIGS_TEMPLATE), **tables,
+            vendor=Code(repr(target.vendor)), capability=Code(repr(target.arch)),
             n_tuned=n_tuned, n_total=len(choices),
             tuned_with=comment_text(f" ({tuned_with})" if n_tuned else "", f"{arch.name}: the tuning database's GPU names"),
         )

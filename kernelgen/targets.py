@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 from .archs import ARCHS, Arch, pick
+from .contract import contract
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class NvidiaTarget(Target):
 
 
 def nvidia(arch: Arch) -> NvidiaTarget:
-    return NvidiaTarget("nvidia", arch.name, "cuda", arch.capability, arch.warp_size, arch.reference_gpu, arch.sm_count,
+    return NvidiaTarget(contract.NVIDIA, arch.name, "cuda", arch.capability, arch.warp_size, arch.reference_gpu, arch.sm_count,
                         arch.dram_gbps, arch)
 
 
@@ -136,7 +137,7 @@ class AmdTarget(Target):
 
 
 def _cdna(name: str, reference_gpu: str, compute_units: int, dram_gbps: float) -> AmdTarget:
-    return AmdTarget("amd", name, "hip", name, 64, reference_gpu, compute_units, dram_gbps,
+    return AmdTarget(contract.AMD, name, "hip", name, 64, reference_gpu, compute_units, dram_gbps,
                      simds_per_cu=4, max_waves_per_simd=8, vgprs_per_lane=512, vgpr_granule=8,
                      max_vgprs_per_wave=512, unified_agprs=True, sgprs_limit_waves=True,
                      lds_per_cu=64 * 1024, max_lds_per_workgroup=64 * 1024, max_workgroups_per_cu=16)
@@ -149,7 +150,7 @@ AMD_TARGETS: dict[str, AmdTarget] = {
         _cdna("gfx90a", "MI250X (one GCD)", 110, 1600.0),
         # RDNA3 in WGP mode (Triton's default): a workgroup's CU is the WGP, 4 SIMD32s, 128 KiB LDS.
         # compute_units counts CUs as the specs table does; a WGP is two of them.
-        AmdTarget("amd", "gfx1100", "hip", "gfx1100", 32, "Radeon RX 7900 XTX", 96, 960.0,
+        AmdTarget(contract.AMD, "gfx1100", "hip", "gfx1100", 32, "Radeon RX 7900 XTX", 96, 960.0,
                   simds_per_cu=4, max_waves_per_simd=16, vgprs_per_lane=1536, vgpr_granule=24,
                   max_vgprs_per_wave=256, unified_agprs=False, sgprs_limit_waves=False,
                   lds_per_cu=128 * 1024, max_lds_per_workgroup=64 * 1024, max_workgroups_per_cu=32),

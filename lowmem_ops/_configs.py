@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 
 from . import _contract as C
-from ._tree import import_file, tree_key
+from ._tree import configs_module
 
 DTYPE_NAMES = {getattr(torch, name): name for name in C.DTYPES}
 
@@ -21,7 +21,7 @@ def table(tree: Path, arch: str) -> ModuleType:
     path = tree / arch / C.CONFIGS_FILE
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
-    return import_file(path, f"lowmem_ops._trees.{tree_key(tree)}.{arch}.{C.CONFIGS_STEM}")
+    return configs_module(tree, arch)
 
 
 def activation(tree: Path, arch: str, op: str, kernel: str, dtype, n: int) -> dict:

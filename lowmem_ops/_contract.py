@@ -48,7 +48,11 @@ def norm_kernel(kind: str, affine: bool, stage: str) -> str:
     return f"{kind}{'.affine' if affine else ''}.{stage}"
 
 
-# --- configs.py: the tables it defines and the launch-only parameters ---------------------------
+# --- configs.py: the GPU its folder is for, the tables it defines, the launch-only parameters ---
+VENDOR = "VENDOR"  # configs.py's VENDOR: one of VENDORS
+CAPABILITY = "CAPABILITY"  # NVIDIA: 10 * major + minor; AMD: the gfx name
+NVIDIA, AMD = "nvidia", "amd"
+VENDORS = (NVIDIA, AMD)
 ACTIVATION_TABLE = "ACTIVATION"
 ELEMENT_BOUNDS = "ELEMENT_BOUNDS"
 NORM_TABLE = "NORM"

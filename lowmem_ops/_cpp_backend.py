@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -44,12 +45,13 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
                 "`kernelgen build`")
     from torch.utils import cpp_extension
 
-    # One build per distinct source and flags (the name holds their hash): trees of the same specs share
-    # it, and a changed source never loads an old build.
+    # One build per distinct source, flags and torch (the name holds their hash): trees of the same specs
+    # share it, and a changed source never loads an old build.
     flags = _cflags()
-    name = "lowmem_ops_cpu_" + hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    text = source.read_bytes()
+    name = "lowmem_ops_cpu_" + hashlib.sha256(text + " ".join(flags + [torch.__version__]).encode()).hexdigest()[:16]
     try:
-        path = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags,
+        path = cpp_extension.load(name=name, sources=[str(_stable_copy(text, name))], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return ctypes.CDLL(path)
     except Exception as err:  # noqa: BLE001 - any failure to build or load means: no C++ kernels
@@ -57,6 +59,23 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
         if len(message) > 700:
             message = f"{message[:200]} ... {message[-500:]}"
         return f"compiling {source} failed: {type(err).__name__}: {message}"
+
+
+def _stable_copy(text: bytes, name: str) -> Path:
+    """The source at a path named by its hash, beside the build: ninja's build file records the source's
+    path, so every checkout or venv holding the same kernels reuses one build instead of recompiling
+    (about a minute) whenever another one built last."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()  # as load() picks it
+    folder = Path(root) / f"{name}-source"
+    path = folder / CPU_FILE
+    if not path.is_file() or path.read_bytes() != text:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:  # whole, or not at all
+            tmp.write(text)
+        os.replace(tmp.name, path)
+    return path
 
 
 def _cflags() -> list[str]:
