@@ -10,7 +10,8 @@ dropout_p > 0 on a non-CUDA tensor as softmax(q k^T * scale + mask) followed by 
 (whose mask is regenerated in backward from its seed) and @ v. Every other call, eval mode
 included, is torch's own scaled_dot_product_attention, unchanged.
 
-convert gives an attention module this function by giving it its own copy of the model's config with
+convert gives an attention module (the innermost module that ran scaled_dot_product_attention on
+the example inputs) this function by giving it its own copy of the model's config with
 `_attn_implementation = "lowmem_sdpa"` (registered in transformers' AttentionInterface); the model's
 config, and so save_pretrained, keeps "sdpa", and lowmem_ops.export puts the original module back.
 """
@@ -73,10 +74,11 @@ def _register() -> None:
 
 
 def candidate(module: torch.nn.Module) -> bool:
-    """An attention module of a Hugging Face model on sdpa whose dropout is active: it holds the model's
-    config (attention implementation "sdpa") and an nn.Dropout child with p > 0 (what HF passes as
-    `dropout=self.dropout.p`). Whether its forward really dispatches through the config is shown by
-    convert's memory measurement (a module it does not change saves no memory and is undone)."""
+    """Whether `module`, seen by convert to be the innermost module running scaled_dot_product_attention
+    on the example inputs, can take regenerated_sdpa: a Hugging Face module holding the model's config
+    on "sdpa" and an nn.Dropout child with p > 0 (what HF passes as `dropout=self.dropout.p`). That
+    its forward dispatches through the config is shown by convert's memory measurement: a module this
+    does not change saves no memory and is undone."""
     config = getattr(module, "config", None)
     return (getattr(config, "_attn_implementation", None) == "sdpa" and type(module).__module__.startswith("transformers")
             and any(type(c) is torch.nn.Dropout and c.p > 0 for c in module.children()))

@@ -227,7 +227,7 @@ def _dropout_replacement(module: torch.nn.Module, norms: bool, observation: "_Ob
             return fused, None
         if why:
             return None, why
-    if _attention.candidate(module):
+    if observation is not None and id(module) in observation.attention and _attention.candidate(module):
         return _attention.with_regenerated_dropout(module), None
     if type(module) is torch.nn.Dropout and module.p > 0:
         return Dropout(module.p, module.inplace), None
@@ -890,6 +890,7 @@ class _Observation:
     calls: dict = field(default_factory=dict)     # id(candidate leaf) -> its first call: (input shape, dtype, device, why not probed)
     matches: dict = field(default_factory=dict)   # id(candidate leaf) -> what probing found it computes (_recognition.Match)
     unknown: dict = field(default_factory=dict)   # id(candidate leaf) -> why probing found nothing to swap it for
+    attention: set = field(default_factory=set)   # ids of the innermost modules that ran scaled_dot_product_attention
 
 
 class _UseRecorder(torch.overrides.TorchFunctionMode):
@@ -914,6 +915,8 @@ class _UseRecorder(torch.overrides.TorchFunctionMode):
             owner = self.owners.get(id(leaf))
             if owner is not None and owner != here and name not in _METADATA:
                 self.seen.foreign.add(id(leaf))
+        if func is F.scaled_dot_product_attention:
+            self.seen.attention.add(here)  # a path until _observe ends
         target = _written_in_place(name, args, kwargs)
         if target is not None and id(target) in self.outputs:
             self.seen.modified.setdefault(self.outputs[id(target)][0],
@@ -994,6 +997,7 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     for norm, out, version in outputs.values():
         if out._version != version:  # any in-place write, through a view or not, bumps it
             seen.modified.setdefault(norm, "its output is modified in place")
+    seen.attention = {id(model.get_submodule(path)) for path in seen.attention if path}
     _identify(norms, seen)
     return seen
 
