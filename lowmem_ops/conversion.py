@@ -1149,6 +1149,9 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
                 original.weight.fill_(1.0)
                 if getattr(original, "bias", None) is not None:
                     original.bias.zero_()
+        # the training flag the model has now (the original kept the one it had at convert time: a
+        # dropout restored in training mode into a model in eval mode would drop)
+        original.train(model.get_submodule(path).training)
         setattr(model.get_submodule(parent_path), attr, original)
     if not folds:
         remove_state_dict_hooks(model)

@@ -125,8 +125,12 @@ def test_options_turn_parts_off():
     model, batch = llama()
     assert lo.convert(model, example_inputs=batch, activations=False, norms=False, gated=False).applied == []
     model, batch = gpt2()
-    report = lo.convert(model, example_inputs=batch, norms=False, measure_memory=False, grad_tolerance=None)
+    report = lo.convert(model, example_inputs=batch, norms=False, measure_memory=False, grad_tolerance=None,
+                        dropout=False)
     assert {c.after for c in report.applied} == {"Approx"} and report.memory_before is None
+    model, batch = gpt2()
+    report = lo.convert(model, example_inputs=batch, activations=False, norms=False, gated=False)
+    assert {c.after.split()[0] for c in report.applied} == {"Dropout", "GPT2Attention"}  # dropout alone
 
 
 def test_convert_without_examples_and_bad_mode():

@@ -113,6 +113,12 @@ def test_dropout_modules_are_swapped_and_save_the_seed_only():
     assert report.memory_after.total_bytes == report.memory_before.total_bytes - 8 * 16 * 4 + 8
     lo.export(model)
     assert type(model[1]) is nn.Dropout and model[1].p == 0.2
+    model.eval()
+    lo.convert(model, example_inputs=x)
+    model.train()  # converted in eval mode, trained, exported in eval mode: the dropout comes back in eval
+    model.eval()
+    lo.export(model)
+    assert not model[1].training and torch.equal(model(x), model[2](model[0](x)))
     hand_built = nn.Sequential(lo.nn.Dropout(0.3))
     assert type(lo.export(hand_built)[0]) is nn.Dropout
 
