@@ -476,7 +476,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     reference = _run(model, example_inputs) if examples else None
     if examples and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
-    observation = _observe(model, example_inputs) if examples and (norms or activations or gated) else None
+    observation = _observe(model, example_inputs) if examples and (norms or activations or gated or dropout) else None
 
     actions = _lora_retypes(model, example_inputs) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
