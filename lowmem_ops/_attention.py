@@ -53,7 +53,8 @@ class _RegenerateDropout(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
-            if p > 0.0 and args[0].device.type != "cuda":
+            query = args[0] if args else kwargs["query"]
+            if p > 0.0 and query.device.type != "cuda":
                 return sdpa_with_regenerated_dropout(*args, **kwargs)
         return func(*args, **kwargs)
 
