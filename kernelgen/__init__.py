@@ -12,3 +12,23 @@
     build.py   build an arch: compile, prune, bake configs, manifest, atomic install, freshness check
     cli.py     the `kernelgen` command (tune_cli.py: its tune subcommand)
 """
+
+import importlib.util as _util
+
+
+def _missing_dependencies() -> list[str]:
+    """The generator's own dependencies (the `kernelgen` extra of lowmem-ops) that are not installed."""
+    missing = []
+    for name in ("jinja2", "sympy", "scipy", "threadpoolctl", "matplotlib", "tomli_w"):
+        try:
+            found = _util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+if _missing_dependencies():
+    raise ImportError(f"kernelgen needs {', '.join(_missing_dependencies())}, not installed: "
+                      "pip install 'lowmem-ops[kernelgen]' (lowmem_ops itself runs without them)")

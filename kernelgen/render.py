@@ -23,7 +23,7 @@ from pathlib import Path
 import jinja2
 
 from . import plaintext
-from . import space
+from . import space, targets
 from .archs import DTYPES, TRITON_DTYPE, Arch
 from .expr import TRITON_HELPERS
 from .fit import asymptotes
@@ -36,6 +36,7 @@ CONFIGS_TEMPLATE = "configs.py.j2"
 CONFIGS_FILE = "configs"
 CPU_TEMPLATE = "cpu_activation.cpp.j2"
 CPU_NORM_TEMPLATE = "cpu_norm.cpp.j2"  # included by CPU_TEMPLATE
+CPU_DROPOUT_TEMPLATE = "cpu_dropout.cpp.j2"  # included by CPU_TEMPLATE
 CPU_FILE = "cpu_kernels.cpp"  # at the top of a tree, beside ops.py: arch-independent
 
 
@@ -461,7 +462,8 @@ def render_cpu(specs: list[Spec]) -> str:
     try:
         return _render(CPU_TEMPLATE, ops=rows, spec_files=[quoted(spec_file_label(s)) for s in specs],
                        template_sha256=template_sha256(CPU_TEMPLATE),
-                       norm_template_sha256=template_sha256(CPU_NORM_TEMPLATE), dtypes=["Float32", "BFloat16", "Float16"])
+                       norm_template_sha256=template_sha256(CPU_NORM_TEMPLATE),
+                       dropout_template_sha256=template_sha256(CPU_DROPOUT_TEMPLATE), dtypes=["Float32", "BFloat16", "Float16"])
     except jinja2.TemplateError as err:
         raise RenderError(f"rendering the CPU kernels from templates/{CPU_TEMPLATE}: {err}") from err
 
@@ -487,10 +489,12 @@ def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned
     act = [row((g.op, g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op != NORM_FILE]
     norm = [row((g.kernel, g.dtype, *g.index), cfg, note) for g, cfg, note in choices if g.op == NORM_FILE]
     n_tuned = sum(note.startswith("tuned") for _, _, note in choices)
+    target = targets.TARGETS[arch.name]  # what the runtime matches a GPU against
     try:
         return _render(
             CONFIGS_TEMPLATE,
             arch=_arch_vars(arch), template_sha256=template_sha256(CONFIGS_TEMPLATE), activation=act, norm=norm,
+            vendor=Code(repr(target.vendor)), capability=Code(repr(target.arch)),
             n_tuned=n_tuned, n_total=len(choices),
             tuned_with=comment_text(f" ({tuned_with})" if n_tuned else "", f"{arch.name}: the tuning database's GPU names"),
             element_bounds=Code(repr(space.activation_space().element_bounds)),

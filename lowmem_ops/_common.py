@@ -7,11 +7,12 @@ import warnings
 
 import torch
 
+from . import _tree
+
 BACKENDS = ("auto", "torch", "cpp", "triton", "triton-interpret")
-# ROCm builds of torch name AMD GPUs "cuda" too; the generated kernels and launch configs are built for
-# NVIDIA archs only, and a gfx capability must never be mapped onto an sm folder.
-ROCM = torch.version.hip is not None
-_warned_rocm = False
+# ROCm builds of torch name AMD GPUs "cuda" too: such a GPU runs the kernels of its own gfx folder
+# only (never an sm folder's); where its tree has none, ops take the torch path.
+_warned_rocm: set = set()
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -27,10 +28,11 @@ def check_float_tensor(x, where: str, what: str = "input") -> None:
         raise TypeError(f"lowmem_ops.{where}: {what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
-def backend(t: torch.Tensor, has_cpp: bool = False) -> str:
+def backend(t: torch.Tensor, has_cpp: bool = False, tree=None) -> str:
     """'torch', 'cpp', 'triton' or 'triton-interpret' for this tensor, per LOWMEM_OPS_BACKEND (read per
     call). has_cpp: the op has C++ CPU kernels (the approximate activations; the others answer 'torch'
-    on CPU tensors, whatever the mode).
+    on CPU tensors, whatever the mode). tree: the op's generated tree (default: the built-in one), which
+    must hold a folder for an AMD GPU's gfx arch for the Triton kernels to run there.
 
     float64 always takes the torch path. auto: CUDA tensors -> Triton kernels, CPU -> C++ kernels
     where the op has them, else torch. cpp: CPU tensors -> C++ kernels (an error on CUDA tensors)."""
@@ -45,20 +47,25 @@ def backend(t: torch.Tensor, has_cpp: bool = False) -> str:
         if mode == "cpp":
             raise RuntimeError("LOWMEM_OPS_BACKEND=cpp runs CPU tensors only, got a CUDA tensor (use auto, which "
                                "takes the Triton kernels there)")
-        return _rocm_fallback(mode) if ROCM else "triton"
+        if torch.version.hip is not None:
+            tree = tree or _tree.builtin_tree()
+            if _tree.folder_for(t.device, tree, interpret=False) is None:
+                return _rocm_fallback(mode, _tree.gpu_arch(t.device), tree)
+        return "triton"
     if mode == "triton":
         raise RuntimeError(f"LOWMEM_OPS_BACKEND=triton needs CUDA tensors, got a {t.device} tensor "
                            "(use triton-interpret to run the kernels on CPU tensors)")
     return "cpp" if has_cpp and t.device.type == "cpu" else "torch"
 
 
-def _rocm_fallback(mode: str) -> str:
-    global _warned_rocm
+def _rocm_fallback(mode: str, gpu: str, tree) -> str:
+    build = f"`kernelgen build --arch {gpu} --out {tree}`"
     if mode == "triton":
-        raise RuntimeError("LOWMEM_OPS_BACKEND=triton: this torch is a ROCm build, and lowmem_ops has no kernels built "
-                           "for AMD GPUs yet; use LOWMEM_OPS_BACKEND=torch (or auto, which does so)")
-    if not _warned_rocm:
-        _warned_rocm = True
-        warnings.warn("lowmem_ops: no kernels are built for AMD GPUs yet; ops on this ROCm device take the torch "
-                      "path (same results and memory, slower)", stacklevel=4)
+        raise RuntimeError(f"LOWMEM_OPS_BACKEND=triton: this torch is a ROCm build, and {tree} has no kernels built "
+                           f"for this {gpu} GPU; build them with {build}, or use LOWMEM_OPS_BACKEND=torch (or auto, "
+                           "which does so)")
+    if (gpu, tree) not in _warned_rocm:
+        _warned_rocm.add((gpu, tree))
+        warnings.warn(f"lowmem_ops: no kernels are built for this {gpu} GPU in {tree}; ops on this ROCm device take "
+                      f"the torch path (same results and memory, slower). Build them with {build}.", stacklevel=4)
     return "torch"

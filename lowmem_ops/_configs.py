@@ -10,7 +10,7 @@ from types import ModuleType
 
 import torch
 
-from ._tree import import_file, tree_key
+from ._tree import configs_module
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -20,7 +20,7 @@ def table(tree: Path, arch: str) -> ModuleType:
     path = tree / arch / "configs.py"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
-    return import_file(path, f"lowmem_ops._trees.{tree_key(tree)}.{arch}.configs")
+    return configs_module(tree, arch)
 
 
 def activation(tree: Path, arch: str, op: str, kernel: str, dtype, n: int) -> dict:

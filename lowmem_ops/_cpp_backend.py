@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -43,12 +44,13 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
                 "`kernelgen build`")
     from torch.utils import cpp_extension
 
-    # One build per distinct source and flags (the name holds their hash): trees of the same specs share
-    # it, and a changed source never loads an old build.
+    # One build per distinct source, flags and torch (the name holds their hash): trees of the same specs
+    # share it, and a changed source never loads an old build.
     flags = _cflags()
-    name = "lowmem_ops_cpu_" + hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    text = source.read_bytes()
+    name = "lowmem_ops_cpu_" + hashlib.sha256(text + " ".join(flags + [torch.__version__]).encode()).hexdigest()[:16]
     try:
-        path = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags,
+        path = cpp_extension.load(name=name, sources=[str(_stable_copy(text, name))], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return ctypes.CDLL(path)
     except Exception as err:  # noqa: BLE001 - any failure to build or load means: no C++ kernels
@@ -56,6 +58,23 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
         if len(message) > 700:
             message = f"{message[:200]} ... {message[-500:]}"
         return f"compiling {source} failed: {type(err).__name__}: {message}"
+
+
+def _stable_copy(text: bytes, name: str) -> Path:
+    """The source at a path named by its hash, beside the build: ninja's build file records the source's
+    path, so every checkout or venv holding the same kernels reuses one build instead of recompiling
+    (about a minute) whenever another one built last."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()  # as load() picks it
+    folder = Path(root) / f"{name}-source"
+    path = folder / CPU_FILE
+    if not path.is_file() or path.read_bytes() != text:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:  # whole, or not at all
+            tmp.write(text)
+        os.replace(tmp.name, path)
+    return path
 
 
 def _cflags() -> list[str]:
@@ -312,15 +331,17 @@ def _norm_kernels(tree: Path) -> tuple | str:
             _norm_checked[tree] = lib
         else:
             try:
-                fwd, bwd = lib.lowmem_norm_forward, lib.lowmem_norm_backward
+                fwd, bwd, rule = lib.lowmem_norm_forward, lib.lowmem_norm_backward, lib.lowmem_norm_rule
             except AttributeError:
                 _norm_checked[tree] = f"{tree / CPU_FILE} has no norm kernels: rebuild the tree with `kernelgen build`"
             else:
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-                fwd.argtypes = [p, i32, i64, i64, p, p, ctypes.c_float, i32, p, i32, p]
-                bwd.argtypes = [p, p, i32, p, i64, i64, p, p, i32, p, i32, p, p]
-                fwd.restype = bwd.restype = i32
-                _norm_checked[tree] = (fwd, bwd)
+                f32 = ctypes.c_float
+                fwd.argtypes = [p, i32, i64, i64, p, p, i32, f32, i32, p, i32, p]
+                bwd.argtypes = [p, p, i32, p, i64, i64, p, p, i32, i32, p, i32, p, p]
+                rule.argtypes = [p, p, i32, i64, f32, f32]
+                fwd.restype = bwd.restype = rule.restype = i32
+                _norm_checked[tree] = (fwd, bwd, rule)
     return _norm_checked[tree]
 
 
@@ -329,17 +350,38 @@ def norm_unavailable(tree: Path) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _norm_call(tree: Path, which: int, *args) -> None:
+def _norm_call(tree: Path, which: int, *args) -> int:
     found = _norm_kernels(tree)
     if isinstance(found, str):
         raise RuntimeError(f"lowmem_ops.ms_norm: no C++ CPU kernels: {found}")
     rc = found[which](*args)
-    if rc != 0:
+    if rc < 0 or (rc != 0 and which != 2):
         raise RuntimeError(f"lowmem_ops.ms_norm: the C++ CPU kernel {found[which].__name__} failed (code {rc})")
+    return rc
 
 
-def _param(p: torch.Tensor | None) -> torch.Tensor | None:
-    return p.detach().to(torch.float32).contiguous() if p is not None else None  # the torch path's p.to(float32)
+def _params(weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
+    """gamma and beta as the kernels read them: contiguous, of one dtype the kernels convert to float32
+    themselves (the model's bf16/fp16 parameters need no torch conversion per call); held by the
+    caller for the call's duration."""
+    dtype = weight.dtype if weight is not None else torch.float32
+    if dtype not in _DTYPE_CODE or (bias is not None and bias.dtype != dtype):
+        dtype = torch.float32
+    return _as_read(weight, dtype), _as_read(bias, dtype), _DTYPE_CODE[dtype]
+
+
+def _as_read(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # the usual case (a model's contiguous parameter in the kernels' dtype) creates no tensor
+    if p is None or (p.dtype == dtype and p.is_contiguous()):
+        return p
+    return p.detach().to(dtype).contiguous()
+
+
+def norm_rule(tree: Path, weight: torch.Tensor, bias: torch.Tensor | None, gamma_min: float, beta_ratio: float) -> bool:
+    """Inverse mode's rule on CPU parameters (what _norm_backends.inverse_rule_holds computes with torch
+    ops, in one pass)."""
+    w, b, code = _params(weight, bias)
+    return _norm_call(tree, 2, w.data_ptr(), _ptr(b), code, w.numel(), gamma_min, beta_ratio) == 1
 
 
 def norm_forward(tree: Path, x, weight, bias, eps: float, is_rms: bool, out_dtype):
@@ -349,8 +391,8 @@ def norm_forward(tree: Path, x, weight, bias, eps: float, is_rms: bool, out_dtyp
     y = torch.empty((rows, cols), dtype=out_dtype)
     rstd = torch.empty(rows, dtype=torch.float32)
     if rows:
-        w, b = _param(weight), _param(bias)
-        _norm_call(tree, 0, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), eps, int(is_rms),
+        w, b, param_dtype = _params(weight, bias)
+        _norm_call(tree, 0, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), param_dtype, eps, int(is_rms),
                    y.data_ptr(), _DTYPE_CODE[out_dtype], rstd.data_ptr())
     return y, rstd
 
@@ -364,10 +406,10 @@ def norm_backward(tree: Path, dy, y, rstd, weight, bias, is_rms: bool, x_dtype):
     dw = torch.zeros(cols, dtype=torch.float32) if weight is not None else None
     db = torch.zeros(cols, dtype=torch.float32) if bias is not None else None
     if rows:
-        w, b = _param(weight), _param(bias)
+        w, b, param_dtype = _params(weight, bias)
         rstd = rstd.float().contiguous()  # held: its pointer must outlive the call
         _norm_call(tree, 1, dy.data_ptr(), y.data_ptr(), _DTYPE_CODE[y.dtype], rstd.data_ptr(),
-                   rows, cols, _ptr(w), _ptr(b), int(is_rms), dx.data_ptr(), _DTYPE_CODE[x_dtype], _ptr(dw), _ptr(db))
+                   rows, cols, _ptr(w), _ptr(b), param_dtype, int(is_rms), dx.data_ptr(), _DTYPE_CODE[x_dtype], _ptr(dw), _ptr(db))
     return dx, dw, db
 
 
@@ -386,3 +428,43 @@ def choose(backend: str, why_not, what: str, tree: Path) -> str:
         warnings.warn(f"lowmem_ops: no C++ CPU kernels ({why}); CPU tensors take the torch path (same results, "
                       "slower). LOWMEM_OPS_BACKEND=torch chooses that path without this warning.", stacklevel=5)
     return "torch"
+
+
+# --- dropout --------------------------------------------------------------------------------------
+
+_dropout_checked: dict[Path, object] = {}
+
+
+def _dropout_kernel(tree: Path):
+    """The C++ dropout of `tree`, or why there is none."""
+    if tree not in _dropout_checked:
+        lib = _library(tree)
+        if isinstance(lib, str):
+            _dropout_checked[tree] = lib
+        elif not hasattr(lib, "lowmem_dropout"):
+            _dropout_checked[tree] = f"{tree / CPU_FILE} has no dropout kernel: rebuild the tree with `kernelgen build`"
+        else:
+            fn = lib.lowmem_dropout
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                           ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            _dropout_checked[tree] = fn
+    return _dropout_checked[tree]
+
+
+def dropout_unavailable(tree: Path) -> str | None:
+    found = _dropout_kernel(tree)
+    return found if isinstance(found, str) else None
+
+
+def dropout_apply(tree: Path, x: torch.Tensor, seed: int, offset: int, threshold: float, scale: float) -> torch.Tensor:
+    """y = x * scale where tl.rand(seed, offset + i) >= threshold, else 0, for a contiguous float32 /
+    bfloat16 / float16 CPU tensor x and a seed taken modulo 2**64 (what Triton does to it)."""
+    fn = _dropout_kernel(tree)
+    if isinstance(fn, str):
+        raise RuntimeError(f"lowmem_ops.dropout: no C++ CPU kernels: {fn}")
+    y = torch.empty_like(x)
+    rc = fn(x.data_ptr(), _DTYPE_CODE[x.dtype], x.numel(), seed % 2 ** 64, offset, threshold, scale, y.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"lowmem_ops.dropout: the C++ CPU kernel failed (code {rc})")
+    return y

@@ -26,3 +26,7 @@ def norm_forward(x, weight, bias, eps, is_rms, out_dtype):
 
 def norm_backward(dy, y, rstd, weight, bias, is_rms, x_dtype):
     return _cpp_backend.norm_backward(builtin_tree(), dy, y, rstd, weight, bias, is_rms, x_dtype)
+
+
+def norm_rule(weight, bias, gamma_min: float, beta_ratio: float) -> bool:
+    return _cpp_backend.norm_rule(builtin_tree(), weight, bias, gamma_min, beta_ratio)

@@ -1,5 +1,5 @@
 """Loading a generated tree (see kernelgen/build.py for its layout): the op specs, their torch
-forward functions, and the Triton kernel module for a device's arch.
+forward functions, which arch folder a device uses, and the Triton kernel module for it.
 
 Only torch is imported here; triton is imported when a kernel module is first loaded.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -167,58 +166,77 @@ def arch_folders(tree: Path) -> dict[str, Path]:
     return folders
 
 
-def built_archs(tree: Path) -> dict[int, str]:
-    """capability -> arch folder name, for the arch folders of `tree` with a sound manifest. An arch
-    whose manifest.json is damaged or missing is skipped with a warning naming the file, so one broken
-    arch does not stop the others. Runs on every kernel launch: a manifest (hundreds of KB) is parsed
-    once per version of the file, not per call."""
+@dataclass(frozen=True)
+class BuiltArch:
+    """An arch folder of a tree, as the VENDOR and CAPABILITY its configs.py records (the build writes
+    them there from kernelgen/targets.py; manifest.json is a build record the runtime never reads)."""
+
+    name: str  # sm80, gfx942: the name `kernelgen build --arch` gives it
+    folder: str  # the folder holding it: `name`, or a sibling a killed build left (arch_folders)
+    vendor: str  # "nvidia" | "amd"
+    capability: int | str  # NVIDIA: 10 * major + minor; AMD: the gfx name, which is also `name`
+
+
+VENDORS = ("nvidia", "amd")
+
+
+def built_archs(tree: Path) -> dict[str, BuiltArch]:
+    """arch name -> BuiltArch, for the arch folders of `tree` whose configs.py is sound. An arch whose
+    configs.py is damaged or missing is skipped with a warning naming the file, so one broken arch does
+    not stop the others. Each configs.py is imported once per process (the launch configs of the arch
+    picked are read from that same module)."""
     found, problems = _scan_archs(tree)
     for key, message in problems:
         _warn_once(key, message)
     return found
 
 
-def _scan_archs(tree: Path) -> tuple[dict[int, str], list[tuple[tuple, str]]]:
+def _scan_archs(tree: Path) -> tuple[dict[str, BuiltArch], list[tuple[tuple, str]]]:
     found, problems = {}, []
-    for arch, folder in arch_folders(tree).items():
-        manifest = folder / "manifest.json"
-        try:
-            st = manifest.stat()
-        except OSError:
-            if (folder / "configs.py").is_file():  # an arch folder (not some other directory) lost its manifest
-                problems.append((("manifest", manifest), manifest_problem(tree, arch, manifest, "missing")))
+    for name, folder in arch_folders(tree).items():
+        configs = folder / "configs.py"
+        if not configs.is_file():
+            if (folder / "__init__.py").is_file():  # an arch package (not some other directory) lost it
+                problems.append((("configs", configs), arch_problem(tree, name, configs, "missing")))
             continue
-        capability = _manifest_capability(str(manifest), st.st_mtime_ns, st.st_size)
-        if isinstance(capability, str):
-            problems.append((("manifest", manifest, st.st_mtime_ns, st.st_size),
-                             manifest_problem(tree, arch, manifest, capability)))
-            continue
-        found.setdefault(capability, folder.name)
-    return dict(sorted(found.items())), problems
+        built = _read_arch(tree, name, folder)
+        if isinstance(built, str):
+            problems.append((("configs", configs, built), arch_problem(tree, name, configs, built)))
+        else:
+            found[name] = built
+    return found, problems
 
 
-def manifest_problem(tree: Path, arch: str, manifest: Path, problem: str) -> str:
-    return (f"lowmem_ops: {manifest}: {problem}; the {arch} kernels of {tree} are not used. Restore the file "
-            f"(the built-in tree: `git checkout generated/` in a checkout, else reinstall lowmem-ops) or rebuild "
-            f"the arch with `kernelgen build --arch {arch} --recompile --out {tree}` (and the --spec files of a tree "
-            f"of your own)")
+def configs_module(tree: Path, folder: str) -> ModuleType:
+    """`<tree>/<folder>/configs.py`, imported once per process."""
+    return import_file(tree / folder / "configs.py", f"lowmem_ops._trees.{tree_key(tree)}.{folder}.configs")
 
 
-@lru_cache(maxsize=None)
-def _manifest_capability(path: str, mtime_ns: int, size: int) -> int | str:
-    """The capability a manifest records, or what is wrong with it (cached too: not re-read per launch)."""
+def _read_arch(tree: Path, name: str, folder: Path) -> BuiltArch | str:
+    """The arch `folder` holds, or what is wrong with its configs.py."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        return f"cannot be read ({err})"
-    except ValueError as err:
-        return f"not valid JSON ({err})"
-    if not isinstance(data, dict) or "capability" not in data:
-        return 'has no "capability" field'
-    capability = data["capability"]
-    if not isinstance(capability, int) or isinstance(capability, bool) or capability <= 0:
-        return f'"capability" must be a positive integer such as 80, got {capability!r}'
-    return capability
+        module = configs_module(tree, folder.name)
+    except Exception as err:  # a damaged file can raise anything while it runs
+        return f"cannot be imported ({type(err).__name__}: {err})"
+    missing = [attr for attr in ("VENDOR", "CAPABILITY") if not hasattr(module, attr)]
+    if missing:
+        return f"has no {' or '.join(missing)} (written by builds since the runtime stopped reading manifests)"
+    vendor, capability = module.VENDOR, module.CAPABILITY
+    if vendor == "nvidia":
+        if not isinstance(capability, int) or isinstance(capability, bool) or capability <= 0:
+            return f"CAPABILITY must be a positive integer such as 80 for an NVIDIA arch, got {capability!r}"
+    elif vendor == "amd":
+        if capability != name:
+            return f"CAPABILITY must be the gfx name of its folder, {name!r}, for an AMD arch, got {capability!r}"
+    else:
+        return f"VENDOR must be one of {', '.join(map(repr, VENDORS))}, got {vendor!r}"
+    return BuiltArch(name, folder.name, vendor, capability)
+
+
+def arch_problem(tree: Path, arch: str, path: Path, problem: str) -> str:
+    return (f"lowmem_ops: {path}: {problem}; the {arch} kernels of {tree} are not used. Restore the file "
+            f"(the built-in tree: `git checkout generated/` in a checkout, else reinstall lowmem-ops) or rebuild "
+            f"the arch with `kernelgen build --arch {arch} --out {tree}` (and the --spec files of a tree of your own)")
 
 
 _warned: set = set()
@@ -230,7 +248,7 @@ def _warn_once(key, message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
-def _built_or_fail(tree: Path) -> dict[int, str]:
+def _built_or_fail(tree: Path) -> dict[str, BuiltArch]:
     archs = built_archs(tree)
     if not archs:
         problems = "".join(f"\n  {message}" for _, message in _scan_archs(tree)[1])
@@ -239,26 +257,92 @@ def _built_or_fail(tree: Path) -> dict[int, str]:
     return archs
 
 
+def _nvidia(archs: dict[str, BuiltArch]) -> dict[int, str]:
+    """capability -> folder of the NVIDIA archs (the first of two folders claiming one capability)."""
+    found = {}
+    for a in sorted(archs.values(), key=lambda a: a.name):
+        if a.vendor == "nvidia":
+            found.setdefault(a.capability, a.folder)
+    return dict(sorted(found.items()))
+
+
 def lowest_arch(tree: Path) -> str:
+    """The folder the interpreter uses (it runs any arch's kernels): the lowest NVIDIA capability, else
+    the first AMD arch by name."""
     archs = _built_or_fail(tree)
-    return archs[min(archs)]
+    nvidia = _nvidia(archs)
+    return nvidia[min(nvidia)] if nvidia else archs[min(archs)].folder
 
 
-def pick_arch(tree: Path, capability: int) -> str:
-    """The arch built for `capability`, else the nearest lower one (warning once), else the lowest."""
+def pick_arch(tree: Path, gpu: int | str) -> str | None:
+    """The folder of `tree` for a GPU: `gpu` is an NVIDIA capability (90) or an AMD gfx name ('gfx942',
+    see gpu_arch). NVIDIA: the arch built for it, else the nearest lower one (warning once), else the
+    lowest. AMD: the AMD arch of that name, else None (the caller takes the torch path, as for any AMD
+    GPU before there were AMD builds): a gfx GPU is never given an sm folder's kernels and configs."""
     archs = _built_or_fail(tree)
-    if capability in archs:
-        return archs[capability]
-    lower = [c for c in archs if c < capability]
-    chosen = archs[max(lower)] if lower else archs[min(archs)]
-    if (tree, capability) not in _warned:
-        _warned.add((tree, capability))
+    if isinstance(gpu, str):
+        found = archs.get(gpu)
+        return found.folder if found is not None and found.vendor == "amd" else None
+    nvidia = _nvidia(archs)
+    if not nvidia:
+        raise RuntimeError(f"{tree} holds no arch built for NVIDIA GPUs (only {', '.join(sorted(archs))}): run "
+                           f"`kernelgen build --arch sm{gpu}`")
+    if gpu in nvidia:
+        return nvidia[gpu]
+    lower = [c for c in nvidia if c < gpu]
+    chosen = nvidia[max(lower)] if lower else nvidia[min(nvidia)]
+    if (tree, gpu) not in _warned:
+        _warned.add((tree, gpu))
         warnings.warn(
-            f"lowmem_ops: no kernels built for sm{capability} in {tree}; using the {chosen} build "
-            f"(launch configs tuned for another GPU). Build yours with `kernelgen build --arch sm{capability}`.",
+            f"lowmem_ops: no kernels built for sm{gpu} in {tree}; using the {chosen} build "
+            f"(launch configs tuned for another GPU). Build yours with `kernelgen build --arch sm{gpu}`.",
             stacklevel=3,
         )
     return chosen
+
+
+_gpus: dict[int, int | str] = {}  # device index -> gpu_arch
+_archs: dict[tuple, str | None] = {}  # (tree, gpu_arch or None for the interpreter) -> folder
+
+
+def gpu_arch(device: torch.device) -> int | str:
+    """What a GPU is when picking its folder, once per device index: its capability as 10 * major + minor
+    on CUDA torch; on ROCm torch (which calls AMD GPUs "cuda" too) the gfx name without its feature
+    flags ('gfx942:sramecc+:xnack-' -> 'gfx942')."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    gpu = _gpus.get(index)
+    if gpu is None:
+        if torch.version.hip is not None:
+            gpu = torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
+        else:
+            major, minor = torch.cuda.get_device_capability(index)
+            gpu = 10 * major + minor
+        _gpus[index] = gpu
+    return gpu
+
+
+def folder_for(device: torch.device, tree: Path, interpret: bool) -> str | None:
+    """The arch folder whose kernels and configs `device` uses (None: an AMD GPU `tree` has no folder for).
+    Resolved once per tree and GPU model, so the launch path reads no folder or file after the first
+    call (a tree rebuilt while the process runs is used by the next process, as are its
+    already-imported kernel modules). The interpreter ignores tuned launch configs: it takes the lowest."""
+    gpu = gpu_arch(device) if device.type == "cuda" and not interpret else None
+    key = (tree, gpu)
+    try:
+        return _archs[key]
+    except KeyError:
+        folder = _archs[key] = lowest_arch(tree) if gpu is None else pick_arch(tree, gpu)
+        return folder
+
+
+def arch_for(device: torch.device, tree: Path, interpret: bool) -> str:
+    """folder_for, where a folder must exist (the Triton launchers)."""
+    folder = folder_for(device, tree, interpret)
+    if folder is None:
+        gpu = gpu_arch(device)
+        raise RuntimeError(f"lowmem_ops: {tree} has no kernels built for this {gpu} GPU: build them with "
+                           f"`kernelgen build --arch {gpu} --out {tree}`, or set LOWMEM_OPS_BACKEND=torch")
+    return folder
 
 
 def kernel_module(op: str, arch: str, interpret: bool) -> ModuleType:

@@ -7,33 +7,9 @@ import contextlib
 import torch
 
 from . import _configs
-from ._tree import OpInfo, kernel_module, lowest_arch, pick_arch
+from ._tree import OpInfo, arch_for, kernel_module
 
 _placeholders: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-_capabilities: dict[int, int] = {}
-_archs: dict[tuple, str] = {}
-
-
-def arch_for(device: torch.device, tree, interpret: bool) -> str:
-    """The arch folder whose kernels and configs `device` uses. Resolved once per tree and GPU model,
-    so the launch path reads no folder or manifest after the first call (a tree rebuilt while the
-    process runs is used by the next process, as are its already-imported kernel modules)."""
-    capability = _capability(device) if device.type == "cuda" and not interpret else None
-    key = (tree, capability)
-    arch = _archs.get(key)
-    if arch is None:
-        # the interpreter ignores launch configs tuned for an arch: it takes the lowest
-        arch = _archs[key] = lowest_arch(tree) if capability is None else pick_arch(tree, capability)
-    return arch
-
-
-def _capability(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capability = _capabilities.get(index)
-    if capability is None:
-        major, minor = torch.cuda.get_device_capability(index)
-        capability = _capabilities[index] = 10 * major + minor
-    return capability
 
 
 def _grid(n: int, op: OpInfo, block_bytes: int) -> tuple[int]:

@@ -57,7 +57,7 @@ def _cpp_or_torch(op: OpInfo, backend: str) -> str:
 def _approx_act_fwd(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = _check_input(x, name)
     x = x.contiguous()
-    backend = _cpp_or_torch(op, pick_backend(x, has_cpp=True))
+    backend = _cpp_or_torch(op, pick_backend(x, has_cpp=True, tree=op.tree))
     if backend == "cpp":
         return _cpp_backend.forward(op, x, save_codes)
     if backend == "torch":
@@ -79,7 +79,7 @@ def _approx_act_bwd(dy: torch.Tensor, codes: torch.Tensor, name: str) -> torch.T
     op = _check_input(dy, name, "grad_output")
     _check_codes(op, dy, codes)
     dy = dy.contiguous()
-    backend = _cpp_or_torch(op, pick_backend(dy, has_cpp=True))
+    backend = _cpp_or_torch(op, pick_backend(dy, has_cpp=True, tree=op.tree))
     if backend == "cpp":
         return _cpp_backend.backward(op, dy, codes)
     if backend == "torch":

@@ -18,8 +18,8 @@ new_residual from its other uses:
 new_residual has the promoted dtype of x and residual (as `x + residual` has); the dropped x is
 rounded to x's dtype before the add, so the numbers are those of torch's `F.dropout(x) + residual`.
 The Triton kernel (lowmem_ops._add_norm_kernel) runs CUDA tensors (and CPU tensors under
-LOWMEM_OPS_BACKEND=triton-interpret); the host path (CPU, float64) draws the same mask with torch
-ops and runs the MS norm's host forward. Where a call's gamma/beta break inverse mode's rule, that
+LOWMEM_OPS_BACKEND=triton-interpret); the host path (CPU, float64) draws the same mask with the
+dropout op's host implementation (C++ or torch) and runs the MS norm's host forward. Where a call's gamma/beta break inverse mode's rule, that
 call saves new_residual instead (torch's norm on it), as lo.ms_layernorm does.
 
     lowmem_ops::add_ms_norm_fwd(x, residual, weight?, bias?, seed?, offset, p, eps, is_rms, out_dtype?,
@@ -85,7 +85,8 @@ def _add_ms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[t
 
 
 def _torch_dropout_add(x2, r2, seed, offset, p, h_dtype) -> torch.Tensor:
-    dropped = _dropout._torch_apply(x2, seed, offset, p) if p > 0.0 else x2
+    # the dropout op's own host implementation (its C++ kernel on CPU, else torch ops): the same mask
+    dropped = _dropout._dropout_apply(x2, seed, offset, p) if p > 0.0 else x2
     return torch.add(dropped, r2).to(h_dtype)  # torch adds mixed dtypes in the promoted one
 
 

@@ -71,7 +71,7 @@ def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, ne
     _check(gate, up, name)
     gate, up = gate.contiguous(), up.contiguous()
     write_h, write_codes = approx and need_up, approx and need_gate
-    backend = _cpp_or_torch(op, pick_backend(gate, has_cpp=True))
+    backend = _cpp_or_torch(op, pick_backend(gate, has_cpp=True, tree=op.tree))
     if backend == "cpp":
         return _cpp_backend.gated_forward(op, gate, up, write_h, write_codes)
     if backend == "torch":
@@ -96,7 +96,7 @@ def _gated_bwd(dy: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torc
                need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
     op = gated_op(name)
     dy = dy.contiguous()
-    backend = _cpp_or_torch(op, pick_backend(dy, has_cpp=True))
+    backend = _cpp_or_torch(op, pick_backend(dy, has_cpp=True, tree=op.tree))
     if backend == "cpp":
         return _cpp_backend.gated_backward(op, dy, gate, up, h, codes, approx, need_gate, need_up)
     if backend == "torch":

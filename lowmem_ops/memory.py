@@ -25,6 +25,16 @@ from pathlib import Path
 import torch
 
 
+def require_matplotlib(what: str):
+    """matplotlib, which only the plots need: it comes with the `kernelgen` extra, not with lowmem-ops."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(f"lowmem_ops: {what} draws with matplotlib, which is not installed ({err}): "
+                          "pip install 'lowmem-ops[kernelgen]' (or matplotlib)") from None
+    return matplotlib
+
+
 @dataclass
 class SavedStorage:
     nbytes: int
@@ -109,8 +119,7 @@ class Measurement:
 
     def plot(self, path: str | Path, before: "Measurement | None" = None, top: int = 20) -> Path:
         """A horizontal bar chart of the largest modules (PNG)."""
-        import matplotlib
-
+        matplotlib = require_matplotlib("Measurement.plot")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

@@ -248,7 +248,11 @@ _warned_fallback: set[int] = set()
 
 
 def inverse_is_safe(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether y can be inverted to x_hat for these parameters (INVERSE_RULE). Syncs with the device."""
+    """Whether y can be inverted to x_hat for these parameters (INVERSE_RULE). Syncs with the device.
+    CPU parameters are checked at every call: there one C++ pass replaces the torch ops' nine."""
+    if weight.device.type == "cpu" and weight.dtype != torch.float64 and \
+            _cpp.choose_for_norms(pick_backend(weight, has_cpp=True)) == "cpp":
+        return _cpp.norm_rule(weight, bias, GAMMA_MIN, BETA_RATIO)  # reads them flat, in memory order
     return bool(nb.inverse_rule_holds(weight, bias, GAMMA_MIN, BETA_RATIO))
 
 

@@ -99,8 +99,9 @@ class Plan:
         if not self.timeline:
             raise ValueError("lowmem_ops.memory: this plan has no timeline (extrapolated from plans whose layers "
                              "could not be matched: plan the model itself, or the CLI with --exact, to plot it)")
-        import matplotlib
+        from .memory import require_matplotlib
 
+        matplotlib = require_matplotlib("Plan.plot")
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 

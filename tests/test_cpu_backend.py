@@ -292,3 +292,20 @@ def test_missing_source_and_stale_kernels_are_refused(tmp_path):
     upper = dataclasses.replace(op, boundary="upper")
     assert isinstance(_cpp_backend._check_op(lib, upper), str)
     assert not isinstance(_cpp_backend._check_op(lib, op), str)
+
+
+def test_checkouts_with_the_same_kernels_share_one_build(tmp_path, monkeypatch):
+    """The C++ source is compiled from a copy named by its hash, so ninja (which records the source's
+    path) sees one source for every tree holding those kernels and does not rebuild when two checkouts
+    alternate; the copy is rewritten only when its text differs."""
+    from lowmem_ops import _cpp_backend
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    first = _cpp_backend._stable_copy(b"int f() { return 1; }\n", "lowmem_ops_cpu_0123")
+    stamp = first.stat().st_mtime_ns
+    again = _cpp_backend._stable_copy(b"int f() { return 1; }\n", "lowmem_ops_cpu_0123")
+    assert again == first and again.stat().st_mtime_ns == stamp and first.parent.parent == tmp_path
+    first.write_bytes(b"damaged")
+    assert _cpp_backend._stable_copy(b"int f() { return 1; }\n", "lowmem_ops_cpu_0123").read_bytes() == \
+        b"int f() { return 1; }\n"
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind

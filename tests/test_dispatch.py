@@ -1,21 +1,23 @@
 """Which arch build a GPU gets."""
 
-import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lowmem_ops import _tree
+from lowmem_ops import _common, _tree, _triton_backend
 from lowmem_ops._tree import pick_arch
 
 from . import reference as ref
 
 
-def fake_tree(tmp_path, caps):
-    for cap in caps:
-        (tmp_path / f"sm{cap}").mkdir()
-        (tmp_path / f"sm{cap}" / "manifest.json").write_text(json.dumps({"capability": cap}))
+def fake_tree(tmp_path, caps, gfx=()):
+    """Arch folders as the runtime sees them: a configs.py that records the vendor and capability."""
+    for name, vendor, cap in [(f"sm{c}", "nvidia", c) for c in caps] + [(g, "amd", g) for g in gfx]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+        (tmp_path / name / "configs.py").write_text(f"VENDOR = {vendor!r}\nCAPABILITY = {cap!r}\n")
     return tmp_path
 
 
@@ -69,37 +71,79 @@ def test_user_tree_loaded_first_keeps_builtins(tmp_path):
     assert set(eval(out.stdout)) == builtins | {"myact"}
 
 
-def test_rocm_gpus_never_run_kernels_built_for_nvidia(monkeypatch):
-    """A ROCm torch calls AMD GPUs 'cuda': auto takes the torch path there (warning once), and an explicit
-    LOWMEM_OPS_BACKEND=triton is an error that says why, instead of mapping a gfx GPU onto an sm build."""
-    from types import SimpleNamespace
+@pytest.fixture
+def rocm(monkeypatch):
+    """A ROCm torch (which calls AMD GPUs "cuda") whose device 0 is an MI300X; resolutions start afresh."""
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(gcnArchName="gfx942:sramecc+:xnack-", name="AMD Instinct MI300X"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 4))  # what ROCm torch reports
+    monkeypatch.setattr(_tree, "_gpus", {})
+    monkeypatch.setattr(_tree, "_archs", {})
+    monkeypatch.setattr(_common, "_warned_rocm", set())
 
-    from lowmem_ops import _common
 
-    amd = SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda", 0))
-    monkeypatch.setattr(_common, "ROCM", True)
-    monkeypatch.setattr(_common, "_warned_rocm", False)
-    with ref.backend("auto"), pytest.warns(UserWarning, match="no kernels are built for AMD GPUs"):
-        assert _common.backend(amd) == "torch"
+def amd_tensor():
+    return SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda", 0))
+
+
+def test_an_amd_gpu_is_known_by_its_gfx_name_without_feature_flags(rocm):
+    assert _tree.gpu_arch(torch.device("cuda")) == "gfx942"
+
+
+def test_an_amd_gpu_gets_the_folder_of_its_gfx_arch(tmp_path, rocm):
+    tree = fake_tree(tmp_path, [80, 90], gfx=["gfx90a", "gfx942", "gfx1100"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pick_arch(tree, "gfx942") == "gfx942"
+        assert _tree.arch_for(torch.device("cuda", 0), tree, interpret=False) == "gfx942"
+        assert _common.backend(amd_tensor(), tree=tree) == "triton"
+        assert pick_arch(tree, 90) == "sm90"  # an NVIDIA capability never gets a gfx folder
+        assert _tree.lowest_arch(tree) == "sm80"  # the interpreter's, as before
+
+
+def test_an_amd_gpu_never_gets_an_sm_folder(tmp_path, rocm):
+    """Without a folder of its gfx arch (here: sm90, whose number ROCm's capability 9.4 would have been
+    mapped onto, and another AMD arch) the ops take the torch path as before AMD builds existed: auto
+    warns once naming the build command, LOWMEM_OPS_BACKEND=triton is an error saying why."""
+    tree = fake_tree(tmp_path, [80, 90], gfx=["gfx90a"])
+    assert pick_arch(tree, "gfx942") is None
+    with ref.backend("auto"), pytest.warns(UserWarning, match=f"no kernels are built for this gfx942 GPU in {tree}.*"
+                                                               f"kernelgen build --arch gfx942 --out {tree}"):
+        assert _common.backend(amd_tensor(), tree=tree) == "torch"
     with ref.backend("auto"), warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _common.backend(amd) == "torch"  # once
-    with ref.backend("triton"), pytest.raises(RuntimeError, match="ROCm build"):
-        _common.backend(amd)
-    monkeypatch.setattr(_common, "ROCM", False)
+        assert _common.backend(amd_tensor(), tree=tree) == "torch"  # once
+    with ref.backend("triton"), pytest.raises(RuntimeError, match="ROCm build.*no kernels built for this gfx942"):
+        _common.backend(amd_tensor(), tree=tree)
+    with pytest.raises(RuntimeError, match="has no kernels built for this gfx942 GPU"):
+        _tree.arch_for(torch.device("cuda", 0), tree, interpret=False)  # a launcher asked anyway: said, not mapped
+    with ref.backend("auto"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _common.backend(SimpleNamespace(dtype=torch.float32, device=torch.device("cpu")), tree=tree) == "torch"
+
+
+def test_the_builtin_tree_decides_for_ops_that_name_none(tmp_path, rocm, monkeypatch):
+    monkeypatch.setattr(_tree, "builtin_tree", lambda: fake_tree(tmp_path, [80], gfx=["gfx942"]))
     with ref.backend("auto"):
-        assert _common.backend(amd) == "triton"
+        assert _common.backend(amd_tensor()) == "triton"
+
+
+def test_cuda_torch_is_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", None)
+    tree = fake_tree(tmp_path, [80])
+    with ref.backend("auto"):
+        assert _common.backend(amd_tensor(), tree=tree) == "triton"
 
 
 def test_the_arch_is_resolved_once_per_tree_and_gpu(tmp_path, monkeypatch):
-    """The launch path scans a tree's folders and manifests once, not per kernel launch."""
-    from lowmem_ops import _triton_backend
-
+    """The launch path scans a tree's folders and configs once, not per kernel launch."""
     tree = fake_tree(tmp_path, [80, 90])
     scans = []
     real = _tree.built_archs
     monkeypatch.setattr(_tree, "built_archs", lambda t: scans.append(t) or real(t))
-    monkeypatch.setattr(_triton_backend, "_capabilities", {0: 90})
+    monkeypatch.setattr(_tree, "_gpus", {0: 90})
     for _ in range(3):
         assert _triton_backend.arch_for(torch.device("cuda", 0), tree, interpret=False) == "sm90"
         assert _triton_backend.arch_for(torch.device("cpu"), tree, interpret=True) == "sm80"

@@ -18,7 +18,7 @@ from lowmem_ops.dropout import draw_seed, keep_mask
 
 from . import reference as ref
 
-BACKENDS = ("torch", "triton-interpret")
+BACKENDS = ("torch", "cpp", "triton-interpret")
 SEEDS = [0, 1, 12345, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 40 + 3, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1,
          -1, -5, -(2 ** 31), -(2 ** 63)]
 OFFSETS64 = list(range(70)) + [2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 40 + 5, 2 ** 63 - 1, -1, -(2 ** 63)]
@@ -309,3 +309,20 @@ def test_cuda_kernel_compiles_ahead_of_time(dtype):
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": _dropout_kernel.NUM_WARPS})
     ptx = compiled.asm["ptx"]
     assert ptx.count("mul.hi.u32") >= 2 * _philox.ROUNDS and "cvt.rn.f32.s32" in ptx
+
+
+def test_cpu_tensors_take_the_cpp_kernel(monkeypatch):
+    """auto on CPU: float32/bf16/fp16 run the C++ kernel (the torch path's int64 Philox is ~100x slower),
+    float64 the torch path; both give the rule's output."""
+    from lowmem_ops import _cpp_backend
+    calls = []
+    real = _cpp_backend.dropout_apply
+    monkeypatch.setattr(_cpp_backend, "dropout_apply", lambda *a: calls.append(a[1].dtype) or real(*a))
+    with ref.backend("auto"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            x = torch.randn(2, 300).to(dtype)
+            want, keep = _expected(x, -3, 9, 0.25)
+            if dtype == torch.float64:  # scaled in float64
+                want = torch.where(keep, x * (1 / 0.75), 0.0)
+            assert torch.equal(lo.dropout(x, 0.25, seed=-3, offset=9), want), dtype
+    assert calls == [torch.float32, torch.bfloat16]

@@ -229,7 +229,8 @@ def test_forward_kernel_rule_flag_matches_the_rule(width, pdtype, kind):
     """The flag the affine forward kernel computes on the device (what backward reads on CUDA) against
     the rule evaluated independently, for parameters that pass, and for each way of breaking it at
     the first, a middle or the last column: |gamma| just below the bound, 0, NaN, |beta| just over
-    16 |gamma|, NaN beta. The torch backend's flag is held to the same reference."""
+    16 |gamma|, NaN beta. The torch backend's flag and the C++ check CPU parameters get are held to the
+    same reference."""
     from lowmem_ops import _norm_backends as nb
 
     gen = torch.Generator().manual_seed(width)
@@ -265,4 +266,6 @@ def test_forward_kernel_rule_flag_matches_the_rule(width, pdtype, kind):
         assert flag.shape == () and flag.dtype == torch.int32
         assert bool(flag) == expected, (w, b)
         assert bool(nb.inverse_rule_holds(w, b, *rule)) == expected
+        with ref.backend("cpp"):
+            assert lo.norms.inverse_is_safe(w, b) == expected, (w, b)
     assert outcomes == {True, False}  # both verdicts were exercised

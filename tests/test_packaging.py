@@ -1,14 +1,19 @@
-"""A non-editable install carries the generated kernels, the templates and the specs."""
+"""A non-editable install carries the generated kernels, the templates and the specs, not the
+manifests; training code needs none of the generator's dependencies (the `kernelgen` extra)."""
 
 import os
 import subprocess
 import sys
+import textwrap
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The `kernelgen` extra; training code (import, every op, convert, the meter) must not need them.
+GENERATOR_DEPS = {"jinja2", "sympy", "scipy", "threadpoolctl", "matplotlib", "tomli_w"}
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +26,104 @@ def wheel(tmp_path_factory):
 
 
 def test_wheel_contents(wheel):
+    """Every arch folder of generated/ with all its kernels and configs.py; no manifest.json."""
     names = set(zipfile.ZipFile(wheel).namelist())
-    for arch in ("sm80", "sm86", "sm89", "sm90", "sm100"):
-        assert f"lowmem_ops/_generated/{arch}/manifest.json" in names
-        assert f"lowmem_ops/_generated/{arch}/regelu2.py" in names
-        assert f"lowmem_ops/_generated/{arch}/configs.py" in names
+    arch_dirs = [d for d in (REPO / "generated").iterdir() if (d / "configs.py").is_file()]
+    assert {d.name for d in arch_dirs} >= {"sm80", "sm86", "sm89", "sm90", "sm100"}
+    for arch in arch_dirs:
+        kernels = {f"lowmem_ops/_generated/{arch.name}/{f.name}" for f in arch.glob("*.py")}
+        assert kernels - names == set(), f"{arch.name}: list it in pyproject.toml's packages and package-dir"
+        assert f"lowmem_ops/_generated/{arch.name}/regelu2.py" in kernels
+    assert not [n for n in names if n.endswith(".json")]  # manifests are build records
     assert {"lowmem_ops/_generated/ops.py", "kernelgen/templates/activation.py.j2", "kernelgen/specs/regelu2.toml",
             "kernelgen/templates/activation.space.toml", "kernelgen/templates/norm.space.toml",
             "kernelgen/templates/configs.py.j2", "lowmem_ops/_generated/cpu_kernels.cpp",
             "kernelgen/templates/cpu_activation.cpp.j2"} <= names
+
+
+def test_the_generator_dependencies_are_an_extra():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {r.split(";")[0].split(">")[0].split("=")[0].split("[")[0].strip().replace("-", "_")
+                for r in requirements}
+
+    assert names(project["dependencies"]) >= {"torch", "triton", "numpy", "rich", "ninja"}
+    assert not names(project["dependencies"]) & GENERATOR_DEPS
+    assert names(project["optional-dependencies"]["kernelgen"]) == GENERATOR_DEPS
+
+
+# Without the extra: the four torch does not need are absent for everyone (a meta-path finder), and
+# lowmem_ops itself (any module named lowmem_ops.*, generated trees included) may import none of the
+# six, even sympy and jinja2, which torch depends on and may import itself.
+BLOCKER = f"""
+import builtins, sys
+GENERATOR = {sorted(GENERATOR_DEPS)!r}
+ABSENT = {{"scipy", "threadpoolctl", "matplotlib", "tomli_w"}}
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ABSENT:
+            raise ImportError(f"No module named {{name!r}} (not installed without the kernelgen extra)")
+
+sys.meta_path.insert(0, Absent())
+_import = builtins.__import__
+
+def guarded(name, globals=None, locals=None, fromlist=(), level=0):
+    importer = (globals or {{}}).get("__name__") or ""
+    if level == 0 and name.partition(".")[0] in GENERATOR and importer.partition(".")[0] == "lowmem_ops":
+        raise ImportError(f"{{importer}} imports {{name}}, a dependency of the kernelgen extra")
+    return _import(name, globals, locals, fromlist, level)
+
+builtins.__import__ = guarded
+"""
+
+
+def test_training_code_runs_without_the_kernelgen_extra(tmp_path):
+    code = BLOCKER + textwrap.dedent("""
+        import os, pytest, torch
+        for name in ("scipy", "matplotlib", "tomli_w"):  # the blocker works
+            with pytest.raises(ImportError):
+                __import__(name)
+        with pytest.raises(ImportError, match="lowmem_ops.x imports sympy"):
+            exec("import sympy", {"__name__": "lowmem_ops.x"})
+
+        import lowmem_ops as lo
+        torch.manual_seed(0)
+        x = torch.randn(64, 96, requires_grad=True)
+        # (not the C++ kernels: their first use compiles for a minute; lowmem_ops._cpp_backend's own
+        # imports are checked by `import lowmem_ops` above, and the compile is torch's cpp_extension)
+        for backend in ("triton-interpret", "torch"):
+            os.environ["LOWMEM_OPS_BACKEND"] = backend
+            for name in ("regelu2", "resilu2", "tanh_gelu3"):
+                lo.approx_activation(x, name).sum().backward()
+            lo.ms_layernorm(x, 96).sum().backward()
+            lo.ms_rmsnorm(x, 96).sum().backward()
+            lo.swiglu(x[:, :48], x[:, 48:]).sum().backward()
+        lo.dropout(x, 0.1).sum().backward()
+        lo.nn.Dropout(0.1)(x).sum().backward()
+
+        model = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.GELU(), torch.nn.Linear(128, 96),
+                                    torch.nn.LayerNorm(96), torch.nn.Linear(96, 4))
+        report = lo.convert(model, example_inputs=(torch.randn(16, 96),))
+        assert report.applied, report
+        model(torch.randn(16, 96)).sum().backward()
+        m = lo.memory.measure(model, torch.randn(16, 96))
+        assert m.total_bytes > 0
+        plan = lo.memory.plan(model, torch.randn(16, 96))
+        assert plan.peak > 0
+        with pytest.raises(ImportError, match=r"pip install 'lowmem-ops\\[kernelgen\\]'"):
+            m.plot(os.environ["PLOT"])
+        with pytest.raises(ImportError, match=r"pip install 'lowmem-ops\\[kernelgen\\]'"):
+            plan.plot(os.environ["PLOT"])
+        print("ok")
+    """)
+    env = {**os.environ, "PLOT": str(tmp_path / "p.png")}
+    env.pop("LOWMEM_OPS_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
 
 
 def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
@@ -55,4 +149,17 @@ def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
     env.pop("LOWMEM_OPS_BACKEND", None)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_kernelgen_without_the_extra_says_how_to_get_it(tmp_path):
+    code = BLOCKER + textwrap.dedent("""
+        import pytest
+        with pytest.raises(ImportError, match=r"kernelgen needs scipy, threadpoolctl, matplotlib, tomli_w, not "
+                                              r"installed: pip install 'lowmem-ops\\[kernelgen\\]'"):
+            import kernelgen.cli
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok"

@@ -1,9 +1,11 @@
-"""Loading a generated tree: a damaged manifest is named with its fix (at run time, where it skips only
-that arch, and in kernelgen build / --check, at once instead of minutes of recompiling), and lo.load
+"""Loading a generated tree: the runtime picks an arch by what its configs.py records and skips a
+damaged one with a warning naming the file (it never reads a manifest); a damaged manifest is named
+with its fix by kernelgen build / --check, at once instead of minutes of recompiling; and lo.load
 checks every op spec of a tree's ops.py before it registers any."""
 
 import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -17,13 +19,25 @@ from . import reference as ref
 from .test_build import snapshot
 from .test_lost_work import small_copy
 
-# --- manifests ---------------------------------------------------------------------------------------
+# --- what the runtime reads of an arch: configs.py ------------------------------------------------------
+
+
+def _set(name: str, value: str):
+    """configs.py with the assignment `name = ...` replaced by `name = value`."""
+    def damage(configs):
+        text, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", configs.read_text(), count=1, flags=re.M)
+        assert n == 1
+        configs.write_text(text)
+    return damage
+
 
 DAMAGE = {
-    "corrupt JSON": lambda m: m.write_text(m.read_text()[:200]),
-    "missing": lambda m: m.unlink(),
-    "no capability": lambda m: m.write_text(json.dumps({"arch": m.parent.name})),
-    "capability of the wrong type": lambda m: m.write_text(json.dumps({"capability": "86"})),
+    "corrupt": lambda c: c.write_text(c.read_text()[:2000]),
+    "missing": lambda c: c.unlink(),
+    "no capability": lambda c: c.write_text(re.sub(r"^CAPABILITY = .*$", "", c.read_text(), flags=re.M)),
+    "capability of the wrong type": _set("CAPABILITY", "'86'"),
+    "unknown vendor": _set("VENDOR", "'intel'"),
+    "AMD vendor, not its gfx name": _set("VENDOR", "'amd'"),
 }
 
 
@@ -35,29 +49,46 @@ def run_regelu2_on(tree, monkeypatch):
     torch.testing.assert_close(x.grad.double(), ref.grad("regelu2", x, torch.ones_like(x)))
 
 
+def test_the_committed_archs_are_read_from_their_configs_not_their_manifests(tmp_path, monkeypatch):
+    """Every committed arch is found with the vendor and capability of its kernelgen target, and a tree
+    without any manifest.json (as installed from the wheel) picks the same folders."""
+    from kernelgen import targets
+
+    tree = small_copy(tmp_path / "tree", tuple(archs.ARCHS))
+    for manifest in tree.glob("*/manifest.json"):
+        manifest.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = _tree.built_archs(tree)
+        assert {name: (a.vendor, a.capability) for name, a in found.items()} == \
+            {name: (targets.TARGETS[name].vendor, targets.TARGETS[name].arch) for name in archs.ARCHS}
+        assert _tree.pick_arch(tree, 90) == "sm90" and _tree.lowest_arch(tree) == "sm80"
+    run_regelu2_on(tree, monkeypatch)
+
+
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_broken_arch_is_skipped_with_a_warning_naming_the_file(damage, tmp_path, monkeypatch):
-    """sm86's manifest broken: ops keep working on sm80 (what the interpreter and an sm80 GPU use),
+    """sm86's configs.py broken: ops keep working on sm80 (what the interpreter and an sm80 GPU use),
     an sm86 GPU falls back to sm80; one warning names the file and the command that fixes it."""
     tree = small_copy(tmp_path / "tree", ("sm80", "sm86"))
-    manifest = tree / "sm86" / "manifest.json"
-    DAMAGE[damage](manifest)
+    configs = tree / "sm86" / "configs.py"
+    DAMAGE[damage](configs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_regelu2_on(tree, monkeypatch)
         run_regelu2_on(tree, monkeypatch)
-        assert _tree.built_archs(tree) == {80: "sm80"}
+        assert list(_tree.built_archs(tree)) == ["sm80"]
         assert _tree.pick_arch(tree, 86) == "sm80"
-    about = [str(w.message) for w in caught if str(manifest) in str(w.message)]
+    about = [str(w.message) for w in caught if str(configs) in str(w.message)]
     assert len(about) == 1, [str(w.message) for w in caught]  # once, not per launch
-    assert f"kernelgen build --arch sm86 --recompile --out {tree}" in about[0] and "git checkout generated/" in about[0]
+    assert f"kernelgen build --arch sm86 --out {tree}" in about[0] and "git checkout generated/" in about[0]
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_no_sound_manifest_is_an_error_naming_each_file(damage, tmp_path, monkeypatch):
+def test_no_sound_arch_is_an_error_naming_each_file(damage, tmp_path, monkeypatch):
     tree = small_copy(tmp_path / "tree", ("sm80", "sm86"))
     for arch in ("sm80", "sm86"):
-        DAMAGE[damage](tree / arch / "manifest.json")
+        DAMAGE[damage](tree / arch / "configs.py")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError) as err:
@@ -65,8 +96,10 @@ def test_no_sound_manifest_is_an_error_naming_each_file(damage, tmp_path, monkey
     msg = str(err.value)
     assert f"{tree} holds no built arch" in msg
     for arch in ("sm80", "sm86"):
-        assert f"{tree / arch / 'manifest.json'}: " in msg and f"kernelgen build --arch {arch}" in msg
+        assert f"{tree / arch / 'configs.py'}: " in msg and f"kernelgen build --arch {arch}" in msg
 
+
+# --- kernelgen build and --check name a damaged manifest ------------------------------------------
 
 class Compiled(Exception):
     """Raised instead of compiling: the tests below must stop (or go on to compile) at a known point."""
