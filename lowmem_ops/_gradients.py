@@ -106,20 +106,39 @@ class Probe:
 
 
 def _record_calls(modules: dict) -> tuple[dict, list]:
-    """Forward hooks recording, at each call of modules[key], its input x and a holder that receives
-    the gradient reaching its output: ({key: [(x, holder)]}, hook handles to remove)."""
+    """Hooks recording, at each call of modules[key], its input x as the module received it and a
+    holder that receives the gradient reaching its output: ({key: [(x, holder)]}, hook handles to
+    remove). A module that writes its input in place (`inplace=True`, as timm's and torchvision's
+    activations are built) gets a copy taken before it runs; a call whose input changed in place
+    without that flag is not recorded (what it received is gone)."""
     calls = {key: [] for key in modules}
 
     def recorder(key):
-        def hook(module, args, out):
+        pending = []
+
+        def before(module, args):
             x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and out.requires_grad:
+            if isinstance(x, torch.Tensor):
+                copy = x.detach().clone() if getattr(module, "inplace", False) else x.detach()
+                pending.append((x, x._version, copy))
+
+        def after(module, args, out):
+            if not pending:
+                return
+            x, version, copy = pending.pop()
+            if x._version != version and copy is not None and copy.data_ptr() == x.data_ptr():
+                return  # written in place by a module without an `inplace` flag
+            if isinstance(out, torch.Tensor) and out.requires_grad:
                 holder = []
                 out.register_hook(lambda g: holder.append(g.detach()))
-                calls[key].append((x.detach(), holder))
-        return hook
+                calls[key].append((copy, holder))
+        return before, after
 
-    return calls, [m.register_forward_hook(recorder(key)) for key, m in modules.items()]
+    handles = []
+    for key, m in modules.items():
+        before, after = recorder(key)
+        handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    return calls, handles
 
 
 def _local_cosine(calls: list, new: torch.nn.Module, old: torch.nn.Module) -> float | None:
@@ -131,7 +150,7 @@ def _local_cosine(calls: list, new: torch.nn.Module, old: torch.nn.Module) -> fl
         g = holder[0]
         for module, into in ((new, ours), (old, exact)):
             leaf = x.detach().requires_grad_()
-            out = module(leaf)
+            out = module(leaf.clone())  # a copy: an in-place module (ReLU(inplace=True)) may write it
             (gx,) = torch.autograd.grad(out, leaf, g, allow_unused=True)
             into.append(torch.zeros_like(leaf) if gx is None else gx)
     return cosine(ours, exact)

@@ -50,11 +50,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _bits, _gradients, _recognition, memory
+from . import _attention, _bits, _gradients, _recognition, memory
+from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
 from ._snapshot import Snapshot, state_kept
 from .gated import MODES
-from .nn import Approx, GatedMLP, MSLayerNorm, MSRMSNorm
+from .nn import Approx, Dropout, GatedMLP, MSLayerNorm, MSRMSNorm
 
 # class name -> the op with exactly that forward for this instance (None: its arguments have no match)
 _ACTIVATIONS = {
@@ -150,7 +151,7 @@ class Report:
 
 
 def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated: bool, gated_mode: str,
-                 folded: bool = False, observation: "_Observation | None" = None):
+                 folded: bool = False, observation: "_Observation | None" = None, dropout: bool = False):
     """The module to put in place of `module`, or (None, reason) / (None, None) when not ours.
     folded: the norm's affine goes into its consumers, so the new norm has none.
     observation: what the example inputs showed (a norm subclass's forward checked against torch's)."""
@@ -158,6 +159,10 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
     if type(module).__module__.startswith("lowmem_ops"):
         return None, None  # already ours (convert() called twice)
     match = observation.matches.get(id(module)) if observation is not None else None
+    if dropout:
+        new, why = _dropout_replacement(module, norms, observation)
+        if new is not None or why:
+            return new, why
     if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         pick = _ACTIVATIONS.get(type(module.act_fn).__name__)
         probed = observation.matches.get(id(module.act_fn)) if observation is not None else None
@@ -205,6 +210,27 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
     if norms and isinstance(module, torch.nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
         # not a probing candidate (its eval-mode forward is a per-channel affine), but a norm left alone
         return None, f"{name}: normalises with batch or instance statistics; memory-sharing kernels are LayerNorm / RMSNorm only"
+    return None, None
+
+
+def _dropout_replacement(module: torch.nn.Module, norms: bool, observation: "_Observation | None"):
+    """What stores no dropout mask in place of `module` (docs/convert.md, "Dropout"): a post-LN output
+    block -> DropoutAddNorm (with norms), an HF attention module on sdpa -> its copy whose CPU dropout
+    is regenerated, torch's nn.Dropout -> lowmem_ops' Dropout; (None, None) for anything else."""
+    if norms:
+        fused, why = fused_block(module)
+        if fused is not None:
+            norm = getattr(fused, fused.names[2])
+            if observation is not None and id(norm) in observation.modified:
+                return None, (f"{observation.modified[id(norm)]}; the fused block saves the norm's output for "
+                              "backward, so it stays as it is")
+            return fused, None
+        if why:
+            return None, why
+    if observation is not None and id(module) in observation.attention and _attention.candidate(module):
+        return _attention.with_regenerated_dropout(module), None
+    if type(module) is torch.nn.Dropout and module.p > 0:
+        return Dropout(module.p, module.inplace), None
     return None, None
 
 
@@ -409,7 +435,7 @@ def _input_dtypes(model: torch.nn.Module, layers: list, inputs) -> dict[int, tor
 def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
             gated: bool = True, gated_mode: str = "auto", fold: bool = True, lora_dtype: bool = True,
             measure_memory: bool = True, check_gradients: bool = True, loss_fn=None,
-            grad_tolerance: float | None = GRAD_TOLERANCE) -> Report:
+            grad_tolerance: float | None = GRAD_TOLERANCE, dropout: bool = True) -> Report:
     """Swap, in place, what stores less; verify on example_inputs (a tensor, tuple or dict of kwargs).
 
     Transactional: a change that cannot be made, raises, or moves the outputs is undone and reported;
@@ -426,6 +452,10 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     them, or pass False).
     measure_memory: measure saved bytes before and after (train mode, fixed seed) and undo every
     change that does not reduce them ("saves no memory (+N bytes)").
+    dropout: store no dropout masks (docs/convert.md, "Dropout"): torch's nn.Dropout (p > 0) -> lowmem_ops'
+    Dropout; a post-LN output block (dense -> dropout -> LayerNorm(h + residual), recognised by its
+    behaviour) -> DropoutAddNorm, the dropout, add and norm fused (with norms); a Hugging Face attention
+    module on sdpa -> the same module with its attention-probability dropout regenerated off CUDA.
     check_gradients: compare parameter gradients with the unconverted model's on the example inputs
     (report.gradient_cosine, and each activation's local cosine); loss_fn(outputs) -> scalar is the
     loss to differentiate (default: a fixed random projection of the outputs).
@@ -446,11 +476,11 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     reference = _run(model, example_inputs) if examples else None
     if examples and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
-    observation = _observe(model, example_inputs) if examples and (norms or activations or gated) else None
+    observation = _observe(model, example_inputs) if examples and (norms or activations or gated or dropout) else None
 
     actions = _lora_retypes(model, example_inputs) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
-                     gated_mode=gated_mode, fold=fold)
+                     gated_mode=gated_mode, fold=fold, dropout=dropout)
     # the exact model's gradients, and the inputs and output gradients of the activations to swap
     activation_swaps = {i: a for i, a in enumerate(actions) if isinstance(a, _Swap) and isinstance(a.new, Approx)}
     probe = (_probe(model, example_inputs, loss_fn, report, {i: a.old for i, a in activation_swaps.items()})
@@ -644,9 +674,11 @@ def _compare_gradients(model, inputs, probe, actions, report: Report) -> None:
     applied = [a for a in actions if a.change.status == "applied"]
     ignored = {id(t) for a in applied for t in a.writes}
     ignored |= {id(p) for a in applied if isinstance(a, _Swap) and a.folds for p in a.old.parameters()}
-    # activations and gated MLPs: every swap but the norms, whose backward is exact (docs/norms.md)
+    # activations and gated MLPs: every swap but those whose backward is exact (the norms, docs/norms.md;
+    # the dropouts and the fused post-LN blocks, an identity and add + norm in eval mode)
     watched = {i: (a.new, a.old) for i, a in enumerate(applied)
-               if isinstance(a, _Swap) and not isinstance(a.new, (MSLayerNorm, MSRMSNorm))}
+               if isinstance(a, _Swap) and not isinstance(a.new, (MSLayerNorm, MSRMSNorm, Dropout, DropoutAddNorm))
+               and type(a.new) is not type(a.old)}
     try:
         overall, local = probe.compare(lambda then: _run(model, inputs, then=then), watched, ignored)
     except Exception as e:  # e.g. a backward only the converted model fails
@@ -764,7 +796,8 @@ def _module_paths(model: torch.nn.Module) -> dict[int, list[str]]:
     return paths
 
 
-def _plan(model, observation, report: Report, *, activations, norms, gated, gated_mode, fold) -> list[_Swap]:
+def _plan(model, observation, report: Report, *, activations, norms, gated, gated_mode, fold, dropout=False
+          ) -> list[_Swap]:
     """The swaps to make, one per module object (at all its names); what cannot be swapped is a
     report line."""
     paths = _module_paths(model)
@@ -778,7 +811,8 @@ def _plan(model, observation, report: Report, *, activations, norms, gated, gate
         done.add(id(module))
         try:
             swap = _swap_for(model, path, module, paths, observation, tied, report,
-                             activations=activations, norms=norms, gated=gated, gated_mode=gated_mode, fold=fold)
+                             activations=activations, norms=norms, gated=gated, gated_mode=gated_mode, fold=fold,
+                             dropout=dropout)
         except Exception as e:  # e.g. an op missing from the loaded kernel tree
             report.skipped.append((path, f"could not be converted: {_describe(e)}"))
             continue
@@ -790,13 +824,14 @@ def _plan(model, observation, report: Report, *, activations, norms, gated, gate
     return planned
 
 
-def _swap_for(model, path, module, paths, observation, tied, report, *, activations, norms, gated, gated_mode, fold):
+def _swap_for(model, path, module, paths, observation, tied, report, *, activations, norms, gated, gated_mode, fold,
+              dropout=False):
     """The swap for one module (held under paths[id(module)]), or None, with a report line when it is skipped."""
     names = paths[id(module)]
     shared = len(names) > 1
     watched = observation is not None and id(module) in observation.uses
     if watched and id(module) in observation.modified:
-        new, why = _replacement(module, activations, norms, gated, gated_mode, observation=observation)
+        new, why = _replacement(module, activations, norms, gated, gated_mode, observation=observation, dropout=dropout)
         if new is None or isinstance(new, (MSLayerNorm, MSRMSNorm)):  # an activation saves its codes, not its output
             if new is not None:
                 why = (f"{observation.modified[id(module)]}; a memory-sharing norm saves that output for "
@@ -806,7 +841,8 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
             return None
     targets = (_fold_targets(model, module, observation, tied, paths)
                if watched and fold and not shared and _foldable(module, observation) else [])
-    new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets), observation=observation)
+    new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets), observation=observation,
+                            dropout=dropout)
     if new is None:
         if why:
             report.skipped.append((path, why))
@@ -815,6 +851,8 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
         report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
         return None
     after = type(new).__name__
+    if type(new) is type(module) and getattr(new, "config", None) is not getattr(module, "config", None):
+        after += f" (attention dropout regenerated off CUDA: {_attention.NAME})"
     if observation is not None and id(module) in observation.matches:
         after += f" (probed: {observation.matches[id(module)].describe()})"
     if targets:
@@ -852,6 +890,7 @@ class _Observation:
     calls: dict = field(default_factory=dict)     # id(candidate leaf) -> its first call: (input shape, dtype, device, why not probed)
     matches: dict = field(default_factory=dict)   # id(candidate leaf) -> what probing found it computes (_recognition.Match)
     unknown: dict = field(default_factory=dict)   # id(candidate leaf) -> why probing found nothing to swap it for
+    attention: set = field(default_factory=set)   # ids of the innermost modules that ran scaled_dot_product_attention
 
 
 class _UseRecorder(torch.overrides.TorchFunctionMode):
@@ -876,6 +915,8 @@ class _UseRecorder(torch.overrides.TorchFunctionMode):
             owner = self.owners.get(id(leaf))
             if owner is not None and owner != here and name not in _METADATA:
                 self.seen.foreign.add(id(leaf))
+        if func is F.scaled_dot_product_attention:
+            self.seen.attention.add(here)  # a path until _observe ends
         target = _written_in_place(name, args, kwargs)
         if target is not None and id(target) in self.outputs:
             self.seen.modified.setdefault(self.outputs[id(target)][0],
@@ -956,6 +997,7 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     for norm, out, version in outputs.values():
         if out._version != version:  # any in-place write, through a view or not, bumps it
             seen.modified.setdefault(norm, "its output is modified in place")
+    seen.attention = {id(model.get_submodule(path)) for path in seen.attention if path}
     _identify(norms, seen)
     return seen
 
@@ -1107,6 +1149,9 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
                 original.weight.fill_(1.0)
                 if getattr(original, "bias", None) is not None:
                     original.bias.zero_()
+        # the training flag the model has now (the original kept the one it had at convert time: a
+        # dropout restored in training mode into a model in eval mode would drop)
+        original.train(model.get_submodule(path).training)
         setattr(model.get_submodule(parent_path), attr, original)
     if not folds:
         remove_state_dict_hooks(model)
@@ -1132,6 +1177,8 @@ def _stock(module: torch.nn.Module):
     if isinstance(module, MSRMSNorm):
         new = torch.nn.RMSNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine)
         return _adopt(new, module)
+    if isinstance(module, Dropout):
+        return torch.nn.Dropout(module.p, module.inplace)
     if isinstance(module, Approx):
         family = module.op_name.rstrip("0123456789")
         return _STOCK_ACTIVATIONS[family]() if family in _STOCK_ACTIVATIONS else None

@@ -112,20 +112,19 @@ def _torch_apply(x: torch.Tensor, seed: torch.Tensor, offset: int, p: float) -> 
 
 
 @lru_cache(maxsize=None)
-def _kernel_module(interpret: bool):
-    """lowmem_ops._dropout_kernel; with interpret=True a second copy whose kernel was created under
-    TRITON_INTERPRET=1 (read when @triton.jit runs), so that it runs on CPU tensors, and whose `rand`
-    is Triton's random module loaded the same way (an interpreted kernel can call interpreted
-    functions only)."""
-    require_triton("lowmem_ops.dropout needs triton to run its kernel")
+def _kernel_module(interpret: bool, name: str = "_dropout_kernel"):
+    """lowmem_ops.<name> (a kernel module drawing masks with `rand`: _dropout_kernel, _add_norm_kernel);
+    with interpret=True a second copy whose kernels were created under TRITON_INTERPRET=1 (read when
+    @triton.jit runs), so that they run on CPU tensors, and whose `rand` is Triton's random module
+    loaded the same way (an interpreted kernel can call interpreted functions only)."""
+    require_triton(f"lowmem_ops: {name} needs triton to run its kernels")
     if not interpret:
-        from . import _dropout_kernel
-        return _dropout_kernel
+        return importlib.import_module(f"{__package__}.{name}")
     import triton.language.random
     with interpreting():
         random = _import_in_package(Path(triton.language.random.__file__), "triton.language",
-                                    "lowmem_ops._triton_random_interpret")
-        module = import_file(Path(__file__).with_name("_dropout_kernel.py"), "lowmem_ops._dropout_kernel_interpret")
+                                    f"lowmem_ops._triton_random_interpret{name}")
+        module = import_file(Path(__file__).with_name(f"{name}.py"), f"lowmem_ops.{name}_interpret")
     module.rand = _restoring_calls(random).rand
     return module
 

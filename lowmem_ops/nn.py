@@ -6,7 +6,8 @@ import torch
 
 from ._tree import get_op
 from .activations import approx_activation
-from .dropout import Dropout
+from .add_norm import add_ms_layernorm, add_ms_rmsnorm
+from .dropout import Dropout, check_p
 from .gated import MODES, gated, gated_op
 from .norms import AFFINE_MODES, ms_layernorm, ms_rmsnorm
 
@@ -127,6 +128,48 @@ class MSRMSNorm(_MSNorm):
                                                        affine="plain" if self.affine == "plain" else "inverse"))
 
 
+def _one_dim(module) -> None:
+    if len(module.normalized_shape) != 1:
+        raise ValueError(f"{type(module).__name__} normalises the last dimension: normalized_shape must have one "
+                         f"element, got {module.normalized_shape}")
+
+
+class AddMSLayerNorm(MSLayerNorm):
+    """dropout + residual add + MSLayerNorm in one op: forward(x, residual) -> (y, new_residual) with
+    new_residual = dropout(x, p) + residual and y = LayerNorm(new_residual) (lowmem_ops.add_norm).
+    Parameters and state_dict as nn.LayerNorm; the dropout follows the module's training flag."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, p: float = 0.0, elementwise_affine: bool = True,
+                 bias: bool = True, affine: str | None = None, device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, affine, device, dtype)
+        self.p = check_p(p, "nn.AddMSLayerNorm")
+        _one_dim(self)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_ms_layernorm(x, residual, self.weight, self.bias, self.eps, self.p, self.training,
+                                affine="plain" if self.affine == "plain" else "inverse")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
+class AddMSRMSNorm(MSRMSNorm):
+    """dropout + residual add + MSRMSNorm (see AddMSLayerNorm). eps=None: finfo(dtype).eps."""
+
+    def __init__(self, normalized_shape: int, eps: float | None = None, p: float = 0.0,
+                 elementwise_affine: bool = True, affine: str | None = None, device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, affine, device, dtype)
+        self.p = check_p(p, "nn.AddMSRMSNorm")
+        _one_dim(self)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_ms_rmsnorm(x, residual, self.weight, self.eps, self.p, self.training,
+                              affine="plain" if self.affine == "plain" else "inverse")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
 class GatedActivation(torch.nn.Module):
     """act(gate) * up as one fused op: forward(gate, up). name: resilu2 (SwiGLU), regelu2 or
     tanh_gelu2 (GeGLU); mode: auto | exact | approx (see lowmem_ops.gated)."""
@@ -166,4 +209,5 @@ class GatedMLP(torch.nn.Module):
         return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
-__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm", "GatedActivation", "GatedMLP", "Dropout"]
+__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm", "GatedActivation", "GatedMLP", "Dropout", "AddMSLayerNorm",
+           "AddMSRMSNorm"]

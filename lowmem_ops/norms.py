@@ -268,17 +268,26 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
     if affine == "plain":
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
     _check(x, weight, bias, n_cols, what)
-    if weight is None or not _backward_may_run(x, weight, bias) or not _has_values(weight):
-        # Only backward inverts gamma: without one (no_grad, inference_mode), or with no values to
-        # read (meta and fake tensors: shapes only, as when planning memory), the rule does not matter.
-        return _ms_norm(x, weight, bias, n_cols, eps, is_rms, out)[0]
-    if not _inverse_allowed(weight, bias):
+    path = sharing_path(weight, bias, _backward_may_run(x, weight, bias))
+    if path == "plain":
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
-    recheck = not _reads_for_free(weight)
-    y, flag = _ms_norm(x, weight, bias, n_cols, eps, is_rms, out, check_rule=recheck)
-    if recheck:
+    y, flag = _ms_norm(x, weight, bias, n_cols, eps, is_rms, out, check_rule=path == "recheck")
+    if path == "recheck":
         _recheck_in_backward(y, flag, weight, what)
     return y
+
+
+def sharing_path(weight, bias, backward_may_run: bool) -> str:
+    """How an inverse-mode call runs: 'share' (save y, nothing to check), 'recheck' (save y, and
+    have the kernel check INVERSE_RULE again for backward: parameters whose verdict was cached) or
+    'plain' (the parameters break the rule: torch's norm, saving its input)."""
+    if weight is None or not backward_may_run or not _has_values(weight):
+        # Only backward inverts gamma: without one (no_grad, inference_mode), or with no values to
+        # read (meta and fake tensors: shapes only, as when planning memory), the rule does not matter.
+        return "share"
+    if not _inverse_allowed(weight, bias):
+        return "plain"
+    return "share" if _reads_for_free(weight) else "recheck"
 
 
 def _has_values(t: torch.Tensor) -> bool:
@@ -327,7 +336,7 @@ def _warn_if_unsafe(weight, safe: bool) -> bool:
     if not safe and id(weight) not in _warned_fallback:
         _warned_fallback.add(id(weight))
         warnings.warn(f"lowmem_ops: norm parameters break the inverse-mode rule ({INVERSE_RULE}); those calls "
-                      "save the input instead of sharing the output", stacklevel=5)
+                      "save the input instead of sharing the output", stacklevel=6)
     return safe
 
 

@@ -43,8 +43,10 @@ CASES = {
     "llama": (llama, {"MSRMSNorm", "GatedMLP"}, 0.70),
     "qwen2": (qwen2, {"MSRMSNorm", "GatedMLP"}, 0.75),
     # tanh GELU: 2 bits (local cosine 0.79 here) misses the default grad_tolerance, 3 bits (0.98) meets it
-    "gpt2": (gpt2, {"MSLayerNorm", "Approx"}, 0.60),
-    "bert": (bert, {"MSLayerNorm", "Approx"}, 0.85),  # post-LN: dropout after the norm ends some sharing
+    # dropout (p > 0 in training): nn.Dropout -> lo.nn.Dropout, the attention modules' CPU dropout
+    # regenerated (GPT2Attention, BertSelfAttention), BERT's post-LN output blocks -> DropoutAddNorm
+    "gpt2": (gpt2, {"MSLayerNorm", "Approx", "Dropout", "GPT2Attention"}, 0.60),
+    "bert": (bert, {"MSLayerNorm", "Approx", "Dropout", "BertSelfAttention", "DropoutAddNorm"}, 0.85),
     "vit": (vit, {"MSLayerNorm", "Approx"}, 0.75),
 }
 
@@ -123,8 +125,12 @@ def test_options_turn_parts_off():
     model, batch = llama()
     assert lo.convert(model, example_inputs=batch, activations=False, norms=False, gated=False).applied == []
     model, batch = gpt2()
-    report = lo.convert(model, example_inputs=batch, norms=False, measure_memory=False, grad_tolerance=None)
+    report = lo.convert(model, example_inputs=batch, norms=False, measure_memory=False, grad_tolerance=None,
+                        dropout=False)
     assert {c.after for c in report.applied} == {"Approx"} and report.memory_before is None
+    model, batch = gpt2()
+    report = lo.convert(model, example_inputs=batch, activations=False, norms=False, gated=False)
+    assert {c.after.split()[0] for c in report.applied} == {"Dropout", "GPT2Attention"}  # dropout alone
 
 
 def test_convert_without_examples_and_bad_mode():

@@ -434,3 +434,27 @@ def test_torch_rmsnorm_of_any_parameterisation_converts(kwargs):
     torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
     lo.export(model)
     assert type(model[1]) is nn.RMSNorm and model[1].elementwise_affine == kwargs.get("elementwise_affine", True)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.SiLU(inplace=True)], ids=["relu", "silu"])
+def test_in_place_activations_are_judged_on_their_real_input(act):
+    """An activation built with inplace=True (timm's, torchvision's) overwrites its input: the bit width
+    must be chosen from the input it received, not from its output written over it, and the gradient
+    check must run (it fed the module a leaf, which an in-place op refuses)."""
+    from lowmem_ops import _gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), act, nn.Dropout(0.1), nn.Linear(32, 8))
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        pre = model[0](x)  # what the activation receives
+    calls, handles = _gradients._record_calls({"act": model[1]})
+    try:
+        model(x).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls["act"]) == 1 and torch.equal(calls["act"][0][0], pre)
+    report = lo.convert(model, example_inputs=(x,), dropout=False)
+    assert type(model[1]) is lo.nn.Approx, report
+    assert report.gradient_cosine is not None and report.gradient_cosine > 0.9, report
