@@ -2,6 +2,7 @@
 manifests; training code needs none of the generator's dependencies (the `kernelgen` extra)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,12 @@ GENERATOR_DEPS = {"jinja2", "sympy", "scipy", "threadpoolctl", "matplotlib", "to
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)]
+    # Built from a copy: setuptools builds in the source's build/ folder and packs what an earlier build
+    # left there (a wheel of this checkout would carry files its pyproject no longer ships).
+    source = tmp_path_factory.mktemp("source") / "lowmem-ops"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info",
+                                                                "__pycache__", ".hypothesis", ".pytest_cache"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     (whl,) = out.glob("lowmem_ops-*.whl")
     return whl
