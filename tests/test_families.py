@@ -66,3 +66,18 @@ def test_compile_keys_of_32_wide_warps_are_the_ones_the_manifests_recorded():
     source, triton = manifest["ops"]["regelu2"]["source_sha256"], manifest["compiled_with"]["triton"]
     assert job.key(source, triton) == row["compile_key"]
     assert dataclasses.replace(job, warp_size=64).key(source, triton) != row["compile_key"]
+
+
+def test_the_tuner_times_dropout_through_the_runtimes_launcher():
+    """What `kernelgen tune` runs for a dropout group: the runtime's launcher with the candidate config,
+    giving the rule's output (mask from the seed, x * float32(1 / (1 - p)) where kept) for any BLOCK."""
+    import torch
+
+    from lowmem_ops.dropout import keep_mask
+
+    group = next(g for g in families.DROPOUT.groups([], SM80) if g.dtype == "float32")
+    inputs = families.DROPOUT.measure_inputs(group, (3000,), "cpu", True, torch.Generator().manual_seed(0))
+    x, seed = inputs["x"], inputs["seed"]
+    want = torch.where(keep_mask(x.shape, seed, 0, 0.1), x * torch.tensor(1 / 0.9, dtype=torch.float32), 0.0)
+    for cfg in group.candidates[:2]:  # the static config and another BLOCK
+        assert torch.equal(families.DROPOUT.launcher(group, inputs, cfg, True, SM80)(), want), cfg

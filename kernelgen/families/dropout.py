@@ -140,9 +140,9 @@ class DropoutFamily:
         return {"x": x, "seed": seed}
 
     def launcher(self, group: TuneGroup, a: dict, cfg: dict, interpret: bool, arch: Arch):
-        from lowmem_ops import dropout
+        from lowmem_ops.dropout import triton_apply  # (lowmem_ops.dropout, the attribute, is the op)
 
-        return lambda: dropout.triton_apply(a["x"], a["seed"], 0, 0.1, interpret, cfg)
+        return lambda: triton_apply(a["x"], a["seed"], 0, 0.1, interpret, cfg)
 
 
 DROPOUT = DropoutFamily()
