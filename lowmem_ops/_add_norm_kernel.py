@@ -1,5 +1,5 @@
-"""The Triton kernels of dropout + residual add + memory-sharing norm (hand-written, like
-_dropout_kernel.py; lowmem_ops.add_norm launches them).
+"""The Triton kernels of dropout + residual add + memory-sharing norm (hand-written;
+lowmem_ops.add_norm launches them).
 
 For the flat row-major index i of x:
 

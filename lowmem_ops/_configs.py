@@ -35,3 +35,9 @@ def norm(tree: Path, arch: str, kernel: str, dtype, rows: int, cols: int) -> dic
     t = table(tree, arch)
     widths, row_bounds = getattr(t, C.NORM_WIDTHS), getattr(t, C.NORM_ROW_BOUNDS)
     return getattr(t, C.NORM_TABLE)[(kernel, DTYPE_NAMES[dtype], bisect_left(widths, cols), bisect_left(row_bounds, rows))]
+
+
+def dropout(tree: Path, arch: str, dtype, n: int) -> dict:
+    t = table(tree, arch)
+    bounds = getattr(t, C.DROPOUT_ELEMENT_BOUNDS)
+    return getattr(t, C.DROPOUT_TABLE)[(C.DROPOUT_KERNEL, DTYPE_NAMES[dtype], bisect_left(bounds, n))]

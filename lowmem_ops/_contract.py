@@ -15,7 +15,8 @@ CONFIGS_STEM = "configs"  # <arch>/configs.py: the baked launch configs
 CONFIGS_FILE = CONFIGS_STEM + ".py"
 MANIFEST_FILE = "manifest.json"  # <arch>/manifest.json: the build record
 NORM_STEM = "ms_norm"  # <arch>/ms_norm.py: the memory-sharing norm kernels
-RESERVED_STEMS = frozenset({CONFIGS_STEM, NORM_STEM})  # file stems of an arch folder that are not activations
+DROPOUT_STEM = "dropout"  # <arch>/dropout.py: the dropout kernel
+RESERVED_STEMS = frozenset({CONFIGS_STEM, NORM_STEM, DROPOUT_STEM})  # file stems of an arch folder that are not activations
 
 
 def kernel_file(stem: str) -> str:
@@ -48,6 +49,10 @@ def norm_kernel(kind: str, affine: bool, stage: str) -> str:
     return f"{kind}{'.affine' if affine else ''}.{stage}"
 
 
+# --- the dropout kernel (configs.py DROPOUT[(kernel, dtype, element bucket)]) -------------------
+DROPOUT_KERNEL = "apply"  # forward on x and backward on dy are the same kernel
+
+
 # --- configs.py: the GPU its folder is for, the tables it defines, the launch-only parameters ---
 VENDOR = "VENDOR"  # configs.py's VENDOR: one of VENDORS
 CAPABILITY = "CAPABILITY"  # NVIDIA: 10 * major + minor; AMD: the gfx name
@@ -58,5 +63,7 @@ ELEMENT_BOUNDS = "ELEMENT_BOUNDS"
 NORM_TABLE = "NORM"
 NORM_WIDTHS = "NORM_WIDTHS"
 NORM_ROW_BOUNDS = "NORM_ROW_BOUNDS"
+DROPOUT_TABLE = "DROPOUT"
+DROPOUT_ELEMENT_BOUNDS = "DROPOUT_ELEMENT_BOUNDS"
 PROGRAMS_PER_SM = "PROGRAMS_PER_SM"  # grid size only: one compile serves every value
 LAUNCH_ONLY = frozenset({PROGRAMS_PER_SM})

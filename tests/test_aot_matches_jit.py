@@ -2,7 +2,7 @@
 
 Pruning and ranking judge the registers, spills and shared memory of the AOT compiles; they are
 only right if those compiles are the ones that run. Every launch a real op call makes (activations,
-gated, norms with float32 and 16-bit weights, sizes that are multiples of 16 and sizes that are not)
+gated, norms with float32 and 16-bit weights, dropout, sizes that are multiples of 16 and sizes that are not)
 is captured here and handed to Triton's own JIT binder for an sm90 target: the signature, constexprs
 and divisibility attributes it would compile must be those of one of the variants the build compiles.
 """
@@ -106,6 +106,7 @@ def _op_calls(rows: int, cols: int, dtype, wdtype):
     lo.ms_layernorm(x, cols, w, b).float().sum().backward()
     lo.ms_rmsnorm(x, cols, w).float().sum().backward()
     lo.ms_layernorm(x, cols).float().sum().backward()
+    lo.dropout(x, 0.1).float().sum().backward()
 
 
 @pytest.mark.parametrize("rows, cols", [(3, 64), (5, 40), (2, 9000)], ids=["sizes-x16", "sizes-odd", "wide-rows"])
@@ -115,7 +116,8 @@ def test_every_launch_is_a_kernel_the_build_compiled(monkeypatch, rows, cols, dt
     launches = _capture(monkeypatch)
     with ref.backend("triton-interpret"):
         _op_calls(rows, cols, dtype, wdtype)
-    assert len(launches) >= 10
+    assert len(launches) >= 12
+    assert sum(_jit_function(k)[0] == "dropout" for k, _, _ in launches) == 2  # forward and backward
     for kernel, args, meta in launches:
         stem, fn = _jit_function(kernel)
         sig, constants, marked = _jit_view(fn, args, meta)

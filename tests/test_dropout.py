@@ -290,25 +290,63 @@ def test_compiled_kernel_matches_torch_path_on_cuda(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_cuda_kernel_compiles_ahead_of_time(dtype):
-    """The kernel CUDA tensors run (not the interpreter's copy) compiles for sm90 without a GPU: 10
-    Philox rounds of two multiply-highs each, and int32 -> float32 rounded to nearest as torch does."""
+@pytest.mark.parametrize("offset_type", ["i32", "i64"])
+def test_cuda_kernel_compiles_ahead_of_time(dtype, offset_type):
+    """The generated kernel CUDA tensors run (sm90's, not the interpreter's copy), with the launch config
+    sm90's configs.py bakes, compiles without a GPU: 10 Philox rounds of two multiply-highs each, and
+    int32 -> float32 rounded to nearest as torch does. Offsets below 2**31 come as i32, others as i64."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lowmem_ops import _dropout_kernel
+    from lowmem_ops import _configs, _tree
 
     # an interpreted run first: Triton's interpreter must leave triton.language as it found it
     with ref.backend("triton-interpret"):
         lo.dropout(torch.randn(5), 0.5, seed=1)
-    signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "seed_ptr": "*i64", "offset": "i64", "n": "i64",
-                 "threshold": "fp32", "scale": "fp32", "BLOCK": "constexpr"}
-    compiled = triton.compile(ASTSource(fn=_dropout_kernel.dropout_kernel, signature=signature,
-                                        constexprs={"BLOCK": _dropout_kernel.BLOCK}),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": _dropout_kernel.NUM_WARPS})
+    tree = _tree.builtin_tree()
+    module = _tree.kernel_module_file(tree, "sm90", "dropout", False)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cfg = _configs.dropout(tree, "sm90", torch_dtype, 1 << 20)
+    signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "seed_ptr": "*i64", "offset": offset_type,
+                 "n_elements": "i32", "threshold": "fp32", "scale": "fp32", "BLOCK": "constexpr"}
+    compiled = triton.compile(ASTSource(fn=module.dropout_kernel, signature=signature, constexprs={"BLOCK": cfg["BLOCK"]}),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
     ptx = compiled.asm["ptx"]
     assert ptx.count("mul.hi.u32") >= 2 * _philox.ROUNDS and "cvt.rn.f32.s32" in ptx
+
+
+@pytest.mark.parametrize("block, warps", [(64, 1), (4096, 8)])
+def test_the_kernel_launches_with_the_baked_config_and_its_mask_ignores_it(monkeypatch, block, warps):
+    """The Triton path reads its launch config from the arch's configs.py (lowmem_ops._configs.dropout);
+    whatever BLOCK it gets, the mask is the rule's (it depends on seed and offset + i only)."""
+    import lowmem_ops._triton_backend as tb
+    from lowmem_ops import _configs
+
+    asked, launched = [], []
+    real_launch = tb.launch
+    monkeypatch.setattr(_configs, "dropout", lambda tree, arch, dtype, n: asked.append((arch, dtype, n)) or
+                        {"BLOCK": block, "num_warps": warps})
+    monkeypatch.setattr(tb, "launch", lambda kernel, grid, *a, **meta: launched.append((grid, meta)) or
+                        real_launch(kernel, grid, *a, **meta))
+    x = torch.randn(5, 301, generator=torch.Generator().manual_seed(3))
+    with ref.backend("triton-interpret"):
+        y = lo.dropout(x, 0.4, seed=11, offset=70)
+    assert asked == [("sm80", torch.float32, x.numel())]  # the interpreter reads the lowest arch's table
+    assert launched == [((-(-x.numel() // block),), {"BLOCK": block, "num_warps": warps})]
+    assert torch.equal(y, _expected(x, 11, 70, 0.4)[0])
+
+
+def test_the_baked_configs_are_a_table_per_dtype_and_size():
+    """configs.py of every built arch has a DROPOUT row for each dtype and element bucket."""
+    from lowmem_ops import _configs, _tree
+
+    tree = _tree.builtin_tree()
+    for arch in _tree.built_archs(tree):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for n in (1, 65536, 65537, 1 << 30):
+                cfg = _configs.dropout(tree, arch, dtype, n)
+                assert set(cfg) == {"BLOCK", "num_warps"} and cfg["BLOCK"] % (32 * cfg["num_warps"]) == 0, (arch, cfg)
 
 
 def test_cpu_tensors_take_the_cpp_kernel(monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 from kernelgen import aot, families, spec, targets
 from kernelgen.archs import ARCHS
 from kernelgen.contract import contract
-from kernelgen.families import activation, norm
+from kernelgen.families import activation, dropout, norm
 
 ROOT = Path(__file__).resolve().parent.parent
 SM80 = ARCHS["sm80"]
@@ -31,6 +31,7 @@ def test_a_users_tree_builds_only_the_families_that_are_not_builtin_only():
     assert families.for_tree(builtin=True) == families.ALL
     assert families.for_tree(builtin=False) == (families.ACTIVATION,)
     assert families.NORM.stems([]) == [contract.NORM_STEM] and contract.NORM_STEM in contract.RESERVED_STEMS
+    assert families.DROPOUT.stems([]) == [contract.DROPOUT_STEM] and contract.DROPOUT_STEM in contract.RESERVED_STEMS
 
 
 def test_warp_size_comes_from_the_arch():
@@ -45,6 +46,13 @@ def test_warp_size_comes_from_the_arch():
     # norms: 8 columns per thread, so a 4096-wide row takes 8 warps of 64 (16 of 32)
     assert norm.static_config(SM80)["single_warps"][4096] == 16
     assert norm.static_config(wide)["single_warps"][4096] == 8
+    # dropout: 8 elements per thread over 4 warps, 1024 per program on 32 lanes (the launch before it was
+    # generated); the space's BLOCKs are elements per thread x lanes x warps
+    assert dropout.static_config(SM80) == {"BLOCK": 1024, "num_warps": 4}
+    assert dropout.static_config(wide) == {"BLOCK": 2048, "num_warps": 4}
+    dsp = dropout.config_space()
+    assert {(c["BLOCK"], c["num_warps"]) for c in dsp.configs(wide, "float32")[1:]} <= \
+        {(e * 64 * w, w) for e in dsp.elements_per_thread for w in dsp.num_warps}
     assert targets.nvidia(wide).warp_size == 64 and targets.nvidia(SM80).warp_size == 32
 
 
@@ -58,3 +66,18 @@ def test_compile_keys_of_32_wide_warps_are_the_ones_the_manifests_recorded():
     source, triton = manifest["ops"]["regelu2"]["source_sha256"], manifest["compiled_with"]["triton"]
     assert job.key(source, triton) == row["compile_key"]
     assert dataclasses.replace(job, warp_size=64).key(source, triton) != row["compile_key"]
+
+
+def test_the_tuner_times_dropout_through_the_runtimes_launcher():
+    """What `kernelgen tune` runs for a dropout group: the runtime's launcher with the candidate config,
+    giving the rule's output (mask from the seed, x * float32(1 / (1 - p)) where kept) for any BLOCK."""
+    import torch
+
+    from lowmem_ops.dropout import keep_mask
+
+    group = next(g for g in families.DROPOUT.groups([], SM80) if g.dtype == "float32")
+    inputs = families.DROPOUT.measure_inputs(group, (3000,), "cpu", True, torch.Generator().manual_seed(0))
+    x, seed = inputs["x"], inputs["seed"]
+    want = torch.where(keep_mask(x.shape, seed, 0, 0.1), x * torch.tensor(1 / 0.9, dtype=torch.float32), 0.0)
+    for cfg in group.candidates[:2]:  # the static config and another BLOCK
+        assert torch.equal(families.DROPOUT.launcher(group, inputs, cfg, True, SM80)(), want), cfg

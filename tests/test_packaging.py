@@ -39,10 +39,11 @@ def test_wheel_contents(wheel):
     for arch in arch_dirs:
         kernels = {f"lowmem_ops/_generated/{arch.name}/{f.name}" for f in arch.glob("*.py")}
         assert kernels - names == set(), f"{arch.name}: list it in pyproject.toml's packages and package-dir"
-        assert f"lowmem_ops/_generated/{arch.name}/regelu2.py" in kernels
+        assert {f"lowmem_ops/_generated/{arch.name}/{stem}.py" for stem in ("regelu2", "ms_norm", "dropout")} <= kernels
     assert not [n for n in names if n.endswith(".json")]  # manifests are build records
     assert {"lowmem_ops/_generated/ops.py", "kernelgen/templates/activation.py.j2", "kernelgen/specs/regelu2.toml",
             "kernelgen/templates/activation.space.toml", "kernelgen/templates/norm.space.toml",
+            "kernelgen/templates/dropout.py.j2", "kernelgen/templates/dropout.space.toml",
             "kernelgen/templates/configs.py.j2", "lowmem_ops/_generated/cpu_kernels.cpp",
             "kernelgen/templates/cpu_activation.cpp.j2"} <= names
 

@@ -1,6 +1,6 @@
 """The kernel families kernelgen builds, tunes and bakes: one module each, registered here.
 
-The build, the tuner and the CLI iterate REGISTRY (in this order: activations, then norms) and see
+The build, the tuner and the CLI iterate REGISTRY (in this order: activations, norms, dropout) and see
 a family only through the protocol of kernelgen/kernels.py; what is particular to a family lives in
 its module. A new family is a module here, one line in REGISTRY, its template and space file in
 templates/, and its table in templates/configs.py.j2 (docs/extending.md).
@@ -12,9 +12,10 @@ from ..kernels import Family, KernelVariant, TuneGroup
 from ..space import compile_part, config_id
 from ..spec import Spec
 from .activation import ACTIVATION
+from .dropout import DROPOUT
 from .norm import NORM
 
-REGISTRY: dict[str, Family] = {f.name: f for f in (ACTIVATION, NORM)}
+REGISTRY: dict[str, Family] = {f.name: f for f in (ACTIVATION, NORM, DROPOUT)}
 ALL: tuple[Family, ...] = tuple(REGISTRY.values())
 
 
