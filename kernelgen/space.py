@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -105,3 +106,31 @@ def load(loader, name: str):
     """templates/<name> read by `loader`; read again only when the file changes."""
     path = template_dir() / name
     return _cached(loader, str(path), path.stat().st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class ElementSpace:
+    """A config space over flat element counts (the elementwise families): per-thread work, warp
+    counts, the dtypes the space covers and the element-count bucket bounds. A family subclasses it
+    with its per-thread field and its configs()."""
+
+    path: str
+    dtypes: tuple[str, ...]
+    num_warps: tuple[int, ...]
+    element_bounds: tuple[int, ...]
+
+    @property
+    def buckets(self) -> list[str]:
+        return bucket_labels("n", self.element_bounds)
+
+    def problem_size(self, bucket: int) -> int:
+        return representative(self.element_bounds, bucket, 4)
+
+
+def load_element_space(cls, path: Path, per_thread: str):
+    """A space file's [dtypes, `per_thread`, num_warps, buckets.n_elements] as `cls` (an ElementSpace)."""
+    data = read(path)
+    kinds = dtypes(data, path)  # checked in the file's order, so the first bad key is the one named
+    work = ints(data, per_thread, path)
+    return cls(path=path.name, dtypes=kinds, num_warps=ints(data, "num_warps", path),
+               element_bounds=bounds(data, "n_elements", path), **{per_thread: work})

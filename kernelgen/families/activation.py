@@ -44,19 +44,8 @@ def static_config(arch: Arch, dtype: str, codes_per_byte: int) -> dict[str, int]
 # --- the config space ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ElementwiseSpace:
-    path: str
-    dtypes: tuple[str, ...]
+class ElementwiseSpace(space.ElementSpace):
     vectors_per_thread: tuple[int, ...]
-    num_warps: tuple[int, ...]
-    element_bounds: tuple[int, ...]
-
-    @property
-    def buckets(self) -> list[str]:
-        return space.bucket_labels("n", self.element_bounds)
-
-    def problem_size(self, bucket: int) -> int:
-        return space.representative(self.element_bounds, bucket, 4)
 
     def configs(self, arch: Arch, dtype: str, codes_per_byte: int) -> list[dict]:
         """The static config first, then the space's (for dtypes it covers), without repeats."""
@@ -71,13 +60,7 @@ class ElementwiseSpace:
 
 
 def load_space(path: Path) -> ElementwiseSpace:
-    data = space.read(path)
-    return ElementwiseSpace(
-        path=path.name, dtypes=space.dtypes(data, path),
-        vectors_per_thread=space.ints(data, "vectors_per_thread", path),
-        num_warps=space.ints(data, "num_warps", path),
-        element_bounds=space.bounds(data, "n_elements", path),
-    )
+    return space.load_element_space(ElementwiseSpace, path, "vectors_per_thread")
 
 
 def config_space() -> ElementwiseSpace:

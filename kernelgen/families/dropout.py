@@ -34,19 +34,8 @@ def static_config(arch: Arch) -> dict:
 # --- the config space ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class DropoutSpace:
-    path: str
-    dtypes: tuple[str, ...]
+class DropoutSpace(space.ElementSpace):
     elements_per_thread: tuple[int, ...]
-    num_warps: tuple[int, ...]
-    element_bounds: tuple[int, ...]
-
-    @property
-    def buckets(self) -> list[str]:
-        return space.bucket_labels("n", self.element_bounds)
-
-    def problem_size(self, bucket: int) -> int:
-        return space.representative(self.element_bounds, bucket, 4)
 
     def configs(self, arch: Arch, dtype: str) -> list[dict]:
         """The static config first, then the space's (for dtypes it covers), without repeats."""
@@ -58,13 +47,7 @@ class DropoutSpace:
 
 
 def load_space(path: Path) -> DropoutSpace:
-    data = space.read(path)
-    return DropoutSpace(
-        path=path.name, dtypes=space.dtypes(data, path),
-        elements_per_thread=space.ints(data, "elements_per_thread", path),
-        num_warps=space.ints(data, "num_warps", path),
-        element_bounds=space.bounds(data, "n_elements", path),
-    )
+    return space.load_element_space(DropoutSpace, path, "elements_per_thread")
 
 
 def config_space() -> DropoutSpace:
