@@ -100,6 +100,31 @@ def _library(tree: Path) -> ctypes.CDLL | str:
         return _libraries[tree]
 
 
+_bound: dict[tuple[Path, str], tuple | str] = {}  # (tree, what) -> the typed functions, or why there are none
+_P, _I32, _I64, _F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+def _entry_points(tree: Path, what: str, signatures: dict[str, list]) -> tuple | str:
+    """The functions of the tree's library that `signatures` names (name -> argtypes; each returns
+    int), typed, in that order, once per tree; or why there are none (no library, or an older tree
+    without them: `what` names them in that message)."""
+    key = (tree, what)
+    if key not in _bound:
+        lib = _library(tree)
+        if isinstance(lib, str):
+            _bound[key] = lib
+        elif not all(hasattr(lib, name) for name in signatures):
+            _bound[key] = f"{tree / CPU_FILE} has no {what}: rebuild the tree with `kernelgen build`"
+        else:
+            fns = []
+            for name, argtypes in signatures.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = argtypes, _I32
+                fns.append(fn)
+            _bound[key] = tuple(fns)
+    return _bound[key]
+
+
 def _check_op(lib: ctypes.CDLL, op: OpInfo) -> tuple | str:
     """The (codes, grad) functions of `op`, if they bake exactly the tree's thresholds, levels and
     boundary; else why not."""
@@ -230,31 +255,15 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 # --- gated activations --------------------------------------------------------------------------
 
-_gated_checked: dict[tuple[Path, str], tuple | str] = {}
-
-
 def _gated_kernels(op: OpInfo) -> tuple | str:
-    key = (op.tree, op.name)
-    if key not in _gated_checked:
-        found = _kernels(op)  # the codes kernel and the baked-spec check come with the activation's
-        if isinstance(found, str):
-            _gated_checked[key] = found
-        else:
-            lib = _library(op.tree)
-            try:
-                fns = tuple(getattr(lib, f"lowmem_{op.name}_gated_{what}") for what in ("forward", "exact", "approx"))
-            except AttributeError:
-                _gated_checked[key] = (f"{op.tree / CPU_FILE} has no gated kernels for {op.name}: rebuild the tree "
-                                       "with `kernelgen build`")
-            else:
-                p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-                fns[0].argtypes = [p, p, i32, i64, p, p]
-                fns[1].argtypes = [p, p, p, i32, i64, p, p]
-                fns[2].argtypes = [p, p, p, p, i32, i64, p, p]
-                for fn in fns:
-                    fn.restype = i32
-                _gated_checked[key] = (found[0], *fns)
-    return _gated_checked[key]
+    found = _kernels(op)  # the codes kernel and the baked-spec check come with the activation's
+    if isinstance(found, str):
+        return found
+    gated = _entry_points(op.tree, f"gated kernels for {op.name}", {
+        f"lowmem_{op.name}_gated_forward": [_P, _P, _I32, _I64, _P, _P],
+        f"lowmem_{op.name}_gated_exact": [_P, _P, _P, _I32, _I64, _P, _P],
+        f"lowmem_{op.name}_gated_approx": [_P, _P, _P, _P, _I32, _I64, _P, _P]})
+    return gated if isinstance(gated, str) else (found[0], *gated)
 
 
 def gated_unavailable(op: OpInfo) -> str | None:
@@ -322,28 +331,14 @@ def _same_layout(t: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 # --- memory-sharing norms -------------------------------------------------------------------------
 
-_norm_checked: dict[Path, tuple | str] = {}
+_NORM_FORWARD, _NORM_BACKWARD, _NORM_RULE = range(3)  # _norm_kernels' order
 
 
 def _norm_kernels(tree: Path) -> tuple | str:
-    if tree not in _norm_checked:
-        lib = _library(tree)
-        if isinstance(lib, str):
-            _norm_checked[tree] = lib
-        else:
-            try:
-                fwd, bwd, rule = lib.lowmem_norm_forward, lib.lowmem_norm_backward, lib.lowmem_norm_rule
-            except AttributeError:
-                _norm_checked[tree] = f"{tree / CPU_FILE} has no norm kernels: rebuild the tree with `kernelgen build`"
-            else:
-                p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-                f32 = ctypes.c_float
-                fwd.argtypes = [p, i32, i64, i64, p, p, i32, f32, i32, p, i32, p]
-                bwd.argtypes = [p, p, i32, p, i64, i64, p, p, i32, i32, p, i32, p, p]
-                rule.argtypes = [p, p, i32, i64, f32, f32]
-                fwd.restype = bwd.restype = rule.restype = i32
-                _norm_checked[tree] = (fwd, bwd, rule)
-    return _norm_checked[tree]
+    return _entry_points(tree, "norm kernels", {
+        "lowmem_norm_forward": [_P, _I32, _I64, _I64, _P, _P, _I32, _F32, _I32, _P, _I32, _P],
+        "lowmem_norm_backward": [_P, _P, _I32, _P, _I64, _I64, _P, _P, _I32, _I32, _P, _I32, _P, _P],
+        "lowmem_norm_rule": [_P, _P, _I32, _I64, _F32, _F32]})
 
 
 def norm_unavailable(tree: Path) -> str | None:
@@ -356,7 +351,7 @@ def _norm_call(tree: Path, which: int, *args) -> int:
     if isinstance(found, str):
         raise RuntimeError(f"lowmem_ops.ms_norm: no C++ CPU kernels: {found}")
     rc = found[which](*args)
-    if rc < 0 or (rc != 0 and which != 2):
+    if rc < 0 or (rc != 0 and which != _NORM_RULE):  # the rule answers 1 (holds) or 0
         raise RuntimeError(f"lowmem_ops.ms_norm: the C++ CPU kernel {found[which].__name__} failed (code {rc})")
     return rc
 
@@ -382,7 +377,7 @@ def norm_rule(tree: Path, weight: torch.Tensor, bias: torch.Tensor | None, gamma
     """Inverse mode's rule on CPU parameters (what _norm_backends.inverse_rule_holds computes with torch
     ops, in one pass)."""
     w, b, code = _params(weight, bias)
-    return _norm_call(tree, 2, w.data_ptr(), _ptr(b), code, w.numel(), gamma_min, beta_ratio) == 1
+    return _norm_call(tree, _NORM_RULE, w.data_ptr(), _ptr(b), code, w.numel(), gamma_min, beta_ratio) == 1
 
 
 def norm_forward(tree: Path, x, weight, bias, eps: float, is_rms: bool, out_dtype):
@@ -393,7 +388,7 @@ def norm_forward(tree: Path, x, weight, bias, eps: float, is_rms: bool, out_dtyp
     rstd = torch.empty(rows, dtype=torch.float32)
     if rows:
         w, b, param_dtype = _params(weight, bias)
-        _norm_call(tree, 0, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), param_dtype, eps, int(is_rms),
+        _norm_call(tree, _NORM_FORWARD, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), param_dtype, eps, int(is_rms),
                    y.data_ptr(), _DTYPE_CODE[out_dtype], rstd.data_ptr())
     return y, rstd
 
@@ -409,7 +404,7 @@ def norm_backward(tree: Path, dy, y, rstd, weight, bias, is_rms: bool, x_dtype):
     if rows:
         w, b, param_dtype = _params(weight, bias)
         rstd = rstd.float().contiguous()  # held: its pointer must outlive the call
-        _norm_call(tree, 1, dy.data_ptr(), y.data_ptr(), _DTYPE_CODE[y.dtype], rstd.data_ptr(),
+        _norm_call(tree, _NORM_BACKWARD, dy.data_ptr(), y.data_ptr(), _DTYPE_CODE[y.dtype], rstd.data_ptr(),
                    rows, cols, _ptr(w), _ptr(b), param_dtype, int(is_rms), dx.data_ptr(), _DTYPE_CODE[x_dtype], _ptr(dw), _ptr(db))
     return dx, dw, db
 
@@ -433,24 +428,9 @@ def choose(backend: str, why_not, what: str, tree: Path) -> str:
 
 # --- dropout --------------------------------------------------------------------------------------
 
-_dropout_checked: dict[Path, object] = {}
-
-
-def _dropout_kernel(tree: Path):
-    """The C++ dropout of `tree`, or why there is none."""
-    if tree not in _dropout_checked:
-        lib = _library(tree)
-        if isinstance(lib, str):
-            _dropout_checked[tree] = lib
-        elif not hasattr(lib, "lowmem_dropout"):
-            _dropout_checked[tree] = f"{tree / CPU_FILE} has no dropout kernel: rebuild the tree with `kernelgen build`"
-        else:
-            fn = lib.lowmem_dropout
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
-                           ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
-            fn.restype = ctypes.c_int
-            _dropout_checked[tree] = fn
-    return _dropout_checked[tree]
+def _dropout_kernel(tree: Path) -> tuple | str:
+    return _entry_points(tree, "dropout kernel", {"lowmem_dropout": [_P, _I32, _I64, ctypes.c_uint64, ctypes.c_uint64,
+                                                                     _F32, _F32, _P]})
 
 
 def dropout_unavailable(tree: Path) -> str | None:
@@ -461,9 +441,10 @@ def dropout_unavailable(tree: Path) -> str | None:
 def dropout_apply(tree: Path, x: torch.Tensor, seed: int, offset: int, threshold: float, scale: float) -> torch.Tensor:
     """y = x * scale where tl.rand(seed, offset + i) >= threshold, else 0, for a contiguous float32 /
     bfloat16 / float16 CPU tensor x and a seed taken modulo 2**64 (what Triton does to it)."""
-    fn = _dropout_kernel(tree)
-    if isinstance(fn, str):
-        raise RuntimeError(f"lowmem_ops.dropout: no C++ CPU kernels: {fn}")
+    found = _dropout_kernel(tree)
+    if isinstance(found, str):
+        raise RuntimeError(f"lowmem_ops.dropout: no C++ CPU kernels: {found}")
+    (fn,) = found
     y = torch.empty_like(x)
     rc = fn(x.data_ptr(), _DTYPE_CODE[x.dtype], x.numel(), seed % 2 ** 64, offset, threshold, scale, y.data_ptr())
     if rc != 0:

@@ -5,13 +5,8 @@ header for where the rounding differs: float64 row sums)."""
 
 from __future__ import annotations
 
-import functools
-
 from . import _cpp_backend
-from ._tree import builtin_tree as _builtin_tree
-
-# resolving the package's path costs tens of microseconds: once per process
-builtin_tree = functools.cache(_builtin_tree)
+from ._tree import builtin_tree  # cached: the package's path is resolved once per process
 
 
 def choose_for_norms(backend: str) -> str:

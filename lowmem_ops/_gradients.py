@@ -126,7 +126,7 @@ def _record_calls(modules: dict) -> tuple[dict, list]:
             if not pending:
                 return
             x, version, copy = pending.pop()
-            if x._version != version and copy is not None and copy.data_ptr() == x.data_ptr():
+            if x._version != version and copy.data_ptr() == x.data_ptr():
                 return  # written in place by a module without an `inplace` flag
             if isinstance(out, torch.Tensor) and out.requires_grad:
                 holder = []

@@ -206,8 +206,8 @@ def _dropout_apply(x: torch.Tensor, seed: torch.Tensor, offset: int, p: float) -
     if backend == "cpp":
         tree = builtin_tree()
         backend = _cpp_backend.choose(backend, lambda: _cpp_backend.dropout_unavailable(tree), "dropout", tree)
-    if backend == "cpp":  # a CPU seed: reading it costs no sync
-        return _cpp_backend.dropout_apply(builtin_tree(), x, int(seed), offset, p, _scale(p))
+        if backend == "cpp":  # a CPU seed: reading it costs no sync
+            return _cpp_backend.dropout_apply(tree, x, int(seed), offset, p, _scale(p))
     if backend == "torch":
         return _torch_apply(x, seed, offset, p)
     return triton_apply(x, seed, offset, p, interpret=backend == "triton-interpret")
