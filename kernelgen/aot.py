@@ -1,9 +1,11 @@
 """Ahead-of-time compiles: triton.compile for a GPUTarget, no GPU needed, and the resources each
-kernel uses (registers, spills, shared memory) read back from the cubin with cuobjdump.
+kernel uses. CUDA (here): registers, spills, shared memory read back from the cubin with cuobjdump;
+HIP (kernelgen/aot_amd.py): VGPRs, SGPRs, scratch and LDS from the code object's metadata.
 
 Compiles run in worker processes, `python -m kernelgen.aot` (a compiler crash kills a worker, not
 the build), and are keyed by everything that determines their result, so a rebuild reuses what an
-earlier manifest recorded. This module imports only the standard library at the top: workers start fast.
+earlier manifest recorded. This module imports only the standard library and kernelgen's small
+tables at the top (Triton inside the compile): workers start fast.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import importlib.util
 import json
 import os
 import re
@@ -22,6 +23,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from . import aot_amd
+from .aot_common import ast_source, one_line
+from .aot_amd import AmdCompileResult
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,9 @@ class CompileResult:
 
 @dataclass(frozen=True)
 class CompileJob:
-    """One kernel of a rendered file, for one arch, with all its constexprs and launch options."""
+    """One kernel of a rendered file, for one target, with all its constexprs and launch options.
+    `backend`, `capability` and `warp_size` are Triton's GPUTarget arguments: ("cuda", 90, 32),
+    ("hip", "gfx942", 64)."""
 
     path: str  # the rendered .py file
     fn: str  # its @triton.jit function
@@ -44,38 +51,32 @@ class CompileJob:
     constexprs: dict
     num_warps: int
     num_stages: int | None  # None: Triton's default
-    capability: int
+    capability: int | str  # CUDA: 10 * major + minor; HIP: the gfx name
     aligned_args: tuple[str, ...] = ()  # integer arguments marked multiples of 16, as Triton's JIT marks them
     warp_size: int = 32  # the target's (Arch.warp_size)
+    backend: str = "cuda"  # "cuda" | "hip"
+    waves_per_eu: int = 0  # HIP only: the backend's register-budget hint; 0: none
 
     def key(self, source_sha256: str, triton_version: str) -> str:
         """What the result depends on: the source, the kernel, its specialisation, target, compiler."""
         record = {"results": RESULT_FORMAT, "source": source_sha256, "fn": self.fn, "signature": self.signature, "constexprs": self.constexprs,
                   "num_warps": self.num_warps, "num_stages": self.num_stages, "capability": self.capability,
                   "aligned_args": list(self.aligned_args), "triton": triton_version}
-        if self.warp_size != 32:  # recorded where it is not CUDA's 32, so the manifests' keys stay valid
-            record["warp_size"] = self.warp_size
+        # recorded where they differ from a CUDA compile's, so the CUDA manifests' keys stay valid
+        for name, usual in (("warp_size", 32), ("backend", "cuda"), ("waves_per_eu", 0)):
+            if getattr(self, name) != usual:
+                record[name] = getattr(self, name)
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
 
 
 RESULT_FORMAT = 2  # bump when CompileResult changes: recorded results of another format are not reused
 
-# A compile that fails yields its message instead of a CompileResult.
-Outcome = CompileResult | str
+# A compile that fails yields its message instead of its resources (CompileResult for CUDA,
+# AmdCompileResult for HIP).
+Outcome = CompileResult | AmdCompileResult | str
 
 _RES_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_modules: dict[str, object] = {}
-
-
-def _module(path: str):
-    if path not in _modules:
-        spec = importlib.util.spec_from_file_location(f"_kernelgen_aot_{len(_modules)}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _modules[path] = module
-    return _modules[path]
-
 
 def _resource_usage(cubin: bytes) -> tuple[int, int, int, int]:
     import triton
@@ -89,12 +90,6 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int, int]:
         raise RuntimeError(f"cannot read resource usage with cuobjdump: {out.stderr.strip() or out.stdout}")
     reg, stack, shared, local = (int(g) for g in match.groups())
     return reg, stack, shared, local
-
-
-def one_line(err: BaseException) -> str:
-    """An error as its type and first message line: what the manifest and the tuning DB record."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -118,29 +113,17 @@ def _ptxas_report():
             os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)
 
 
-def divisibility_attrs(signature: dict, aligned_args=()) -> dict:
-    """What Triton's JIT marks divisible by 16 at a launch: pointers (torch's allocator aligns to 16 B
-    and more) and integers that are multiples of 16 (`aligned_args`: the aligned specialisation's sizes)."""
-    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
-            if kind.startswith("*") or name in aligned_args}
-
-
 def compile_kernel(job: CompileJob):
     """triton.compile the job for its CUDA arch: (Triton's CompiledKernel, ptxas' -v report)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     options = {"num_warps": job.num_warps}
     if job.num_stages is not None:
         options["num_stages"] = job.num_stages
     with _ptxas_report() as log:
-        compiled = triton.compile(
-            ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature, constexprs=job.constexprs,
-                      attrs=divisibility_attrs(job.signature, job.aligned_args)),
-            target=GPUTarget("cuda", job.capability, job.warp_size),
-            options=options,
-        )
+        compiled = triton.compile(ast_source(job), target=GPUTarget("cuda", job.capability, job.warp_size),
+                                  options=options)
     return compiled, log.getvalue()
 
 
@@ -156,14 +139,18 @@ def resources(compiled, ptxas_log: str) -> CompileResult:
 
 def compile_one(job: CompileJob) -> Outcome:
     """Compile in this process. Any error comes back as its message (Triton raises many types)."""
+    if job.backend == "hip":
+        return aot_amd.compile_one(job)
     try:
+        if job.backend != "cuda":
+            raise ValueError(f"unknown compile backend {job.backend!r}; choose from cuda, hip")
         return resources(*compile_kernel(job))
     except Exception as err:
         return one_line(err)
 
 
 def _encode(outcome: Outcome) -> str:
-    return json.dumps(asdict(outcome) if isinstance(outcome, CompileResult) else {"error": outcome})
+    return json.dumps({"error": outcome} if isinstance(outcome, str) else to_dict(outcome))
 
 
 def _decode(line: str) -> Outcome:
@@ -240,12 +227,14 @@ def compile_all(jobs: list[CompileJob], workers: int, progress=lambda index: Non
     return [results[i] for i in range(len(jobs))]
 
 
-def to_dict(result: CompileResult) -> dict:
+def to_dict(result: CompileResult | AmdCompileResult) -> dict:
     return asdict(result)
 
 
-def from_dict(data: dict) -> CompileResult:
-    return CompileResult(**{k: int(data[k]) for k in CompileResult.__dataclass_fields__})
+def from_dict(data: dict) -> CompileResult | AmdCompileResult:
+    """A recorded result, of the vendor whose fields it has (a HIP compile records VGPRs)."""
+    kind = AmdCompileResult if "total_vgprs" in data else CompileResult
+    return kind(**{k: int(data[k]) for k in kind.__dataclass_fields__})
 
 
 def _serve() -> None:

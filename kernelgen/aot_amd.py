@@ -14,13 +14,11 @@ metadata.shared bytes are added at launch, so the kernel's LDS is static + metad
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from .aot import _module, divisibility_attrs, one_line  # one loaded copy of each rendered file per process
+from .aot_common import ast_source, one_line
 from .targets import AMD_TARGETS, AmdTarget
 
 
@@ -43,27 +41,6 @@ class AmdCompileResult:
         land in VGPR lanes (no memory access) and are not counted here."""
         return self.vgpr_spills > 0 or self.scratch_bytes > 0
 
-
-@dataclass(frozen=True)
-class AmdCompileJob:
-    """One kernel of a rendered file, for one AMD target, with all its constexprs and launch options."""
-
-    path: str  # the rendered .py file
-    fn: str  # its @triton.jit function
-    signature: dict
-    constexprs: dict
-    num_warps: int
-    num_stages: int | None  # None: Triton's default
-    target: str  # gfx942, gfx90a, gfx1100
-    waves_per_eu: int = 0  # the HIP backend's register-budget hint; 0: none
-
-    def key(self, source_sha256: str, triton_version: str) -> str:
-        record = {"results": RESULT_FORMAT, "source": source_sha256, **asdict(self), "triton": triton_version}
-        record.pop("path")
-        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
-
-
-RESULT_FORMAT = 1  # bump when AmdCompileResult changes
 
 Outcome = AmdCompileResult | str
 
@@ -130,42 +107,34 @@ def parse_resources(asm: str, dynamic_lds: int) -> AmdCompileResult:
     )
 
 
-def compile_kernel(job: AmdCompileJob):
-    """triton.compile the job for its AMD target; returns Triton's CompiledKernel (hsaco in .asm)."""
+def compile_kernel(job):
+    """triton.compile an aot.CompileJob of backend "hip" (capability: the gfx name) for its AMD
+    target; returns Triton's CompiledKernel (the amdgcn assembly and hsaco in .asm)."""
     import triton
-    from triton.compiler import ASTSource
 
-    target: AmdTarget = AMD_TARGETS[job.target]
+    target: AmdTarget = AMD_TARGETS[job.capability]
     options = {"num_warps": job.num_warps}
     if job.num_stages is not None:
         options["num_stages"] = job.num_stages
     if job.waves_per_eu:
         options["waves_per_eu"] = job.waves_per_eu
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unless set; 1 is its default
-    return triton.compile(
-        ASTSource(fn=getattr(_module(job.path), job.fn), signature=job.signature, constexprs=job.constexprs,
-                  attrs=divisibility_attrs(job.signature)),
-        target=target.gpu_target(), options=options)
+    return triton.compile(ast_source(job), target=target.gpu_target(), options=options)
 
 
-def compile_one(job: AmdCompileJob) -> Outcome:
-    """Compile in this process; any error comes back as its one-line message."""
+def compile_one(job) -> Outcome:
+    """Compile an aot.CompileJob of backend "hip" in this process; any error comes back as its
+    one-line message."""
     try:
-        if job.target not in AMD_TARGETS:
-            raise ValueError(f"unknown AMD target {job.target}; choose from {', '.join(AMD_TARGETS)}")
+        if job.capability not in AMD_TARGETS:
+            raise ValueError(f"unknown AMD target {job.capability}; choose from {', '.join(AMD_TARGETS)}")
+        expected = AMD_TARGETS[job.capability].warp_size
+        if job.warp_size != expected:
+            raise ValueError(f"{job.capability} runs wave{expected}; the job asks for wave{job.warp_size}")
         compiled = compile_kernel(job)
         result = parse_resources(compiled.asm["amdgcn"], compiled.metadata.shared)
-        expected = AMD_TARGETS[job.target].warp_size
         if result.wavefront_size != expected:
-            raise ValueError(f"{job.target} compiled for wave{result.wavefront_size}; the target says wave{expected}")
+            raise ValueError(f"{job.capability} compiled for wave{result.wavefront_size}; the target says wave{expected}")
         return result
     except Exception as err:
         return one_line(err)
-
-
-def to_dict(result: AmdCompileResult) -> dict:
-    return asdict(result)
-
-
-def from_dict(data: dict) -> AmdCompileResult:
-    return AmdCompileResult(**{k: int(data[k]) for k in AmdCompileResult.__dataclass_fields__})

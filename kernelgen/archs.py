@@ -30,6 +30,16 @@ class Arch:
     max_smem_per_block: int  # bytes, with the opt-in carve-out
     warp_size: int = 32  # threads per warp: Triton's GPUTarget and the occupancy rules
 
+    # What a family's static config reads of a target, spelled as every vendor's target spells it
+    # (kernels.TargetInfo): an SM is a compute unit.
+    @property
+    def compute_units(self) -> int:
+        return self.sm_count
+
+    @property
+    def max_threads_per_cu(self) -> int:
+        return self.max_threads_per_sm
+
     def occupancy(self, num_warps: int, regs_per_thread: int, smem_bytes: int) -> float:
         """Fraction of the SM's thread slots filled, by the usual CUDA occupancy rules."""
         threads = num_warps * self.warp_size

@@ -1,6 +1,9 @@
 """Build a generated tree: render every spec per arch, compile every variant ahead of time, write
 a manifest, and swap the result into place only when everything succeeded.
 
+Targets are NVIDIA archs and AMD targets alike (kernelgen/targets.py: an `Arch` of the NVIDIA table
+is taken as its target); each gets its folder, named as the target.
+
 Layout of a tree (default: generated/ in the repository, installed as lowmem_ops._generated):
 
     .kernelgen-tree        marks the folder as a kernelgen tree: builds write only into such (or empty) folders
@@ -17,6 +20,7 @@ Layout of a tree (default: generated/ in the repository, installed as lowmem_ops
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import difflib
 import errno
 import filecmp
@@ -32,7 +36,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import aot, families, prune, render, space, tunedb
+from . import aot, families, prune, prune_amd, render, space, targets, tunedb
 from . import spec as spec_mod
 from .archs import Arch
 from .contract import contract
@@ -81,13 +85,32 @@ class BuildOptions:
 
 # --- one arch --------------------------------------------------------------------------------
 
-def config_count(specs: list[Spec], arch: Arch, fams: tuple[Family, ...] = families.ALL) -> int:
-    return len(families.variants(families.groups(specs, arch, fams)))
+ArchOrTarget = Arch | targets.Target  # what the entry points take; an Arch is its NVIDIA target
 
 
-def compile_count(specs: list[Spec], arch: Arch, fams: tuple[Family, ...] = families.ALL) -> int:
+def tune_groups(specs: list[Spec], arch: ArchOrTarget, fams: tuple[Family, ...] = families.ALL) -> list[TuneGroup]:
+    """Every tuning group the build bakes for `arch`: with the family's whole config space where the
+    target explores it, else with the static config alone (targets.Target.explores_space)."""
+    groups = families.groups(specs, arch, fams)
+    if targets.of(arch).explores_space:
+        return groups
+    return [dataclasses.replace(g, candidates=g.candidates[:1]) for g in groups]
+
+
+def config_count(specs: list[Spec], arch: ArchOrTarget, fams: tuple[Family, ...] = families.ALL) -> int:
+    return len(families.variants(tune_groups(specs, arch, fams)))
+
+
+def compile_count(specs: list[Spec], arch: ArchOrTarget, fams: tuple[Family, ...] = families.ALL) -> int:
     """The compiles every config needs (each weight dtype); the chosen configs' unaligned ones aside."""
-    return sum(len(vs) for vs in families.variants(families.groups(specs, arch, fams)))
+    return sum(len(vs) for vs in families.variants(tune_groups(specs, arch, fams)))
+
+
+def _judge(target: targets.Target, num_warps: int, outcome: aot.Outcome) -> prune.Verdict:
+    """A compiled config's verdict, by its vendor's resource report and occupancy model."""
+    if isinstance(target, targets.AmdTarget):
+        return prune_amd.judge(target, num_warps, outcome)
+    return prune.judge(target.table, num_warps, outcome)
 
 
 def _previous_results(manifest: Path, triton_version: str) -> dict[str, dict]:
@@ -117,7 +140,7 @@ def damaged_manifest(manifest: Path, problem: str) -> str:
             f"(minutes)")
 
 
-def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[str, str], opts: BuildOptions,
+def _compile(variants: list[KernelVariant], dest: Path, arch: targets.Target, shas: dict[str, str], opts: BuildOptions,
              previous: dict[str, dict], progress) -> tuple[list[tuple[str, aot.Outcome]], int]:
     """(compile key, outcome) per variant, and how many were compiled (the rest were recorded)."""
     import triton
@@ -125,7 +148,7 @@ def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[s
     for op in sorted({v.op for v in variants}):  # a rendered file that does not import fails here, by name
         _import_path(dest / contract.kernel_file(op), f"_kernelgen_check_{arch.name}_{op}")
     jobs = [aot.CompileJob(str(dest / contract.kernel_file(v.op)), v.fn, v.signature, v.constexprs, v.num_warps, v.num_stages,
-                           arch.capability, v.aligned_args, arch.warp_size) for v in variants]
+                           arch.arch, v.aligned_args, arch.warp_size, arch.backend) for v in variants]
     keys = [job.key(shas[v.op], triton.__version__) for job, v in zip(jobs, variants)]
     outcomes: dict[int, aot.Outcome] = {}
     for i, key in enumerate(keys):
@@ -147,7 +170,7 @@ def _compile(variants: list[KernelVariant], dest: Path, arch: Arch, shas: dict[s
 def _compile_record(v: KernelVariant, key: str, outcome: aot.Outcome) -> dict:
     """One compile of a config: which runtime case it is, and what it uses (or why it failed)."""
     row = {"specialisation": v.specialisation, "compile_key": key}
-    row.update(aot.to_dict(outcome) if isinstance(outcome, aot.CompileResult) else {"error": outcome})
+    row.update({"error": outcome} if isinstance(outcome, str) else aot.to_dict(outcome))
     return row
 
 
@@ -157,7 +180,7 @@ def _manifest_variant(compiles: list[tuple[KernelVariant, str, aot.Outcome]], ve
     v, key, outcome = compiles[0]
     row = {"op": v.op, "kernel": v.kernel, "dtype": v.dtype, "config": dict(sorted(v.config.items())),
            "kept": verdict.kept, "reason": verdict.reason, **_compile_record(v, key, outcome)}
-    if isinstance(outcome, aot.CompileResult):
+    if not isinstance(outcome, str):
         row["occupancy"] = verdict.occupancy
     if len(compiles) > 1:
         row["also"] = [_compile_record(*c) for c in compiles[1:]]
@@ -177,7 +200,7 @@ class BuildRecord:
         return self.verdicts.get((group.op, group.kernel, group.dtype, space.config_id(config)))
 
 
-def build_record(tree: Path, arch: Arch) -> BuildRecord | None:
+def build_record(tree: Path, arch: ArchOrTarget) -> BuildRecord | None:
     """The record of `tree`'s build of `arch`; None when it has no manifest."""
     path = tree / arch.name / contract.MANIFEST_FILE
     if not path.is_file():
@@ -196,13 +219,13 @@ def _config_ident(v: KernelVariant) -> tuple:
 def _unaligned_verdict(verdict: prune.Verdict, outcomes: list[aot.Outcome]) -> prune.Verdict:
     """A chosen config must also compile for sizes that are not multiples of 16 (the JIT's fallback
     specialisation); how well it does there is recorded, not judged: such sizes are the rare case."""
-    failed = [o for o in outcomes if not isinstance(o, aot.CompileResult)]
+    failed = [o for o in outcomes if isinstance(o, str)]
     if not failed:
         return verdict
     return prune.Verdict(False, f"does not compile for sizes that are not multiples of 16: {failed[0]}", 0.0)
 
 
-def _choose(groups, verdicts, db, shas, arch: Arch) -> tuple[list, list[dict], list[tuple[str, type]]]:
+def _choose(groups, verdicts, db, shas, arch: targets.Target) -> tuple[list, list[dict], list[tuple[str, type]]]:
     """Per group: the tuned winner from the DB if there is one, else the static choice. Returns the
     warnings to give as (message, category): the build may choose again before it is done."""
     import triton
@@ -262,7 +285,7 @@ def _json_rows(data: dict, row_keys: tuple[str, ...]) -> str:
     return head[:-2] + ",\n" + ",\n".join(parts) + "\n}\n"
 
 
-def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, fams: tuple[Family, ...], opts: BuildOptions,
+def _build_arch(specs: list[Spec], arch: targets.Target, dest: Path, progress, fams: tuple[Family, ...], opts: BuildOptions,
                 previous_manifest: Path | None) -> int:
     """Build one arch into `dest`; returns how many kernels it compiled (not reused)."""
     import triton
@@ -276,7 +299,7 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, fams: tuple
             path.write_text(source.text)
             files[source.stem] = {"file": path.name, **source.record, "source_sha256": _sha256(path)}
     shas = {op: f["source_sha256"] for op, f in files.items()}
-    groups = families.groups(specs, arch, fams)
+    groups = tune_groups(specs, arch, fams)
     configs = {_config_ident(vs[0]): vs for vs in families.variants(groups)}
     previous = {} if opts.recompile or previous_manifest is None else _previous_results(previous_manifest,
                                                                                          triton.__version__)
@@ -287,7 +310,7 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, fams: tuple
     results = iter(zip(flat, compiled))
     compiles = {ident: [(v, key, outcome) for v, (key, outcome) in (next(results) for _ in vs)]
                 for ident, vs in configs.items()}
-    verdicts = {ident: prune.combine([prune.judge(arch, v.num_warps, outcome) for v, _, outcome in c])
+    verdicts = {ident: prune.combine([_judge(arch, v.num_warps, outcome) for v, _, outcome in c])
                 for ident, c in compiles.items()}
     db = tunedb.load_or_warn(tunedb.db_path(opts.db_dir, arch.name), arch.name) if opts.db_dir else tunedb.TuneDB(arch.name)
     # The configs chosen must also compile for other sizes (the JIT's unaligned specialisation); one
@@ -314,9 +337,11 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, fams: tuple
     (dest / contract.CONFIGS_FILE).write_text(render.render_configs(arch, baked, _tuned_with(choices)))
     manifest = {
         "arch": arch.name,
-        "capability": arch.capability,
+        "vendor": arch.vendor,
+        "capability": arch.arch,
         "reference_gpu": arch.reference_gpu,
         "compiled_with": {"triton": triton.__version__, "integer_args": "i32", "pointer_alignment": 16,
+                          "candidates": "every config of the spaces" if arch.explores_space else "the static configs only",
                           "specialisations": "each config as launched with sizes that are multiples of 16 (pruned "
                                              "and ranked on those, every weight dtype); chosen ones also for any "
                                              "size (\"also\")"},
@@ -331,9 +356,11 @@ def _build_arch(specs: list[Spec], arch: Arch, dest: Path, progress, fams: tuple
     return n_compiled
 
 
-def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, fams: tuple[Family, ...], opts: BuildOptions,
+def _stage(specs: list[Spec], archs: list[ArchOrTarget], stage: Path, progress, fams: tuple[Family, ...], opts: BuildOptions,
            previous: Path) -> int:
     import triton
+
+    archs = [targets.of(a) for a in archs]
 
     if not opts.recompile:
         for arch in archs:  # every damaged manifest is reported before the first compile, not minutes later
@@ -353,7 +380,7 @@ def _stage(specs: list[Spec], archs: list[Arch], stage: Path, progress, fams: tu
 
 # --- public entry points -----------------------------------------------------------------------
 
-def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None,
+def build(specs: list[Spec], archs: list[ArchOrTarget], out: Path, progress=lambda msg: None,
           fams: tuple[Family, ...] = families.ALL, opts: BuildOptions | None = None) -> int:
     """Build into `out`. Nothing in `out` changes unless every render and compile succeeded; then
     each arch folder is swapped in so that a kill at any point leaves a complete arch (_swap_in).
@@ -364,6 +391,7 @@ def build(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
     opts = opts or BuildOptions()
     if not specs:
         raise BuildError("no specs to build")
+    archs = [targets.of(a) for a in archs]
     out = Path(out)
     _refuse_foreign_out(out)
     _refuse_builtin_out(specs, out, fams)
@@ -413,7 +441,7 @@ def _refuse_builtin_out(specs: list[Spec], out: Path, fams: tuple[Family, ...]) 
                          "kernels. Build into a folder of your own (--out kernels) and load it with lo.load")
 
 
-def _refuse_foreign_files_in_archs(out: Path, archs: list[Arch], specs: list[Spec]) -> None:
+def _refuse_foreign_files_in_archs(out: Path, archs: list[targets.Target], specs: list[Spec]) -> None:
     """A rebuilt arch folder replaces the old one whole: files in it that no build wrote (what its
     manifest lists, or what this build writes) would be deleted, so they stop the build first."""
     for arch in archs:
@@ -527,11 +555,12 @@ def _renameat2():
     return fn
 
 
-def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: None,
+def check(specs: list[Spec], archs: list[ArchOrTarget], out: Path, progress=lambda msg: None,
           fams: tuple[Family, ...] = families.ALL, opts: BuildOptions | None = None) -> list[str]:
     """Rebuild into a scratch folder and compare with `out`. Returns the problems (empty: fresh).
     With opts.recompile the compile results are redone, not taken from `out`'s manifests."""
     opts = opts or BuildOptions()
+    archs = [targets.of(a) for a in archs]
     out = Path(out)
     problems = _missing_or_damaged(archs, out)
     if problems:  # at once: a rebuild to compare with would take minutes and cannot come out fresh
@@ -557,7 +586,7 @@ def check(specs: list[Spec], archs: list[Arch], out: Path, progress=lambda msg: 
         return problems
 
 
-def _missing_or_damaged(archs: list[Arch], out: Path) -> list[str]:
+def _missing_or_damaged(archs: list[targets.Target], out: Path) -> list[str]:
     """The arch folders and manifests of `out` that are missing or unreadable."""
     import triton
 

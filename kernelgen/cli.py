@@ -13,6 +13,7 @@ from . import archs as archs_mod
 from . import build as build_mod
 from . import families
 from . import spec as spec_mod
+from . import targets as targets_mod
 from .templating import RenderError
 from .tuner import TuneError
 
@@ -45,7 +46,7 @@ def _cmd_build(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    arch_list = archs_mod.resolve(args.arch)
+    arch_list = targets_mod.resolve(args.arch)  # NVIDIA archs and AMD targets
     specs = _specs(args.spec)
     out = _build_out(args)
     fams = families.for_tree(builtin=not args.spec)  # a tree of the user's own activations, or the built-in one
@@ -211,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kernelgen", description="Generate approximate-backprop Triton kernels.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="render and compile kernels ahead of time for an arch")
-    b.add_argument("--arch", required=True, help=f"one of {', '.join(archs_mod.ARCHS)} or all")
+    b.add_argument("--arch", required=True, help=f"one of {', '.join(targets_mod.TARGETS)} or all")
     b.add_argument("--spec", action="append", metavar="FILE", help="build this spec file instead of the built-ins (repeatable)")
     b.add_argument("--out", metavar="DIR", help="the generated tree to write: a new or empty folder, or a kernelgen "
                    "tree (default: generated/ of this checkout; with --spec: ./kernels)")
@@ -237,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--description", default="")
     n.add_argument("--replaces", default="", help="the torch activation it stands in for (informational)")
     n.add_argument("--dir", default=".", help="where to write NAME.toml (default: here)")
-    n.add_argument("--arch", default="sm80", help="arch to build for (default sm80; all for every arch)")
+    n.add_argument("--arch", default="sm80", help="arch to build for (default sm80; all for every arch and AMD target)")
     n.add_argument("--out", default="kernels", help="the generated tree to build into (default ./kernels)")
     n.add_argument("--no-build", action="store_true", help="only write the spec")
     n.add_argument("--force", action="store_true", help="overwrite NAME.toml if it exists")

@@ -11,10 +11,26 @@ from typing import TYPE_CHECKING, Callable, Protocol
 from .archs import TRITON_DTYPE
 
 if TYPE_CHECKING:
-    from .archs import Arch
     from .spec import Spec
 
 SIZE_ARGS = ("n_elements", "n_cols")
+
+
+class TargetInfo(Protocol):
+    """What a family reads of the GPU target it renders and configures for: an NVIDIA arch
+    (archs.Arch) or any target of targets.TARGETS. Families read nothing else of a target."""
+
+    name: str  # the build folder's name: sm80, gfx942, ...
+    warp_size: int  # threads of one Triton warp (a CUDA warp, an AMD wavefront)
+    dram_gbps: float  # peak DRAM bandwidth of the reference GPU
+
+    @property
+    def compute_units(self) -> int:
+        """SMs / CUs of the reference GPU."""
+
+    @property
+    def max_threads_per_cu(self) -> int:
+        """Threads one SM / CU holds at full occupancy."""
 
 
 @dataclass(frozen=True)
@@ -113,13 +129,13 @@ class Family(Protocol):
     def stems(self, specs: list[Spec]) -> list[str]:
         """The kernel files (<arch>/<stem>.py) this family writes for `specs`."""
 
-    def sources(self, specs: list[Spec], arch: Arch) -> list[Source]:
+    def sources(self, specs: list[Spec], arch: TargetInfo) -> list[Source]:
         """The rendered kernel files for `arch`."""
 
     def space(self):
         """The loaded config space (it has .buckets and .dtypes)."""
 
-    def groups(self, specs: list[Spec], arch: Arch) -> list[TuneGroup]:
+    def groups(self, specs: list[Spec], arch: TargetInfo) -> list[TuneGroup]:
         """Every tuning group of `arch`, the static config first among each group's candidates."""
 
     def variants(self, group: TuneGroup, config: dict) -> list[KernelVariant]:
@@ -140,5 +156,5 @@ class Family(Protocol):
     def measure_inputs(self, group: TuneGroup, shape: tuple[int, ...], device: str, interpret: bool, gen) -> dict:
         """Tensors to time a group's kernel on (torch, on `device`)."""
 
-    def launcher(self, group: TuneGroup, inputs: dict, config: dict, interpret: bool, arch: Arch) -> Callable[[], object]:
+    def launcher(self, group: TuneGroup, inputs: dict, config: dict, interpret: bool, arch: TargetInfo) -> Callable[[], object]:
         """A call that runs the group's kernel once with `config`, through lowmem_ops' own launchers."""

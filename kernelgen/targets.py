@@ -51,12 +51,22 @@ class Target:
 
         return GPUTarget(self.backend, self.arch, self.warp_size)
 
+    @property
+    def explores_space(self) -> bool:
+        """True: the build compiles and prunes every candidate of a family's config space (what the
+        tuner then measures); False: only the static configs."""
+        return True
+
 
 @dataclass(frozen=True)
 class NvidiaTarget(Target):
     """A CUDA arch of archs.ARCHS; its limits and occupancy model are the Arch's."""
 
     table: Arch
+
+    @property
+    def max_threads_per_cu(self) -> int:
+        return self.table.max_threads_per_sm
 
     def occupancy(self, num_warps: int, regs_per_thread: int, smem_bytes: int) -> float:
         return self.table.occupancy(num_warps, regs_per_thread, smem_bytes)
@@ -89,6 +99,17 @@ class AmdTarget(Target):
     lds_per_cu: int  # bytes shared by the workgroups resident on one CU (WGP)
     max_lds_per_workgroup: int  # bytes
     max_workgroups_per_cu: int  # barrier slots: the cap for workgroups of more than one wave
+    cus_per_lds_group: int = 1  # CUs behind simds_per_cu: 1 on CDNA, 2 (a WGP) on RDNA in WGP mode
+
+    @property
+    def max_threads_per_cu(self) -> int:
+        return self.simds_per_cu * self.max_waves_per_simd * self.warp_size // self.cus_per_lds_group
+
+    @property
+    def explores_space(self) -> bool:
+        """Static configs only, for now: with no AMD device to tune on, the rest of a space would only
+        be ranked by modelled occupancy, at the cost of every space's compiles again per target."""
+        return False
 
     def total_vgprs(self, arch_vgprs: int, agprs: int) -> int:
         """Registers per lane a wave allocates: on CDNA2/3 the AGPRs follow the VGPRs rounded up to 4."""
@@ -153,11 +174,17 @@ AMD_TARGETS: dict[str, AmdTarget] = {
         AmdTarget(contract.AMD, "gfx1100", "hip", "gfx1100", 32, "Radeon RX 7900 XTX", 96, 960.0,
                   simds_per_cu=4, max_waves_per_simd=16, vgprs_per_lane=1536, vgpr_granule=24,
                   max_vgprs_per_wave=256, unified_agprs=False, sgprs_limit_waves=False,
-                  lds_per_cu=128 * 1024, max_lds_per_workgroup=64 * 1024, max_workgroups_per_cu=32),
+                  lds_per_cu=128 * 1024, max_lds_per_workgroup=64 * 1024, max_workgroups_per_cu=32,
+                  cus_per_lds_group=2),
     )
 }
 
 TARGETS: dict[str, Target] = {**{name: nvidia(a) for name, a in ARCHS.items()}, **AMD_TARGETS}
+
+
+def of(arch: Arch | Target) -> Target:
+    """The target of an NVIDIA arch of the table (or of a variant of one a test made); a target as it is."""
+    return arch if isinstance(arch, Target) else nvidia(arch)
 
 
 def resolve(names: str | list[str]) -> list[Target]:

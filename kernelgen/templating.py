@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from . import plaintext
 
 if TYPE_CHECKING:
-    from .archs import Arch
+    from .kernels import TargetInfo
     from .spec import Spec
 
 
@@ -123,5 +123,5 @@ def num(value: float) -> Code:
     return Code(repr(float(value)))
 
 
-def arch_vars(arch: Arch) -> dict:
+def arch_vars(arch: TargetInfo) -> dict:
     return {"name": arch.name}

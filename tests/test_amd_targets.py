@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from kernelgen.families import activation, norm
-from kernelgen.aot_amd import AmdCompileJob, AmdCompileResult, compile_kernel, compile_one, parse_resources
+from kernelgen.aot import CompileJob
+from kernelgen.aot_amd import AmdCompileResult, compile_kernel, compile_one, parse_resources
 from kernelgen.prune_amd import judge
 from kernelgen.targets import AMD_TARGETS, TARGETS, resolve
 
@@ -23,6 +24,12 @@ NORM_FORWARD_SIG = norm.variant("layernorm.affine.forward", "float32", {"BLOCK_N
                                          "float32").signature
 NORM_BACKWARD_SIG = norm.variant("layernorm.affine.backward", "bfloat16", {"BLOCK_N": 1024, "num_warps": 4},
                                           "float32").signature
+
+
+def AmdCompileJob(path, fn, signature, constexprs, num_warps, num_stages, target, waves_per_eu=0) -> CompileJob:
+    """A HIP compile job for `target` at its wave size."""
+    wave = AMD_TARGETS[target].warp_size if target in AMD_TARGETS else 64
+    return CompileJob(path, fn, signature, constexprs, num_warps, num_stages, target, (), wave, "hip", waves_per_eu)
 
 
 # ---- occupancy model: figures worked out by hand from the per-target rules in kernelgen/targets.py
@@ -212,3 +219,23 @@ def test_judge_keeps_ranks_and_drops():
     assert not judge(gfx942, 4, _result(vgprs=256, agprs=258, total_vgprs=516)).kept
     assert not judge(AMD_TARGETS["gfx1100"], 4, _result()).kept  # a wave64 binary is not a gfx1100 wave32 one
     assert "does not compile" in judge(gfx942, 4, "CompilationError: boom").reason
+
+
+@pytest.mark.slow
+def test_hip_jobs_compile_in_worker_processes_and_keep_their_own_keys():
+    """The build's worker processes take HIP jobs like CUDA ones: the result comes back over the pipe
+    as an AmdCompileResult, an unknown target as its error; a HIP job's key differs from the CUDA job
+    with the same fields (a recorded result is never taken for the other vendor's)."""
+    from kernelgen import aot
+
+    good = AmdCompileJob(ACTIVATION, "forward_kernel", FORWARD_SIG, {"WRITE_CODES": True, "BLOCK_BYTES": 512}, 4, None,
+                         "gfx942")
+    bad = AmdCompileJob(ACTIVATION, "forward_kernel", FORWARD_SIG, {"WRITE_CODES": True, "BLOCK_BYTES": 512}, 4, None,
+                        "gfx000")
+    result, error = aot.compile_all([good, bad], workers=2)
+    assert isinstance(result, AmdCompileResult) and result.wavefront_size == 64
+    assert aot.from_dict(aot.to_dict(result)) == result
+    assert "unknown AMD target gfx000" in error
+    cuda = CompileJob(*[getattr(good, f) for f in ("path", "fn", "signature", "constexprs", "num_warps", "num_stages")],
+                      "gfx942", (), 64)
+    assert good.key("sha", "3.9.0") != cuda.key("sha", "3.9.0")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernelgen import archs, build, cli, spec
+from kernelgen import archs, build, cli, spec, targets
 from kernelgen.families import activation
 
 from . import reference as ref
@@ -93,15 +93,16 @@ def test_check_detects_stale_and_leftover_files(sm80_tree, tmp_path, capsys):
 
 
 def test_committed_tree_is_fresh_for_every_arch():
-    """What CI checks too: generated/ equals a fresh build for every shipped arch: every file
-    rendered again, pruning and choices redone from the compile results the manifests recorded
-    (test_tuning compiles a sample of those again to check them)."""
-    problems = build.check(spec.load_builtin(), archs.resolve("all"), REPO / "generated")
+    """What CI checks too: generated/ equals a fresh build for every shipped arch, NVIDIA and AMD:
+    every file rendered again, pruning and choices redone from the compile results the manifests
+    recorded (test_tuning compiles a sample of those again to check them)."""
+    problems = build.check(spec.load_builtin(), targets.resolve("all"), REPO / "generated")
     assert problems == [], "\n".join(problems)
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["build", "--arch", "sm75"], "unknown arch sm75; choose from sm80, sm86, sm89, sm90, sm100 or all"),
+    (["build", "--arch", "sm75"], "unknown target sm75; choose from sm80, sm86, sm89, sm90, sm100, gfx942, gfx90a, "
+                                  "gfx1100 or all"),
     (["build", "--arch", "sm80", "--spec", "/nonexistent/x.toml"], "/nonexistent/x.toml: cannot read spec"),
 ])
 def test_cli_errors_exit_nonzero(argv, needle, capsys, tmp_path):

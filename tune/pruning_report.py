@@ -1,6 +1,6 @@
 """What static pruning found, read from the manifests `kernelgen build` wrote (docs/tuning.md's tables).
 
-    python tune/pruning_report.py                  # generated/, every arch
+    python tune/pruning_report.py                  # generated/, every arch (NVIDIA, then AMD)
     python tune/pruning_report.py --ptx sm90       # also: the vector width of a few kernels' accesses
 
 Per arch: configs, compiles (each config as launched with sizes that are multiples of 16, once per
@@ -40,6 +40,22 @@ def summary(tree: Path) -> list[str]:
         lines.append(f"| {m['arch']} | {len(rows)} | {m['pruning']['compiled']} | {m['pruning']['dropped']} | "
                      + " | ".join(str(dropped[k]) for k in ("norm backward", "dgamma kernel", "norm forward", "activations"))
                      + " |")
+    return lines
+
+
+def amd_summary(tree: Path) -> list[str]:
+    """The AMD targets' builds (static configs only): what the HIP compiles report of them."""
+    lines = ["| target | wave | configs | compiles | dropped | VGPRs, max | LDS bytes, max | scratch | occupancy, min / median |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for manifest in sorted(tree.glob("gfx*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        rows = m["variants"]
+        compiles = rows + [a for r in rows for a in r.get("also", ())]
+        ok = [c for c in compiles if "error" not in c]
+        occupancy = sorted(r["occupancy"] for r in rows if r["kept"])
+        lines.append(f"| {m['arch']} | {ok[0]['wavefront_size']} | {len(rows)} | {m['pruning']['compiled']} | "
+                     f"{m['pruning']['dropped']} | {max(c['total_vgprs'] for c in ok)} | {max(c['lds_bytes'] for c in ok)} | "
+                     f"{sum(c['scratch_bytes'] > 0 for c in ok)} | {occupancy[0]:.0%} / {occupancy[len(occupancy) // 2]:.0%} |")
     return lines
 
 
@@ -114,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ptx", metavar="ARCH", help="also compile a few kernels for ARCH and count access widths")
     args = ap.parse_args(argv)
     print("\n".join(summary(args.tree)))
+    print()
+    print("\n".join(amd_summary(args.tree)))
     print()
     print("\n".join(aligned_vs_any(args.tree, args.arch)))
     if args.ptx:

@@ -12,11 +12,11 @@ from pathlib import Path
 import jinja2
 
 from .. import space
-from ..archs import DRAM_LATENCY_NS, DTYPE_BYTES, DTYPES, TRITON_DTYPE, VECTOR_BYTES, Arch
+from ..archs import DRAM_LATENCY_NS, DTYPE_BYTES, DTYPES, TRITON_DTYPE, VECTOR_BYTES
 from ..contract import contract as C
 from ..expr import TRITON_HELPERS
 from ..fit import asymptotes
-from ..kernels import KernelVariant, Source, TuneGroup
+from ..kernels import KernelVariant, Source, TargetInfo, TuneGroup
 from ..spec import Spec, to_f32
 from ..templating import (Code, RenderError, arch_vars, comment_text, num, render, spec_file_label,
                           template_sha256)
@@ -28,13 +28,13 @@ NUM_WARPS = 4  # the static config's
 
 # --- the static config -----------------------------------------------------------------------
 
-def static_config(arch: Arch, dtype: str, codes_per_byte: int) -> dict[str, int]:
+def static_config(arch: TargetInfo, dtype: str, codes_per_byte: int) -> dict[str, int]:
     """Launch config for a streaming kernel that handles BLOCK_BYTES code bytes per program.
 
     By Little's law an SM must keep bandwidth x latency / SMs bytes in flight. Each thread gets
     enough 16-byte vectors for that at full occupancy, and never fewer than two (so loads overlap).
     """
-    in_flight_per_thread = arch.dram_gbps * DRAM_LATENCY_NS / arch.sm_count / arch.max_threads_per_sm
+    in_flight_per_thread = arch.dram_gbps * DRAM_LATENCY_NS / arch.compute_units / arch.max_threads_per_cu
     vectors = max(2, 2 ** math.ceil(math.log2(max(1.0, in_flight_per_thread / VECTOR_BYTES))))
     elems_per_thread = vectors * VECTOR_BYTES // DTYPE_BYTES[dtype]
     elems_per_program = elems_per_thread * arch.warp_size * NUM_WARPS
@@ -47,7 +47,7 @@ def static_config(arch: Arch, dtype: str, codes_per_byte: int) -> dict[str, int]
 class ElementwiseSpace(space.ElementSpace):
     vectors_per_thread: tuple[int, ...]
 
-    def configs(self, arch: Arch, dtype: str, codes_per_byte: int) -> list[dict]:
+    def configs(self, arch: TargetInfo, dtype: str, codes_per_byte: int) -> list[dict]:
         """The static config first, then the space's (for dtypes it covers), without repeats."""
         out = [static_config(arch, dtype, codes_per_byte)]
         if dtype in self.dtypes:
@@ -89,7 +89,7 @@ def kernels_of(spec: Spec) -> tuple[str, ...]:
     return C.ACTIVATION_KERNELS + (C.GATED_KERNELS if spec.gated else ())
 
 
-def groups_of(spec: Spec, arch: Arch) -> list[TuneGroup]:
+def groups_of(spec: Spec, arch: TargetInfo) -> list[TuneGroup]:
     sp = config_space()
     out = []
     for kernel in kernels_of(spec):
@@ -133,7 +133,7 @@ def _spec_vars(spec: Spec) -> dict:
             "forward": {"text": comment_text(spec.forward.text, f"{spec.name}: [op].forward")}}
 
 
-def render_activation(spec: Spec, arch: Arch) -> str:
+def render_activation(spec: Spec, arch: TargetInfo) -> str:
     forward = spec.forward.triton()
     derivative = spec.forward.triton_derivative() if spec.gated else ""
     asym = asymptotes(spec.forward) if spec.gated else None
@@ -180,7 +180,7 @@ class ActivationFamily:
     def stems(self, specs: list[Spec]) -> list[str]:
         return [s.name for s in specs]
 
-    def sources(self, specs: list[Spec], arch: Arch) -> list[Source]:
+    def sources(self, specs: list[Spec], arch: TargetInfo) -> list[Source]:
         return [Source(s.name, render_activation(s, arch),
                        {"spec": spec_file_label(s), "spec_sha256": s.sha256, "template": TEMPLATE,
                         "template_sha256": template_sha256(TEMPLATE)}) for s in specs]
@@ -188,7 +188,7 @@ class ActivationFamily:
     def space(self) -> ElementwiseSpace:
         return config_space()
 
-    def groups(self, specs: list[Spec], arch: Arch) -> list[TuneGroup]:
+    def groups(self, specs: list[Spec], arch: TargetInfo) -> list[TuneGroup]:
         return [g for s in specs for g in groups_of(s, arch)]
 
     def variants(self, group: TuneGroup, config: dict) -> list[KernelVariant]:
@@ -229,7 +229,7 @@ class ActivationFamily:
             _, args["h"], args["codes"] = tb.gated_forward(op, x, args["up"], True, True, interpret)
         return args
 
-    def launcher(self, group: TuneGroup, a: dict, cfg: dict, interpret: bool, arch: Arch):
+    def launcher(self, group: TuneGroup, a: dict, cfg: dict, interpret: bool, arch: TargetInfo):
         from lowmem_ops import _triton_backend as tb
 
         op, x, dy, up, it = a["op"], a["x"], a["dy"], a["up"], interpret

@@ -12,9 +12,9 @@ from pathlib import Path
 import jinja2
 
 from .. import space
-from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE, Arch
+from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE
 from ..contract import contract as C
-from ..kernels import KernelVariant, Source, TuneGroup
+from ..kernels import KernelVariant, Source, TargetInfo, TuneGroup
 from ..spec import Spec
 from ..templating import Code, RenderError, arch_vars, render, template_sha256
 
@@ -24,7 +24,7 @@ SPACE_FILE = "dropout.space.toml"
 
 # --- the static config -----------------------------------------------------------------------
 
-def static_config(arch: Arch) -> dict:
+def static_config(arch: TargetInfo) -> dict:
     """8 elements per thread (two 16-byte float32 vectors, one of 16-bit values) over 4 warps: 1024
     elements per program on 32-wide warps, the launch dropout used before it was generated. Each
     element costs a Philox draw, so more elements per thread buy little latency hiding."""
@@ -37,7 +37,7 @@ def static_config(arch: Arch) -> dict:
 class DropoutSpace(space.ElementSpace):
     elements_per_thread: tuple[int, ...]
 
-    def configs(self, arch: Arch, dtype: str) -> list[dict]:
+    def configs(self, arch: TargetInfo, dtype: str) -> list[dict]:
         """The static config first, then the space's (for dtypes it covers), without repeats."""
         out = [static_config(arch)]
         if dtype in self.dtypes:
@@ -56,7 +56,7 @@ def config_space() -> DropoutSpace:
 
 # --- the kernel and its compiles -------------------------------------------------------------
 
-def groups(arch: Arch) -> list[TuneGroup]:
+def groups(arch: TargetInfo) -> list[TuneGroup]:
     sp = config_space()
     return [TuneGroup(C.DROPOUT_STEM, C.DROPOUT_KERNEL, dtype, label, (i,), tuple(sp.configs(arch, dtype)),
                       DROPOUT.name) for dtype in DTYPES for i, label in enumerate(sp.buckets)]
@@ -74,7 +74,7 @@ def variant(dtype: str, config: dict) -> KernelVariant:
 
 # --- rendering -------------------------------------------------------------------------------
 
-def render_dropout(arch: Arch) -> str:
+def render_dropout(arch: TargetInfo) -> str:
     try:
         return render(TEMPLATE, arch=arch_vars(arch), template_sha256=template_sha256(TEMPLATE))
     except jinja2.TemplateError as err:
@@ -89,14 +89,14 @@ class DropoutFamily:
     def stems(self, specs: list[Spec]) -> list[str]:
         return [C.DROPOUT_STEM]
 
-    def sources(self, specs: list[Spec], arch: Arch) -> list[Source]:
+    def sources(self, specs: list[Spec], arch: TargetInfo) -> list[Source]:
         return [Source(C.DROPOUT_STEM, render_dropout(arch),
                        {"template": TEMPLATE, "template_sha256": template_sha256(TEMPLATE)})]
 
     def space(self) -> DropoutSpace:
         return config_space()
 
-    def groups(self, specs: list[Spec], arch: Arch) -> list[TuneGroup]:
+    def groups(self, specs: list[Spec], arch: TargetInfo) -> list[TuneGroup]:
         return groups(arch)
 
     def variants(self, group: TuneGroup, config: dict) -> list[KernelVariant]:
@@ -122,7 +122,7 @@ class DropoutFamily:
         seed = torch.randint(-(2 ** 63), 2 ** 63 - 1, (), generator=gen, device=device, dtype=torch.int64)
         return {"x": x, "seed": seed}
 
-    def launcher(self, group: TuneGroup, a: dict, cfg: dict, interpret: bool, arch: Arch):
+    def launcher(self, group: TuneGroup, a: dict, cfg: dict, interpret: bool, arch: TargetInfo):
         from lowmem_ops.dropout import triton_apply  # (lowmem_ops.dropout, the attribute, is the op)
 
         return lambda: triton_apply(a["x"], a["seed"], 0, 0.1, interpret, cfg)

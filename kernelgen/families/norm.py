@@ -12,9 +12,9 @@ from pathlib import Path
 import jinja2
 
 from .. import space
-from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE, Arch
+from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE
 from ..contract import contract as C
-from ..kernels import KernelVariant, Source, TuneGroup
+from ..kernels import KernelVariant, Source, TargetInfo, TuneGroup
 from ..spec import Spec
 from ..templating import Code, RenderError, arch_vars, render, template_sha256
 
@@ -24,7 +24,7 @@ SPACE_FILE = "norm.space.toml"
 
 # --- the static config -----------------------------------------------------------------------
 
-def static_config(arch: Arch) -> dict:
+def static_config(arch: TargetInfo) -> dict:
     """Row-wise norms, the static table: a row that fits takes one pass with at most 16 float32
     values per thread per row tensor; wider rows loop over loop_block chunks. The backward runs a few
     programs per SM, each over many rows, so the dgamma/dbeta partial sums stay few. Pruning drops
@@ -35,7 +35,7 @@ def static_config(arch: Arch) -> dict:
         "single_warps": warps,
         "loop_block": 4096,
         "loop_warps": 8,
-        "backward_programs_per_sm": 4 if arch.max_threads_per_sm >= 2048 else 3,
+        "backward_programs_per_sm": 4 if arch.max_threads_per_cu >= 2048 else 3,
         "param_grad_block_r": 32,
         "param_grad_block_c": 128,
         "param_grad_warps": 4,
@@ -75,7 +75,7 @@ class NormSpace:
     def problem_shape(self, width_bucket: int, row_bucket: int) -> tuple[int, int]:
         return space.representative(self.row_bounds, row_bucket, 4), space.representative(self.widths, width_bucket, 2)
 
-    def configs(self, arch: Arch, stage: str, dtype: str, width_bucket: int) -> list[dict]:
+    def configs(self, arch: TargetInfo, stage: str, dtype: str, width_bucket: int) -> list[dict]:
         """Candidates of one kernel stage (forward | backward | param_grad) for one width bucket
         (index into widths; len(widths): rows wider than all). The static config comes first; a
         single-pass bucket also offers the looped kernel over narrower chunks."""
@@ -138,7 +138,7 @@ def config_space() -> NormSpace:
 
 # --- kernels and their compiles --------------------------------------------------------------
 
-def groups(arch: Arch) -> list[TuneGroup]:
+def groups(arch: TargetInfo) -> list[TuneGroup]:
     """forward and backward of LayerNorm and RMSNorm, without and with the (inverted) affine, and
     the looped path's dgamma/dbeta kernel, per (row width, row count) bucket."""
     sp = config_space()
@@ -188,7 +188,7 @@ def variant(kernel: str, dtype: str, config: dict, weight_dtype: str) -> KernelV
 
 # --- rendering -------------------------------------------------------------------------------
 
-def render_norm(arch: Arch) -> str:
+def render_norm(arch: TargetInfo) -> str:
     try:
         return render(TEMPLATE, arch=arch_vars(arch), template_sha256=template_sha256(TEMPLATE))
     except jinja2.TemplateError as err:
@@ -212,13 +212,13 @@ class NormFamily:
     def stems(self, specs: list[Spec]) -> list[str]:
         return [C.NORM_STEM]
 
-    def sources(self, specs: list[Spec], arch: Arch) -> list[Source]:
+    def sources(self, specs: list[Spec], arch: TargetInfo) -> list[Source]:
         return [Source(C.NORM_STEM, render_norm(arch), {"template": TEMPLATE, "template_sha256": template_sha256(TEMPLATE)})]
 
     def space(self) -> NormSpace:
         return config_space()
 
-    def groups(self, specs: list[Spec], arch: Arch) -> list[TuneGroup]:
+    def groups(self, specs: list[Spec], arch: TargetInfo) -> list[TuneGroup]:
         return groups(arch)
 
     def variants(self, group: TuneGroup, config: dict) -> list[KernelVariant]:
@@ -254,7 +254,7 @@ class NormFamily:
         dy = torch.randn(rows, cols, generator=gen, device=device, dtype=torch.float32).to(dtype)
         return {"x": x, "w": w, "b": b, "y": y, "rstd": rstd, "dy": dy, "is_rms": kind == "rmsnorm", "dtype": dtype}
 
-    def launcher(self, group: TuneGroup, a: dict, cfg: dict, interpret: bool, arch: Arch):
+    def launcher(self, group: TuneGroup, a: dict, cfg: dict, interpret: bool, arch: TargetInfo):
         from lowmem_ops import _norm_backends as nb
 
         stage, it = _stage(group.kernel), interpret

@@ -1,0 +1,1 @@
+"""Kernels rendered by kernelgen. Do not edit: run `kernelgen build`."""
