@@ -182,6 +182,9 @@ def _cmd_plot(args) -> int:
 
 def _tune_arch(name: str) -> archs_mod.Arch:
     """native: the arch of this machine's GPU; smXX: that arch (measuring it needs such a GPU)."""
+    if name in targets_mod.AMD_TARGETS:
+        raise ValueError(f"kernelgen tune measures on NVIDIA GPUs only: {name} builds its static configs "
+                         f"(`kernelgen build --arch {name}`); no AMD GPU has tuned them yet (docs/amd.md)")
     if name != "native":
         return archs_mod.resolve(name)[0]
     import torch

@@ -555,6 +555,11 @@ def test_cli_tune_without_gpu_says_so(capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_tune_of_an_amd_target_says_what_it_builds(capsys, tmp_path):
+    assert cli.main(["tune", "--arch", "gfx942", "--report", "--db", str(tmp_path)]) == 1
+    assert "measures on NVIDIA GPUs only: gfx942 builds its static configs" in capsys.readouterr().err
+
+
 def test_cli_report(tree, tmp_path, capsys):
     db_dir = tmp_path / "db"
     assert cli.main(["tune", "--arch", "sm90", "--report", "--db", str(db_dir)]) == 0
