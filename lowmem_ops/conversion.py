@@ -20,7 +20,8 @@ What is swapped (options turn each part off):
 - by behaviour: with example inputs, every other leaf that may be an activation or a norm is probed
   (lowmem_ops._recognition) and swapped for the op or MS norm computing the same (T5LayerNorm,
   Gemma's 1 + weight RMSNorm, OLMo's weightless LayerNorm, ConvNeXt's channels-first LayerNorm,
-  BloomGelu, a user's Swish); what it matches nothing of, or cannot be probed, is a report line;
+  BloomGelu, a user's Swish), an op of a tree the user loaded (lo.load) included (a built-in op
+  that fits comes first); what it matches nothing of, or cannot be probed, is a report line;
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
 - PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
