@@ -32,11 +32,35 @@ def is_exact(op: OpInfo) -> bool:
     return op.fit_error <= EXACT_FIT_ERROR
 
 
+# where two ops' forwards are compared (a family shares its h(x)): a float64 grid over the range of
+# activations' inputs, past where the usual ones saturate
+_SAME_FORWARD_GRID = (-30.0, 30.0, 6001)
+
+
 def family(op_name: str) -> list[OpInfo]:
-    """The built ops of op_name's family (regelu2 -> regelu1..4 where loaded), fewest bits first."""
+    """op_name's op and the other widths of the same activation, fewest bits first: the loaded ops
+    named <stem><k> for k in WIDTHS (regelu2 -> regelu1..4; a user's softsign2 -> softsign1..4 of any
+    tree) that have k bits and the same forward h(x) as op_name's (a user's regelu5 computing something
+    else has no built-in GELU in its family). The op itself is always in it, whatever its name says
+    (softsign with 2 bits: a family of one); where another member has its width, it is the one kept."""
+    op = get_op(op_name)
     stem, names = op_name.rstrip("0123456789"), set(available())
-    ops = [get_op(f"{stem}{k}") for k in WIDTHS if f"{stem}{k}" in names]
-    return [op for op in ops if op.bits == int(op.name[len(stem):])]
+    widths = {}
+    for k in WIDTHS:
+        other = get_op(f"{stem}{k}") if f"{stem}{k}" in names else None
+        if other is not None and other.name != op.name and other.bits == k and _same_forward(op, other):
+            widths[k] = other
+    widths[op.bits] = op
+    return [widths[k] for k in sorted(widths)]
+
+
+def _same_forward(a: OpInfo, b: OpInfo) -> bool:
+    """a and b compute the same h(x) (to float64 rounding, on _SAME_FORWARD_GRID)."""
+    x = torch.linspace(*_SAME_FORWARD_GRID, dtype=torch.float64)
+    try:
+        return bool(torch.allclose(a.forward(x), b.forward(x), rtol=1e-9, atol=1e-12))
+    except Exception:  # a forward that cannot take the grid is not known to be the same
+        return False
 
 
 def exact_derivative(op: OpInfo, x: torch.Tensor) -> torch.Tensor:

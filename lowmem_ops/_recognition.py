@@ -6,21 +6,30 @@ The module is called on a few deterministic inputs of the shape it saw in the ex
 dtype and device, under no_grad and in eval mode, with its buffers and the RNG kept
 (_snapshot.state_kept) and its training flag restored. Its output is matched against references
 computed in float32: the activations with built-in ops (ReLU and LeakyReLU(0.01) with exact 1-bit
-ones), LeakyReLU at other common slopes (recognised, not swapped), and LayerNorm / RMSNorm with or
+ones), every op of a tree the user loaded (lo.load; its forward h(x) is the reference), LeakyReLU at
+other common slopes (recognised, not swapped), and LayerNorm / RMSNorm with or
 without weight (and bias), with the scale `weight` or `1 + weight`, over the last dimension or over dim 1 (channels first), for the module's own eps attribute or else
 a few common values. A second run with the parameters temporarily replaced by other values tells
 parameterisations apart that coincide at initialisation (weight = 1 and no weight; bias = 0 and
 none); the parameters' own tensors are put back untouched.
+
+Of the references that fit, a built-in op wins, then a user's op, then a match convert cannot swap
+(LeakyReLU(0.1) with no op of the user's for it); within each, the best fit, and on a tie the first
+listed (a user's ops: the first loaded). A user's op is the same forward as any other op that fits
+(within the tolerance), so which one is taken changes no output; the other user ops that fit are named
+in the report line (Match.also), and the chosen op's bit width is decided after (lowmem_ops._bits).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ._snapshot import state_kept
+from ._tree import OpInfo, user_ops
 
 # the activation references: (what the report calls it, the built-in op or None, the function)
 ACTIVATIONS = [
@@ -62,12 +71,17 @@ class Match:
     weight_offset: float = 0.0     # the scale is weight + weight_offset
     channels_first: bool = False   # normalised over dim 1
     eps: float | None = None
+    tree: Path | None = None       # a user's op (lo.load): the tree it was loaded from
+    also: tuple[str, ...] = ()     # a user's op: the other user ops (of other names) that fit as well
 
     @property
     def is_norm(self) -> bool:
         return self.op is None and self.name.endswith("Norm")
 
     def describe(self) -> str:
+        if self.tree is not None:
+            also = f"; {', '.join(self.also)} fit{'s' if len(self.also) == 1 else ''} too" if self.also else ""
+            return f"{self.name}, your op loaded from {self.tree}{also}"
         if not self.is_norm:
             return self.name
         scale = "1 + weight" if self.weight_offset else "weight" if self.weight else "no weight"
@@ -117,11 +131,23 @@ def _norm_references(x: torch.Tensor, module, params: dict):
                         yield match, (y.movedim(-1, 1) if channels_first else y)
 
 
-def _references(x, module, params):
-    for name, op, fn in ACTIVATIONS:
-        if not params:  # an activation has no parameters of its own
+def _references(x, module, params, users: list[OpInfo]):
+    if not params:  # an activation has no parameters of its own
+        for name, op, fn in ACTIVATIONS:
             yield Match(name, op=op), fn(x.float())
+        for op in users:
+            try:
+                ref = op.forward(x.float())
+            except Exception:  # a forward that cannot take this input matches nothing
+                continue
+            yield Match(op.name, op=op.name, tree=op.tree), ref
     yield from _norm_references(x, module, params)
+
+
+def _rank(match: Match) -> int:
+    """Which fitting references come first: the built-in ops (and the norms), a user's ops, then
+    what convert cannot swap (a user's op for it wins: `kernelgen new` is what its report line says)."""
+    return 1 if match.tree is not None else 2 if match.op is None and not match.is_norm else 0
 
 
 def _error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -144,6 +170,7 @@ def identify(module: torch.nn.Module, shape, dtype, device) -> Match:
     if unnamed or any(p.dim() != 1 for p in params.values()):
         raise ProbeError(f"its parameters ({', '.join(f'{n}{list(p.shape)}' for n, p in params.items())}) are "
                          "not a norm's weight/bias")
+    users = user_ops()
     inputs = _inputs(shape, dtype, device)
     runs = [(x, _call(module, x), params) for x in inputs]
     if params:  # other parameter values, put back after: weight = 1 and no weight look alike at init
@@ -153,12 +180,17 @@ def identify(module: torch.nn.Module, shape, dtype, device) -> Match:
     scores: dict[Match, float] = {}
     with torch.no_grad():
         for x, y, values in runs:
-            for match, ref in _references(x, module, values):
+            for match, ref in _references(x, module, values, users):
                 scores[match] = max(scores.get(match, 0.0), _error(y, ref))
-    fits = sorted((s, i, m) for i, (m, s) in enumerate(scores.items()) if s <= 1.0)
+    fits = sorted((_rank(m), s, i, m) for i, (m, s) in enumerate(scores.items()) if s <= 1.0)
     if not fits:
         raise ProbeError("its output matches none of the known activations and norms")
-    return fits[0][2]
+    best = fits[0][3]
+    if best.tree is not None:  # other names of the user's that compute the same (their widths are _bits')
+        stem = best.name.rstrip("0123456789")
+        also = tuple(m.name for _, _, _, m in fits[1:] if m.tree is not None and m.name.rstrip("0123456789") != stem)
+        best = replace(best, also=also)
+    return best
 
 
 def _call(module, x: torch.Tensor, values: dict | None = None) -> torch.Tensor:

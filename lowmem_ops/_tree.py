@@ -142,6 +142,20 @@ def available() -> list[str]:
     return sorted(_ops)
 
 
+def user_ops() -> list[OpInfo]:
+    """The ops registered from trees of the user's own (lo.load), in the order they were loaded."""
+    _ensure_builtin()
+    builtin = builtin_tree()
+    return [op for op in _ops.values() if op.tree != builtin]
+
+
+def is_builtin(name: str) -> bool:
+    """`name` is an op of the built-in tree (False for a user's op and for an unknown name)."""
+    _ensure_builtin()
+    op = _ops.get(name)
+    return op is not None and op.tree == builtin_tree()
+
+
 # `kernelgen build` swaps a rebuilt arch folder in through these siblings (kernelgen/build.py,
 # _swap_in); a build killed mid-swap can leave <arch> missing and one of them complete.
 _SWAP_SIBLING = re.compile(r"\.(?P<arch>[^.]+)\.(?P<role>incoming|outgoing)")

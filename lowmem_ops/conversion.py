@@ -20,7 +20,8 @@ What is swapped (options turn each part off):
 - by behaviour: with example inputs, every other leaf that may be an activation or a norm is probed
   (lowmem_ops._recognition) and swapped for the op or MS norm computing the same (T5LayerNorm,
   Gemma's 1 + weight RMSNorm, OLMo's weightless LayerNorm, ConvNeXt's channels-first LayerNorm,
-  BloomGelu, a user's Swish); what it matches nothing of, or cannot be probed, is a report line;
+  BloomGelu, a user's Swish), an op of a tree the user loaded (lo.load) included (a built-in op
+  that fits comes first); what it matches nothing of, or cannot be probed, is a report line;
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
 - PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
@@ -55,6 +56,7 @@ from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
 from ._snapshot import Snapshot, state_kept
 from .gated import MODES
+from ._tree import is_builtin
 from .nn import Approx, Dropout, GatedMLP, MSLayerNorm, MSRMSNorm
 
 # class name -> the op with exactly that forward for this instance (None: its arguments have no match)
@@ -172,6 +174,8 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         return None, f"gated MLP with activation {type(module.act_fn).__name__}, which has no fused kernel"
     if activations and name in _ACTIVATIONS:
         op = _ACTIVATIONS[name](module)
+        if op is None and match is not None and match.op is not None:  # a user's op computes it (probed)
+            return Approx(match.op), None
         if op is None:
             hint = _NO_OP_HINT[name](module) if name in _NO_OP_HINT else ""
             return None, f"{name} with these arguments has no built-in approximation{hint}"
@@ -1052,9 +1056,12 @@ def _named_like_candidate(module: torch.nn.Module) -> bool:
 
 
 def _known_by_class(module: torch.nn.Module) -> bool:
-    """The fast path: torch's own norms and activations of the class table compute what their class says."""
-    if type(module).__name__ in _ACTIVATIONS:
-        return True
+    """The fast path: torch's own norms and activations of the class table compute what their class says.
+    A class-table activation whose arguments have no built-in op (LeakyReLU(0.2)) is probed: an op the
+    user built for it (lo.load) may compute it."""
+    pick = _ACTIVATIONS.get(type(module).__name__)
+    if pick is not None:
+        return pick(module) is not None
     return (isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
             and type(module).forward is _torch_norm_class(module).forward)
 
@@ -1180,6 +1187,8 @@ def _stock(module: torch.nn.Module):
     if isinstance(module, Dropout):
         return torch.nn.Dropout(module.p, module.inplace)
     if isinstance(module, Approx):
+        # by the name's family only for the built-in ops: a user's op is whatever its spec says (one
+        # named regelu5 need not be a GELU), so one built by hand stays
         family = module.op_name.rstrip("0123456789")
-        return _STOCK_ACTIVATIONS[family]() if family in _STOCK_ACTIVATIONS else None
+        return _STOCK_ACTIVATIONS[family]() if family in _STOCK_ACTIVATIONS and is_builtin(module.op_name) else None
     return None
