@@ -65,5 +65,8 @@ NORM_WIDTHS = "NORM_WIDTHS"
 NORM_ROW_BOUNDS = "NORM_ROW_BOUNDS"
 DROPOUT_TABLE = "DROPOUT"
 DROPOUT_ELEMENT_BOUNDS = "DROPOUT_ELEMENT_BOUNDS"
+# table name -> the tuples of bucket bounds its keys' bucket indices were taken over, in key order: what
+# lowmem_ops._configs.lookup bisects, the same for every table
+TABLE_BOUNDS = "TABLE_BOUNDS"
 PROGRAMS_PER_SM = "PROGRAMS_PER_SM"  # grid size only: one compile serves every value
 LAUNCH_ONLY = frozenset({PROGRAMS_PER_SM})

@@ -191,7 +191,7 @@ def triton_apply(x: torch.Tensor, seed: torch.Tensor, offset: int, p: float, int
     tree = builtin_tree()
     arch = arch_for(x.device, tree, interpret)
     module = _dropout_module(tree, arch, interpret)
-    cfg = cfg or _configs.dropout(tree, arch, x.dtype, n)
+    cfg = cfg or _configs.lookup(tree, arch, C.DROPOUT_TABLE, (C.DROPOUT_KERNEL, _configs.DTYPE_NAMES[x.dtype]), (n,))
     # Triton passes Python floats as float32: the threshold and scale round exactly as the torch path's
     _triton_backend.launch(module.dropout_kernel, (-(-n // cfg["BLOCK"]),), x, y, seed.reshape(1), offset, n, p,
                            _scale(p), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])

@@ -537,11 +537,11 @@ def test_runtime_picks_the_bucket_by_size():
     tree = builtin_tree()
     t = _configs.table(tree, "sm90")
     for n, bucket in ((1, 0), (65536, 0), (65537, 1), (16777216, 2), (16777217, 3)):
-        assert _configs.activation(tree, "sm90", "regelu2", "forward", torch.bfloat16, n) == \
+        assert _configs.lookup(tree, "sm90", "ACTIVATION", ("regelu2", "forward", "bfloat16"), (n,)) == \
             t.ACTIVATION[("regelu2", "forward", "bfloat16", bucket)]
     for rows, cols, key in ((1, 1, (0, 0)), (1024, 512, (0, 0)), (1025, 513, (1, 1)), (20000, 8192, (4, 2)),
                             (10, 8193, (5, 0))):
-        assert _configs.norm(tree, "sm90", "rmsnorm.backward", torch.float16, rows, cols) == \
+        assert _configs.lookup(tree, "sm90", "NORM", ("rmsnorm.backward", "float16"), (cols, rows)) == \
             t.NORM[("rmsnorm.backward", "float16", *key)]
 
 
