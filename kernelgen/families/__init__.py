@@ -2,8 +2,9 @@
 
 The build, the tuner and the CLI iterate REGISTRY (in this order: activations, norms, dropout) and see
 a family only through the protocol of kernelgen/kernels.py; what is particular to a family lives in
-its module. A new family is a module here, one line in REGISTRY, its template and space file in
-templates/, and its table in templates/configs.py.j2 (docs/extending.md).
+its module. A new family is a module here, one line in REGISTRY, and its template and space file in
+templates/; its configs.py table is data its module returns (configs_table), rendered and read back
+like every other (docs/extending.md).
 """
 
 from __future__ import annotations
