@@ -5,6 +5,7 @@ knows gets its table and its lookup with no edit of either."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -72,8 +73,9 @@ def test_a_new_familys_table_is_rendered_and_looked_up_without_template_or_runti
 
 def test_a_lookup_that_does_not_fit_the_table_says_what(tmp_path, monkeypatch):
     tree = _tree_with(tmp_path, monkeypatch, FakeFamily(FAKE_TABLE), _choices(kernels=("fwd",)))
-    with pytest.raises(ValueError, match="FAKE buckets 2 sizes, got 1"):
-        _configs.lookup(tree, ARCH.name, "FAKE", ("fwd", "float16"), (8,))
+    for sizes in ((8,), (8, 1, 1), 8):  # a size short, one too many (a key that exists), not a tuple
+        with pytest.raises(ValueError, match=re.escape(f"FAKE buckets 2 sizes (a tuple), got {sizes!r}")):
+            _configs.lookup(tree, ARCH.name, "FAKE", ("fwd", "float16"), sizes)
     with pytest.raises(LookupError, match=r"FAKE has no config for \('bwd', 'float16'\) at sizes \(8, 1\)"):
         _configs.lookup(tree, ARCH.name, "FAKE", ("bwd", "float16"), (8, 1))
     with pytest.raises(RuntimeError, match=rf"{C.CONFIGS_FILE} has no table NORM \(it has FAKE\).*kernelgen build"):
