@@ -5,7 +5,7 @@
 # tuned or looked up in a database at run time. Each comes from the static table of
 # kernelgen/archs.py ("static", pruned against the ahead-of-time compile) or from the tuning
 # database ("tuned": the fastest config measured there, with its speed-up over the static one).
-# 0 of 1308 choices are tuned.
+# 0 of 1326 choices are tuned.
 
 # The GPUs this folder is for: lowmem_ops reads these (never manifest.json) to pick the folder of a
 # device. NVIDIA: CAPABILITY is 10 * major + minor; AMD: the gfx name, as ROCm torch reports it.
@@ -1344,9 +1344,34 @@ DROPOUT = {
     ('apply', 'bfloat16', 3): {'BLOCK': 1024, 'num_warps': 4},  # static
 }
 
+# Dropout + residual add + MS norm, keyed (kernel, dtype, width bucket).
+# ADD_NORM_WIDTHS buckets the row width: bucket i runs the fused kernel with BLOCK_C = ADD_NORM_WIDTHS[i]; the last, wider rows, dropout_add then the MS norm.
+ADD_NORM_WIDTHS = (512, 1024, 2048, 4096, 8192)
+ADD_NORM = {
+    ('forward', 'float32', 0): {'BLOCK_C': 512, 'num_warps': 2},  # static
+    ('forward', 'float32', 1): {'BLOCK_C': 1024, 'num_warps': 4},  # static
+    ('forward', 'float32', 2): {'BLOCK_C': 2048, 'num_warps': 8},  # static
+    ('forward', 'float32', 3): {'BLOCK_C': 4096, 'num_warps': 16},  # static
+    ('forward', 'float32', 4): {'BLOCK_C': 8192, 'num_warps': 16},  # static
+    ('dropout_add', 'float32', 5): {'BLOCK': 1024, 'num_warps': 4},  # static
+    ('forward', 'float16', 0): {'BLOCK_C': 512, 'num_warps': 2},  # static
+    ('forward', 'float16', 1): {'BLOCK_C': 1024, 'num_warps': 4},  # static
+    ('forward', 'float16', 2): {'BLOCK_C': 2048, 'num_warps': 8},  # static
+    ('forward', 'float16', 3): {'BLOCK_C': 4096, 'num_warps': 16},  # static
+    ('forward', 'float16', 4): {'BLOCK_C': 8192, 'num_warps': 16},  # static
+    ('dropout_add', 'float16', 5): {'BLOCK': 1024, 'num_warps': 4},  # static
+    ('forward', 'bfloat16', 0): {'BLOCK_C': 512, 'num_warps': 2},  # static
+    ('forward', 'bfloat16', 1): {'BLOCK_C': 1024, 'num_warps': 4},  # static
+    ('forward', 'bfloat16', 2): {'BLOCK_C': 2048, 'num_warps': 8},  # static
+    ('forward', 'bfloat16', 3): {'BLOCK_C': 4096, 'num_warps': 16},  # static
+    ('forward', 'bfloat16', 4): {'BLOCK_C': 8192, 'num_warps': 16},  # static
+    ('dropout_add', 'bfloat16', 5): {'BLOCK': 1024, 'num_warps': 4},  # static
+}
+
 # The bounds of each table, in the order of its keys' bucket indices (lowmem_ops._configs.lookup).
 TABLE_BOUNDS = {
     'ACTIVATION': (ELEMENT_BOUNDS,),
     'NORM': (NORM_WIDTHS, NORM_ROW_BOUNDS),
     'DROPOUT': (DROPOUT_ELEMENT_BOUNDS,),
+    'ADD_NORM': (ADD_NORM_WIDTHS,),
 }
