@@ -1,6 +1,7 @@
 """What a kernel family hands the build and the tuner: tuning groups (TuneGroup), the compiled
-units of their configs (KernelVariant), and the Family protocol every family implements
-(kernelgen/families/: one module per family, listed in families.REGISTRY).
+units of their configs (KernelVariant), the description of its table in configs.py (ConfigTable), and
+the Family protocol every family implements (kernelgen/families/: one module per family, listed in
+families.REGISTRY).
 """
 
 from __future__ import annotations
@@ -108,6 +109,33 @@ class TuneGroup:
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """One bucketing of a table's key: a size s falls in bucket bisect_left(values, s), the first i with
+    s <= values[i], or len(values) above them all (lowmem_ops._configs.lookup does the same)."""
+
+    name: str  # configs.py's variable: a name of lowmem_ops/_contract.py
+    values: tuple[int, ...]  # strictly increasing
+    field: str  # the key's field of the bucket index, for configs.py's comment: "row bucket"
+    meaning: str  # one line for configs.py's comment: the size bucketed and what a bucket means
+
+
+@dataclass(frozen=True)
+class ConfigTable:
+    """A family's table in configs.py, as data: templates/configs.py.j2 renders every family's alike
+    and lowmem_ops._configs.lookup reads every one alike, so a new family edits neither."""
+
+    name: str  # configs.py's variable: a name of lowmem_ops/_contract.py
+    title: str  # one line for configs.py's comment: what the table holds
+    prefix: tuple[str, ...]  # the key's leading fields (what a launcher passes lookup as its prefix)
+    bounds: tuple[Bounds, ...]  # the key's trailing fields: one bucket index per bounds, in order
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The fields of a key (config_key's tuples): the prefix, then the bucket indices."""
+        return (*self.prefix, *(b.field for b in self.bounds))
+
+
+@dataclass(frozen=True)
 class Source:
     """One kernel file a family renders for an arch: <arch>/<stem>.py, and what the manifest's "ops"
     records of where it came from (the build adds the file name and the source's hash)."""
@@ -142,10 +170,11 @@ class Family(Protocol):
         """The compiles one config of `group` needs (the usual runtime case first)."""
 
     def config_key(self, group: TuneGroup) -> tuple:
-        """The key of the group's row in configs.py: what the runtime looks up."""
+        """The key of the group's row in configs.py: what the runtime looks up (the fields of
+        configs_table().key; the bucket indices last, one per bounds tuple)."""
 
-    def configs_vars(self, rows: list) -> dict:
-        """Template variables of configs.py for this family: its rows (key, config, note) and bounds."""
+    def configs_table(self) -> ConfigTable:
+        """Its table in configs.py: name, key fields and bucket bounds (the keys are config_key's)."""
 
     def problem(self, group: TuneGroup) -> tuple[int, ...]:
         """The problem size a group is timed at."""

@@ -15,7 +15,7 @@ from . import families, targets
 from .archs import Arch
 from .contract import contract
 from .fit import asymptotes
-from .kernels import TuneGroup
+from .kernels import ConfigTable, TuneGroup
 from .spec import Spec, to_f32
 from .templating import (Code, RenderError, arch_vars, comment_text, num, quoted, render, spec_file_label,
                          template_sha256)
@@ -117,24 +117,70 @@ def render_cpu(specs: list[Spec]) -> str:
 _NOTE = re.compile(r"static|tuned( [0-9]+\.[0-9]+x)?")  # what build._choose writes
 
 
+def _row(key: tuple, cfg: dict, note: str) -> tuple[Code, Code, Code]:
+    if not _NOTE.fullmatch(note):
+        raise RenderError(f"unexpected note {note!r:.80} for {key!r}")
+    return Code(repr(key)), Code(repr(dict(cfg))), Code(note)  # configs come from the spaces
+
+
+def _table_vars(table: ConfigTable, rows: list[tuple[tuple, dict, str]]) -> dict:
+    """A family's table (rows: key, config, note) as configs.py.j2 renders it, checked against its
+    description: every key has its fields, the bucket indices last and each within its bounds, and no
+    key comes twice (a dict literal would silently keep the last)."""
+    where = f"configs.py table {table.name!r:.40}"
+    n_fields, n_bounds = len(table.key), len(table.bounds)
+    names = [table.name, *(b.name for b in table.bounds)]
+    bad = [n for n in names if not (isinstance(n, str) and n.isidentifier())]
+    if bad:
+        raise RenderError(f"{where}: variable names must be Python identifiers, got {bad!r:.80}")
+    for b in table.bounds:
+        values = list(b.values)
+        if not values or any(type(v) is not int for v in values) or values != sorted(set(values)):
+            raise RenderError(f"{where}: bounds {b.name} must be strictly increasing integers, got {values!r:.80}")
+    seen = set()
+    for key, _, _ in rows:
+        if (not isinstance(key, tuple) or len(key) != n_fields
+                or any(type(i) is not int or not 0 <= i <= len(b.values)
+                       for i, b in zip(key[n_fields - n_bounds:], table.bounds))):
+            raise RenderError(f"{where}: key {key!r:.80} does not fit its fields {table.key} "
+                              "(the bucket indices last, each in 0..len(its bounds))")
+        if key in seen:
+            raise RenderError(f"{where}: key {key!r:.80} twice")
+        seen.add(key)
+    bound_names = names[1:]
+    return {"name": table.name, "quoted_name": quoted(table.name), "rows": [_row(*r) for r in rows],
+            "title": comment_text(table.title, f"{where}: title"),
+            "key": comment_text(", ".join(table.key), f"{where}: key fields"),
+            "bound_names": Code(f"({', '.join(bound_names)}{',' if len(bound_names) == 1 else ''})"),
+            "bounds": [{"name": b.name, "tuple": Code(repr(tuple(b.values))),
+                        "meaning": comment_text(b.meaning, f"{where}: meaning of {b.name}")} for b in table.bounds]}
+
+
+def _check_unique(tables: list[dict]) -> None:
+    """No variable of configs.py is defined twice (the later would silently replace the earlier)."""
+    names = [contract.VENDOR, contract.CAPABILITY, contract.TABLE_BOUNDS]
+    names += [n for t in tables for n in (t["name"], *(b["name"] for b in t["bounds"]))]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RenderError(f"configs.py would define {', '.join(twice)} twice: each table and bounds needs a name of its own")
+
+
 def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned_with: str) -> str:
     """configs.py of an arch: every group's chosen config, with a note on where it came from.
     `tuned_with` names the GPUs and Triton versions of the tuning DB: text from that file."""
-    def row(key: tuple, cfg: dict, note: str) -> tuple[Code, Code, Code]:
-        if not _NOTE.fullmatch(note):
-            raise RenderError(f"unexpected note {note!r:.80} for {key!r}")
-        return Code(repr(key)), Code(repr(dict(cfg))), Code(note)  # configs come from the spaces
-
-    tables = {}  # every family's table, empty where the build has none of its groups (a user's tree)
+    tables = []  # every family's table that has rows (a user's tree has none of the builtin-only ones)
     for family in families.ALL:
-        rows = [row(family.config_key(g), cfg, note) for g, cfg, note in choices if g.family == family.name]
-        tables.update(family.configs_vars(rows))
+        rows = [(family.config_key(g), cfg, note) for g, cfg, note in choices if g.family == family.name]
+        if rows:
+            tables.append(_table_vars(family.configs_table(), rows))
+    _check_unique(tables)
     n_tuned = sum(note.startswith("tuned") for _, _, note in choices)
     target = targets.TARGETS[arch.name]  # what the runtime matches a GPU against
     try:
         return render(
             CONFIGS_TEMPLATE,
-            arch=arch_vars(arch), template_sha256=template_sha256(CONFIGS_TEMPLATE), **tables,
+            arch=arch_vars(arch), template_sha256=template_sha256(CONFIGS_TEMPLATE), tables=tables,
+            table_bounds=contract.TABLE_BOUNDS,
             vendor=Code(repr(target.vendor)), capability=Code(repr(target.arch)),
             n_tuned=n_tuned, n_total=len(choices),
             tuned_with=comment_text(f" ({tuned_with})" if n_tuned else "", f"{arch.name}: the tuning database's GPU names"),

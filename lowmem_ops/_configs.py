@@ -1,5 +1,8 @@
 """The launch config of a kernel launch: read from the configs.py that `kernelgen build` baked for
-the arch (static or tuned), by dtype and shape bucket. No tuning and no database at run time."""
+the arch (static or tuned), by dtype and shape bucket. No tuning and no database at run time.
+
+Every family's table is read alike (`lookup`): configs.py lists each table's bounds in TABLE_BOUNDS,
+so a new family's launcher needs no code here."""
 
 from __future__ import annotations
 
@@ -7,13 +10,14 @@ from bisect import bisect_left
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
 from . import _contract as C
 from ._tree import configs_module
 
-DTYPE_NAMES = {getattr(torch, name): name for name in C.DTYPES}
+DTYPE_NAMES = {getattr(torch, name): name for name in C.DTYPES}  # torch dtype -> its name in a table's keys
 
 
 @lru_cache(maxsize=None)
@@ -24,20 +28,59 @@ def table(tree: Path, arch: str) -> ModuleType:
     return configs_module(tree, arch)
 
 
-def activation(tree: Path, arch: str, op: str, kernel: str, dtype, n: int) -> dict:
+def lookup(tree: Path, arch: str, name: str, prefix: tuple, sizes: tuple[int, ...]) -> dict:
+    """The config of table `name` (a contract name: C.NORM_TABLE, ...) for the key that starts with
+    `prefix` (its fields as configs.py spells them, a dtype by DTYPE_NAMES) and ends with the bucket of
+    each of `sizes`, in the order of the table's bounds. On every launch: two calls, the bisects and
+    a dict lookup."""
+    return _finder(tree, arch, name)(prefix, sizes)
+
+
+@lru_cache(maxsize=None)
+def _finder(tree: Path, arch: str, name: str) -> Callable[[tuple, tuple], dict]:
+    """lookup's work for one table of an arch: a function of (prefix, sizes), with the table and its
+    bounds bound in (a key of one or two bucket indices, every table's today, built without a loop)."""
     t = table(tree, arch)
-    bounds = getattr(t, C.ELEMENT_BOUNDS)
-    return getattr(t, C.ACTIVATION_TABLE)[(op, kernel, DTYPE_NAMES[dtype], bisect_left(bounds, n))]
+    path = tree / arch / C.CONFIGS_FILE
+    every = getattr(t, C.TABLE_BOUNDS, None)
+    if every is None:
+        raise RuntimeError(f"{path} has no {C.TABLE_BOUNDS} (a configs.py of an older kernelgen): rebuild the "
+                           f"tree with `kernelgen build --arch {arch}`")
+    if name not in every:
+        raise RuntimeError(f"{path} has no table {name} (it has {', '.join(every)}): a tree built without that "
+                           f"family; rebuild it with `kernelgen build --arch {arch}`")
+    rows, bounds = getattr(t, name), every[name]
 
+    def missing(prefix, sizes):
+        if not isinstance(sizes, tuple) or len(sizes) != len(bounds):
+            return ValueError(f"{name} buckets {len(bounds)} sizes (a tuple), got {sizes!r}")
+        return LookupError(f"{path}: {name} has no config for {prefix} at sizes {sizes}: a kernel or dtype "
+                           "the build did not bake")
 
-def norm(tree: Path, arch: str, kernel: str, dtype, rows: int, cols: int) -> dict:
-    """Rows of up to NORM_WIDTHS[i] columns use width bucket i (one pass); wider ones the last (looped)."""
-    t = table(tree, arch)
-    widths, row_bounds = getattr(t, C.NORM_WIDTHS), getattr(t, C.NORM_ROW_BOUNDS)
-    return getattr(t, C.NORM_TABLE)[(kernel, DTYPE_NAMES[dtype], bisect_left(widths, cols), bisect_left(row_bounds, rows))]
+    if len(bounds) == 1:
+        (b0,) = bounds
 
+        def find(prefix, sizes):
+            try:
+                (s0,) = sizes
+                return rows[(*prefix, bisect_left(b0, s0))]
+            except (KeyError, TypeError, ValueError):
+                raise missing(prefix, sizes) from None
+    elif len(bounds) == 2:
+        b0, b1 = bounds
 
-def dropout(tree: Path, arch: str, dtype, n: int) -> dict:
-    t = table(tree, arch)
-    bounds = getattr(t, C.DROPOUT_ELEMENT_BOUNDS)
-    return getattr(t, C.DROPOUT_TABLE)[(C.DROPOUT_KERNEL, DTYPE_NAMES[dtype], bisect_left(bounds, n))]
+        def find(prefix, sizes):
+            try:
+                s0, s1 = sizes
+                return rows[(*prefix, bisect_left(b0, s0), bisect_left(b1, s1))]
+            except (KeyError, TypeError, ValueError):
+                raise missing(prefix, sizes) from None
+    else:
+        def find(prefix, sizes):
+            if len(sizes) != len(bounds):  # map() would stop at the shorter: a wrong key, not an error
+                raise missing(prefix, sizes)
+            try:
+                return rows[(*prefix, *map(bisect_left, bounds, sizes))]
+            except (KeyError, TypeError):
+                raise missing(prefix, sizes) from None
+    return find

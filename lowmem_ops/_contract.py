@@ -16,7 +16,8 @@ CONFIGS_FILE = CONFIGS_STEM + ".py"
 MANIFEST_FILE = "manifest.json"  # <arch>/manifest.json: the build record
 NORM_STEM = "ms_norm"  # <arch>/ms_norm.py: the memory-sharing norm kernels
 DROPOUT_STEM = "dropout"  # <arch>/dropout.py: the dropout kernel
-RESERVED_STEMS = frozenset({CONFIGS_STEM, NORM_STEM, DROPOUT_STEM})  # file stems of an arch folder that are not activations
+ADD_NORM_STEM = "add_norm"  # <arch>/add_norm.py: dropout + residual add + MS norm
+RESERVED_STEMS = frozenset({CONFIGS_STEM, NORM_STEM, DROPOUT_STEM, ADD_NORM_STEM})  # file stems of an arch folder that are not activations
 
 
 def kernel_file(stem: str) -> str:
@@ -52,6 +53,10 @@ def norm_kernel(kind: str, affine: bool, stage: str) -> str:
 # --- the dropout kernel (configs.py DROPOUT[(kernel, dtype, element bucket)]) -------------------
 DROPOUT_KERNEL = "apply"  # forward on x and backward on dy are the same kernel
 
+# --- add_norm kernels (configs.py ADD_NORM[(kernel, dtype, width bucket)]) ------------------------
+ADD_NORM_FORWARD = "forward"  # one row per program, held in registers: width buckets up to the widest
+ADD_NORM_DROPOUT_ADD = "dropout_add"  # wider rows (the open width bucket): dropout + add, then ms_norm
+
 
 # --- configs.py: the GPU its folder is for, the tables it defines, the launch-only parameters ---
 VENDOR = "VENDOR"  # configs.py's VENDOR: one of VENDORS
@@ -65,5 +70,10 @@ NORM_WIDTHS = "NORM_WIDTHS"
 NORM_ROW_BOUNDS = "NORM_ROW_BOUNDS"
 DROPOUT_TABLE = "DROPOUT"
 DROPOUT_ELEMENT_BOUNDS = "DROPOUT_ELEMENT_BOUNDS"
+ADD_NORM_TABLE = "ADD_NORM"
+ADD_NORM_WIDTHS = "ADD_NORM_WIDTHS"
+# table name -> the tuples of bucket bounds its keys' bucket indices were taken over, in key order: what
+# lowmem_ops._configs.lookup bisects, the same for every table
+TABLE_BOUNDS = "TABLE_BOUNDS"
 PROGRAMS_PER_SM = "PROGRAMS_PER_SM"  # grid size only: one compile serves every value
 LAUNCH_ONLY = frozenset({PROGRAMS_PER_SM})

@@ -13,6 +13,7 @@ import torch
 
 from ._common import compute_dtype
 from . import _configs
+from ._configs import DTYPE_NAMES
 from . import _contract as C
 from ._tree import builtin_tree, kernel_module_file
 from ._triton_backend import arch_for, dense, launch, placeholder
@@ -109,7 +110,8 @@ def triton_forward(x, weight, bias, eps, is_rms, out_dtype, interpret, cfg: dict
             flag.copy_(inverse_rule_holds(weight, bias, *rule))
         return y, rstd, flag
     module, tree, arch = _module(x.device, interpret)
-    cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "forward"), x.dtype, rows, cols)
+    cfg = cfg or _configs.lookup(tree, arch, C.NORM_TABLE, (kernel_name(is_rms, affine, "forward"), DTYPE_NAMES[x.dtype]),
+                                 (cols, rows))
     w = weight if affine else rstd  # never read when AFFINE is off
     b = bias if bias is not None else w
     ok = flag if flag.dim() == 0 else placeholder(x.device, torch.int32)  # the flag nobody asked for
@@ -143,7 +145,8 @@ def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret, cfg: 
             return torch.zeros(cols, dtype=torch.float32, device=y.device) if needed else None
         return dx, zeros(affine), zeros(has_bias)
     module, tree, arch = _module(y.device, interpret)
-    cfg = cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "backward"), y.dtype, rows, cols)
+    cfg = cfg or _configs.lookup(tree, arch, C.NORM_TABLE, (kernel_name(is_rms, affine, "backward"), DTYPE_NAMES[y.dtype]),
+                                 (cols, rows))
     w = weight if affine else rstd  # placeholders are never read when AFFINE / HAS_BIAS are off
     b = bias if has_bias else w
     if cfg["SINGLE_PASS"]:
@@ -161,7 +164,8 @@ def triton_backward(dy, y, rstd, weight, bias, is_rms, x_dtype, interpret, cfg: 
         return dx, None, None
     if cfg["SINGLE_PASS"]:
         return dx, dw.sum(dim=0), db.sum(dim=0) if has_bias else None
-    pcfg = param_cfg or _configs.norm(tree, arch, kernel_name(is_rms, affine, "param_grad"), y.dtype, rows, cols)
+    pcfg = param_cfg or _configs.lookup(tree, arch, C.NORM_TABLE,
+                                       (kernel_name(is_rms, affine, "param_grad"), DTYPE_NAMES[y.dtype]), (cols, rows))
     dw = torch.empty(cols, dtype=torch.float32, device=y.device)
     db = torch.empty(cols, dtype=torch.float32, device=y.device) if has_bias else dw
     launch(module.param_grad_kernel, (-(-cols // pcfg["BLOCK_C"]),), dy, y, w, b, dw, db, rows, cols,

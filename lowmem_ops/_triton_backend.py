@@ -22,7 +22,8 @@ def _module_and_config(op: OpInfo, kernel: str, t: torch.Tensor, interpret: bool
     """The kernel module and the launch config: `cfg` if given (the tuner's), else the baked one."""
     arch = arch_for(t.device, op.tree, interpret)
     module = kernel_module(op.name, arch, interpret)
-    return module, cfg or _configs.activation(op.tree, arch, op.name, kernel, t.dtype, t.numel())
+    return module, cfg or _configs.lookup(op.tree, arch, C.ACTIVATION_TABLE, (op.name, kernel, _configs.DTYPE_NAMES[t.dtype]),
+                                          (t.numel(),))
 
 
 def dense(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -17,7 +17,8 @@ new_residual from its other uses:
 
 new_residual has the promoted dtype of x and residual (as `x + residual` has); the dropped x is
 rounded to x's dtype before the add, so the numbers are those of torch's `F.dropout(x) + residual`.
-The Triton kernel (lowmem_ops._add_norm_kernel) runs CUDA tensors (and CPU tensors under
+The generated Triton kernels (<arch>/add_norm.py of the built-in tree, templates/add_norm.py.j2; launch
+configs from its configs.py, per dtype and row width) run CUDA tensors (and CPU tensors under
 LOWMEM_OPS_BACKEND=triton-interpret); the host path (CPU, float64) draws the same mask with the
 dropout op's host implementation (C++ or torch) and runs the MS norm's host forward. Where a call's gamma/beta break inverse mode's rule, that
 call saves new_residual instead (torch's norm on it), as lo.ms_layernorm does.
@@ -32,11 +33,14 @@ from typing import Optional
 
 import torch
 
+from . import _configs
+from . import _contract as C
 from . import _norm_backends as nb
 from . import dropout as _dropout
 from . import norms
 from ._common import backend as pick_backend
 from ._common import check_float_tensor
+from ._tree import arch_for, builtin_tree
 from ._triton_backend import launch, placeholder
 
 
@@ -76,8 +80,8 @@ def _add_ms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[t
     rule = (norms.GAMMA_MIN, norms.BETA_RATIO) if check_rule and w is not None else None
     backend = pick_backend(x if h_dtype == x.dtype else residual)
     if backend in ("triton", "triton-interpret") and out_dtype != torch.float64:
-        y, h, rstd, flag = _triton_forward(x2, r2, w, b, seed, offset, p, eps, is_rms, h_dtype, out_dtype, rule,
-                                           backend == "triton-interpret")
+        y, h, rstd, flag = triton_forward(x2, r2, w, b, seed, offset, p, eps, is_rms, h_dtype, out_dtype, rule,
+                                          backend == "triton-interpret")
     else:
         h = _torch_dropout_add(x2, r2, seed, offset, p, h_dtype)
         y, rstd, flag = norms._ms_norm_fwd(h, w, b, n_cols, eps, is_rms, out_dtype, check_rule)
@@ -90,11 +94,15 @@ def _torch_dropout_add(x2, r2, seed, offset, p, h_dtype) -> torch.Tensor:
     return torch.add(dropped, r2).to(h_dtype)  # torch adds mixed dtypes in the promoted one
 
 
-def _triton_forward(x2, r2, w, b, seed, offset, p, eps, is_rms, h_dtype, out_dtype, rule, interpret):
-    import triton
-    module = _dropout._kernel_module(interpret, "_add_norm_kernel")
+def triton_forward(x2, r2, w, b, seed, offset, p, eps, is_rms, h_dtype, out_dtype, rule, interpret,
+                   cfg: dict | None = None):
+    """The generated kernels on (rows, cols) x2 and r2, with the baked launch config of h's dtype and
+    the row width, or `cfg` (the tuner's)."""
     rows, cols = x2.shape
     device = x2.device
+    tree = builtin_tree()
+    arch = arch_for(device, tree, interpret)
+    module = _dropout.rand_kernel_module(tree, arch, C.ADD_NORM_STEM, interpret)
     h = torch.empty((rows, cols), dtype=h_dtype, device=device)
     dropout = p > 0.0
     seed_arg = seed.reshape(1) if dropout else placeholder(device, torch.int64)
@@ -103,8 +111,10 @@ def _triton_forward(x2, r2, w, b, seed, offset, p, eps, is_rms, h_dtype, out_dty
         # wide rows: dropout + add, then the MS norm's own forward kernel (which loops over the row) on h
         n = h.numel()
         if n:
-            launch(module.dropout_add_kernel, (-(-n // module.BLOCK),), x2, r2, h, seed_arg, offset, n, p, scale,
-                   DROPOUT=dropout, BLOCK=module.BLOCK, num_warps=module.NUM_WARPS)
+            cfg = cfg or _configs.lookup(tree, arch, C.ADD_NORM_TABLE,
+                                         (C.ADD_NORM_DROPOUT_ADD, _configs.DTYPE_NAMES[h_dtype]), (cols,))
+            launch(module.dropout_add_kernel, (-(-n // cfg["BLOCK"]),), x2, r2, h, seed_arg, offset, n, p, scale,
+                   DROPOUT=dropout, **cfg)
         y, rstd, flag = nb.triton_forward(h, w, b, eps, is_rms, out_dtype, interpret, rule=rule)
         return y, h, rstd, flag
     y = torch.empty((rows, cols), dtype=out_dtype, device=device)
@@ -114,11 +124,12 @@ def _triton_forward(x2, r2, w, b, seed, offset, p, eps, is_rms, h_dtype, out_dty
     w_arg = w if affine else rstd  # never read when AFFINE / HAS_BIAS are off
     b_arg = b if b is not None else w_arg
     gamma_min, beta_ratio = rule or (0.0, 0.0)
-    block = triton.next_power_of_2(cols)
+    cfg = cfg or _configs.lookup(tree, arch, C.ADD_NORM_TABLE, (C.ADD_NORM_FORWARD, _configs.DTYPE_NAMES[h_dtype]),
+                                 (cols,))
     launch(module.add_norm_forward_kernel, (rows,), x2, r2, h, y, rstd, w_arg, b_arg,
            flag if rule else placeholder(device, torch.int32), seed_arg, offset, cols, eps, p, scale, gamma_min,
            beta_ratio, DROPOUT=dropout, IS_RMS=is_rms, AFFINE=affine, HAS_BIAS=b is not None,
-           CHECK_RULE=rule is not None, BLOCK_C=block, num_warps=module.num_warps(block))
+           **cfg)
     return y, h, rstd, flag
 
 

@@ -47,7 +47,7 @@ from . import _configs, _cpp_backend, _philox, _transforms, _triton_backend
 from . import _contract as C
 from ._common import backend as pick_backend
 from ._common import check_float_tensor, compute_dtype
-from ._tree import arch_for, builtin_tree, import_file, interpreting, kernel_module_file, require_triton
+from ._tree import arch_for, builtin_tree, interpreting, kernel_module_file
 
 _TORCH_CHUNK = 1 << 18  # elements per step of the torch path: bounds its int64 temporaries (~20 MiB)
 _COUNTERS = 2 ** 63  # offset + i stays a non-negative int64
@@ -127,24 +127,10 @@ def _interpreted_rand():
 
 
 @lru_cache(maxsize=None)
-def _kernel_module(interpret: bool, name: str):
-    """lowmem_ops.<name>, a hand-written kernel module drawing masks with `rand` (_add_norm_kernel);
-    with interpret=True a second copy whose kernels were created under TRITON_INTERPRET=1 (read when
-    @triton.jit runs), so that they run on CPU tensors, with the interpreted `rand`."""
-    require_triton(f"lowmem_ops: {name} needs triton to run its kernels")
-    if not interpret:
-        return importlib.import_module(f"{__package__}.{name}")
-    with interpreting():
-        module = import_file(Path(__file__).with_name(f"{name}.py"), f"lowmem_ops.{name}_interpret")
-    module.rand = _interpreted_rand()
-    return module
-
-
-@lru_cache(maxsize=None)
-def _dropout_module(tree: Path, arch: str, interpret: bool):
-    """The generated dropout kernel of `arch` (<tree>/<arch>/dropout.py); its interpreted copy with the
-    interpreted `rand`."""
-    module = kernel_module_file(tree, arch, C.DROPOUT_STEM, interpret)
+def rand_kernel_module(tree: Path, arch: str, stem: str, interpret: bool):
+    """A generated kernel file that draws masks with `rand` (<tree>/<arch>/<stem>.py: dropout.py,
+    add_norm.py); its interpreted copy with the interpreted `rand`."""
+    module = kernel_module_file(tree, arch, stem, interpret)
     if interpret:
         module.rand = _interpreted_rand()
     return module
@@ -190,8 +176,8 @@ def triton_apply(x: torch.Tensor, seed: torch.Tensor, offset: int, p: float, int
         return y
     tree = builtin_tree()
     arch = arch_for(x.device, tree, interpret)
-    module = _dropout_module(tree, arch, interpret)
-    cfg = cfg or _configs.dropout(tree, arch, x.dtype, n)
+    module = rand_kernel_module(tree, arch, C.DROPOUT_STEM, interpret)
+    cfg = cfg or _configs.lookup(tree, arch, C.DROPOUT_TABLE, (C.DROPOUT_KERNEL, _configs.DTYPE_NAMES[x.dtype]), (n,))
     # Triton passes Python floats as float32: the threshold and scale round exactly as the torch path's
     _triton_backend.launch(module.dropout_kernel, (-(-n // cfg["BLOCK"]),), x, y, seed.reshape(1), offset, n, p,
                            _scale(p), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])

@@ -120,8 +120,9 @@ def test_seed_follows_torch_manual_seed():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wide_rows_take_the_two_kernel_path(backend):
     """Rows wider than the fused kernel holds: dropout + add, then the MS norm's looping kernel."""
-    from lowmem_ops import _add_norm_kernel
-    n = _add_norm_kernel.MAX_COLS + 3
+    from lowmem_ops import _tree
+    tree = _tree.builtin_tree()
+    n = _tree.kernel_module_file(tree, _tree.lowest_arch(tree), "add_norm", False).MAX_COLS + 3
     x, r, w, b = _leaves((2, n), torch.float32, True)
     with ref.backend(backend):
         y, h = lo.add_ms_layernorm(x, r, w, b, p=0.1, seed=5)
@@ -319,29 +320,34 @@ def test_cuda_kernels_compile_ahead_of_time(arch, dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lowmem_ops import _add_norm_kernel as k
+    from lowmem_ops import _configs, _tree
 
+    tree = _tree.builtin_tree()
+    k = _tree.kernel_module_file(tree, f"sm{arch}", "add_norm", False)
+    name = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    fused_cfg = _configs.lookup(tree, f"sm{arch}", "ADD_NORM", ("forward", name), (1000,))
+    wide_cfg = _configs.lookup(tree, f"sm{arch}", "ADD_NORM", ("dropout_add", name), (k.MAX_COLS + 1,))
     with ref.backend("triton-interpret"):
         lo.add_ms_layernorm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), torch.zeros(8), p=0.5, seed=1)
     pointers = {name: f"*{dtype}" for name in ("x_ptr", "r_ptr", "h_ptr", "y_ptr", "w_ptr", "b_ptr")}
     signature = {**pointers, "rstd_ptr": "*fp32", "ok_ptr": "*i32", "seed_ptr": "*i64", "offset": "i64",
                  "n_cols": "i32", "eps": "fp32", "threshold": "fp32", "scale": "fp32", "gamma_min": "fp32",
                  "beta_ratio": "fp32", "DROPOUT": "constexpr", "IS_RMS": "constexpr", "AFFINE": "constexpr",
-                 "HAS_BIAS": "constexpr", "CHECK_RULE": "constexpr", "BLOCK_C": "constexpr"}
+                 "HAS_BIAS": "constexpr", "BLOCK_C": "constexpr"}
     signature = {name: signature[name] for name in k.add_norm_forward_kernel.arg_names}
-    constexprs = {"DROPOUT": True, "IS_RMS": False, "AFFINE": True, "HAS_BIAS": True, "CHECK_RULE": True,
-                  "BLOCK_C": 1024}
+    constexprs = {"DROPOUT": True, "IS_RMS": False, "AFFINE": True, "HAS_BIAS": True, "BLOCK_C": fused_cfg["BLOCK_C"]}
+    assert fused_cfg["BLOCK_C"] == 1024  # the baked config of a row of 1000 columns
     target = GPUTarget("cuda", arch, 32)
     fused = triton.compile(ASTSource(fn=k.add_norm_forward_kernel, signature=signature, constexprs=constexprs),
-                           target=target, options={"num_warps": k.num_warps(1024)})
+                           target=target, options={"num_warps": fused_cfg["num_warps"]})
     ptx = fused.asm["ptx"]
     assert ptx.count("mul.hi.u32") >= 20 and "sqrt.rn.f32" in ptx
     if dtype == "bf16":
         assert "cvt.rn.bf16.f32" in ptx  # h and y rounded to nearest (the interpreter truncates)
     flat = {"x_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "seed_ptr": "*i64", "offset": "i64",
-            "n": "i64", "threshold": "fp32", "scale": "fp32", "DROPOUT": "constexpr", "BLOCK": "constexpr"}
+            "n_elements": "i64", "threshold": "fp32", "scale": "fp32", "DROPOUT": "constexpr", "BLOCK": "constexpr"}
     wide = triton.compile(ASTSource(fn=k.dropout_add_kernel, signature=flat, constexprs={"DROPOUT": True,
-                                                                                          "BLOCK": k.BLOCK}),
-                          target=target, options={"num_warps": k.NUM_WARPS})
+                                                                                          "BLOCK": wide_cfg["BLOCK"]}),
+                          target=target, options={"num_warps": wide_cfg["num_warps"]})
     assert wide.asm["ptx"].count("mul.hi.u32") >= 20
     assert math.isfinite(fused.metadata.shared)

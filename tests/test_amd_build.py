@@ -103,9 +103,11 @@ def _run_every_family(seed: int) -> dict[str, torch.Tensor]:
         act = lo.approx_activation(x, "regelu2")
         norm = lo.ms_layernorm(act, (96,), w, b)
         torch.manual_seed(seed)
-        out = lo.dropout(norm, 0.25, training=True)
-        out.backward(torch.randn(out.shape, generator=gen))
-    return {"act": act.detach(), "norm": norm.detach(), "out": out.detach(), "dx": x.grad, "dw": w.grad, "db": b.grad}
+        dropped = lo.dropout(norm, 0.25, training=True)
+        out, residual = lo.add_ms_layernorm(dropped, act, w, b, p=0.25)
+        (out + residual).backward(torch.randn(out.shape, generator=gen))
+    return {"act": act.detach(), "norm": norm.detach(), "dropped": dropped.detach(), "out": out.detach(),
+            "residual": residual.detach(), "dx": x.grad, "dw": w.grad, "db": b.grad}
 
 
 @pytest.mark.slow
@@ -117,7 +119,7 @@ def test_launchers_run_with_an_amd_folders_configs(name, interpreter_uses):
     want = _run_every_family(0)
     interpreter_uses(name)
     got = _run_every_family(0)
-    for key in ("act", "norm", "out", "dx"):
+    for key in ("act", "norm", "dropped", "out", "residual", "dx"):
         assert torch.equal(got[key], want[key]), key
     for key in ("dw", "db"):  # sums over rows: another split may round differently
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)

@@ -2,11 +2,12 @@
 
 Pruning and ranking judge the registers, spills and shared memory of the AOT compiles; they are
 only right if those compiles are the ones that run. Every launch a real op call makes (activations,
-gated, norms with float32 and 16-bit weights, dropout, sizes that are multiples of 16 and sizes that are not)
+gated, norms with float32 and 16-bit weights, dropout, dropout + add + norm, sizes that are multiples of 16 and sizes that are not)
 is captured here and handed to Triton's own JIT binder for an sm90 target: the signature, constexprs
 and divisibility attributes it would compile must be those of one of the variants the build compiles.
 """
 
+import importlib
 import importlib.util
 
 import pytest
@@ -38,6 +39,7 @@ def _capture(monkeypatch) -> list:
 
     monkeypatch.setattr(_triton_backend, "launch", recording)
     monkeypatch.setattr(_norm_backends, "launch", recording)
+    monkeypatch.setattr(importlib.import_module("lowmem_ops.add_norm"), "launch", recording)  # (lo.add_norm: no op)
     return launches
 
 
@@ -107,6 +109,11 @@ def _op_calls(rows: int, cols: int, dtype, wdtype):
     lo.ms_rmsnorm(x, cols, w).float().sum().backward()
     lo.ms_layernorm(x, cols).float().sum().backward()
     lo.dropout(x, 0.1).float().sum().backward()
+    # the post-LN block (LayerNorm, dropout) and the pre-LN residual stream (RMSNorm, no dropout)
+    y, h = lo.add_ms_layernorm(x, g, w, b, p=0.1)
+    (y.float().sum() + h.float().sum()).backward()
+    y, h = lo.add_ms_rmsnorm(x, g, w)
+    (y.float().sum() + h.float().sum()).backward()
 
 
 @pytest.mark.parametrize("rows, cols", [(3, 64), (5, 40), (2, 9000)], ids=["sizes-x16", "sizes-odd", "wide-rows"])
@@ -117,7 +124,9 @@ def test_every_launch_is_a_kernel_the_build_compiled(monkeypatch, rows, cols, dt
     with ref.backend("triton-interpret"):
         _op_calls(rows, cols, dtype, wdtype)
     assert len(launches) >= 12
-    assert sum(_jit_function(k)[0] == "dropout" for k, _, _ in launches) == 2  # forward and backward
+    stems = [_jit_function(k)[0] for k, _, _ in launches]
+    assert stems.count("dropout") == 3  # lo.dropout's forward and backward, add_ms_layernorm's dx
+    assert stems.count("add_norm") == 2  # the fused forward (or dropout + add of wide rows), twice
     for kernel, args, meta in launches:
         stem, fn = _jit_function(kernel)
         sig, constants, marked = _jit_view(fn, args, meta)

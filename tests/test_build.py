@@ -40,7 +40,7 @@ def test_build_is_deterministic_and_complete(sm80_tree, tmp_path):
     manifest = json.loads((sm80_tree / "sm80" / "manifest.json").read_text())
     specs = spec.load_builtin()
     names = {s.name for s in specs}
-    assert set(manifest["ops"]) == names | {"ms_norm", "dropout"}
+    assert set(manifest["ops"]) == names | {"ms_norm", "dropout", "add_norm"}
     acts = [v for v in manifest["variants"] if v["op"] in names]
     kernels = sum(len(activation.kernels_of(s)) for s in specs)
     # per kernel and dtype: the 3 vectors x 2 warps of the space, which holds the static config

@@ -300,6 +300,7 @@ def test_cuda_kernel_compiles_ahead_of_time(dtype, offset_type):
     from triton.compiler import ASTSource
 
     from lowmem_ops import _configs, _tree
+    from lowmem_ops import _contract as C
 
     # an interpreted run first: Triton's interpreter must leave triton.language as it found it
     with ref.backend("triton-interpret"):
@@ -307,7 +308,7 @@ def test_cuda_kernel_compiles_ahead_of_time(dtype, offset_type):
     tree = _tree.builtin_tree()
     module = _tree.kernel_module_file(tree, "sm90", "dropout", False)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    cfg = _configs.dropout(tree, "sm90", torch_dtype, 1 << 20)
+    cfg = _configs.lookup(tree, "sm90", C.DROPOUT_TABLE, (C.DROPOUT_KERNEL, _configs.DTYPE_NAMES[torch_dtype]), (1 << 20,))
     signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "seed_ptr": "*i64", "offset": offset_type,
                  "n_elements": "i32", "threshold": "fp32", "scale": "fp32", "BLOCK": "constexpr"}
     compiled = triton.compile(ASTSource(fn=module.dropout_kernel, signature=signature, constexprs={"BLOCK": cfg["BLOCK"]}),
@@ -318,21 +319,22 @@ def test_cuda_kernel_compiles_ahead_of_time(dtype, offset_type):
 
 @pytest.mark.parametrize("block, warps", [(64, 1), (4096, 8)])
 def test_the_kernel_launches_with_the_baked_config_and_its_mask_ignores_it(monkeypatch, block, warps):
-    """The Triton path reads its launch config from the arch's configs.py (lowmem_ops._configs.dropout);
+    """The Triton path reads its launch config from the arch's configs.py (lowmem_ops._configs.lookup);
     whatever BLOCK it gets, the mask is the rule's (it depends on seed and offset + i only)."""
     import lowmem_ops._triton_backend as tb
     from lowmem_ops import _configs
 
     asked, launched = [], []
     real_launch = tb.launch
-    monkeypatch.setattr(_configs, "dropout", lambda tree, arch, dtype, n: asked.append((arch, dtype, n)) or
-                        {"BLOCK": block, "num_warps": warps})
+    monkeypatch.setattr(_configs, "lookup", lambda tree, arch, table, prefix, sizes: asked.append((arch, table, prefix, sizes))
+                        or {"BLOCK": block, "num_warps": warps})
     monkeypatch.setattr(tb, "launch", lambda kernel, grid, *a, **meta: launched.append((grid, meta)) or
                         real_launch(kernel, grid, *a, **meta))
     x = torch.randn(5, 301, generator=torch.Generator().manual_seed(3))
     with ref.backend("triton-interpret"):
         y = lo.dropout(x, 0.4, seed=11, offset=70)
-    assert asked == [("sm80", torch.float32, x.numel())]  # the interpreter reads the lowest arch's table
+    # the interpreter reads the lowest arch's table
+    assert asked == [("sm80", "DROPOUT", ("apply", "float32"), (x.numel(),))]
     assert launched == [((-(-x.numel() // block),), {"BLOCK": block, "num_warps": warps})]
     assert torch.equal(y, _expected(x, 11, 70, 0.4)[0])
 
@@ -340,12 +342,13 @@ def test_the_kernel_launches_with_the_baked_config_and_its_mask_ignores_it(monke
 def test_the_baked_configs_are_a_table_per_dtype_and_size():
     """configs.py of every built arch has a DROPOUT row for each dtype and element bucket."""
     from lowmem_ops import _configs, _tree
+    from lowmem_ops import _contract as C
 
     tree = _tree.builtin_tree()
     for arch in _tree.built_archs(tree):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for n in (1, 65536, 65537, 1 << 30):
-                cfg = _configs.dropout(tree, arch, dtype, n)
+                cfg = _configs.lookup(tree, arch, C.DROPOUT_TABLE, (C.DROPOUT_KERNEL, _configs.DTYPE_NAMES[dtype]), (n,))
                 assert set(cfg) == {"BLOCK", "num_warps"} and cfg["BLOCK"] % (32 * cfg["num_warps"]) == 0, (arch, cfg)
 
 

@@ -19,7 +19,8 @@ def _block(name, dtype):
     arch's smallest size bucket)."""
     tree, arch = builtin_tree(), lowest_arch(builtin_tree())
     module = kernel_module(name, arch, interpret=True)
-    return _configs.activation(tree, arch, name, "forward", dtype, 1)["BLOCK_BYTES"] * module.CODES_PER_BYTE
+    cfg = _configs.lookup(tree, arch, "ACTIVATION", (name, "forward", _configs.DTYPE_NAMES[dtype]), (1,))
+    return cfg["BLOCK_BYTES"] * module.CODES_PER_BYTE
 
 
 def _both(name, x, dy):

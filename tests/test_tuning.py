@@ -72,11 +72,15 @@ def test_variants_are_unique_compile_configs():
     idents = [(v.op, v.kernel, v.dtype, space.config_id(v.config)) for v in variants]
     assert len(idents) == len(set(idents))
     assert not any("PROGRAMS_PER_SM" in v.config for v in variants)
-    for vs in configs:  # one compile per weight dtype the runtime uses, the model's own first
-        assert all(v.aligned and v.config == vs[0].config for v in vs)
-        weights = [v.signature.get("w_ptr") for v in vs]
-        affine_half = ".affine." in vs[0].kernel and vs[0].dtype != "float32"
-        assert weights == ([f"*{archs.TRITON_DTYPE[vs[0].dtype]}", "*fp32"] if affine_half else [weights[0]])
+    for vs in configs:  # per flag set (add_norm compiles two), one compile per weight dtype the runtime uses,
+        assert all(v.aligned and v.config == vs[0].config for v in vs)  # the model's own first
+        by_flags: dict = {}
+        for v in vs:
+            by_flags.setdefault(tuple(sorted(v.flags.items())), []).append(v.signature.get("w_ptr"))
+        for flags, weights in by_flags.items():
+            affine = ".affine." in vs[0].kernel or dict(flags).get("AFFINE", False)
+            affine_half = affine and vs[0].dtype != "float32"
+            assert weights == ([f"*{archs.TRITON_DTYPE[vs[0].dtype]}", "*fp32"] if affine_half else [weights[0]])
     for g in groups:  # every candidate's compiled kernel is among them
         for c in g.candidates:
             assert (g.op, g.kernel, g.dtype, space.config_id(space.compile_part(c))) in set(idents)
@@ -537,11 +541,11 @@ def test_runtime_picks_the_bucket_by_size():
     tree = builtin_tree()
     t = _configs.table(tree, "sm90")
     for n, bucket in ((1, 0), (65536, 0), (65537, 1), (16777216, 2), (16777217, 3)):
-        assert _configs.activation(tree, "sm90", "regelu2", "forward", torch.bfloat16, n) == \
+        assert _configs.lookup(tree, "sm90", "ACTIVATION", ("regelu2", "forward", "bfloat16"), (n,)) == \
             t.ACTIVATION[("regelu2", "forward", "bfloat16", bucket)]
     for rows, cols, key in ((1, 1, (0, 0)), (1024, 512, (0, 0)), (1025, 513, (1, 1)), (20000, 8192, (4, 2)),
                             (10, 8193, (5, 0))):
-        assert _configs.norm(tree, "sm90", "rmsnorm.backward", torch.float16, rows, cols) == \
+        assert _configs.lookup(tree, "sm90", "NORM", ("rmsnorm.backward", "float16"), (cols, rows)) == \
             t.NORM[("rmsnorm.backward", "float16", *key)]
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import lowmem_ops as lo
 from lowmem_ops import _configs, _norm_backends, _triton_backend
+from lowmem_ops import _contract as C
 from lowmem_ops._tree import get_op
 
 ROWS, COLS = 4, 64  # 256 elements: kernel time is negligible, host time is all there is
@@ -95,7 +96,8 @@ def launch_path_fns(device: str, dtype: torch.dtype) -> dict[str, Callable[[], o
 
     def norm():
         _, tree, arch = _norm_backends._module(x.device, interpret)
-        return _configs.norm(tree, arch, _norm_backends.kernel_name(True, True, "forward"), x.dtype, ROWS, COLS)
+        return _configs.lookup(tree, arch, C.NORM_TABLE, (_norm_backends.kernel_name(True, True, "forward"),
+                                                           _configs.DTYPE_NAMES[x.dtype]), (COLS, ROWS))
 
     fns = {"activation": activation, "norm": norm}
     if device == "cuda":  # the floor below ours: Triton's own launch of the same kernel, nothing around it

@@ -1,9 +1,10 @@
 """The kernel families kernelgen builds, tunes and bakes: one module each, registered here.
 
-The build, the tuner and the CLI iterate REGISTRY (in this order: activations, norms, dropout) and see
-a family only through the protocol of kernelgen/kernels.py; what is particular to a family lives in
-its module. A new family is a module here, one line in REGISTRY, its template and space file in
-templates/, and its table in templates/configs.py.j2 (docs/extending.md).
+The build, the tuner and the CLI iterate REGISTRY (in this order: activations, norms, dropout,
+add_norm) and see a family only through the protocol of kernelgen/kernels.py; what is particular to
+a family lives in its module. A new family is a module here, one line in REGISTRY, and its template
+and space file in templates/; its configs.py table is data its module returns (configs_table),
+rendered and read back like every other (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from ..kernels import Family, KernelVariant, TuneGroup
 from ..space import compile_part, config_id
 from ..spec import Spec
 from .activation import ACTIVATION
+from .add_norm import ADD_NORM
 from .dropout import DROPOUT
 from .norm import NORM
 
-REGISTRY: dict[str, Family] = {f.name: f for f in (ACTIVATION, NORM, DROPOUT)}
+REGISTRY: dict[str, Family] = {f.name: f for f in (ACTIVATION, NORM, DROPOUT, ADD_NORM)}
 ALL: tuple[Family, ...] = tuple(REGISTRY.values())
 
 

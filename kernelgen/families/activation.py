@@ -16,7 +16,7 @@ from ..archs import DRAM_LATENCY_NS, DTYPE_BYTES, DTYPES, TRITON_DTYPE, VECTOR_B
 from ..contract import contract as C
 from ..expr import TRITON_HELPERS
 from ..fit import asymptotes
-from ..kernels import KernelVariant, Source, TargetInfo, TuneGroup
+from ..kernels import Bounds, ConfigTable, KernelVariant, Source, TargetInfo, TuneGroup
 from ..spec import Spec, to_f32
 from ..templating import (Code, RenderError, arch_vars, comment_text, num, render, spec_file_label,
                           template_sha256)
@@ -197,8 +197,10 @@ class ActivationFamily:
     def config_key(self, group: TuneGroup) -> tuple:
         return (group.op, group.kernel, group.dtype, *group.index)
 
-    def configs_vars(self, rows: list) -> dict:
-        return {"activation": rows, "element_bounds": Code(repr(config_space().element_bounds))}
+    def configs_table(self) -> ConfigTable:
+        return ConfigTable(C.ACTIVATION_TABLE, "Activations", ("op", "kernel", "dtype"),
+                           (Bounds(C.ELEMENT_BOUNDS, config_space().element_bounds, "element bucket",
+                                   "buckets the launch's n_elements"),))
 
     def problem(self, group: TuneGroup) -> tuple[int, ...]:
         return (config_space().problem_size(group.index[0]),)

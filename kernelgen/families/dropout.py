@@ -14,9 +14,9 @@ import jinja2
 from .. import space
 from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE
 from ..contract import contract as C
-from ..kernels import KernelVariant, Source, TargetInfo, TuneGroup
+from ..kernels import Bounds, ConfigTable, KernelVariant, Source, TargetInfo, TuneGroup
 from ..spec import Spec
-from ..templating import Code, RenderError, arch_vars, render, template_sha256
+from ..templating import RenderError, arch_vars, render, template_sha256
 
 TEMPLATE = "dropout.py.j2"
 SPACE_FILE = "dropout.space.toml"
@@ -105,8 +105,10 @@ class DropoutFamily:
     def config_key(self, group: TuneGroup) -> tuple:
         return (group.kernel, group.dtype, *group.index)
 
-    def configs_vars(self, rows: list) -> dict:
-        return {"dropout": rows, "dropout_element_bounds": Code(repr(config_space().element_bounds))}
+    def configs_table(self) -> ConfigTable:
+        return ConfigTable(C.DROPOUT_TABLE, "Dropout", ("kernel", "dtype"),
+                           (Bounds(C.DROPOUT_ELEMENT_BOUNDS, config_space().element_bounds, "element bucket",
+                                   "buckets the tensor's n_elements"),))
 
     def problem(self, group: TuneGroup) -> tuple[int, ...]:
         return (config_space().problem_size(group.index[0]),)

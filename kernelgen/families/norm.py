@@ -14,9 +14,9 @@ import jinja2
 from .. import space
 from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE
 from ..contract import contract as C
-from ..kernels import KernelVariant, Source, TargetInfo, TuneGroup
+from ..kernels import Bounds, ConfigTable, KernelVariant, Source, TargetInfo, TuneGroup
 from ..spec import Spec
-from ..templating import Code, RenderError, arch_vars, render, template_sha256
+from ..templating import RenderError, arch_vars, render, template_sha256
 
 TEMPLATE = "norm.py.j2"
 SPACE_FILE = "norm.space.toml"
@@ -227,9 +227,12 @@ class NormFamily:
     def config_key(self, group: TuneGroup) -> tuple:
         return (group.kernel, group.dtype, *group.index)
 
-    def configs_vars(self, rows: list) -> dict:
+    def configs_table(self) -> ConfigTable:
         sp = config_space()
-        return {"norm": rows, "norm_widths": Code(repr(sp.widths)), "norm_row_bounds": Code(repr(sp.row_bounds))}
+        widths = f"buckets the row width: bucket i runs one pass with BLOCK_N = {C.NORM_WIDTHS}[i]; the last, wider rows, loops"
+        return ConfigTable(C.NORM_TABLE, "Memory-sharing LayerNorm / RMSNorm", ("kernel", "dtype"),
+                           (Bounds(C.NORM_WIDTHS, sp.widths, "width bucket", widths),
+                            Bounds(C.NORM_ROW_BOUNDS, sp.row_bounds, "row bucket", "buckets the row count")))
 
     def problem(self, group: TuneGroup) -> tuple[int, ...]:
         return config_space().problem_shape(*group.index)
