@@ -10,14 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from .. import space
 from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE
 from ..contract import contract as C
-from ..kernels import Bounds, ConfigTable, KernelVariant, Source, TargetInfo, TuneGroup
+from ..kernels import Bounds, ConfigTable, KernelVariant, TargetInfo, TuneGroup
 from ..spec import Spec
-from ..templating import RenderError, arch_vars, render, template_sha256
+from .one_file import OneFileFamily
 
 TEMPLATE = "add_norm.py.j2"
 SPACE_FILE = "add_norm.space.toml"
@@ -134,27 +132,14 @@ def variants(group: TuneGroup, config: dict) -> list[KernelVariant]:
     return out
 
 
-# --- rendering -------------------------------------------------------------------------------
-
-def render_add_norm(arch: TargetInfo) -> str:
-    try:
-        return render(TEMPLATE, arch=arch_vars(arch), template_sha256=template_sha256(TEMPLATE),
-                      max_cols=config_space().max_cols)
-    except jinja2.TemplateError as err:
-        raise RenderError(f"rendering the add_norm kernels for {arch.name} from templates/{TEMPLATE}: {err}") from err
-
-
-class AddNormFamily:
+class AddNormFamily(OneFileFamily):
     name = "add_norm"
+    stem = C.ADD_NORM_STEM
+    template = TEMPLATE
     space_file = SPACE_FILE
-    builtin_only = True  # lowmem_ops runs add_norm from its built-in tree
 
-    def stems(self, specs: list[Spec]) -> list[str]:
-        return [C.ADD_NORM_STEM]
-
-    def sources(self, specs: list[Spec], arch: TargetInfo) -> list[Source]:
-        return [Source(C.ADD_NORM_STEM, render_add_norm(arch),
-                       {"template": TEMPLATE, "template_sha256": template_sha256(TEMPLATE)})]
+    def template_vars(self, arch: TargetInfo) -> dict:
+        return {"max_cols": config_space().max_cols}  # the widest row the fused kernel takes
 
     def space(self) -> AddNormSpace:
         return config_space()
@@ -164,9 +149,6 @@ class AddNormFamily:
 
     def variants(self, group: TuneGroup, config: dict) -> list[KernelVariant]:
         return variants(group, config)
-
-    def config_key(self, group: TuneGroup) -> tuple:
-        return (group.kernel, group.dtype, *group.index)
 
     def configs_table(self) -> ConfigTable:
         return ConfigTable(C.ADD_NORM_TABLE, "Dropout + residual add + MS norm", ("kernel", "dtype"),

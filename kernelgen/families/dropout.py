@@ -9,14 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from .. import space
 from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE
 from ..contract import contract as C
-from ..kernels import Bounds, ConfigTable, KernelVariant, Source, TargetInfo, TuneGroup
+from ..kernels import Bounds, ConfigTable, KernelVariant, TargetInfo, TuneGroup
 from ..spec import Spec
-from ..templating import RenderError, arch_vars, render, template_sha256
+from .one_file import OneFileFamily
 
 TEMPLATE = "dropout.py.j2"
 SPACE_FILE = "dropout.space.toml"
@@ -72,26 +70,11 @@ def variant(dtype: str, config: dict) -> KernelVariant:
     return KernelVariant(C.DROPOUT_STEM, C.DROPOUT_KERNEL, dtype, "dropout_kernel", sig, {}, dict(config))
 
 
-# --- rendering -------------------------------------------------------------------------------
-
-def render_dropout(arch: TargetInfo) -> str:
-    try:
-        return render(TEMPLATE, arch=arch_vars(arch), template_sha256=template_sha256(TEMPLATE))
-    except jinja2.TemplateError as err:
-        raise RenderError(f"rendering the dropout kernel for {arch.name} from templates/{TEMPLATE}: {err}") from err
-
-
-class DropoutFamily:
+class DropoutFamily(OneFileFamily):
     name = "dropout"
+    stem = C.DROPOUT_STEM
+    template = TEMPLATE
     space_file = SPACE_FILE
-    builtin_only = True  # lowmem_ops runs dropout from its built-in tree
-
-    def stems(self, specs: list[Spec]) -> list[str]:
-        return [C.DROPOUT_STEM]
-
-    def sources(self, specs: list[Spec], arch: TargetInfo) -> list[Source]:
-        return [Source(C.DROPOUT_STEM, render_dropout(arch),
-                       {"template": TEMPLATE, "template_sha256": template_sha256(TEMPLATE)})]
 
     def space(self) -> DropoutSpace:
         return config_space()
@@ -101,9 +84,6 @@ class DropoutFamily:
 
     def variants(self, group: TuneGroup, config: dict) -> list[KernelVariant]:
         return [variant(group.dtype, config)]
-
-    def config_key(self, group: TuneGroup) -> tuple:
-        return (group.kernel, group.dtype, *group.index)
 
     def configs_table(self) -> ConfigTable:
         return ConfigTable(C.DROPOUT_TABLE, "Dropout", ("kernel", "dtype"),

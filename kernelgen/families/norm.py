@@ -9,14 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from .. import space
 from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE
 from ..contract import contract as C
-from ..kernels import Bounds, ConfigTable, KernelVariant, Source, TargetInfo, TuneGroup
+from ..kernels import Bounds, ConfigTable, KernelVariant, TargetInfo, TuneGroup
 from ..spec import Spec
-from ..templating import RenderError, arch_vars, render, template_sha256
+from .one_file import OneFileFamily
 
 TEMPLATE = "norm.py.j2"
 SPACE_FILE = "norm.space.toml"
@@ -186,15 +184,6 @@ def variant(kernel: str, dtype: str, config: dict, weight_dtype: str) -> KernelV
     return KernelVariant(C.NORM_STEM, kernel, dtype, f"{stage}_kernel", sig, flags, dict(config))
 
 
-# --- rendering -------------------------------------------------------------------------------
-
-def render_norm(arch: TargetInfo) -> str:
-    try:
-        return render(TEMPLATE, arch=arch_vars(arch), template_sha256=template_sha256(TEMPLATE))
-    except jinja2.TemplateError as err:
-        raise RenderError(f"rendering the norm kernels for {arch.name} from templates/{TEMPLATE}: {err}") from err
-
-
 # --- timing ----------------------------------------------------------------------------------
 
 _TRAFFIC = {"forward": 2, "backward": 3, "param_grad": 2}  # row tensors read + written
@@ -204,16 +193,11 @@ def _stage(kernel: str) -> str:
     return kernel.rsplit(".", 1)[1]
 
 
-class NormFamily:
+class NormFamily(OneFileFamily):
     name = "norm"
+    stem = C.NORM_STEM
+    template = TEMPLATE
     space_file = SPACE_FILE
-    builtin_only = True  # lowmem_ops runs the norms from its built-in tree
-
-    def stems(self, specs: list[Spec]) -> list[str]:
-        return [C.NORM_STEM]
-
-    def sources(self, specs: list[Spec], arch: TargetInfo) -> list[Source]:
-        return [Source(C.NORM_STEM, render_norm(arch), {"template": TEMPLATE, "template_sha256": template_sha256(TEMPLATE)})]
 
     def space(self) -> NormSpace:
         return config_space()
@@ -223,9 +207,6 @@ class NormFamily:
 
     def variants(self, group: TuneGroup, config: dict) -> list[KernelVariant]:
         return [variant(group.kernel, group.dtype, config, w) for w in weight_dtypes(group.kernel, group.dtype)]
-
-    def config_key(self, group: TuneGroup) -> tuple:
-        return (group.kernel, group.dtype, *group.index)
 
     def configs_table(self) -> ConfigTable:
         sp = config_space()
