@@ -360,8 +360,7 @@ def _stage(specs: list[Spec], archs: list[ArchOrTarget], stage: Path, progress, 
            previous: Path) -> int:
     import triton
 
-    archs = [targets.of(a) for a in archs]
-
+    archs = [targets.of(a) for a in archs]  # compiling needs the target (backend, vendor); build/check read .name only
     if not opts.recompile:
         for arch in archs:  # every damaged manifest is reported before the first compile, not minutes later
             manifest = previous / arch.name / contract.MANIFEST_FILE
@@ -391,7 +390,6 @@ def build(specs: list[Spec], archs: list[ArchOrTarget], out: Path, progress=lamb
     opts = opts or BuildOptions()
     if not specs:
         raise BuildError("no specs to build")
-    archs = [targets.of(a) for a in archs]
     out = Path(out)
     _refuse_foreign_out(out)
     _refuse_builtin_out(specs, out, fams)
@@ -441,7 +439,7 @@ def _refuse_builtin_out(specs: list[Spec], out: Path, fams: tuple[Family, ...]) 
                          "kernels. Build into a folder of your own (--out kernels) and load it with lo.load")
 
 
-def _refuse_foreign_files_in_archs(out: Path, archs: list[targets.Target], specs: list[Spec]) -> None:
+def _refuse_foreign_files_in_archs(out: Path, archs: list[ArchOrTarget], specs: list[Spec]) -> None:
     """A rebuilt arch folder replaces the old one whole: files in it that no build wrote (what its
     manifest lists, or what this build writes) would be deleted, so they stop the build first."""
     for arch in archs:
@@ -560,7 +558,6 @@ def check(specs: list[Spec], archs: list[ArchOrTarget], out: Path, progress=lamb
     """Rebuild into a scratch folder and compare with `out`. Returns the problems (empty: fresh).
     With opts.recompile the compile results are redone, not taken from `out`'s manifests."""
     opts = opts or BuildOptions()
-    archs = [targets.of(a) for a in archs]
     out = Path(out)
     problems = _missing_or_damaged(archs, out)
     if problems:  # at once: a rebuild to compare with would take minutes and cannot come out fresh
@@ -586,7 +583,7 @@ def check(specs: list[Spec], archs: list[ArchOrTarget], out: Path, progress=lamb
         return problems
 
 
-def _missing_or_damaged(archs: list[targets.Target], out: Path) -> list[str]:
+def _missing_or_damaged(archs: list[ArchOrTarget], out: Path) -> list[str]:
     """The arch folders and manifests of `out` that are missing or unreadable."""
     import triton
 

@@ -76,6 +76,25 @@ def ints(data: dict, key: str, path: Path, table: str = "", length: int | None =
     return tuple(value)
 
 
+def row_widths(data: dict, key: str, path: Path, table: str = "") -> tuple[int, ...]:
+    """A row-wise family's widths (BLOCK of each width bucket): powers of two, strictly increasing,
+    at most 65536."""
+    widths = ints(data, key, path, table)
+    if list(widths) != sorted(set(widths)) or widths[-1] > 65536:
+        where = f"[{table}] {key}" if table else key
+        raise SpaceError(f"{path}: {where} must be strictly increasing and at most 65536, got {list(widths)}")
+    return widths
+
+
+def min_max(data: dict, key: str, path: Path, table: str = "") -> tuple[int, int]:
+    """A (min, max) pair of positive integers."""
+    low, high = ints(data, key, path, table, length=2, power_of_two=False)
+    if low > high:
+        where = f"[{table}] {key}" if table else key
+        raise SpaceError(f"{path}: {where} is (min, max), got {[low, high]}")
+    return low, high
+
+
 def bounds(data: dict, key: str, path: Path) -> tuple[int, ...]:
     bounds = ints(data.get("buckets", {}), key, path, "buckets", power_of_two=False)
     if list(bounds) != sorted(set(bounds)):

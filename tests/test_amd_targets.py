@@ -26,7 +26,7 @@ NORM_BACKWARD_SIG = norm.variant("layernorm.affine.backward", "bfloat16", {"BLOC
                                           "float32").signature
 
 
-def AmdCompileJob(path, fn, signature, constexprs, num_warps, num_stages, target, waves_per_eu=0) -> CompileJob:
+def hip_job(path, fn, signature, constexprs, num_warps, num_stages, target, waves_per_eu=0) -> CompileJob:
     """A HIP compile job for `target` at its wave size."""
     wave = AMD_TARGETS[target].warp_size if target in AMD_TARGETS else 64
     return CompileJob(path, fn, signature, constexprs, num_warps, num_stages, target, (), wave, "hip", waves_per_eu)
@@ -138,7 +138,7 @@ def test_parse_resources_errors_name_what_is_missing(asm, message):
 
 
 def test_unknown_target_is_a_clear_outcome():
-    job = AmdCompileJob(ACTIVATION, "forward_kernel", FORWARD_SIG, {"WRITE_CODES": True, "BLOCK_BYTES": 128}, 4, None,
+    job = hip_job(ACTIVATION, "forward_kernel", FORWARD_SIG, {"WRITE_CODES": True, "BLOCK_BYTES": 128}, 4, None,
                         "gfx000")
     assert "unknown AMD target gfx000" in compile_one(job)
 
@@ -157,7 +157,7 @@ def fresh_triton_cache(monkeypatch, tmp_path):
 def test_activation_forward_compiles_for_each_target(name):
     target = AMD_TARGETS[name]
     # 8 fp32 elements per lane on either wave size
-    job = AmdCompileJob(ACTIVATION, "forward_kernel", FORWARD_SIG,
+    job = hip_job(ACTIVATION, "forward_kernel", FORWARD_SIG,
                         {"WRITE_CODES": True, "BLOCK_BYTES": 2 * target.warp_size * 4}, 4, None, name)
     compiled = compile_kernel(job)
     hsaco = compiled.asm["hsaco"]
@@ -174,7 +174,7 @@ def test_activation_forward_compiles_for_each_target(name):
 @pytest.mark.slow
 def test_norm_backward_reports_its_lds():
     # one row per program across 4 waves: the row sums go through LDS, which Triton allocates at launch
-    job = AmdCompileJob(NORM, "backward_kernel", NORM_BACKWARD_SIG,
+    job = hip_job(NORM, "backward_kernel", NORM_BACKWARD_SIG,
                         {"IS_RMS": False, "AFFINE": True, "HAS_BIAS": True, "BLOCK_N": 1024, "SINGLE_PASS": True},
                         4, None, "gfx942")
     r = compile_one(job)
@@ -187,7 +187,7 @@ def test_norm_backward_reports_its_lds():
 def test_spilling_kernel_is_detected_by_its_scratch():
     # A 4096-wide row on one wave is 64 floats per lane per tensor; waves_per_eu=8 caps the wave at
     # 512 / 8 = 64 registers, so LLVM must spill to scratch (a huge BLOCK alone takes minutes to compile).
-    job = AmdCompileJob(NORM, "forward_kernel", NORM_FORWARD_SIG,
+    job = hip_job(NORM, "forward_kernel", NORM_FORWARD_SIG,
                         {"IS_RMS": False, "AFFINE": True, "HAS_BIAS": True, "BLOCK_N": 4096, "SINGLE_PASS": True},
                         1, None, "gfx942", waves_per_eu=8)
     r = compile_one(job)
@@ -228,9 +228,9 @@ def test_hip_jobs_compile_in_worker_processes_and_keep_their_own_keys():
     with the same fields (a recorded result is never taken for the other vendor's)."""
     from kernelgen import aot
 
-    good = AmdCompileJob(ACTIVATION, "forward_kernel", FORWARD_SIG, {"WRITE_CODES": True, "BLOCK_BYTES": 512}, 4, None,
+    good = hip_job(ACTIVATION, "forward_kernel", FORWARD_SIG, {"WRITE_CODES": True, "BLOCK_BYTES": 512}, 4, None,
                          "gfx942")
-    bad = AmdCompileJob(ACTIVATION, "forward_kernel", FORWARD_SIG, {"WRITE_CODES": True, "BLOCK_BYTES": 512}, 4, None,
+    bad = hip_job(ACTIVATION, "forward_kernel", FORWARD_SIG, {"WRITE_CODES": True, "BLOCK_BYTES": 512}, 4, None,
                         "gfx000")
     result, error = aot.compile_all([good, bad], workers=2)
     assert isinstance(result, AmdCompileResult) and result.wavefront_size == 64

@@ -15,6 +15,7 @@ from ..archs import DTYPE_BYTES, DTYPES, TRITON_DTYPE
 from ..contract import contract as C
 from ..kernels import Bounds, ConfigTable, KernelVariant, TargetInfo, TuneGroup
 from ..spec import Spec
+from .norm import param_dtypes
 from .one_file import OneFileFamily
 
 TEMPLATE = "add_norm.py.j2"
@@ -68,14 +69,10 @@ class AddNormSpace:
 def load_space(path: Path) -> AddNormSpace:
     data = space.read(path)
     kinds = space.dtypes(data, path)
-    widths = space.ints(data, "widths", path)
-    if list(widths) != sorted(set(widths)) or widths[-1] > 65536:
-        raise space.SpaceError(f"{path}: widths must be strictly increasing and at most 65536, got {list(widths)}")
-    ept = space.ints(data, "elements_per_thread", path, length=2, power_of_two=False)
-    if ept[0] > ept[1]:
-        raise space.SpaceError(f"{path}: elements_per_thread is (min, max), got {list(ept)}")
+    widths = space.row_widths(data, "widths", path)
+    ept = space.min_max(data, "elements_per_thread", path)
     return AddNormSpace(path=path.name, dtypes=kinds, widths=widths, num_warps=space.ints(data, "num_warps", path),
-                        elements_per_thread=(ept[0], ept[1]))
+                        elements_per_thread=ept)
 
 
 def config_space() -> AddNormSpace:
@@ -105,11 +102,6 @@ _FORWARD_FLAGS = (
 )
 
 
-def weight_dtypes(dtype: str) -> tuple[str, ...]:
-    """gamma/beta dtypes, the usual first: the model's own, and float32 beside 16-bit activations."""
-    return ("float32",) if dtype == "float32" else (dtype, "float32")
-
-
 def variants(group: TuneGroup, config: dict) -> list[KernelVariant]:
     """The kernels as lowmem_ops.add_norm launches them (x, residual, h and y of one dtype): the seed an
     int64 tensor (a placeholder without dropout), offset and sizes i32, floats fp32."""
@@ -121,7 +113,7 @@ def variants(group: TuneGroup, config: dict) -> list[KernelVariant]:
                               dict(config)) for d in (True, False)]
     out = []
     for flags in _FORWARD_FLAGS:
-        for wdtype in weight_dtypes(group.dtype):
+        for wdtype in param_dtypes(group.dtype):
             wt = TRITON_DTYPE[wdtype]
             sig = {"x_ptr": f"*{t}", "r_ptr": f"*{t}", "h_ptr": f"*{t}", "y_ptr": f"*{t}", "rstd_ptr": "*fp32",
                    "w_ptr": f"*{wt}", "b_ptr": f"*{wt}", "ok_ptr": "*i32", "seed_ptr": "*i64", "offset": "i32",

@@ -110,16 +110,11 @@ class NormSpace:
 def load_space(path: Path) -> NormSpace:
     data = space.read(path)
     single, loop, param = (space.table(data, t, path) for t in ("single", "loop", "param_grad"))
-    widths = space.ints(single, "widths", path, "single")
-    if list(widths) != sorted(set(widths)) or widths[-1] > 65536:
-        raise space.SpaceError(f"{path}: [single] widths must be strictly increasing and at most 65536, "
-                               f"got {list(widths)}")
-    ept = space.ints(single, "elements_per_thread", path, "single", length=2, power_of_two=False)
-    if ept[0] > ept[1]:
-        raise space.SpaceError(f"{path}: [single] elements_per_thread is (min, max), got {list(ept)}")
+    widths = space.row_widths(single, "widths", path, "single")
+    ept = space.min_max(single, "elements_per_thread", path, "single")
     return NormSpace(
         path=path.name, dtypes=space.dtypes(data, path), widths=widths,
-        single_warps=space.ints(single, "num_warps", path, "single"), elements_per_thread=(ept[0], ept[1]),
+        single_warps=space.ints(single, "num_warps", path, "single"), elements_per_thread=ept,
         programs_per_sm=space.ints(single, "backward_programs_per_sm", path, "single", power_of_two=False),
         loop_block_n=space.ints(loop, "block_n", path, "loop"), loop_warps=space.ints(loop, "num_warps", path, "loop"),
         param_block_r=space.ints(param, "block_r", path, "param_grad"),
@@ -158,9 +153,13 @@ def weight_dtypes(kernel: str, dtype: str) -> tuple[str, ...]:
     """The gamma/beta dtypes the runtime launches a norm kernel with, the usual one first: a model's
     own dtype (a bf16 model has bf16 norm weights), and float32 beside 16-bit activations (float32
     master weights under autocast). Kernels without the affine read no weights: float32 placeholders."""
-    if ".affine." not in kernel or dtype == "float32":
-        return ("float32",)
-    return (dtype, "float32")
+    return param_dtypes(dtype) if ".affine." in kernel else ("float32",)
+
+
+def param_dtypes(dtype: str) -> tuple[str, ...]:
+    """gamma/beta dtypes beside activations of `dtype`, the usual first: the model's own, and float32
+    beside 16-bit activations (also the add_norm family's)."""
+    return ("float32",) if dtype == "float32" else (dtype, "float32")
 
 
 def variant(kernel: str, dtype: str, config: dict, weight_dtype: str) -> KernelVariant:
