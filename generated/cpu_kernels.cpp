@@ -15,7 +15,7 @@
 // from the spec over at::vec::Vectorized<float> (torch's vector library: Sleef's exp/log/tanh, its erf);
 // the approximate backward's d_gate = dy * up * L[code] and d_up = dy * h as the torch path rounds them.
 // The memory-sharing norms follow the activations (templates/cpu_norm.cpp.j2, template sha256
-// 6dfc9ac491ca5edc2c4909cd40497bddf249d3fa337f2b2b348c6dac6636bdc1), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436).
+// 59c73497950a78663cb285a9e01b03431bd74d1f5a5ba977f33b54622d322790), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436).
 // dtype: 0 float32, 1 bfloat16, 2 float16 (elements, not bytes, in n). Every entry point returns 0,
 // or -1 for a dtype it does not know, or -2 where an exception stopped it.
 #include <ATen/Parallel.h>
@@ -1962,9 +1962,26 @@ int norm_forward(const void* x, int64_t rows, int64_t cols, const float* w, cons
   return 0;
 }
 
+// dgamma / dbeta as the parameters' dtype G: each sum rounded to float32 first (what the torch path returns,
+// then converted to the parameter's dtype), then to G.
+template <class G>
+void store_param_grads(const double* sums, int64_t c0, int64_t c1, void* out) {
+  auto* o = static_cast<typename G::T*>(out);
+  for (int64_t c = c0; c < c1; ++c) o[c] = G::store(float(sums[c]));
+}
+
+void store_param_grads(const double* sums, int64_t c0, int64_t c1, void* out, int grad_dtype) {
+  switch (grad_dtype) {
+    case 0: store_param_grads<Float32>(sums, c0, c1, out); break;
+    case 1: store_param_grads<BFloat16>(sums, c0, c1, out); break;
+    case 2: store_param_grads<Float16>(sums, c0, c1, out); break;
+    default: throw std::invalid_argument("grad_dtype");
+  }
+}
+
 template <class DY, class DX>
 int norm_backward(const void* dy, const void* y, const float* rstd, int64_t rows, int64_t cols, const float* w,
-                  const float* b, bool is_rms, void* dx, float* dw, float* db) {
+                  const float* b, bool is_rms, void* dx, void* dw, void* db, int grad_dtype) {
   const auto* dys = static_cast<const typename DY::T*>(dy);
   const auto* ys = static_cast<const typename DY::T*>(y);
   auto* dxs = static_cast<typename DX::T*>(dx);
@@ -1999,14 +2016,14 @@ int norm_backward(const void* dy, const void* y, const float* rstd, int64_t rows
       const double* __restrict row = pw + k * cols;
       for (int64_t c = c0; c < c1; ++c) sw[c] += row[c];
     }
-    for (int64_t c = c0; c < c1; ++c) dw[c] = float(sw[c]);
+    store_param_grads(sw, c0, c1, dw, grad_dtype);
     if (db != nullptr) {
       double* __restrict sb = pb;
       for (int64_t k = 1; k < blocks; ++k) {
         const double* __restrict row = pb + k * cols;
         for (int64_t c = c0; c < c1; ++c) sb[c] += row[c];
       }
-      for (int64_t c = c0; c < c1; ++c) db[c] = float(sb[c]);
+      store_param_grads(sb, c0, c1, db, grad_dtype);
     }
   });
   return 0;
@@ -2018,6 +2035,19 @@ template <class D>
 void params_to_f32(const void* p, int64_t n, float* out) {
   const auto* s = static_cast<const typename D::T*>(p);
   for (int64_t i = 0; i < n; ++i) out[i] = D::load(s[i]);
+}
+
+// Inverse mode's rule (lowmem_ops/norms.py, INVERSE_RULE): every |gamma_j| >= gamma_min and, with a bias,
+// |beta_j| <= beta_ratio * |gamma_j|, in float32 as the torch path and the Triton kernels decide it (NaN
+// fails).
+bool rule_holds(const float* w, const float* b, int64_t cols, float gamma_min, float beta_ratio) {
+  bool ok = true;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float g = std::fabs(w[c]);
+    ok &= g >= gamma_min;
+    if (b != nullptr) ok &= std::fabs(b[c]) <= beta_ratio * g;
+  }
+  return ok;
 }
 
 const float* as_f32(const void* p, int dtype, int64_t n, std::vector<float>& buf) {
@@ -2033,13 +2063,19 @@ const float* as_f32(const void* p, int dtype, int64_t n, std::vector<float>& buf
 
 }  // namespace
 
+// rule_ok: null, or where to write whether gamma / beta pass inverse mode's rule (1) or not (0), checked
+// in the same call (the Triton forward reports it the same way).
 extern "C" int lowmem_norm_forward(const void* x, int dtype, int64_t rows, int64_t cols, const void* w_in,
                                    const void* b_in, int param_dtype, float eps, int is_rms, void* y, int out_dtype,
-                                   float* rstd) {
+                                   float* rstd, float gamma_min, float beta_ratio, int32_t* rule_ok) {
   try {
     std::vector<float> wbuf, bbuf;
     const float* w = as_f32(w_in, param_dtype, cols, wbuf);
     const float* b = as_f32(b_in, param_dtype, cols, bbuf);
+    if (rule_ok != nullptr) {
+      if (w == nullptr) return -1;
+      *rule_ok = rule_holds(w, b, cols, gamma_min, beta_ratio) ? 1 : 0;
+    }
     switch (dtype * 3 + out_dtype) {
       case 0: return norm_forward<Float32, Float32>(x, rows, cols, w, b, eps, is_rms != 0, y, rstd);
       case 1: return norm_forward<Float32, BFloat16>(x, rows, cols, w, b, eps, is_rms != 0, y, rstd);
@@ -2059,21 +2095,21 @@ extern "C" int lowmem_norm_forward(const void* x, int dtype, int64_t rows, int64
 
 extern "C" int lowmem_norm_backward(const void* dy, const void* y, int dtype, const float* rstd, int64_t rows,
                                     int64_t cols, const void* w_in, const void* b_in, int param_dtype, int is_rms,
-                                    void* dx, int x_dtype, float* dw, float* db) {
+                                    void* dx, int x_dtype, void* dw, void* db) {
   try {
     std::vector<float> wbuf, bbuf;
     const float* w = as_f32(w_in, param_dtype, cols, wbuf);
     const float* b = as_f32(b_in, param_dtype, cols, bbuf);
     switch (dtype * 3 + x_dtype) {
-      case 0: return norm_backward<Float32, Float32>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
-      case 1: return norm_backward<Float32, BFloat16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
-      case 2: return norm_backward<Float32, Float16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
-      case 3: return norm_backward<BFloat16, Float32>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
-      case 4: return norm_backward<BFloat16, BFloat16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
-      case 5: return norm_backward<BFloat16, Float16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
-      case 6: return norm_backward<Float16, Float32>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
-      case 7: return norm_backward<Float16, BFloat16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
-      case 8: return norm_backward<Float16, Float16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db);
+      case 0: return norm_backward<Float32, Float32>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
+      case 1: return norm_backward<Float32, BFloat16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
+      case 2: return norm_backward<Float32, Float16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
+      case 3: return norm_backward<BFloat16, Float32>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
+      case 4: return norm_backward<BFloat16, BFloat16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
+      case 5: return norm_backward<BFloat16, Float16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
+      case 6: return norm_backward<Float16, Float32>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
+      case 7: return norm_backward<Float16, BFloat16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
+      case 8: return norm_backward<Float16, Float16>(dy, y, rstd, rows, cols, w, b, is_rms != 0, dx, dw, db, param_dtype);
       default: return -1;
     }
   } catch (...) {
@@ -2081,22 +2117,14 @@ extern "C" int lowmem_norm_backward(const void* dy, const void* y, int dtype, co
   }
 }
 
-// Inverse mode's rule (lowmem_ops/norms.py, INVERSE_RULE): every |gamma_j| >= gamma_min and, with a bias,
-// |beta_j| <= beta_ratio * |gamma_j|, in float32 as the torch path and the Triton kernels decide it (NaN
-// fails). 1: holds, 0: does not, < 0: bad arguments.
+// Inverse mode's rule (rule_holds): 1: holds, 0: does not, < 0: bad arguments.
 extern "C" int lowmem_norm_rule(const void* w_in, const void* b_in, int param_dtype, int64_t cols, float gamma_min,
                                 float beta_ratio) {
   try {
     std::vector<float> wbuf, bbuf;
     const float* w = as_f32(w_in, param_dtype, cols, wbuf);
     const float* b = as_f32(b_in, param_dtype, cols, bbuf);
-    bool ok = true;
-    for (int64_t c = 0; c < cols; ++c) {
-      const float g = std::fabs(w[c]);
-      ok &= g >= gamma_min;
-      if (b != nullptr) ok &= std::fabs(b[c]) <= beta_ratio * g;
-    }
-    return ok ? 1 : 0;
+    return rule_holds(w, b, cols, gamma_min, beta_ratio) ? 1 : 0;
   } catch (...) {
     return -2;
   }

@@ -43,7 +43,8 @@ def backend(t: torch.Tensor, has_cpp: bool = False, tree=None) -> str:
         return "torch"
     if mode == "triton-interpret":
         return mode
-    if t.device.type == "cuda":
+    # is_cuda / is_cpu: flag reads (t.device builds a device object per call)
+    if t.is_cuda:
         if mode == "cpp":
             raise RuntimeError("LOWMEM_OPS_BACKEND=cpp runs CPU tensors only, got a CUDA tensor (use auto, which "
                                "takes the Triton kernels there)")
@@ -55,7 +56,7 @@ def backend(t: torch.Tensor, has_cpp: bool = False, tree=None) -> str:
     if mode == "triton":
         raise RuntimeError(f"LOWMEM_OPS_BACKEND=triton needs CUDA tensors, got a {t.device} tensor "
                            "(use triton-interpret to run the kernels on CPU tensors)")
-    return "cpp" if has_cpp and t.device.type == "cpu" else "torch"
+    return "cpp" if has_cpp and t.is_cpu else "torch"
 
 
 def _rocm_fallback(mode: str, gpu: str, tree) -> str:

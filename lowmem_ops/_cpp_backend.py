@@ -336,7 +336,7 @@ _NORM_FORWARD, _NORM_BACKWARD, _NORM_RULE = range(3)  # _norm_kernels' order
 
 def _norm_kernels(tree: Path) -> tuple | str:
     return _entry_points(tree, "norm kernels", {
-        "lowmem_norm_forward": [_P, _I32, _I64, _I64, _P, _P, _I32, _F32, _I32, _P, _I32, _P],
+        "lowmem_norm_forward": [_P, _I32, _I64, _I64, _P, _P, _I32, _F32, _I32, _P, _I32, _P, _F32, _F32, _P],
         "lowmem_norm_backward": [_P, _P, _I32, _P, _I64, _I64, _P, _P, _I32, _I32, _P, _I32, _P, _P],
         "lowmem_norm_rule": [_P, _P, _I32, _I64, _F32, _F32]})
 
@@ -380,29 +380,45 @@ def norm_rule(tree: Path, weight: torch.Tensor, bias: torch.Tensor | None, gamma
     return _norm_call(tree, _NORM_RULE, w.data_ptr(), _ptr(b), code, w.numel(), gamma_min, beta_ratio) == 1
 
 
-def norm_forward(tree: Path, x, weight, bias, eps: float, is_rms: bool, out_dtype):
-    """(y, rstd) of the (rows, cols) CPU tensor x (float32/bfloat16/float16, out_dtype one of them)."""
+def norm_forward(tree: Path, x, cols: int, weight, bias, eps: float, is_rms: bool, out_dtype,
+                 rule: tuple[float, float] | None = None):
+    """(y, rstd, flag) of the CPU tensor x (float32/bfloat16/float16, out_dtype one of them), normalised
+    over its last `cols` elements (rows of x's memory order): y has x's shape.
+    rule = (gamma_min, beta_ratio): flag (0-dim int32) says whether gamma / beta pass inverse mode's rule,
+    checked in the same call; else flag is empty."""
     x = x.contiguous()
-    rows, cols = x.shape
-    y = torch.empty((rows, cols), dtype=out_dtype)
+    y = torch.empty(x.shape, dtype=out_dtype)
+    rows = x.numel() // cols
     rstd = torch.empty(rows, dtype=torch.float32)
+    flag = torch.empty(() if rule else 0, dtype=torch.int32)
+    w, b, param_dtype = _params(weight, bias)
     if rows:
-        w, b, param_dtype = _params(weight, bias)
-        _norm_call(tree, _NORM_FORWARD, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), param_dtype, eps, int(is_rms),
-                   y.data_ptr(), _DTYPE_CODE[out_dtype], rstd.data_ptr())
-    return y, rstd
+        gamma_min, beta_ratio = rule or (0.0, 0.0)
+        _norm_call(tree, _NORM_FORWARD, x.data_ptr(), _DTYPE_CODE[x.dtype], rows, cols, _ptr(w), _ptr(b), param_dtype,
+                   eps, int(is_rms), y.data_ptr(), _DTYPE_CODE[out_dtype], rstd.data_ptr(), gamma_min, beta_ratio,
+                   flag.data_ptr() if rule else None)
+    elif rule:  # no row ran the kernel: the rule alone
+        flag.fill_(norm_rule(tree, weight, bias, *rule))
+    return y, rstd, flag
 
 
-def norm_backward(tree: Path, dy, y, rstd, weight, bias, is_rms: bool, x_dtype):
-    """(dx, dweight, dbias) as torch_backward returns them (parameter gradients float32, None if absent)."""
+def norm_backward(tree: Path, dy, y, rstd, cols: int, weight, bias, is_rms: bool, x_dtype):
+    """(dx, dweight, dbias): dx of y's shape; the parameter gradients of the parameters' shape, in their
+    dtype where the kernels read it (else float32), None if absent."""
     y = y.contiguous()
     dy = dy.to(y.dtype).contiguous()
-    rows, cols = y.shape
-    dx = torch.empty((rows, cols), dtype=x_dtype)
-    dw = torch.zeros(cols, dtype=torch.float32) if weight is not None else None
-    db = torch.zeros(cols, dtype=torch.float32) if bias is not None else None
+    rows = y.numel() // cols
+    dx = torch.empty(y.shape, dtype=x_dtype)
+    w, b, param_dtype = _params(weight, bias)
+    grad_dtype = w.dtype if w is not None else torch.float32
+
+    def param_grad(p):
+        if p is None:
+            return None
+        return torch.empty(p.shape, dtype=grad_dtype) if rows else torch.zeros(p.shape, dtype=grad_dtype)
+
+    dw, db = param_grad(weight), param_grad(bias)
     if rows:
-        w, b, param_dtype = _params(weight, bias)
         rstd = rstd.float().contiguous()  # held: its pointer must outlive the call
         _norm_call(tree, _NORM_BACKWARD, dy.data_ptr(), y.data_ptr(), _DTYPE_CODE[y.dtype], rstd.data_ptr(),
                    rows, cols, _ptr(w), _ptr(b), param_dtype, int(is_rms), dx.data_ptr(), _DTYPE_CODE[x_dtype], _ptr(dw), _ptr(db))

@@ -15,12 +15,12 @@ def choose_for_norms(backend: str) -> str:
     return _cpp_backend.choose(backend, lambda: _cpp_backend.norm_unavailable(tree), "ms_norm", tree)
 
 
-def norm_forward(x, weight, bias, eps, is_rms, out_dtype):
-    return _cpp_backend.norm_forward(builtin_tree(), x, weight, bias, eps, is_rms, out_dtype)
+def norm_forward(x, n_cols, weight, bias, eps, is_rms, out_dtype, rule=None):
+    return _cpp_backend.norm_forward(builtin_tree(), x, n_cols, weight, bias, eps, is_rms, out_dtype, rule)
 
 
-def norm_backward(dy, y, rstd, weight, bias, is_rms, x_dtype):
-    return _cpp_backend.norm_backward(builtin_tree(), dy, y, rstd, weight, bias, is_rms, x_dtype)
+def norm_backward(dy, y, rstd, n_cols, weight, bias, is_rms, x_dtype):
+    return _cpp_backend.norm_backward(builtin_tree(), dy, y, rstd, n_cols, weight, bias, is_rms, x_dtype)
 
 
 def norm_rule(weight, bias, gamma_min: float, beta_ratio: float) -> bool:

@@ -50,8 +50,9 @@ def plain_eager() -> bool:
     """True where a Function's ctx-style twin and an op's own implementation may run: no torch.func
     transform, no dispatch or function mode (fake tensors, tracing, `with torch.device(...)`), not
     compiling. Each check is a flag read (well under a microsecond)."""
-    return not (torch._C._are_functorch_transforms_active() or _get_current_dispatch_mode() is not None
-                or torch._C._is_torch_function_mode_enabled() or torch.compiler.is_compiling())
+    # compiling first: Dynamo cannot trace the mode checks, and needs none of them
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled())
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -66,30 +67,77 @@ class DirectOp:
         self.op, self.fn = op, fn
 
     def __call__(self, *args):
-        if plain_eager() and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)):
+        if _plain_call(args):
             return self.fn(*args)
         return self.op(*args)
 
 
-def eager_twin(func: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+def _plain_call(args) -> bool:
+    """Plain eager code, and every tensor argument a plain tensor or parameter (a loop: a generator
+    costs a microsecond per call here)."""
+    if not plain_eager():
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN:
+            return False
+    return True
+
+
+def eager_twin(func: type[torch.autograd.Function], impl: Callable, setup: Callable,
+               keep: tuple[int, ...] | None = None) -> type[torch.autograd.Function]:
     """A ctx-style autograd.Function doing what `func` (forward + setup_context style, which torch.func
-    needs) does: its forward, setup_context, backward and jvp. Function.apply binds the call's
-    signature on every call for the setup_context style only; the twin skips that."""
+    needs) does: `impl` (the op's own implementation) as forward, `setup` (func's setup_context less
+    marking the outputs the twin drops), func's backward and jvp. Function.apply binds the call's
+    signature on every call for the setup_context style only; the twin skips that, and `apply` runs
+    it only in plain eager code on plain tensors, where the implementation may run without the
+    dispatcher.
+
+    keep: the indices of func's outputs the twin returns (None: all, as func). The others are
+    non-differentiable outputs that only setup uses (codes, statistics): every output autograd tracks,
+    and every tensor marked non-differentiable, costs host time per call (measured: about 5 us per
+    backward for a marked one). The twin's backward and jvp see None for the dropped ones."""
 
     def forward(ctx, *args):
-        output = func.forward(*args)
-        func.setup_context(ctx, args, output)
-        return output
+        output = impl(*args)
+        setup(ctx, args, output)
+        if keep is None:
+            return output
+        ctx.n_outputs = len(output)
+        return _select(output, keep)
+
+    def backward(ctx, *grads):
+        return func.backward(ctx, *(grads if keep is None else _expand(grads, keep, ctx.n_outputs)))
+
+    def jvp(ctx, *tangents):
+        out = func.jvp(ctx, *tangents)
+        return out if keep is None else _select(out, keep)
 
     # made with type() so that its grad_fn class is named after it too (<func>EagerBackward)
-    return type(func.__name__ + "Eager", (torch.autograd.Function,), {
+    twin = type(func.__name__ + "Eager", (torch.autograd.Function,), {
         "__module__": func.__module__, "forward": staticmethod(forward),
-        "backward": staticmethod(func.backward), "jvp": staticmethod(func.jvp)})
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
+    twin.keep = keep
+    return twin
+
+
+def _select(output, keep: tuple[int, ...]):
+    return output[keep[0]] if len(keep) == 1 else tuple(output[i] for i in keep)
+
+
+def _expand(grads: tuple, keep: tuple[int, ...], n: int) -> tuple:
+    full = [None] * n
+    for i, g in zip(keep, grads):
+        full[i] = g
+    return tuple(full)
 
 
 def apply(func: type[torch.autograd.Function], twin: type[torch.autograd.Function], *args):
-    """func.apply(*args), through the twin where plain eager code allows it."""
-    return (twin if plain_eager() else func).apply(*args)
+    """func.apply(*args), through the twin where plain eager code on plain tensors allows it; either
+    way the outputs the twin keeps."""
+    if _plain_call(args):
+        return twin.apply(*args)
+    output = func.apply(*args)
+    return output if twin.keep is None else _select(output, twin.keep)
 
 
 def call_directly(fn: Callable, message: str, *args):

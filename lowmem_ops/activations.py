@@ -24,6 +24,7 @@ Otherwise LOWMEM_OPS_BACKEND picks:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,7 +56,13 @@ def _cpp_or_torch(op: OpInfo, backend: str) -> str:
 
 
 def _approx_act_fwd(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    op = _check_input(x, name)
+    _check_input(x, name)
+    return _approx_act_forward(x, name, save_codes)
+
+
+def _approx_act_forward(x: torch.Tensor, name: str, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """_approx_act_fwd on an input its caller checked (approx_activation does)."""
+    op = get_op(name)
     x = x.contiguous()
     backend = _cpp_or_torch(op, pick_backend(x, has_cpp=True, tree=op.tree))
     if backend == "cpp":
@@ -129,6 +136,7 @@ def _setup_bwd(ctx, inputs, output):
     ctx.name = inputs[2]
 
 
+@functools.cache  # formatted once per op, not per backward
 def _double_backward_message(name: str) -> str:
     return (f"lowmem_ops.{name}: double backward is not supported. Its backward uses a step-function derivative "
             "stored as codes, whose own derivative is zero almost everywhere; use the exact torch activation where "
@@ -143,6 +151,11 @@ approx_act_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 approx_act_bwd.register_autograd(_double_backward, setup_context=_setup_bwd)
 
 
+def _setup_eager(ctx, inputs, output):
+    _setup_fwd(ctx, inputs, output)
+    ctx.save_for_forward(inputs[0])  # only kept while forward-mode AD runs
+
+
 class _ApproxActivation(torch.autograd.Function):
     """approx_act_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
 
@@ -154,9 +167,8 @@ class _ApproxActivation(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_fwd(ctx, inputs, output)
+        _setup_eager(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_forward(inputs[0])  # only kept while forward-mode AD runs
 
     @staticmethod
     def backward(ctx, dy, dcodes):
@@ -169,7 +181,7 @@ class _ApproxActivation(torch.autograd.Function):
         return _transforms.exact_jvp(op.forward, (x,), (dx,), compute_dtype(x.dtype), x.dtype), None
 
 
-_ApproxActivationEager = _transforms.eager_twin(_ApproxActivation)
+_ApproxActivationEager = _transforms.eager_twin(_ApproxActivation, _approx_act_forward, _setup_eager, keep=(0,))
 
 
 def approx_activation(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -178,7 +190,7 @@ def approx_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     save_codes = torch.is_grad_enabled() and x.requires_grad
     if _transforms.use_custom_op():
         return torch.ops.lowmem_ops.approx_act_fwd(x, name, save_codes)[0]
-    return _transforms.apply(_ApproxActivation, _ApproxActivationEager, x, name, save_codes)[0]
+    return _transforms.apply(_ApproxActivation, _ApproxActivationEager, x, name, save_codes)
 
 
 def regelu2(x: torch.Tensor) -> torch.Tensor:

@@ -189,11 +189,17 @@ def _add_norm(x, residual, weight, bias, eps, p, training, is_rms, seed, offset,
         norms._check(x, weight, bias, n_cols, what)
         path = norms.sharing_path(weight, bias, norms._backward_may_run(x, weight, bias)
                                    or (torch.is_grad_enabled() and residual.requires_grad))
-    if path == "plain":  # saves new_residual: lo.dropout (no mask saved), the add, torch's norm
+
+    def plain():  # saves new_residual: lo.dropout (no mask saved, the same mask), the add, torch's norm
         h = (_dropout.dropout(x, p, seed=seed, offset=offset) if p > 0.0 else x) + residual
         return norms._plain(h, n_cols, weight, bias, eps, is_rms, out), h
+
+    if path == "plain":
+        return plain()
     y, h, _, flag = torch.ops.lowmem_ops.add_ms_norm_fwd(x, residual, weight, bias, seed, offset, p, eps, is_rms, out,
-                                                         path == "recheck")
+                                                         path in ("check", "recheck"))
+    if path == "check" and not norms.rule_passed(flag, weight):
+        return plain()
     if path == "recheck":
         norms._recheck_in_backward(y, flag, weight, what)
     return y, h

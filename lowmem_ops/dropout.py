@@ -223,6 +223,11 @@ def _backward(ctx, dy):
 dropout_apply.register_autograd(_backward, setup_context=_setup)
 
 
+def _setup_eager(ctx, inputs, output):
+    _setup(ctx, inputs, output)
+    ctx.save_for_forward(inputs[1])  # only kept while forward-mode AD runs
+
+
 class _Dropout(torch.autograd.Function):
     """dropout_apply with its backward, forward-mode AD and torch.func (see _transforms)."""
 
@@ -234,8 +239,7 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup(ctx, inputs, output)
-        ctx.save_for_forward(inputs[1])  # only kept while forward-mode AD runs
+        _setup_eager(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, dy):
@@ -248,7 +252,7 @@ class _Dropout(torch.autograd.Function):
         return _apply_direct(dx, seed, ctx.offset, ctx.p)
 
 
-_DropoutEager = _transforms.eager_twin(_Dropout)
+_DropoutEager = _transforms.eager_twin(_Dropout, _dropout_apply, _setup_eager)
 
 
 def _seed_tensor(seed, device: torch.device) -> torch.Tensor:

@@ -147,6 +147,11 @@ gated_fwd.register_autograd(_backward, setup_context=_setup)
 gated_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def _setup_eager(ctx, inputs, output):
+    _setup(ctx, inputs, output)
+    ctx.save_for_forward(inputs[0], inputs[1])  # only kept while forward-mode AD runs
+
+
 class _Gated(torch.autograd.Function):
     """gated_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
 
@@ -158,9 +163,8 @@ class _Gated(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup(ctx, inputs, output)
+        _setup_eager(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_forward(inputs[0], inputs[1])  # only kept while forward-mode AD runs
 
     @staticmethod
     def backward(ctx, dout, dh, dcodes):
@@ -175,7 +179,7 @@ class _Gated(torch.autograd.Function):
         return out, None, None
 
 
-_GatedEager = _transforms.eager_twin(_Gated)
+_GatedEager = _transforms.eager_twin(_Gated, _gated_fwd, _setup_eager, keep=(0,))
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -> torch.Tensor:
@@ -191,7 +195,7 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
     args = (gate, up, name, mode == "approx", need_gate, need_up)
     if _transforms.use_custom_op():
         return torch.ops.lowmem_ops.gated_fwd(*args)[0]
-    return _transforms.apply(_Gated, _GatedEager, *args)[0]
+    return _transforms.apply(_Gated, _GatedEager, *args)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, mode: str = "auto") -> torch.Tensor:

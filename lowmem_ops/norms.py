@@ -45,7 +45,8 @@ INVERSE_RULE = f"every |gamma_j| >= {GAMMA_MIN:g} and |beta_j| <= {BETA_RATIO:g}
 
 def _check(x, weight, bias, n_cols, what):
     check_float_tensor(x, what)
-    if n_cols <= 0 or x.numel() % n_cols:
+    _check_cols(x, n_cols, what)
+    if x.numel() % n_cols:
         raise ValueError(f"lowmem_ops.{what}: input of shape {tuple(x.shape)} cannot be normalised over {n_cols} trailing elements")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
@@ -55,6 +56,17 @@ def _check(x, weight, bias, n_cols, what):
             raise ValueError(f"lowmem_ops.{what}: {name} has {p.numel()} elements, the normalised shape has {n_cols}")
         if p.device != x.device:
             raise ValueError(f"lowmem_ops.{what}: {name} is on {p.device} but the input is on {x.device}")
+    _check_bias_has_weight(weight, bias, what)
+
+
+# What the memory-sharing path needs beyond torch's argument rules (the public norms check those as
+# torch does, then these two).
+def _check_cols(x, n_cols, what):
+    if n_cols <= 0:
+        raise ValueError(f"lowmem_ops.{what}: input of shape {tuple(x.shape)} cannot be normalised over {n_cols} trailing elements")
+
+
+def _check_bias_has_weight(weight, bias, what):
     if bias is not None and weight is None:
         raise ValueError(f"lowmem_ops.{what}: a bias needs a weight (inverse mode recovers x_hat from y, gamma and beta)")
 
@@ -65,17 +77,23 @@ def _ms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional
     """y, rstd, and with check_rule (and a weight) whether gamma/beta pass INVERSE_RULE as a 0-dim
     int32 tensor on their device (computed there: reading it is up to the caller); else empty."""
     _check(x, weight, bias, n_cols, "ms_norm")
+    return _ms_norm_forward(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule)
+
+
+def _ms_norm_forward(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule=False):
+    """_ms_norm_fwd on arguments its callers checked (the public norms check them as torch's do)."""
     out_dtype = out_dtype or x.dtype
+    rule = (GAMMA_MIN, BETA_RATIO) if check_rule and weight is not None else None
+    backend = _cpp.choose_for_norms(pick_backend(x, has_cpp=True))
+    if backend == "cpp" and out_dtype != torch.float64:  # y in x's shape, the flag from the same call
+        return _cpp.norm_forward(x, n_cols, weight, bias, eps, is_rms, out_dtype, rule)
     x2 = x.reshape(-1, n_cols).contiguous()
     w = weight.reshape(-1).contiguous() if weight is not None else None
     b = bias.reshape(-1).contiguous() if bias is not None else None
-    rule = (GAMMA_MIN, BETA_RATIO) if check_rule and w is not None else None
-    backend = _cpp.choose_for_norms(pick_backend(x, has_cpp=True))
     if backend in ("triton", "triton-interpret") and out_dtype != torch.float64:
         y, rstd, flag = nb.triton_forward(x2, w, b, eps, is_rms, out_dtype, backend == "triton-interpret", rule=rule)
-    else:  # the host's implementations (float64 always takes torch's)
-        host = _cpp.norm_forward if backend == "cpp" and out_dtype != torch.float64 else nb.torch_forward
-        y, rstd = host(x2, w, b, eps, is_rms, out_dtype)
+    else:  # torch's implementation (float64 always takes it)
+        y, rstd = nb.torch_forward(x2, w, b, eps, is_rms, out_dtype)
         flag = nb.inverse_rule_holds(w, b, *rule) if rule else x.new_empty(0, dtype=torch.int32)
     return y.view(x.shape), rstd, flag
 
@@ -94,20 +112,31 @@ def _(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule=False):
 def _ms_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], n_cols: int, is_rms: bool, x_dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dy2 = dy.reshape(-1, n_cols).contiguous()
-    y2 = y.reshape(-1, n_cols)
-    w = weight.reshape(-1).contiguous() if weight is not None else None
-    b = bias.reshape(-1).contiguous() if bias is not None else None
     backend = _cpp.choose_for_norms(pick_backend(y, has_cpp=True))
     if backend == "torch" or x_dtype == torch.float64 or y.dtype == torch.float64:
-        dx, dw, db = nb.torch_backward(dy2, y2, rstd, w, b, is_rms, x_dtype)
-    elif backend == "cpp":
-        dx, dw, db = _cpp.norm_backward(dy2, y2, rstd, w, b, is_rms, x_dtype)
+        backend = "torch"
+    if backend == "cpp":  # dx in y's shape, parameter gradients in the parameters' shape
+        dx, dw, db = _cpp.norm_backward(dy, y, rstd, n_cols, weight, bias, is_rms, x_dtype)
     else:
-        dx, dw, db = nb.triton_backward(dy2, y2, rstd, w, b, is_rms, x_dtype, backend == "triton-interpret")
-    return (dx.view(y.shape),
-            dw.to(weight.dtype).view(weight.shape) if dw is not None else _no_grad_tensor(y),
-            db.to(bias.dtype).view(bias.shape) if db is not None else _no_grad_tensor(y))
+        dy2 = dy.reshape(-1, n_cols).contiguous()
+        y2 = y.reshape(-1, n_cols)
+        w = weight.reshape(-1).contiguous() if weight is not None else None
+        b = bias.reshape(-1).contiguous() if bias is not None else None
+        if backend == "torch":
+            dx, dw, db = nb.torch_backward(dy2, y2, rstd, w, b, is_rms, x_dtype)
+        else:
+            dx, dw, db = nb.triton_backward(dy2, y2, rstd, w, b, is_rms, x_dtype, backend == "triton-interpret")
+        dx = dx.view(y.shape)
+    return dx, _param_grad(dw, weight, y), _param_grad(db, bias, y)
+
+
+def _param_grad(grad: Optional[torch.Tensor], param: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient in its dtype and shape (as it comes where a kernel wrote it so)."""
+    if grad is None:
+        return _no_grad_tensor(like)
+    if grad.dtype == param.dtype and grad.shape == param.shape:
+        return grad
+    return grad.to(param.dtype).view(param.shape)
 
 
 ms_norm_bwd = torch.library.custom_op("lowmem_ops::ms_norm_bwd", mutates_args=())(_ms_norm_bwd)
@@ -154,6 +183,12 @@ ms_norm_fwd.register_autograd(_backward, setup_context=_setup)
 ms_norm_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def _setup_eager(ctx, inputs, output):
+    _setup(ctx, inputs, output)
+    ctx.eps, ctx.out_dtype = inputs[4], output[0].dtype
+    ctx.save_for_forward(*inputs[:3])  # only kept while forward-mode AD runs
+
+
 class _MSNorm(torch.autograd.Function):
     """ms_norm_fwd with its backward, plus forward-mode AD and torch.func (see _transforms)."""
 
@@ -165,10 +200,8 @@ class _MSNorm(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup(ctx, inputs, output)
+        _setup_eager(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.eps, ctx.out_dtype = inputs[4], output[0].dtype
-        ctx.save_for_forward(*inputs[:3])  # only kept while forward-mode AD runs
 
     @staticmethod
     def backward(ctx, dy, drstd, dflag):
@@ -190,7 +223,7 @@ class _MSNorm(torch.autograd.Function):
         return dy, None, None
 
 
-_MSNormEager = _transforms.eager_twin(_MSNorm)
+_MSNormEager = _transforms.eager_twin(_MSNorm, _ms_norm_forward, _setup_eager, keep=(0, 2))
 
 
 def _flat(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -204,7 +237,7 @@ def _ms_norm(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule=False) 
     if _transforms.use_custom_op():
         y, _, flag = torch.ops.lowmem_ops.ms_norm_fwd(*args)
     else:
-        y, _, flag = _transforms.apply(_MSNorm, _MSNormEager, *args)
+        y, flag = _transforms.apply(_MSNorm, _MSNormEager, *args)
     return y, flag
 
 
@@ -249,7 +282,8 @@ _warned_fallback: set[int] = set()
 
 def inverse_is_safe(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether y can be inverted to x_hat for these parameters (INVERSE_RULE). Syncs with the device.
-    CPU parameters are checked at every call: there one C++ pass replaces the torch ops' nine."""
+    On CPU one C++ pass replaces the torch ops' nine. (The norms' CPU calls do not ask: their forward
+    kernel checks the rule in the same pass, see sharing_path.)"""
     if weight.device.type == "cpu" and weight.dtype != torch.float64 and \
             _cpp.choose_for_norms(pick_backend(weight, has_cpp=True)) == "cpp":
         return _cpp.norm_rule(weight, bias, GAMMA_MIN, BETA_RATIO)  # reads them flat, in memory order
@@ -267,27 +301,40 @@ def _norm(x, normalized_shape, weight, bias, eps, is_rms, out_dtype, affine, wha
     out = _out_dtype(x, out_dtype)
     if affine == "plain":
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
-    _check(x, weight, bias, n_cols, what)
+    _check_cols(x, n_cols, what)  # _check_call and _n_cols checked the rest of _check
+    _check_bias_has_weight(weight, bias, what)
     path = sharing_path(weight, bias, _backward_may_run(x, weight, bias))
     if path == "plain":
         return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
-    y, flag = _ms_norm(x, weight, bias, n_cols, eps, is_rms, out, check_rule=path == "recheck")
+    y, flag = _ms_norm(x, weight, bias, n_cols, eps, is_rms, out, check_rule=path in ("check", "recheck"))
+    if path == "check" and not rule_passed(flag, weight):
+        return _plain(x, normalized_shape, weight, bias, eps, is_rms, out)
     if path == "recheck":
         _recheck_in_backward(y, flag, weight, what)
     return y
 
 
 def sharing_path(weight, bias, backward_may_run: bool) -> str:
-    """How an inverse-mode call runs: 'share' (save y, nothing to check), 'recheck' (save y, and
-    have the kernel check INVERSE_RULE again for backward: parameters whose verdict was cached) or
-    'plain' (the parameters break the rule: torch's norm, saving its input)."""
+    """How an inverse-mode call runs: 'share' (save y, nothing to check), 'check' (CPU parameters in
+    plain eager code: the forward kernel checks INVERSE_RULE in the same call, and where it fails the
+    caller runs the plain path instead, see rule_passed), 'recheck' (save y, and have the kernel check INVERSE_RULE
+    again for backward: parameters whose verdict was cached) or 'plain' (the parameters break the
+    rule: torch's norm, saving its input)."""
     if weight is None or not backward_may_run or not _has_values(weight):
         # Only backward inverts gamma: without one (no_grad, inference_mode), or with no values to
         # read (meta and fake tensors: shapes only, as when planning memory), the rule does not matter.
         return "share"
+    if _reads_for_free(weight) and _transforms.plain_eager():
+        return "check"
     if not _inverse_allowed(weight, bias):
         return "plain"
     return "share" if _reads_for_free(weight) else "recheck"
+
+
+def rule_passed(flag: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The verdict of a 'check' call's kernel (a CPU flag: reading it costs no sync), warning once per
+    parameter where it fails."""
+    return _warn_if_unsafe(weight, bool(flag), stacklevel=5)
 
 
 def _has_values(t: torch.Tensor) -> bool:
@@ -313,7 +360,8 @@ def _inverse_allowed(weight, bias) -> bool:
         # graphs therefore use the plain path for inverse mode (documented in docs/norms.md).
         return False
     if _reads_for_free(weight) or weight.is_inference() or (bias is not None and bias.is_inference()):
-        # CPU values are checked at every call; inference tensors have no version counter to key on.
+        # CPU values (under torch.func transforms: see sharing_path) are checked at every call;
+        # inference tensors have no version counter to key on.
         return _warn_if_unsafe(weight, inverse_is_safe(weight, bias))
     # One host sync per parameter update, not per call: the verdict is kept on the weight tensor
     # itself, with the versions (in-place updates such as optimizer steps bump them) and storages
@@ -332,11 +380,11 @@ def _verdict_key(weight, bias) -> tuple:
             (bias._version, bias.data_ptr()) if bias is not None else None)
 
 
-def _warn_if_unsafe(weight, safe: bool) -> bool:
+def _warn_if_unsafe(weight, safe: bool, stacklevel: int = 6) -> bool:
     if not safe and id(weight) not in _warned_fallback:
         _warned_fallback.add(id(weight))
         warnings.warn(f"lowmem_ops: norm parameters break the inverse-mode rule ({INVERSE_RULE}); those calls "
-                      "save the input instead of sharing the output", stacklevel=6)
+                      "save the input instead of sharing the output", stacklevel=stacklevel)
     return safe
 
 

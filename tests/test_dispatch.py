@@ -84,8 +84,13 @@ def rocm(monkeypatch):
     monkeypatch.setattr(_common, "_warned_rocm", set())
 
 
+def fake_tensor(dtype, device: torch.device):
+    """What _common.backend reads of a tensor, for a device this machine lacks."""
+    return SimpleNamespace(dtype=dtype, device=device, is_cuda=device.type == "cuda", is_cpu=device.type == "cpu")
+
+
 def amd_tensor():
-    return SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    return fake_tensor(torch.bfloat16, torch.device("cuda", 0))
 
 
 def test_an_amd_gpu_is_known_by_its_gfx_name_without_feature_flags(rocm):
@@ -121,7 +126,7 @@ def test_an_amd_gpu_never_gets_an_sm_folder(tmp_path, rocm):
         _tree.arch_for(torch.device("cuda", 0), tree, interpret=False)  # a launcher asked anyway: said, not mapped
     with ref.backend("auto"), warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _common.backend(SimpleNamespace(dtype=torch.float32, device=torch.device("cpu")), tree=tree) == "torch"
+        assert _common.backend(fake_tensor(torch.float32, torch.device("cpu")), tree=tree) == "torch"
 
 
 def test_the_builtin_tree_decides_for_ops_that_name_none(tmp_path, rocm, monkeypatch):
