@@ -255,15 +255,22 @@ def backward(op: OpInfo, dy: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 # --- gated activations --------------------------------------------------------------------------
 
+_gated: dict[tuple[Path, str], tuple | str] = {}  # (tree, op) -> _gated_kernels' answer
+
+
 def _gated_kernels(op: OpInfo) -> tuple | str:
-    found = _kernels(op)  # the codes kernel and the baked-spec check come with the activation's
-    if isinstance(found, str):
-        return found
-    gated = _entry_points(op.tree, f"gated kernels for {op.name}", {
-        f"lowmem_{op.name}_gated_forward": [_P, _P, _I32, _I64, _P, _P],
-        f"lowmem_{op.name}_gated_exact": [_P, _P, _P, _I32, _I64, _P, _P],
-        f"lowmem_{op.name}_gated_approx": [_P, _P, _P, _P, _I32, _I64, _P, _P]})
-    return gated if isinstance(gated, str) else (found[0], *gated)
+    key = (op.tree, op.name)
+    if key not in _gated:  # once per op: every call asks (the signatures' dict costs microseconds)
+        found = _kernels(op)  # the codes kernel and the baked-spec check come with the activation's
+        if isinstance(found, str):
+            _gated[key] = found
+        else:
+            gated = _entry_points(op.tree, f"gated kernels for {op.name}", {
+                f"lowmem_{op.name}_gated_forward": [_P, _P, _I32, _I64, _P, _P],
+                f"lowmem_{op.name}_gated_exact": [_P, _P, _P, _I32, _I64, _P, _P],
+                f"lowmem_{op.name}_gated_approx": [_P, _P, _P, _P, _I32, _I64, _P, _P]})
+            _gated[key] = gated if isinstance(gated, str) else (found[0], *gated)
+    return _gated[key]
 
 
 def gated_unavailable(op: OpInfo) -> str | None:
@@ -334,11 +341,14 @@ def _same_layout(t: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 _NORM_FORWARD, _NORM_BACKWARD, _NORM_RULE = range(3)  # _norm_kernels' order
 
 
+_NORM_SIGNATURES = {  # built once: every call looks the kernels up
+    "lowmem_norm_forward": [_P, _I32, _I64, _I64, _P, _P, _I32, _F32, _I32, _P, _I32, _P, _F32, _F32, _P],
+    "lowmem_norm_backward": [_P, _P, _I32, _P, _I64, _I64, _P, _P, _I32, _I32, _P, _I32, _P, _P],
+    "lowmem_norm_rule": [_P, _P, _I32, _I64, _F32, _F32]}
+
+
 def _norm_kernels(tree: Path) -> tuple | str:
-    return _entry_points(tree, "norm kernels", {
-        "lowmem_norm_forward": [_P, _I32, _I64, _I64, _P, _P, _I32, _F32, _I32, _P, _I32, _P, _F32, _F32, _P],
-        "lowmem_norm_backward": [_P, _P, _I32, _P, _I64, _I64, _P, _P, _I32, _I32, _P, _I32, _P, _P],
-        "lowmem_norm_rule": [_P, _P, _I32, _I64, _F32, _F32]})
+    return _entry_points(tree, "norm kernels", _NORM_SIGNATURES)
 
 
 def norm_unavailable(tree: Path) -> str | None:
@@ -444,9 +454,11 @@ def choose(backend: str, why_not, what: str, tree: Path) -> str:
 
 # --- dropout --------------------------------------------------------------------------------------
 
+_DROPOUT_SIGNATURES = {"lowmem_dropout": [_P, _I32, _I64, ctypes.c_uint64, ctypes.c_uint64, _F32, _F32, _P]}
+
+
 def _dropout_kernel(tree: Path) -> tuple | str:
-    return _entry_points(tree, "dropout kernel", {"lowmem_dropout": [_P, _I32, _I64, ctypes.c_uint64, ctypes.c_uint64,
-                                                                     _F32, _F32, _P]})
+    return _entry_points(tree, "dropout kernel", _DROPOUT_SIGNATURES)
 
 
 def dropout_unavailable(tree: Path) -> str | None:

@@ -67,8 +67,15 @@ def _cpp_or_torch(op: OpInfo, backend: str) -> str:
 
 def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, need_gate: bool,
                need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    op = gated_op(name)
+    gated_op(name)
     _check(gate, up, name)
+    return _gated_forward(gate, up, name, approx, need_gate, need_up)
+
+
+def _gated_forward(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool, need_gate: bool,
+                   need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_gated_fwd on inputs its caller checked (gated does)."""
+    op = get_op(name)
     gate, up = gate.contiguous(), up.contiguous()
     write_h, write_codes = approx and need_up, approx and need_gate
     backend = _cpp_or_torch(op, pick_backend(gate, has_cpp=True, tree=op.tree))
@@ -179,7 +186,7 @@ class _Gated(torch.autograd.Function):
         return out, None, None
 
 
-_GatedEager = _transforms.eager_twin(_Gated, _gated_fwd, _setup_eager, keep=(0,))
+_GatedEager = _transforms.eager_twin(_Gated, _gated_forward, _setup_eager, keep=(0,))
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -> torch.Tensor:
