@@ -34,11 +34,14 @@ _Y_CHUNK = 1 << 15
 
 _lock = threading.Lock()
 _libraries: dict[Path, ctypes.CDLL | str] = {}  # tree -> loaded library, or why there is none
+_names: dict[Path, str] = {}  # tree -> its library's name: the namespace of the torch ops it registers
 _checked: dict[tuple[Path, str], tuple | str] = {}  # (tree, op) -> its (codes, grad) functions, or why there are none
 _warned: set = set()
 
 
 def _compile(tree: Path) -> ctypes.CDLL | str:
+    """The tree's library, compiled (or found in the build cache) and loaded: loading it runs its static
+    registrations of torch ops (TORCH_LIBRARY), in the namespace named after the library."""
     source = tree / CPU_FILE
     if not source.is_file():
         return (f"{source} is missing (a tree built before the C++ backend existed): rebuild it with "
@@ -53,7 +56,9 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
     try:
         path = cpp_extension.load(name=name, sources=[str(_stable_copy(text, name))], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-        return ctypes.CDLL(path)
+        lib = ctypes.CDLL(path)
+        _names[tree] = name
+        return lib
     except Exception as err:  # noqa: BLE001 - any failure to build or load means: no C++ kernels
         message = " ".join(str(err).split())  # one line; the compiler's own error comes last
         if len(message) > 700:
@@ -349,6 +354,25 @@ _NORM_SIGNATURES = {  # built once: every call looks the kernels up
 
 def _norm_kernels(tree: Path) -> tuple | str:
     return _entry_points(tree, "norm kernels", _NORM_SIGNATURES)
+
+
+_norm_ops: dict[Path, object] = {}  # tree -> its library's ms_norm op, or None
+
+
+def norm_autograd_op(tree: Path):
+    """torch.ops.<library>.ms_norm of the tree's C++ kernels (templates/cpu_norm_autograd.cpp.j2): the
+    memory-sharing norm as one C++ autograd op; None where the library has none (an older tree) or
+    there is no library."""
+    if tree not in _norm_ops:
+        lib = _library(tree)
+        op = None
+        if not isinstance(lib, str):
+            try:
+                op = getattr(torch.ops, _names[tree]).ms_norm
+            except (AttributeError, RuntimeError):
+                op = None
+        _norm_ops[tree] = op
+    return _norm_ops[tree]
 
 
 def norm_unavailable(tree: Path) -> str | None:

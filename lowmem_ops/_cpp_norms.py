@@ -25,3 +25,8 @@ def norm_backward(dy, y, rstd, n_cols, weight, bias, is_rms, x_dtype):
 
 def norm_rule(weight, bias, gamma_min: float, beta_ratio: float) -> bool:
     return _cpp_backend.norm_rule(builtin_tree(), weight, bias, gamma_min, beta_ratio)
+
+
+def autograd_op():
+    """The built-in tree's C++ autograd op of the norms, or None (see _cpp_backend.norm_autograd_op)."""
+    return _cpp_backend.norm_autograd_op(builtin_tree())

@@ -67,12 +67,12 @@ class DirectOp:
         self.op, self.fn = op, fn
 
     def __call__(self, *args):
-        if _plain_call(args):
+        if plain_call(args):
             return self.fn(*args)
         return self.op(*args)
 
 
-def _plain_call(args) -> bool:
+def plain_call(args) -> bool:
     """Plain eager code, and every tensor argument a plain tensor or parameter (a loop: a generator
     costs a microsecond per call here)."""
     if not plain_eager():
@@ -134,7 +134,7 @@ def _expand(grads: tuple, keep: tuple[int, ...], n: int) -> tuple:
 def apply(func: type[torch.autograd.Function], twin: type[torch.autograd.Function], *args):
     """func.apply(*args), through the twin where plain eager code on plain tensors allows it; either
     way the outputs the twin keeps."""
-    if _plain_call(args):
+    if plain_call(args):
         return twin.apply(*args)
     output = func.apply(*args)
     return output if twin.keep is None else _select(output, twin.keep)

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch._subclasses.fake_tensor import is_fake
 
 from . import _norm_backends as nb
@@ -236,9 +237,22 @@ def _ms_norm(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule=False) 
     args = (x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule)
     if _transforms.use_custom_op():
         y, _, flag = torch.ops.lowmem_ops.ms_norm_fwd(*args)
+    elif (cpp_op := _cpp_op_for(x, weight, bias, out_dtype)) is not None:
+        y, flag = cpp_op(*args, GAMMA_MIN, BETA_RATIO)
     else:
         y, flag = _transforms.apply(_MSNorm, _MSNormEager, *args)
     return y, flag
+
+
+def _cpp_op_for(x, weight, bias, out_dtype):
+    """The norms' C++ autograd op (_cpp_backend.norm_autograd_op) where it may run this call: plain
+    eager code on plain CPU tensors that take the C++ kernels, and no forward-mode AD level open (the
+    op has no jvp; _MSNorm has). None elsewhere: _MSNorm then runs the same kernels."""
+    if not x.is_cpu or x.dtype == torch.float64 or out_dtype == torch.float64 or forward_ad._current_level >= 0:
+        return None
+    if not _transforms.plain_call((x, weight, bias)) or _cpp.choose_for_norms(pick_backend(x, has_cpp=True)) != "cpp":
+        return None
+    return _cpp.autograd_op()
 
 
 # --- the public functions --------------------------------------------------------------------------
