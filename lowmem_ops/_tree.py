@@ -375,7 +375,7 @@ def kernel_path(tree: Path, arch: str, stem: str) -> tuple[Path, str]:
     files = getattr(configs_module(tree, arch), _contract.KERNEL_FILES, None)
     if files is None:
         return tree / arch / _contract.legacy_kernel_file(stem), f"{arch}.{stem}"
-    name = files.get(stem)
+    name = files.get(stem) if isinstance(files, dict) else None
     if not isinstance(name, str):
         raise RuntimeError(f"{tree / arch / _contract.CONFIGS_FILE} names no kernel file for {stem!r}: rebuild "
                            f"the tree with `kernelgen build --arch {arch} --out {tree}`")
