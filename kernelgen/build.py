@@ -1,5 +1,5 @@
-"""Build a generated tree: render every spec per arch, compile every variant ahead of time, write
-a manifest, and swap the result into place only when everything succeeded.
+"""Build a generated tree: render every spec, compile every variant ahead of time per arch, write
+a manifest, and install the result only when everything succeeded.
 
 Targets are NVIDIA archs and AMD targets alike (kernelgen/targets.py: an `Arch` of the NVIDIA table
 is taken as its target); each gets its folder, named as the target.
@@ -10,15 +10,21 @@ Layout of a tree (default: generated/ in the repository, installed as lowmem_ops
     __init__.py
     ops.py                 arch-independent: specs as the runtime needs them, torch forward functions
     cpu_kernels.cpp        arch-independent: C++ CPU kernels of every activation (compiled by lowmem_ops on first use)
-    <arch>/__init__.py
-    <arch>/<op>.py         Triton kernels for that arch
-    <arch>/configs.py      the launch config of every kernel, dtype and shape bucket (static or tuned)
+    kernels/<stem>_<hash>.py  Triton kernels of an op (stem: its name) or family (ms_norm, dropout, add_norm),
+                           named by the first 12 hex digits of the text's sha256 (contract.kernel_name):
+                           the text does not depend on the arch, so the archs share one file
+    <arch>/configs.py      the launch config of every kernel, dtype and shape bucket (static or tuned),
+                           the GPU it is for, and KERNEL_FILES: which kernels/ file each stem uses
     <arch>/manifest.json   per compiled config: registers, spills, shared memory, occupancy, kept or
                            dropped and why; per bucket: the choice; source hashes
+
+Arch folders hold no kernels and no __init__.py: the runtime loads configs.py and the kernel files by
+path, and the wheel takes them as package data (pyproject.toml globs them).
 """
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import dataclasses
 import difflib
@@ -29,6 +35,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -46,8 +53,9 @@ from .spec import Spec
 TREE_DOC = '"""Kernels rendered by kernelgen. Do not edit: run `kernelgen build`."""\n'
 MARKER = ".kernelgen-tree"
 MARKER_TEXT = ("A tree of kernels written by `kernelgen build`. A build into this folder replaces __init__.py,\n"
-               "ops.py, cpu_kernels.cpp and the arch folders it builds (sm80, ...) and leaves every other file alone; a build\n"
-               "refuses a folder without this file unless the folder is empty.\n")
+               "ops.py, cpu_kernels.cpp and the arch folders it builds (sm80, ...), adds the kernel files they use to\n"
+               "kernels/ and removes those no arch folder uses; it leaves every other file alone. A build refuses a\n"
+               "folder without this file unless the folder is empty.\n")
 
 
 # The files at the top of a tree that every build writes (the arch folders aside).
@@ -70,10 +78,6 @@ def _import_path(path: Path, name: str):
     except Exception as err:
         raise BuildError(f"importing the rendered {path.name}: {type(err).__name__}: {err}") from err
     return module
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass
@@ -134,26 +138,68 @@ def _previous_results(manifest: Path, triton_version: str) -> dict[str, dict]:
     return {v["compile_key"]: v for v in rows if "compile_key" in v}
 
 
+# --- migration from the per-arch kernel files --------------------------------------------------
+# Trees built before kernels/ held each arch's own copy of every kernel file, which named its arch in
+# a comment and in an unused `ARCH = "sm80"` line. Their manifests' compile keys hash that text, so
+# the shared, arch-free text misses every recorded result: a full recompile (over an hour for
+# generated/). The code is the same, so its results are too: where the old file is still in the arch
+# folder, its hash is the one the manifest recorded, and it differs from the new text in comments,
+# blank lines and the ARCH line only, its recorded results are taken for the new source.
+
+def _code_lines(text: str, arch: str) -> list[str]:
+    """What the compile reads of a kernel file: its lines less comments, blank lines and ARCH."""
+    return [line for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#") and line != f'ARCH = "{arch}"']
+
+
+def _legacy_sources(manifest: Path, texts: dict[str, str], arch: str) -> dict[str, str]:
+    """stem -> the source_sha256 `manifest` recorded for an old per-arch file of the same code as
+    texts[stem] (none where the manifest is of the shared layout, or the file is gone or changed)."""
+    try:
+        ops = json.loads(manifest.read_text())["ops"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    found = {}
+    for stem, text in texts.items():
+        record = ops.get(stem) if isinstance(ops, dict) else None
+        if not isinstance(record, dict) or record.get("file") != contract.legacy_kernel_file(stem):
+            continue
+        old = manifest.parent / record["file"]
+        try:
+            data = old.read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() == record.get("source_sha256") \
+                and _code_lines(data.decode(errors="replace"), arch) == _code_lines(text, arch):
+            found[stem] = record["source_sha256"]
+    return found
+
+
 def damaged_manifest(manifest: Path, problem: str) -> str:
     return (f"{manifest}: {problem}. It records the compile results a build reuses: restore it (`git checkout -- "
             f"{manifest}` where it is committed), or pass --recompile to compile every config of the arch again "
             f"(minutes)")
 
 
-def _compile(variants: list[KernelVariant], dest: Path, arch: targets.Target, shas: dict[str, str], opts: BuildOptions,
-             previous: dict[str, dict], progress) -> tuple[list[tuple[str, aot.Outcome]], int]:
-    """(compile key, outcome) per variant, and how many were compiled (the rest were recorded)."""
+def _compile(variants: list[KernelVariant], paths: dict[str, Path], arch: targets.Target, shas: dict[str, str],
+             opts: BuildOptions, previous: dict[str, dict], progress,
+             legacy: dict[str, str]) -> tuple[list[tuple[str, aot.Outcome]], int]:
+    """(compile key, outcome) per variant, and how many were compiled (the rest were recorded).
+    `paths`: stem -> its kernel file; `legacy`: stem -> the source hash an older layout's manifest
+    recorded for the same code (_legacy_sources), whose results count as this source's."""
     import triton
 
     for op in sorted({v.op for v in variants}):  # a rendered file that does not import fails here, by name
-        _import_path(dest / contract.kernel_file(op), f"_kernelgen_check_{arch.name}_{op}")
-    jobs = [aot.CompileJob(str(dest / contract.kernel_file(v.op)), v.fn, v.signature, v.constexprs, v.num_warps, v.num_stages,
+        _import_path(paths[op], f"_kernelgen_check_{arch.name}_{op}")
+    jobs = [aot.CompileJob(str(paths[v.op]), v.fn, v.signature, v.constexprs, v.num_warps, v.num_stages,
                            arch.arch, v.aligned_args, arch.warp_size, arch.backend) for v in variants]
     keys = [job.key(shas[v.op], triton.__version__) for job, v in zip(jobs, variants)]
     outcomes: dict[int, aot.Outcome] = {}
     for i, key in enumerate(keys):
-        if not opts.recompile and key in previous:
-            old = previous[key]
+        old = previous.get(key)
+        if old is None and variants[i].op in legacy:
+            old = previous.get(jobs[i].key(legacy[variants[i].op], triton.__version__))
+        if not opts.recompile and old is not None:
             try:
                 outcomes[i] = str(old["error"]) if "error" in old else aot.from_dict(old)
             except (KeyError, TypeError, ValueError):  # a damaged record: compile it again
@@ -291,22 +337,28 @@ def _build_arch(specs: list[Spec], arch: targets.Target, dest: Path, progress, f
     import triton
 
     dest.mkdir(parents=True)
-    (dest / "__init__.py").write_text(TREE_DOC)
-    files = {}
+    files, paths, texts = {}, {}, {}
     for family in fams:
         for source in family.sources(specs, arch):
-            path = dest / contract.kernel_file(source.stem)
-            path.write_text(source.text)
-            files[source.stem] = {"file": path.name, **source.record, "source_sha256": _sha256(path)}
+            data = source.text.encode()
+            sha = hashlib.sha256(data).hexdigest()
+            rel = contract.kernel_file(contract.kernel_name(source.stem, sha))
+            paths[source.stem] = path = dest.parent / rel  # the stage's kernels/, shared by its archs
+            if not path.is_file():
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(data)
+            files[source.stem] = {"file": rel, **source.record, "source_sha256": sha}
+            texts[source.stem] = source.text
     shas = {op: f["source_sha256"] for op, f in files.items()}
     groups = tune_groups(specs, arch, fams)
     configs = {_config_ident(vs[0]): vs for vs in families.variants(groups)}
     previous = {} if opts.recompile or previous_manifest is None else _previous_results(previous_manifest,
                                                                                          triton.__version__)
+    legacy = {} if not previous else _legacy_sources(previous_manifest, texts, arch.name)
     # Every config, compiled as launched with sizes that are multiples of 16 (each weight dtype):
     # pruning and ranking judge these, the kernels that run in the common case.
     flat = [v for vs in configs.values() for v in vs]
-    compiled, n_compiled = _compile(flat, dest, arch, shas, opts, previous, progress)
+    compiled, n_compiled = _compile(flat, paths, arch, shas, opts, previous, progress, legacy)
     results = iter(zip(flat, compiled))
     compiles = {ident: [(v, key, outcome) for v, (key, outcome) in (next(results) for _ in vs)]
                 for ident, vs in configs.items()}
@@ -323,7 +375,7 @@ def _build_arch(specs: list[Spec], arch: targets.Target, dest: Path, progress, f
         if not todo:
             break
         extra = [v.unaligned() for ident in todo for v in configs[ident]]
-        done, n = _compile(extra, dest, arch, shas, opts, previous, progress)
+        done, n = _compile(extra, paths, arch, shas, opts, previous, progress, legacy)
         n_compiled += n
         results = iter(zip(extra, done))
         for ident in todo:
@@ -334,7 +386,8 @@ def _build_arch(specs: list[Spec], arch: targets.Target, dest: Path, progress, f
     for message, category in notes:
         warnings.warn(message, category, stacklevel=3)
     rows = [_manifest_variant(compiles[ident], verdicts[ident]) for ident in configs]
-    (dest / contract.CONFIGS_FILE).write_text(render.render_configs(arch, baked, _tuned_with(choices)))
+    kernel_files = {stem: contract.kernel_name(stem, sha) for stem, sha in shas.items()}
+    (dest / contract.CONFIGS_FILE).write_text(render.render_configs(arch, baked, _tuned_with(choices), kernel_files))
     manifest = {
         "arch": arch.name,
         "vendor": arch.vendor,
@@ -373,6 +426,7 @@ def _stage(specs: list[Spec], archs: list[ArchOrTarget], stage: Path, progress, 
     (stage / "__init__.py").write_text(TREE_DOC)
     (stage / contract.OPS_FILE).write_text(render.render_ops(specs))
     (stage / contract.CPU_FILE).write_text(render.render_cpu(specs))
+    (stage / contract.KERNELS_DIR).mkdir()
     return sum(_build_arch(specs, arch, stage / arch.name, progress, fams, opts, previous / arch.name / contract.MANIFEST_FILE)
                for arch in archs)
 
@@ -447,7 +501,8 @@ def _refuse_foreign_files_in_archs(out: Path, archs: list[ArchOrTarget], specs: 
         if not folder.is_dir():
             continue
         ours = {"__init__.py", contract.CONFIGS_FILE, contract.MANIFEST_FILE, "__pycache__"}
-        ours |= {contract.kernel_file(stem) for f in families.ALL for stem in f.stems(specs)}
+        # what an older build kept in arch folders: its __init__.py and kernel files
+        ours |= {contract.legacy_kernel_file(stem) for f in families.ALL for stem in f.stems(specs)}
         try:
             ours |= {str(f.get("file")) for f in json.loads((folder / contract.MANIFEST_FILE).read_text())["ops"].values()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -479,12 +534,70 @@ def _alive(pid: int) -> bool:
 
 
 def _install(stage: Path, out: Path, arch_names: list[str]) -> None:
-    """Move the staged files into `out`: each file by atomic rename, each arch folder by _swap_in."""
+    """Move the staged files into `out` so that a kill at any point leaves every arch folder's
+    configs.py naming kernel files that exist: first the kernel files (each by atomic rename; an
+    existing file of the same content name stays), then each arch folder by _swap_in, and only then
+    are the kernel files no arch folder uses any more removed (collect_kernels)."""
     out.mkdir(exist_ok=True)
     for name in TOP_FILES:
         os.replace(stage / name, out / name)
+    kernels = out / contract.KERNELS_DIR
+    kernels.mkdir(exist_ok=True)
+    for staged in sorted((stage / contract.KERNELS_DIR).iterdir()):
+        target = kernels / staged.name
+        if not (target.is_file() and filecmp.cmp(staged, target, shallow=False)):  # edited by hand: replaced
+            os.replace(staged, target)
     for arch in arch_names:
         _swap_in(stage / arch, out, arch)
+    collect_kernels(out)
+
+
+def _kernel_files_of(configs: Path) -> dict[str, str]:
+    """configs.py's KERNEL_FILES, read without running the file ({} for a tree built before it)."""
+    tree = ast.parse(configs.read_bytes(), str(configs))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [contract.KERNEL_FILES]:
+            files = ast.literal_eval(node.value)
+            if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+                raise ValueError(f"{configs}: {contract.KERNEL_FILES} is not a dict of names")
+            return files
+    return {}
+
+
+def used_kernels(out: Path, skip: tuple[str, ...] = ()) -> set[str] | None:
+    """The kernel names the configs.py of `out`'s arch folders (swap siblings included) name, less
+    those of the folders in `skip`; None if one of them cannot be read (then no file is unused)."""
+    used = set()
+    for folder in sorted(out.iterdir()):
+        configs = folder / contract.CONFIGS_FILE
+        if folder.name in skip or folder.name == contract.KERNELS_DIR or not configs.is_file():
+            continue
+        try:
+            used |= set(_kernel_files_of(configs).values())
+        except (OSError, ValueError, SyntaxError):
+            return None
+    return used
+
+
+def unused_kernels(out: Path, used: set[str] | None) -> list[Path]:
+    """The content-named files of out/kernels/ (their compiled copies aside) whose names are not in `used`."""
+    folder = out / contract.KERNELS_DIR
+    if used is None or not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if p.suffix == ".py" and _KERNEL_NAME.fullmatch(p.stem)
+            and p.stem not in used]
+
+
+_KERNEL_NAME = re.compile(rf"[a-z][a-z0-9_]*_[0-9a-f]{{{contract.KERNEL_HASH_CHARS}}}")
+
+
+def collect_kernels(out: Path) -> None:
+    """Remove the kernel files (and their __pycache__ copies) no arch folder of `out` uses; every
+    other file of kernels/ stays. Nothing is removed when a configs.py cannot be read."""
+    for path in unused_kernels(out, used_kernels(out)):
+        path.unlink()
+        for pyc in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
+            pyc.unlink()
 
 
 def _incoming(out: Path, arch: str) -> Path:
@@ -567,7 +680,7 @@ def check(specs: list[Spec], archs: list[ArchOrTarget], out: Path, progress=lamb
         _stage(specs, archs, stage, progress, fams, opts, out)
         wanted = list(TOP_FILES) + [
             str(p.relative_to(stage)) for a in archs for p in sorted((stage / a.name).iterdir())
-        ]
+        ] + [str(p.relative_to(stage)) for p in sorted((stage / contract.KERNELS_DIR).iterdir())]
         for rel in wanted:
             fresh, have = stage / rel, out / rel
             if not have.exists():
@@ -580,6 +693,11 @@ def check(specs: list[Spec], archs: list[ArchOrTarget], out: Path, progress=lamb
             extra = sorted(p.name for p in (out / a.name).glob("*") if p.name != "__pycache__"
                            and not (stage / a.name / p.name).exists()) if (out / a.name).exists() else []
             problems += [f"{out / a.name / name}: not produced by any spec (stale leftover)" for name in extra]
+        # what the build would remove: the kernel files neither the checked archs nor the others use
+        others = used_kernels(out, skip=tuple(a.name for a in archs))
+        used = None if others is None else others | {p.stem for p in (stage / contract.KERNELS_DIR).iterdir()}
+        problems += [f"{path}: used by no arch folder (stale leftover: a build removes it)"
+                     for path in unused_kernels(out, used)]
         return problems
 
 

@@ -137,7 +137,8 @@ class ConfigTable:
 
 @dataclass(frozen=True)
 class Source:
-    """One kernel file a family renders for an arch: <arch>/<stem>.py, and what the manifest's "ops"
+    """One kernel file a family renders for an arch (kernels/<stem>_<hash>.py, shared by the archs
+    that render the same text), and what the manifest's "ops"
     records of where it came from (the build adds the file name and the source's hash)."""
 
     stem: str
@@ -155,7 +156,7 @@ class Family(Protocol):
     builtin_only: bool  # True: its kernels live in the built-in tree only (not in a tree of a user's specs)
 
     def stems(self, specs: list[Spec]) -> list[str]:
-        """The kernel files (<arch>/<stem>.py) this family writes for `specs`."""
+        """The stems of the kernel files this family writes for `specs`."""
 
     def sources(self, specs: list[Spec], arch: TargetInfo) -> list[Source]:
         """The rendered kernel files for `arch`."""

@@ -162,16 +162,25 @@ def _table_vars(table: ConfigTable, rows: list[tuple[tuple, dict, str]]) -> dict
 
 def _check_unique(tables: list[dict]) -> None:
     """No variable of configs.py is defined twice (the later would silently replace the earlier)."""
-    names = [contract.VENDOR, contract.CAPABILITY, contract.TABLE_BOUNDS]
+    names = [contract.VENDOR, contract.CAPABILITY, contract.KERNEL_FILES, contract.TABLE_BOUNDS]
     names += [n for t in tables for n in (t["name"], *(b["name"] for b in t["bounds"]))]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise RenderError(f"configs.py would define {', '.join(twice)} twice: each table and bounds needs a name of its own")
 
 
-def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned_with: str) -> str:
-    """configs.py of an arch: every group's chosen config, with a note on where it came from.
-    `tuned_with` names the GPUs and Triton versions of the tuning DB: text from that file."""
+_KERNEL_NAME = re.compile(r"[a-z][a-z0-9_]*")  # stems are op names (kernelgen/spec.py) or the contract's
+
+
+def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned_with: str,
+                   kernel_files: dict[str, str]) -> str:
+    """configs.py of an arch: every group's chosen config, with a note on where it came from, and the
+    kernel file of each stem (stem -> contract.kernel_name). `tuned_with` names the GPUs and Triton
+    versions of the tuning DB: text from that file."""
+    bad = [x for pair in kernel_files.items() for x in pair if not _KERNEL_NAME.fullmatch(x)]
+    if bad:
+        raise RenderError(f"configs.py for {arch.name}: kernel file stems and names must be lower-case words, "
+                          f"got {bad[0]!r:.60}")
     tables = []  # every family's table that has rows (a user's tree has none of the builtin-only ones)
     for family in families.ALL:
         rows = [(family.config_key(g), cfg, note) for g, cfg, note in choices if g.family == family.name]
@@ -184,7 +193,9 @@ def render_configs(arch: Arch, choices: list[tuple[TuneGroup, dict, str]], tuned
         return render(
             CONFIGS_TEMPLATE,
             arch=arch_vars(arch), template_sha256=template_sha256(CONFIGS_TEMPLATE), tables=tables,
-            table_bounds=contract.TABLE_BOUNDS,
+            table_bounds=contract.TABLE_BOUNDS, kernels_dir=contract.KERNELS_DIR,
+            kernel_files_name=contract.KERNEL_FILES,
+            kernel_files=[(Code(repr(stem)), Code(repr(name))) for stem, name in sorted(kernel_files.items())],
             vendor=Code(repr(target.vendor)), capability=Code(repr(target.arch)),
             n_tuned=n_tuned, n_total=len(choices),
             tuned_with=comment_text(f" ({tuned_with})" if n_tuned else "", f"{arch.name}: the tuning database's GPU names"),

@@ -24,7 +24,7 @@ BOUNDARIES = {
     "upper": "x == c_i takes the level above c_i (code = number of thresholds at or below x)",
 }
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")  # always with fullmatch: `$` would let a trailing newline through
-# An op's name becomes <arch>/<name>.py and <name>_forward in ops.py: it must not be a file the tree
+# An op's name becomes kernels/<name>_<hash>.py and <name>_forward in ops.py: it must not be a file the tree
 # layout already uses (kernelgen/build.py) nor a Python keyword.
 RESERVED_NAMES = frozenset({"configs", "ops", "ms_norm", "manifest", "__init__"}
                            | {k for k in keyword.kwlist + keyword.softkwlist if k.islower()})

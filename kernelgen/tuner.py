@@ -11,6 +11,7 @@ error) is stored as infinitely slow with its reason. Time and the measurement it
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -62,8 +63,9 @@ def plan(specs: list[Spec], arch: Arch, tree: Path, fams: tuple[Family, ...],
                         f"{arch.name}` first")
     for family in fams:
         for source in family.sources(specs, arch):
-            path = tree / arch.name / contract.kernel_file(source.stem)
-            if not path.is_file() or path.read_text() != source.text or source.stem not in record.sources:
+            sha = hashlib.sha256(source.text.encode()).hexdigest()
+            path = tree / contract.kernel_file(contract.kernel_name(source.stem, sha))
+            if not path.is_file() or path.read_text() != source.text or record.sources.get(source.stem) != sha:
                 raise TuneError(f"{path} is not what the current templates and specs render: run "
                                 f"`kernelgen build --arch {arch.name}` first, then tune")
     tasks = []

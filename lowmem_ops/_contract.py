@@ -14,14 +14,31 @@ CPU_FILE = "cpu_kernels.cpp"  # arch-independent: the C++ CPU kernels
 CONFIGS_STEM = "configs"  # <arch>/configs.py: the baked launch configs
 CONFIGS_FILE = CONFIGS_STEM + ".py"
 MANIFEST_FILE = "manifest.json"  # <arch>/manifest.json: the build record
-NORM_STEM = "ms_norm"  # <arch>/ms_norm.py: the memory-sharing norm kernels
-DROPOUT_STEM = "dropout"  # <arch>/dropout.py: the dropout kernel
-ADD_NORM_STEM = "add_norm"  # <arch>/add_norm.py: dropout + residual add + MS norm
-RESERVED_STEMS = frozenset({CONFIGS_STEM, NORM_STEM, DROPOUT_STEM, ADD_NORM_STEM})  # file stems of an arch folder that are not activations
+# The Triton kernel files, shared by every arch folder: their text does not depend on the arch, so
+# each is written once, named by its content (kernel_name); <arch>/configs.py's KERNEL_FILES says
+# which file each stem of that arch uses.
+KERNELS_DIR = "kernels"
+NORM_STEM = "ms_norm"  # the memory-sharing norm kernels
+DROPOUT_STEM = "dropout"  # the dropout kernel
+ADD_NORM_STEM = "add_norm"  # dropout + residual add + MS norm
+RESERVED_STEMS = frozenset({CONFIGS_STEM, NORM_STEM, DROPOUT_STEM, ADD_NORM_STEM})  # kernel stems that are not activations
+KERNEL_HASH_CHARS = 12  # of the source's sha256, in a kernel file's name
 
 
-def kernel_file(stem: str) -> str:
-    """<arch>/<stem>.py: an activation's kernels (stem = the op's name), or another family's file."""
+def kernel_name(stem: str, source_sha256: str) -> str:
+    """The name of a kernel file's text (stem = an activation's name, or another family's stem):
+    <stem>_<first 12 hex digits of its sha256>. Two texts of one stem get two files."""
+    return f"{stem}_{source_sha256[:KERNEL_HASH_CHARS]}"
+
+
+def kernel_file(name: str) -> str:
+    """kernels/<name>.py, relative to the tree, for a kernel_name."""
+    return f"{KERNELS_DIR}/{name}.py"
+
+
+def legacy_kernel_file(stem: str) -> str:
+    """<arch>/<stem>.py: where trees built before the shared kernels/ folder hold a stem's kernels
+    (their configs.py has no KERNEL_FILES)."""
     return f"{stem}.py"
 
 
@@ -60,6 +77,7 @@ ADD_NORM_DROPOUT_ADD = "dropout_add"  # wider rows (the open width bucket): drop
 
 # --- configs.py: the GPU its folder is for, the tables it defines, the launch-only parameters ---
 VENDOR = "VENDOR"  # configs.py's VENDOR: one of VENDORS
+KERNEL_FILES = "KERNEL_FILES"  # configs.py's {stem: kernel_name}: the kernel files this arch uses
 CAPABILITY = "CAPABILITY"  # NVIDIA: 10 * major + minor; AMD: the gfx name
 NVIDIA, AMD = "nvidia", "amd"
 VENDORS = (NVIDIA, AMD)

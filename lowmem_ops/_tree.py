@@ -169,7 +169,7 @@ def arch_folders(tree: Path) -> dict[str, Path]:
         m = _SWAP_SIBLING.fullmatch(child.name)
         if m and child.is_dir():
             siblings.setdefault(m["arch"], {})[m["role"]] = child
-        elif not child.name.startswith((".", "_")) and child.is_dir():
+        elif not child.name.startswith((".", "_")) and child.name != _contract.KERNELS_DIR and child.is_dir():
             regular[child.name] = child
     folders = dict(regular)
     for arch, found in siblings.items():
@@ -211,7 +211,9 @@ def _scan_archs(tree: Path) -> tuple[dict[str, BuiltArch], list[tuple[tuple, str
     for name, folder in arch_folders(tree).items():
         configs = folder / _contract.CONFIGS_FILE
         if not configs.is_file():
-            if (folder / "__init__.py").is_file():  # an arch package (not some other directory) lost it
+            # an arch folder (not some other directory) lost it: it has the build record, or is of an
+            # older build (arch packages with __init__.py)
+            if (folder / _contract.MANIFEST_FILE).is_file() or (folder / "__init__.py").is_file():
                 problems.append((("configs", configs), arch_problem(tree, name, configs, "missing")))
             continue
         built = _read_arch(tree, name, folder)
@@ -366,15 +368,30 @@ def kernel_module(op: str, arch: str, interpret: bool) -> ModuleType:
     return kernel_module_file(get_op(op).tree, arch, op, interpret)
 
 
+def kernel_path(tree: Path, arch: str, stem: str) -> tuple[Path, str]:
+    """The kernel file arch folder `arch` of `tree` uses for `stem` (an op's name, or ms_norm, dropout,
+    add_norm), and a module name unique to it: kernels/<name>.py as its configs.py's KERNEL_FILES
+    names it. A tree built before kernels/ existed (no KERNEL_FILES) holds it as <arch>/<stem>.py."""
+    files = getattr(configs_module(tree, arch), _contract.KERNEL_FILES, None)
+    if files is None:
+        return tree / arch / _contract.legacy_kernel_file(stem), f"{arch}.{stem}"
+    name = files.get(stem) if isinstance(files, dict) else None
+    if not isinstance(name, str):
+        raise RuntimeError(f"{tree / arch / _contract.CONFIGS_FILE} names no kernel file for {stem!r}: rebuild "
+                           f"the tree with `kernelgen build --arch {arch} --out {tree}`")
+    return tree / _contract.kernel_file(name), f"{_contract.KERNELS_DIR}.{name}"
+
+
 @lru_cache(maxsize=None)
 def kernel_module_file(tree: Path, arch: str, stem: str, interpret: bool) -> ModuleType:
-    """Import `<tree>/<arch>/<stem>.py`. With interpret=True its kernels are created under
-    TRITON_INTERPRET=1 (Triton reads it when @triton.jit runs), so they run on CPU tensors."""
-    path = tree / arch / _contract.kernel_file(stem)
+    """Import the kernel file of `stem` that `<tree>/<arch>` uses (kernel_path); archs using the same
+    file share its module. With interpret=True its kernels are created under TRITON_INTERPRET=1
+    (Triton reads it when @triton.jit runs), so they run on CPU tensors."""
+    path, module = kernel_path(tree, arch, stem)
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch}`")
+        raise RuntimeError(f"{path} is missing: rebuild the tree with `kernelgen build --arch {arch} --out {tree}`")
     require_triton("lowmem_ops needs triton to run its kernels")
-    name = f"lowmem_ops._trees.{tree_key(tree)}.{arch}.{stem}" + ("_interpret" if interpret else "")
+    name = f"lowmem_ops._trees.{tree_key(tree)}.{module}" + ("_interpret" if interpret else "")
     if not interpret:
         return import_file(path, name)
     # triton itself is imported above as configured, so its own @jit helpers stay consistent with

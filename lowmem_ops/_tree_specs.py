@@ -57,7 +57,7 @@ def check_ops_module(tree: Path, module: ModuleType) -> None:
             fail(f"SPECS[{name!r}]", "an op name must be lower-case letters, digits and _, starting with a "
                                      "letter (at most 48)")
         if name in RESERVED:
-            fail(f"SPECS[{name!r}]", f"{name!r} is the name of another file of an arch folder")
+            fail(f"SPECS[{name!r}]", f"{name!r} is the name of another file of a tree (kernels/, arch folders)")
         if not isinstance(spec, dict):
             fail(f"SPECS[{name!r}]", f"must be a dict, got {type(spec).__name__}")
         _check_spec(name, spec, lambda field, problem, name=name: fail(f"SPECS[{name!r}][{field!r}]", problem))

@@ -17,7 +17,7 @@ new_residual from its other uses:
 
 new_residual has the promoted dtype of x and residual (as `x + residual` has); the dropped x is
 rounded to x's dtype before the add, so the numbers are those of torch's `F.dropout(x) + residual`.
-The generated Triton kernels (<arch>/add_norm.py of the built-in tree, templates/add_norm.py.j2; launch
+The generated Triton kernels (kernels/add_norm_<hash>.py of the built-in tree, templates/add_norm.py.j2; launch
 configs from its configs.py, per dtype and row width) run CUDA tensors (and CPU tensors under
 LOWMEM_OPS_BACKEND=triton-interpret); the host path (CPU, float64) draws the same mask with the
 dropout op's host implementation (C++ or torch) and runs the MS norm's host forward. Where a call's gamma/beta break inverse mode's rule, that

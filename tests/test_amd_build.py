@@ -78,10 +78,10 @@ def test_cli_builds_an_amd_target_into_a_tree_of_its_own(tmp_path, capsys):
     compile result is already recorded, so nothing compiles and nothing changes."""
     out = tmp_path / "generated"
     shutil.copytree(REPO / "generated", out, ignore=shutil.ignore_patterns("__pycache__"))
-    before = {p: p.read_bytes() for p in (out / "gfx942").iterdir() if p.is_file()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert cli.main(["build", "--arch", "gfx942", "--out", str(out)]) == 0
     assert "(0 compiles run" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in (out / "gfx942").iterdir() if p.is_file()} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "__pycache__" not in p.parts} == before
     assert cli.main(["build", "--arch", "gfx942", "--check", "--out", str(out)]) == 0
     assert "fresh for gfx942" in capsys.readouterr().err
 

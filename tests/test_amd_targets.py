@@ -13,10 +13,11 @@ from kernelgen.aot import CompileJob
 from kernelgen.aot_amd import AmdCompileResult, compile_kernel, compile_one, parse_resources
 from kernelgen.prune_amd import judge
 from kernelgen.targets import AMD_TARGETS, TARGETS, resolve
+from lowmem_ops._tree import kernel_path
 
 ROOT = Path(__file__).resolve().parent.parent
-ACTIVATION = str(ROOT / "generated" / "sm80" / "regelu2.py")  # kernel sources are arch-independent
-NORM = str(ROOT / "generated" / "sm80" / "ms_norm.py")
+ACTIVATION = str(kernel_path(ROOT / "generated", "sm80", "regelu2")[0])  # kernel sources are arch-independent
+NORM = str(kernel_path(ROOT / "generated", "sm80", "ms_norm")[0])
 
 # the signatures the NVIDIA build compiles (kernelgen.families), so these stay in step with the templates
 FORWARD_SIG = activation.variant("regelu2", "forward", "float32", {"BLOCK_BYTES": 128, "num_warps": 4}).signature

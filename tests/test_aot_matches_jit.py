@@ -15,6 +15,7 @@ import torch
 
 import lowmem_ops as lo
 from lowmem_ops import _norm_backends, _triton_backend
+from lowmem_ops._tree import kernel_path
 
 from . import reference as ref
 
@@ -48,9 +49,10 @@ _jit_modules: dict = {}
 
 def _jit_function(interpreted_kernel):
     """The same kernel of the sm90 file, as the JIT (not the interpreter) creates it."""
-    stem = interpreted_kernel.fn.__module__.rsplit(".", 1)[-1].removesuffix("_interpret")
+    name = interpreted_kernel.fn.__module__.rsplit(".", 1)[-1].removesuffix("_interpret")
+    stem = name.rsplit("_", 1)[0]  # the module of kernels/<stem>_<hash>.py
     if stem not in _jit_modules:
-        path = REPO_GENERATED / ARCH.name / f"{stem}.py"
+        path, _ = kernel_path(REPO_GENERATED, ARCH.name, stem)
         module_spec = importlib.util.spec_from_file_location(f"_aot_vs_jit_{stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)

@@ -52,7 +52,7 @@ def _choices(kernels=("fwd", "bwd")) -> list:
 def _tree_with(tmp_path, monkeypatch, family, choices):
     monkeypatch.setattr(families, "ALL", (*families.ALL, family))
     (tmp_path / ARCH.name).mkdir()
-    (tmp_path / ARCH.name / C.CONFIGS_FILE).write_text(render.render_configs(ARCH, choices, ""))
+    (tmp_path / ARCH.name / C.CONFIGS_FILE).write_text(render.render_configs(ARCH, choices, "", {}))
     return tmp_path
 
 
@@ -119,4 +119,12 @@ def test_a_table_description_that_does_not_fit_is_a_render_error(broken, message
     monkeypatch.setattr(families, "ALL", (*families.ALL, FakeFamily(broken)))
     norm_group = norm.groups(ARCH)[0]  # the norms' table too, for names that clash
     with pytest.raises(RenderError, match=message):
-        render.render_configs(ARCH, [(norm_group, dict(norm_group.candidates[0]), "static"), *_choices()], "")
+        render.render_configs(ARCH, [(norm_group, dict(norm_group.candidates[0]), "static"), *_choices()], "", {})
+
+
+@pytest.mark.parametrize("files", [{"regelu2": "../../elsewhere"}, {"regelu2'": "regelu2_0123456789ab"},
+                                   {"regelu2": "x')\nimport os\n('"}])
+def test_kernel_file_names_are_plain_words(files):
+    """configs.py's KERNEL_FILES names files under kernels/: a name that is not a lower-case word is refused."""
+    with pytest.raises(RenderError, match="kernel file stems and names must be lower-case words"):
+        render.render_configs(ARCH, _choices(), "", files)

@@ -60,7 +60,7 @@ def test_compile_keys_of_32_wide_warps_are_the_ones_the_manifests_recorded():
     manifest = json.loads((ROOT / "generated" / "sm80" / contract.MANIFEST_FILE).read_text())
     row = next(r for r in manifest["variants"] if r["op"] == "regelu2" and r["kernel"] == "forward")
     variant = activation.variant(row["op"], row["kernel"], row["dtype"], row["config"])
-    job = aot.CompileJob(str(ROOT / "generated" / "sm80" / "regelu2.py"), variant.fn, variant.signature,
+    job = aot.CompileJob(str(ROOT / "generated" / manifest["ops"]["regelu2"]["file"]), variant.fn, variant.signature,
                          variant.constexprs, variant.num_warps, variant.num_stages, SM80.capability,
                          variant.aligned_args, SM80.warp_size)
     source, triton = manifest["ops"]["regelu2"]["source_sha256"], manifest["compiled_with"]["triton"]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import lowmem_ops as lo
 from kernelgen import cli, expr, fit, spec
+from lowmem_ops._tree import kernel_path
 
 from . import reference as ref
 
@@ -88,7 +89,7 @@ def test_cli_fit_new_and_plot(tmp_path, capsys):
                      "--arch", "sm80", "--out", str(tmp_path / "kernels")]) == 0
     s = spec.load(tmp_path / "mish_two.toml")
     assert s.bits == 2 and s.fit_error == pytest.approx(0.0192637, abs=1e-6)
-    assert (tmp_path / "kernels" / "sm80" / "mish_two.py").exists()
+    assert kernel_path(tmp_path / "kernels", "sm80", "mish_two")[0].exists()
     assert cli.main(["plot", "regelu2", "--out", str(tmp_path / "regelu2.png")]) == 0
     assert (tmp_path / "regelu2.png").stat().st_size > 10_000
     assert cli.main(["fit", "--expr", "x**2", "--bits", "2"]) == 1

@@ -209,7 +209,7 @@ def test_db_strings_refused_or_data(tmp_path, field):
         if field == "gpu":  # what reaches configs.py: the GPU's name in a comment
             groups = groups_of(spec.load(spec_with(tmp_path, "description", "d")), ARCH)
             choices = [(g, dict(g.candidates[0]), "tuned 1.10x") for g in groups]
-            source = render.render_configs(ARCH, choices, build._tuned_with([{"gpu": value, "triton": "3.9.0"}]))
+            source = render.render_configs(ARCH, choices, build._tuned_with([{"gpu": value, "triton": "3.9.0"}]), {})
             namespace: dict = {}
             exec(compile(source, "configs.py", "exec"), namespace)  # noqa: S102
             assert len(namespace["ACTIVATION"]) == len(groups)

@@ -4,7 +4,9 @@ any step leaves a complete arch that the runtime uses and the next build finishe
 
 import contextlib
 import dataclasses
+import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +29,7 @@ def small_copy(dest: Path, arch_names=("sm80",)) -> Path:
     dest.mkdir(parents=True)
     for name in (build.MARKER, "__init__.py", "ops.py"):
         shutil.copy(COMMITTED / name, dest / name)
+    shutil.copytree(COMMITTED / "kernels", dest / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
     for arch in arch_names:
         shutil.copytree(COMMITTED / arch, dest / arch, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
@@ -136,13 +139,13 @@ def _exchange_works(tmp_path: Path) -> bool:
 
 
 def kill_at(monkeypatch, out: Path, step: int) -> list[str]:
-    """Make the `step`-th file system change inside `out` (rename, replace, exchange, rmtree) raise
-    Killed instead of happening; returns the log of changes seen."""
+    """Make the `step`-th file system change inside `out` or its kernels/ (rename, replace, exchange,
+    rmtree, unlink) raise Killed instead of happening; returns the log of changes seen."""
     seen = []
 
     def wrap(name, fn):
         def step_or_die(*args, **kwargs):
-            if any(Path(a).parent == out for a in args[:2] if isinstance(a, (str, os.PathLike))):
+            if any(Path(a).parent in (out, out / "kernels") for a in args[:2] if isinstance(a, (str, os.PathLike))):
                 seen.append(name)
                 if len(seen) == step:
                     raise Killed(f"killed at {name} {args[:2]}")
@@ -152,6 +155,7 @@ def kill_at(monkeypatch, out: Path, step: int) -> list[str]:
     monkeypatch.setattr(os, "rename", wrap("rename", os.rename))
     monkeypatch.setattr(os, "replace", wrap("replace", os.replace))
     monkeypatch.setattr(shutil, "rmtree", wrap("rmtree", shutil.rmtree))
+    monkeypatch.setattr(os, "unlink", wrap("unlink", os.unlink))
     monkeypatch.setattr(build, "_exchange", wrap("exchange", build._exchange))
     return seen
 
@@ -175,7 +179,11 @@ def test_killed_install_leaves_a_complete_arch_and_a_rerun_finishes(exchange, tm
         monkeypatch.setattr(build, "_exchange", lambda a, b: False)
     specs, sm80 = spec.load_builtin(), archs.resolve("sm80")
     committed = snapshot(COMMITTED / "sm80")
-    old = dict(committed, **{"__init__.py": b"# an older build's folder\n"})
+    # the older build's sm80 used another regelu2 text, a file the new build replaces and then removes
+    current = _tree.kernel_path(COMMITTED, "sm80", "regelu2")[0]
+    older_text = current.read_bytes() + b"# an older build's text\n"
+    older = f"regelu2_{hashlib.sha256(older_text).hexdigest()[:12]}"
+    old = dict(committed, **{"configs.py": committed["configs.py"].replace(current.stem.encode(), older.encode())})
     # Render and compile once; every build below installs a copy of that stage (the install is under test).
     staged = tmp_path / "staged"
     build._stage(specs, sm80, staged, lambda msg: None, families.ALL, build.BuildOptions(), small_copy(tmp_path / "seed"))
@@ -184,7 +192,9 @@ def test_killed_install_leaves_a_complete_arch_and_a_rerun_finishes(exchange, tm
     while True:
         step += 1
         out = small_copy(tmp_path / f"kill{step}" / "generated")
-        (out / "sm80" / "__init__.py").write_bytes(old["__init__.py"])  # tells the old folder from the new
+        (out / "sm80" / "configs.py").write_bytes(old["configs.py"])
+        (out / "kernels" / current.name).unlink()
+        (out / "kernels" / f"{older}.py").write_bytes(older_text)
         with monkeypatch.context() as m:
             seen = kill_at(m, out, step)
             try:
@@ -197,14 +207,17 @@ def test_killed_install_leaves_a_complete_arch_and_a_rerun_finishes(exchange, tm
         with pytest.warns(UserWarning, match="stopped while it swapped") if missing else contextlib.nullcontext():
             used = out / _tree.lowest_arch(out)
         assert snapshot(used) in (old, committed), (step, seen, used)
-        if missing:
-            run_regelu2_on(out, monkeypatch)
+        # and every kernel file its configs.py names is there
+        assert all((out / "kernels" / f"{name}.py").is_file()
+                   for name in build._kernel_files_of(used / "configs.py").values()), (step, seen)
+        run_regelu2_on(out, monkeypatch)
         build.build(specs, sm80, out)  # the rerun finishes the swap: no sibling left, the new arch in place
-        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sm80"], (step, seen)
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["kernels", "sm80"], (step, seen)
         assert snapshot(out / "sm80") == committed, (step, seen)
+        assert snapshot(out / "kernels") == snapshot(COMMITTED / "kernels"), (step, seen)  # the older file is gone
         if finished:
             break
-    assert step > 4  # every step of the arch swap was killed once
+    assert "unlink" in seen and step > 6  # every step, from the kernel file installs to the last removal, killed once
     monkeypatch.undo()  # a real build and check of the last tree
     build.build(specs, sm80, out)
     assert build.check(specs, sm80, out) == []
@@ -231,7 +244,7 @@ def test_each_half_done_swap_is_used_then_recovered(siblings, target_left, tmp_p
     warned = [str(w.message) for w in recwarn if "stopped while it swapped" in str(w.message)]
     assert bool(warned) == (not target_left)
     build.recover_swaps(out)
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sm80"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["kernels", "sm80"]
     assert ((out / "sm80" / "ROLE").read_text() if (out / "sm80" / "ROLE").exists() else "") == want
 
 
@@ -247,4 +260,4 @@ def test_files_of_the_user_inside_an_arch_folder_stop_the_build(tmp_path):
     assert snapshot(tree) == before
     (tree / "sm80" / "my_results.csv").unlink()
     build.build(specs[1:], sm80, tree, fams=families.ALL)  # drop an op: its kernel file is the build's to remove
-    assert not (tree / "sm80" / f"{specs[0].name}.py").exists()
+    assert not [p for p in (tree / "kernels").iterdir() if re.fullmatch(rf"{specs[0].name}_[0-9a-f]{{12}}\.py", p.name)]

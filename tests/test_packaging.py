@@ -25,22 +25,29 @@ def wheel(tmp_path_factory):
     source = tmp_path_factory.mktemp("source") / "lowmem-ops"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info",
                                                                 "__pycache__", ".hypothesis", ".pytest_cache"))
-    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    # -v: the build backend's own output (its warnings) comes back too
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)]
+    log = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     (whl,) = out.glob("lowmem_ops-*.whl")
-    return whl
+    return whl, log.stdout + log.stderr
 
 
 def test_wheel_contents(wheel):
-    """Every arch folder of generated/ with all its kernels and configs.py; no manifest.json."""
+    """Every file of generated/ the runtime reads: the top files, each arch folder's configs.py and the
+    kernel files of kernels/ (package data by pyproject's globs: a new arch needs no edit there); no
+    manifest.json, and no setuptools warning about folders it would ignore."""
+    wheel, log = wheel
     names = set(zipfile.ZipFile(wheel).namelist())
-    arch_dirs = [d for d in (REPO / "generated").iterdir() if (d / "configs.py").is_file()]
-    assert {d.name for d in arch_dirs} >= {"sm80", "sm86", "sm89", "sm90", "sm100"}
-    for arch in arch_dirs:
-        kernels = {f"lowmem_ops/_generated/{arch.name}/{f.name}" for f in arch.glob("*.py")}
-        assert kernels - names == set(), f"{arch.name}: list it in pyproject.toml's packages and package-dir"
-        assert {f"lowmem_ops/_generated/{arch.name}/{stem}.py" for stem in ("regelu2", "ms_norm", "dropout")} <= kernels
+    tree = REPO / "generated"
+    runtime = {f"lowmem_ops/_generated/{p.relative_to(tree)}" for p in tree.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.name not in ("manifest.json", ".kernelgen-tree")}
+    assert runtime - names == set()
+    arch_dirs = {d.name for d in tree.iterdir() if (d / "configs.py").is_file()}
+    assert arch_dirs >= {"sm80", "sm86", "sm89", "sm90", "sm100", "gfx942"}
+    assert {f"lowmem_ops/_generated/{a}/configs.py" for a in arch_dirs} <= names
+    assert len([n for n in names if n.startswith("lowmem_ops/_generated/kernels/")]) >= 20
     assert not [n for n in names if n.endswith(".json")]  # manifests are build records
+    assert "absent from the `packages` configuration" not in log and "would be ignored" not in log.lower()
     assert {"lowmem_ops/_generated/ops.py", "kernelgen/templates/activation.py.j2", "kernelgen/specs/regelu2.toml",
             "kernelgen/templates/activation.space.toml", "kernelgen/templates/norm.space.toml",
             "kernelgen/templates/dropout.py.j2", "kernelgen/templates/dropout.space.toml",
@@ -134,6 +141,7 @@ def test_training_code_runs_without_the_kernelgen_extra(tmp_path):
 
 
 def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
+    wheel, _ = wheel
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
@@ -150,6 +158,8 @@ def test_installed_copy_runs_outside_the_checkout(wheel, tmp_path):
         "os.environ['LOWMEM_OPS_BACKEND'] = 'triton-interpret'\n"
         "y = lo.resilu2(x)\n"
         "z = lo.ms_rmsnorm(torch.randn(4, 96), 96)\n"
+        "d = lo.dropout(torch.randn(100), 0.1)\n"
+        "assert _tree.kernel_path(_tree.builtin_tree(), 'sm90', 'regelu2')[0].is_file()\n"
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target), "TARGET": str(target)}

@@ -32,7 +32,7 @@ def _set(name: str, value: str):
 
 
 DAMAGE = {
-    "corrupt": lambda c: c.write_text(c.read_text()[:2000]),
+    "corrupt": lambda c: c.write_text(c.read_text().partition("ACTIVATION = {")[0] + "ACTIVATION = {\n    ('re"),
     "missing": lambda c: c.unlink(),
     "no capability": lambda c: c.write_text(re.sub(r"^CAPABILITY = .*$", "", c.read_text(), flags=re.M)),
     "capability of the wrong type": _set("CAPABILITY", "'86'"),
@@ -97,6 +97,23 @@ def test_no_sound_arch_is_an_error_naming_each_file(damage, tmp_path, monkeypatc
     assert f"{tree} holds no built arch" in msg
     for arch in ("sm80", "sm86"):
         assert f"{tree / arch / 'configs.py'}: " in msg and f"kernelgen build --arch {arch}" in msg
+
+
+@pytest.mark.parametrize("damage", ["file missing", "not in KERNEL_FILES"])
+def test_a_missing_kernel_file_is_an_error_saying_how_to_rebuild(damage, tmp_path, monkeypatch):
+    tree = small_copy(tmp_path / "tree", ("sm80",))
+    # (read without importing configs.py: the runtime imports it once, below)
+    path = tree / "kernels" / f"{build._kernel_files_of(tree / 'sm80' / 'configs.py')['regelu2']}.py"
+    if damage == "file missing":
+        path.unlink()
+        want = f"{path} is missing: rebuild the tree with `kernelgen build --arch sm80 --out {tree}`"
+    else:
+        configs = tree / "sm80" / "configs.py"
+        configs.write_text(re.sub(r"^    'regelu2': .*\n", "", configs.read_text(), flags=re.M))
+        want = f"{configs} names no kernel file for 'regelu2': rebuild the tree with `kernelgen build --arch sm80"
+    with pytest.raises(RuntimeError) as err:
+        run_regelu2_on(tree, monkeypatch)
+    assert want in str(err.value)
 
 
 # --- kernelgen build and --check name a damaged manifest ------------------------------------------

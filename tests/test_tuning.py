@@ -13,7 +13,7 @@ import torch
 
 from kernelgen import aot, archs, build, cli, families, kernels, prune, space, spec, tunedb, tuner
 from kernelgen.families import activation, norm
-from lowmem_ops import _configs
+from lowmem_ops import _configs, _tree
 from lowmem_ops._tree import builtin_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,7 +187,6 @@ def test_recorded_compile_results_match_a_fresh_compile(arch):
     configs of an activation and of the norms, each of their specialisations (weight dtypes, any
     size), and demands the same registers, spills and smem."""
     a = archs.ARCHS[arch]
-    tree = REPO / "generated" / arch
     m = _manifest(arch)
     specs = {s.name: s for s in spec.load_builtin()}
     sample = [v for v in m["variants"] if v["op"] == "regelu2" and v["dtype"] == "bfloat16" and v["kernel"] == "forward"]
@@ -205,7 +204,7 @@ def test_recorded_compile_results_match_a_fresh_compile(arch):
         for compiled in _compiles(rec):
             vv = by_key[(rec["op"], rec["kernel"], rec["dtype"], space.config_id(rec["config"]),
                          json.dumps(compiled["specialisation"], sort_keys=True))]
-            job = aot.CompileJob(str(tree / f"{vv.op}.py"), vv.fn, vv.signature, vv.constexprs, vv.num_warps,
+            job = aot.CompileJob(str(REPO / "generated" / m["ops"][vv.op]["file"]), vv.fn, vv.signature, vv.constexprs, vv.num_warps,
                                  vv.num_stages, a.capability, vv.aligned_args)
             got = aot.compile_one(job)
             if "error" in compiled:
@@ -406,14 +405,20 @@ def tree(tmp_path_factory):
     return out
 
 
+def kernel_file(stem: str) -> str:
+    """The committed sm90 kernel file of `stem`, relative to the tree."""
+    path, _ = _tree.kernel_path(REPO / "generated", "sm90", stem)
+    return str(path.relative_to(REPO / "generated"))
+
+
 def _build(out, db_dir=None):
     build.build(spec.load_builtin(), [SM90], out, opts=build.BuildOptions(db_dir=db_dir))
 
 
 def test_rebuilding_from_recorded_results_reproduces_the_committed_arch(tree):
     _build(tree)
-    for name in ("configs.py", "manifest.json", "regelu2.py", "ms_norm.py"):
-        assert (tree / "sm90" / name).read_bytes() == (REPO / "generated" / "sm90" / name).read_bytes(), name
+    for name in ("sm90/configs.py", "sm90/manifest.json", kernel_file("regelu2"), kernel_file("ms_norm")):
+        assert (tree / name).read_bytes() == (REPO / "generated" / name).read_bytes(), name
 
 
 def _plan(tree, ops=None):
@@ -438,9 +443,9 @@ def test_plan_takes_kept_configs_static_first(tree):
 def test_plan_refuses_a_stale_tree(tree, tmp_path):
     stale = tmp_path / "generated"
     shutil.copytree(tree, stale)
-    path = stale / "sm90" / "regelu2.py"
+    path = stale / kernel_file("regelu2")
     path.write_text(path.read_text() + "\n# edited\n")
-    with pytest.raises(tuner.TuneError, match="regelu2.py is not what the current templates and specs render"):
+    with pytest.raises(tuner.TuneError, match=r"regelu2_[0-9a-f]{12}\.py is not what the current templates and specs render"):
         _plan(stale)
 
 

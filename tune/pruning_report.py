@@ -99,6 +99,7 @@ def access_widths(ptx: str) -> Counter:
 def ptx_widths(tree: Path, arch_name: str) -> list[str]:
     from kernelgen import archs, aot
     from kernelgen.families import activation, norm
+    from lowmem_ops._tree import kernel_path
     arch = archs.ARCHS[arch_name]
     variants = [  # the examples: regelu2 at its static config, LayerNorm's 8192-wide affine backward
         activation.variant("regelu2", "forward", "bfloat16", {"BLOCK_BYTES": 1024, "num_warps": 4}),
@@ -110,7 +111,7 @@ def ptx_widths(tree: Path, arch_name: str) -> list[str]:
              "|---|---|---|---:|---|---|---|"]
     for v in variants:
         for variant in (v, v.unaligned()):
-            job = aot.CompileJob(str(tree / arch_name / f"{variant.op}.py"), variant.fn, variant.signature,
+            job = aot.CompileJob(str(kernel_path(tree, arch_name, variant.op)[0]), variant.fn, variant.signature,
                                  variant.constexprs, variant.num_warps, variant.num_stages, arch.capability,
                                  variant.aligned_args)
             compiled, log = aot.compile_kernel(job)  # the build's own compile, kept for its PTX

@@ -18,7 +18,7 @@ from ..expr import TRITON_HELPERS
 from ..fit import asymptotes
 from ..kernels import Bounds, ConfigTable, KernelVariant, Source, TargetInfo, TuneGroup
 from ..spec import Spec, to_f32
-from ..templating import (Code, RenderError, arch_vars, comment_text, num, render, spec_file_label,
+from ..templating import (Code, RenderError, comment_text, num, render, spec_file_label,
                           template_sha256)
 
 TEMPLATE = "activation.py.j2"
@@ -141,7 +141,6 @@ def render_activation(spec: Spec, arch: TargetInfo) -> str:
         return render(
             TEMPLATE,
             spec=_spec_vars(spec),
-            arch=arch_vars(arch),
             spec_file=comment_text(spec_file_label(spec), f"{spec.name}: the spec's file name"),
             template_sha256=template_sha256(TEMPLATE),
             thresholds=[num(to_f32(c)) for c in spec.thresholds],

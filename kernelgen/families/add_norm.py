@@ -1,5 +1,5 @@
 """The add_norm family: dropout + residual add + memory-sharing norm in one pass over a row
-(templates/add_norm.py.j2, <arch>/add_norm.py): the fused forward kernel per row-width bucket, and
+(templates/add_norm.py.j2, kernels/add_norm_<hash>.py): the fused forward kernel per row-width bucket, and
 the dropout + add kernel of rows wider than it holds (the open width bucket; the MS norm's own kernel
 then normalises them). Launch configs per width (templates/add_norm.space.toml). Built into the
 built-in tree only: a tree of a user's specs holds activations.

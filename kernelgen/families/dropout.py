@@ -1,6 +1,6 @@
 """The dropout family: one kernel, dropout's forward on x and backward on dy (the mask is drawn again
-from a seed and an offset, never stored), one file per arch (templates/dropout.py.j2,
-<arch>/dropout.py); launch configs per element-count bucket (templates/dropout.space.toml). Built
+from a seed and an offset, never stored), one file (templates/dropout.py.j2,
+kernels/dropout_<hash>.py); launch configs per element-count bucket (templates/dropout.space.toml). Built
 into the built-in tree only: a tree of a user's specs holds activations.
 """
 

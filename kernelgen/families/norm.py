@@ -1,5 +1,5 @@
-"""The norm family: the memory-sharing LayerNorm / RMSNorm kernels, one file per arch
-(templates/norm.py.j2, <arch>/ms_norm.py) with forward, backward and the looped path's dgamma/dbeta
+"""The norm family: the memory-sharing LayerNorm / RMSNorm kernels, one file
+(templates/norm.py.j2, kernels/ms_norm_<hash>.py) with forward, backward and the looped path's dgamma/dbeta
 kernel; launch configs per (row width, row count) bucket (templates/norm.space.toml). Built into
 the built-in tree only: a tree of a user's specs holds activations.
 """

@@ -1,5 +1,5 @@
-"""What the families with one kernel file per arch (norm, dropout, add_norm) do alike: render
-<arch>/<stem>.py from one template, key configs.py by (kernel, dtype, bucket indices...), and take
+"""What the families with one kernel file (norm, dropout, add_norm) do alike: render its text
+(the same for every arch) from one template, key configs.py by (kernel, dtype, bucket indices...), and take
 their tuning groups and space from the family module. A subclass names its stem, template and space
 file and gives the parts that are its own (kernels.Family lists them all)."""
 
@@ -9,23 +9,23 @@ import jinja2
 
 from ..kernels import Source, TargetInfo, TuneGroup
 from ..spec import Spec
-from ..templating import RenderError, arch_vars, render, template_sha256
+from ..templating import RenderError, render, template_sha256
 
 
 class OneFileFamily:
     name: str
-    stem: str  # <arch>/<stem>.py, a name of the contract
+    stem: str  # the kernel file's stem (kernels/<stem>_<hash>.py), a name of the contract
     template: str  # templates/<...>.py.j2
     space_file: str
     builtin_only = True  # lowmem_ops runs these from its built-in tree
 
     def template_vars(self, arch: TargetInfo) -> dict:
-        """What the template needs beyond the arch (none by default)."""
+        """What the template needs (none by default); archs whose texts are equal share one file."""
         return {}
 
     def render(self, arch: TargetInfo) -> str:
         try:
-            return render(self.template, arch=arch_vars(arch), template_sha256=template_sha256(self.template),
+            return render(self.template, template_sha256=template_sha256(self.template),
                           **self.template_vars(arch))
         except jinja2.TemplateError as err:
             raise RenderError(f"rendering the {self.name} kernels for {arch.name} from templates/{self.template}: "

@@ -1,1 +1,0 @@
-"""Kernels rendered by kernelgen. Do not edit: run `kernelgen build`."""
