@@ -55,7 +55,7 @@ def _check(x, weight, bias, n_cols, what):
         check_float_tensor(p, what, name)
         if p.numel() != n_cols:
             raise ValueError(f"lowmem_ops.{what}: {name} has {p.numel()} elements, the normalised shape has {n_cols}")
-        if p.device != x.device:
+        if not (p.is_cpu and x.is_cpu) and p.device != x.device:  # (flags first: .device is a new object)
             raise ValueError(f"lowmem_ops.{what}: {name} is on {p.device} but the input is on {x.device}")
     _check_bias_has_weight(weight, bias, what)
 
@@ -275,7 +275,7 @@ def _check_call(x, shape: tuple, weight, bias, out_dtype, what: str) -> None:
         if tuple(p.shape) != shape:
             raise ValueError(f"lowmem_ops.{what}: {name} has shape {list(p.shape)}, but normalized_shape is {list(shape)} "
                              "(as in torch's norms, it must be the same shape)")
-        if p.device != x.device:
+        if not (p.is_cpu and x.is_cpu) and p.device != x.device:  # (flags first: .device is a new object)
             raise ValueError(f"lowmem_ops.{what}: {name} is on {p.device} but the input is on {x.device}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"lowmem_ops.{what}: out_dtype must be float16, bfloat16, float32 or float64, got {out_dtype}")
@@ -284,7 +284,7 @@ def _check_call(x, shape: tuple, weight, bias, out_dtype, what: str) -> None:
 def _out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
     if out_dtype is not None:
         return out_dtype
-    device = x.device.type
+    device = "cpu" if x.is_cpu else x.device.type
     # Devices without autocast (meta, ...) cannot even be asked whether it is on.
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device)
@@ -354,7 +354,7 @@ def rule_passed(flag: torch.Tensor, weight: torch.Tensor) -> bool:
 def _has_values(t: torch.Tensor) -> bool:
     # while compiling, tensors are fake by design: that case is decided by _inverse_allowed.
     # Plain tensors and parameters (the usual case) skip is_fake's longer checks.
-    if t.device.type == "meta":
+    if t.is_meta:
         return False
     return type(t) in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling() or not is_fake(t)
 
@@ -365,7 +365,7 @@ def _backward_may_run(x, weight, bias) -> bool:
 
 def _reads_for_free(weight: torch.Tensor) -> bool:
     """Whether reading the parameters' values on the host costs no device sync (CPU tensors)."""
-    return weight.device.type == "cpu"
+    return weight.is_cpu
 
 
 def _inverse_allowed(weight, bias) -> bool:
