@@ -25,7 +25,7 @@ CONFIGS_TEMPLATE = "configs.py.j2"
 CPU_TEMPLATE = "cpu_activation.cpp.j2"
 CPU_NORM_TEMPLATE = "cpu_norm.cpp.j2"  # included by CPU_TEMPLATE
 CPU_DROPOUT_TEMPLATE = "cpu_dropout.cpp.j2"  # included by CPU_TEMPLATE
-CPU_NORM_AUTOGRAD_TEMPLATE = "cpu_norm_autograd.cpp.j2"  # included by CPU_TEMPLATE
+CPU_AUTOGRAD_TEMPLATE = "cpu_autograd.cpp.j2"  # included by CPU_TEMPLATE
 _CPP_DTYPE = {"float32": "Float32", "bfloat16": "BFloat16", "float16": "Float16"}  # the C++ kernels' type names
 _ATEN_DTYPE = {"float32": "Float", "bfloat16": "BFloat16", "float16": "Half"}  # at::k<name>
 
@@ -111,7 +111,7 @@ def render_cpu(specs: list[Spec]) -> str:
                        template_sha256=template_sha256(CPU_TEMPLATE),
                        norm_template_sha256=template_sha256(CPU_NORM_TEMPLATE),
                        dropout_template_sha256=template_sha256(CPU_DROPOUT_TEMPLATE),
-                       norm_autograd_template_sha256=template_sha256(CPU_NORM_AUTOGRAD_TEMPLATE),
+                       autograd_template_sha256=template_sha256(CPU_AUTOGRAD_TEMPLATE),
                        dtypes=[_CPP_DTYPE[name] for name in contract.CPU_DTYPE_CODES],
                        dtype_names=[_ATEN_DTYPE[name] for name in contract.CPU_DTYPE_CODES])
     except jinja2.TemplateError as err:

@@ -3,7 +3,7 @@
 `kernelgen build` renders every activation of a tree into one C++ file, <tree>/cpu_kernels.cpp
 (templates/cpu_activation.cpp.j2). The first CPU call compiles it with torch.utils.cpp_extension
 (-O3, OpenMP; cached across processes by the extension's own build cache) and loads it through
-ctypes. The forward value y still comes from torch's own function (_forward_value); the C++
+ctypes. The forward value y still comes from torch's own function (forward_value); the C++
 kernels compute the packed codes from x in one pass, and dx = dy * L[code] in one pass. Codes and
 dx are bit for bit those of the torch path (lowmem_ops/_torch_backend.py).
 
@@ -186,7 +186,7 @@ def _call(fn, op: OpInfo, *args) -> None:
         raise RuntimeError(f"lowmem_ops.{op.name}: the C++ CPU kernel {fn.__name__} failed (code {rc})")
 
 
-def _forward_value(op: OpInfo, x: torch.Tensor) -> torch.Tensor:
+def forward_value(op: OpInfo, x: torch.Tensor) -> torch.Tensor:
     """y = h(x), from torch. float32: exactly the torch path's call. 16-bit: torch's own function on x
     where that is as accurate as the torch path's float32 computation (_direct_is_as_accurate: GELU,
     SiLU, ...: one pass instead of three), else the torch path's computation chunk by chunk, so its
@@ -240,7 +240,7 @@ def _direct_is_as_accurate(op: OpInfo, dtype: torch.dtype) -> bool:
 
 def forward(op: OpInfo, x: torch.Tensor, save_codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x: contiguous float32/bfloat16/float16 on CPU."""
-    y = _forward_value(op, x)
+    y = forward_value(op, x)
     codes = torch.empty(op.n_code_bytes(x.numel()) if save_codes else 0, dtype=torch.uint8)
     if save_codes and x.numel():
         _call(_kernel(op, 0), op, x.data_ptr(), _DTYPE_CODE[x.dtype], x.numel(),
@@ -356,23 +356,24 @@ def _norm_kernels(tree: Path) -> tuple | str:
     return _entry_points(tree, "norm kernels", _NORM_SIGNATURES)
 
 
-_norm_ops: dict[Path, object] = {}  # tree -> its library's ms_norm op, or None
+_autograd_ops: dict[tuple[Path, str], object] = {}  # (tree, op name) -> the op, or None
 
 
-def norm_autograd_op(tree: Path):
-    """torch.ops.<library>.ms_norm of the tree's C++ kernels (templates/cpu_norm_autograd.cpp.j2): the
-    memory-sharing norm as one C++ autograd op; None where the library has none (an older tree) or
-    there is no library."""
-    if tree not in _norm_ops:
+def autograd_op(tree: Path, name: str):
+    """torch.ops.<library>.<name> of the tree's C++ library (templates/cpu_autograd.cpp.j2: ms_norm, the
+    memory-sharing norm, and approx_activation, each one C++ autograd op); None where the library has
+    none (an older tree) or there is no library."""
+    key = (tree, name)
+    if key not in _autograd_ops:
         lib = _library(tree)
         op = None
         if not isinstance(lib, str):
             try:
-                op = getattr(torch.ops, _names[tree]).ms_norm
+                op = getattr(getattr(torch.ops, _names[tree]), name)
             except (AttributeError, RuntimeError):
                 op = None
-        _norm_ops[tree] = op
-    return _norm_ops[tree]
+        _autograd_ops[key] = op
+    return _autograd_ops[key]
 
 
 def norm_unavailable(tree: Path) -> str | None:

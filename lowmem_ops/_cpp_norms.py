@@ -28,5 +28,5 @@ def norm_rule(weight, bias, gamma_min: float, beta_ratio: float) -> bool:
 
 
 def autograd_op():
-    """The built-in tree's C++ autograd op of the norms, or None (see _cpp_backend.norm_autograd_op)."""
-    return _cpp_backend.norm_autograd_op(builtin_tree())
+    """The built-in tree's C++ autograd op of the norms, or None (see _cpp_backend.autograd_op)."""
+    return _cpp_backend.autograd_op(builtin_tree(), "ms_norm")

@@ -28,6 +28,7 @@ import functools
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _cpp_backend, _torch_backend, _transforms, _triton_backend
 from ._common import BACKENDS, check_float_tensor, compute_dtype
@@ -184,12 +185,26 @@ class _ApproxActivation(torch.autograd.Function):
 _ApproxActivationEager = _transforms.eager_twin(_ApproxActivation, _approx_act_forward, _setup_eager, keep=(0,))
 
 
+def _cpp_op_for(x: torch.Tensor, op: OpInfo):
+    """The activations' C++ autograd op (_cpp_backend.autograd_op) where it may run this call: plain
+    eager code on a plain CPU tensor that takes the C++ kernels, and no forward-mode AD level open (the
+    op has no jvp; _ApproxActivation has). None elsewhere: _ApproxActivation then runs the same kernels."""
+    if not x.is_cpu or x.dtype == torch.float64 or forward_ad._current_level >= 0 or not _transforms.plain_call((x,)):
+        return None
+    if _cpp_or_torch(op, pick_backend(x, has_cpp=True, tree=op.tree)) != "cpp":
+        return None
+    return _cpp_backend.autograd_op(op.tree, "approx_activation")
+
+
 def approx_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     """Apply the approximate activation `name` (see lowmem_ops.available()) to x."""
-    _check_input(x, name)
+    op = _check_input(x, name)
     save_codes = torch.is_grad_enabled() and x.requires_grad
     if _transforms.use_custom_op():
         return torch.ops.lowmem_ops.approx_act_fwd(x, name, save_codes)[0]
+    if save_codes and (cpp_op := _cpp_op_for(x, op)) is not None:
+        y = _cpp_backend.forward_value(op, x.detach().contiguous())  # torch's h(x), as the Python route's
+        return cpp_op(x, y, name, save_codes, op.n_code_bytes(x.numel()))
     return _transforms.apply(_ApproxActivation, _ApproxActivationEager, x, name, save_codes)
 
 

@@ -245,7 +245,7 @@ def _ms_norm(x, weight, bias, n_cols, eps, is_rms, out_dtype, check_rule=False) 
 
 
 def _cpp_op_for(x, weight, bias, out_dtype):
-    """The norms' C++ autograd op (_cpp_backend.norm_autograd_op) where it may run this call: plain
+    """The norms' C++ autograd op (_cpp_backend.autograd_op) where it may run this call: plain
     eager code on plain CPU tensors that take the C++ kernels, and no forward-mode AD level open (the
     op has no jvp; _MSNorm has). None elsewhere: _MSNorm then runs the same kernels."""
     if not x.is_cpu or x.dtype == torch.float64 or out_dtype == torch.float64 or forward_ad._current_level >= 0:

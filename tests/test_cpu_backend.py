@@ -254,7 +254,7 @@ def test_backend_choice():
 @pytest.fixture
 def fresh_backend(monkeypatch):
     """_cpp_backend with nothing compiled, checked or warned yet (restored afterwards)."""
-    for attr in ("_libraries", "_checked", "_bound", "_gated", "_names", "_norm_ops"):
+    for attr in ("_libraries", "_checked", "_bound", "_gated", "_names", "_autograd_ops"):
         monkeypatch.setattr(_cpp_backend, attr, {})
     monkeypatch.setattr(_cpp_backend, "_warned", set())
 

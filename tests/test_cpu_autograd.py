@@ -1,17 +1,24 @@
-"""The memory-sharing norms' C++ autograd op (templates/cpu_norm_autograd.cpp.j2), which plain eager calls on
-CPU tensors take, against the Python route (_MSNorm around the same kernels, which torch.func, forward-mode
-AD and other backends take): the same outputs and gradients bit for bit, the same gradients present, the
-same tensors saved, over dtypes, layouts, normalised shapes and which parameters are trained."""
+"""The C++ autograd ops of the memory-sharing norms and the approximate activations
+(templates/cpu_autograd.cpp.j2), which plain eager calls on CPU tensors take, against the Python routes
+(_MSNorm and _ApproxActivation around the same kernels, which torch.func, forward-mode AD and the other
+backends take): the same outputs and gradients bit for bit, the same gradients present, the same tensors
+saved, over ops, dtypes, layouts, shapes and which parameters are trained."""
 
 import pytest
 import torch
 
 import lowmem_ops as lo
-from lowmem_ops import _cpp_norms, norms
+from lowmem_ops import _cpp_norms, activations, norms
 
 from . import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def node_name(fn) -> str:
+    """The grad_fn's name: a C++ node's (which names its Function), or a Python Function's class name
+    (whose ctx attributes may shadow .name)."""
+    return fn.name() if type(fn).__name__ == "CppFunction" else type(fn).__name__
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +47,7 @@ def run(route, x, shape, w, b, is_rms, dy, out_dtype=None):
                 lo.ms_layernorm(x, shape, w, b, 1e-5, out_dtype=out_dtype)
     finally:
         norms._cpp_op_for = old
-    name = y.grad_fn.name() if y.grad_fn is not None else None
+    name = node_name(y.grad_fn) if y.grad_fn is not None else None
     if y.requires_grad:
         y.backward(dy.to(y.dtype))
     grads = [t.grad if t is not None else None for t in (x, w, b)]
@@ -130,3 +137,54 @@ def test_the_next_linear_shares_the_saved_output():
     assert "MSNorm" in y.grad_fn.name()
     storages = {t.untyped_storage().data_ptr() for t in saved if t.numel() == y.numel()}
     assert storages == {y.untyped_storage().data_ptr()}
+
+
+# --- activations ----------------------------------------------------------------------------------
+
+def run_activation(route, name, x, dy):
+    """(y, dx, saved tensors' (shape, dtype, bytes), grad_fn name) through `route`."""
+    saved = []
+    x = x.detach().clone().requires_grad_(True)
+    old = activations._cpp_op_for
+    if route == "python":
+        activations._cpp_op_for = lambda *args: None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = lo.approx_activation(x, name)
+    finally:
+        activations._cpp_op_for = old
+    node = node_name(y.grad_fn)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), x.grad, [(tuple(t.shape), t.dtype, bytes(t.flatten().view(torch.uint8).tolist())) for t in saved], node
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_activation_cpp_op_equals_the_python_route(dtype, layout):
+    gen = torch.Generator().manual_seed(3)
+    for name in lo.available():
+        for shape in ((0, 5), (1, 1), (3, 7), (6, 50)):
+            x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+            if layout == "transposed":
+                x = x.t().contiguous().t()
+            elif layout == "strided":
+                x = (torch.randn((shape[0], 2 * shape[1]), generator=gen) * 3).to(dtype)[:, ::2]
+            dy = torch.randn(shape, generator=gen)
+            got, want = run_activation("cpp", name, x, dy), run_activation("python", name, x, dy)
+            assert "ApproxActivation" in got[3] and got[3] != want[3], (got[3], want[3])
+            assert torch.equal(got[0], want[0]) and got[0].dtype == want[0].dtype, (name, "y")
+            assert torch.equal(got[1], want[1]), (name, "dx")
+            assert got[2] == want[2], (name, "saved: the codes alone")
+
+
+def test_activation_output_takes_in_place_ops_and_frees_nothing_it_needs():
+    """The op's output is a tensor of its own (not a view of an input), so in-place ops after it work as
+    after torch's GELU; a second derivative is refused as on the Python route."""
+    x = torch.randn(4, 16, requires_grad=True)
+    y = lo.regelu2(x)
+    assert "ApproxActivation" in node_name(y.grad_fn) and y._base is None
+    torch.nn.functional.dropout(y, 0.5, training=True, inplace=True).sum().backward()
+    assert x.grad is not None
+    (g,) = torch.autograd.grad(lo.regelu2(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        g.sum().backward()
