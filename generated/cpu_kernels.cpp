@@ -16,7 +16,7 @@
 // the approximate backward's d_gate = dy * up * L[code] and d_up = dy * h as the torch path rounds them.
 // The memory-sharing norms follow the activations (templates/cpu_norm.cpp.j2, template sha256
 // 59c73497950a78663cb285a9e01b03431bd74d1f5a5ba977f33b54622d322790), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436), then the
-// C++ autograd ops of the norms and activations (templates/cpu_autograd.cpp.j2, b3b585df1db6043d6dbabc8048a08e8850b3db9b56c5073f681a947f63183c5d).
+// C++ autograd ops of the norms and activations (templates/cpu_autograd.cpp.j2, c82ef6d41b594f32aa2049082725c5af231f2035610e3243cd10da35af819a90).
 // dtype: 0 float32, 1 bfloat16, 2 float16 (elements, not bytes, in n). Every entry point returns 0,
 // or -1 for a dtype it does not know, or -2 where an exception stopped it.
 #include <ATen/ATen.h>
@@ -2195,8 +2195,8 @@ extern "C" int lowmem_dropout(const void* x, int dtype, int64_t n, uint64_t seed
   }
 }
 
-// ---- C++ autograd ops for plain eager calls on CPU tensors: the memory-sharing norms (lowmem_ops/norms.py)
-// and the approximate activations (lowmem_ops/activations.py), so that forward + backward take no Python
+// ---- C++ autograd ops for plain eager calls on CPU tensors: the memory-sharing norms (lowmem_ops/norms.py),
+// the approximate activations (lowmem_ops/activations.py) and the gated ones (lowmem_ops/gated.py), so that forward + backward take no Python
 // autograd.Function (whose overhead per call is several times the work on small inputs). Same kernels, same
 // semantics as the Python routes through lowmem_ops/_cpp_backend.py: tests/test_cpu_autograd.py compares them.
 // The op's namespace is the library's own name (TORCH_EXTENSION_NAME, which torch.utils.cpp_extension
@@ -2455,9 +2455,104 @@ at::Tensor approx_activation(const at::Tensor& x, const at::Tensor& y, std::stri
   return ApproxActivation::apply(x, y, std::move(name), save_codes, code_bytes);
 }
 
+// ---- gated activations, out = h(gate) * up: the whole op is the C++ kernels' (as on the Python route).
+struct GatedKernels {
+  int (*forward)(const void*, const void*, int, int64_t, void*, void*);
+  int (*exact)(const void*, const void*, const void*, int, int64_t, void*, void*);
+  int (*approx)(const void*, const void*, const void*, const uint8_t*, int, int64_t, void*, void*);
+  int (*codes)(const void*, int, int64_t, uint8_t*);
+};
+
+const GatedKernels& gated_kernels_of(const std::string& name) {
+  static const std::unordered_map<std::string, GatedKernels> table = {
+      {"regelu2", {&lowmem_regelu2_gated_forward, &lowmem_regelu2_gated_exact,
+                         &lowmem_regelu2_gated_approx, &lowmem_regelu2_codes}},
+      {"resilu2", {&lowmem_resilu2_gated_forward, &lowmem_resilu2_gated_exact,
+                         &lowmem_resilu2_gated_approx, &lowmem_resilu2_codes}},
+      {"tanh_gelu2", {&lowmem_tanh_gelu2_gated_forward, &lowmem_tanh_gelu2_gated_exact,
+                         &lowmem_tanh_gelu2_gated_approx, &lowmem_tanh_gelu2_codes}},
+  };
+  const auto found = table.find(name);
+  if (found == table.end()) throw std::invalid_argument("lowmem_ops: no C++ gated kernels for " + name);
+  return found->second;
+}
+
+void check_gated_kernel(int rc, const std::string& name, const char* what) {
+  if (rc != 0)
+    throw std::runtime_error("lowmem_ops." + name + ": the C++ CPU kernel lowmem_" + name + "_" + what +
+                             " failed (code " + std::to_string(rc) + ")");
+}
+
+const std::string kGatedNoDoubleBackward =
+    "lowmem_ops: double backward through a fused gated activation is not supported";
+
+struct Gated : public torch::autograd::Function<Gated> {
+  // What it saves is what the Python route saves (lowmem_ops/gated.py, _setup): approx: up for d_gate and
+  // the codes of gate, h(gate) for d_up; exact: gate, and up for d_gate. code_bytes: the codes' size.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up, std::string name,
+                            bool approx, bool need_gate, bool need_up, int64_t code_bytes) {
+    const GatedKernels& k = gated_kernels_of(name);
+    const at::Tensor g = gate.contiguous(), u = up.contiguous();
+    const bool write_h = approx && need_up, write_codes = approx && need_gate;
+    at::Tensor out = at::empty(g.sizes(), g.options());
+    at::Tensor h = write_h ? at::empty(g.sizes(), g.options()) : at::Tensor();
+    at::Tensor codes = write_codes ? at::empty({code_bytes}, g.options().dtype(at::kByte)) : at::Tensor();
+    const int dtype = dtype_code(g.scalar_type());
+    const int64_t n = g.numel();
+    if (n > 0) {
+      check_gated_kernel(k.forward(g.data_ptr(), u.data_ptr(), dtype, n, out.data_ptr(), write_h ? h.data_ptr() : nullptr),
+                         name, "gated_forward");
+      if (write_codes) check_gated_kernel(k.codes(g.data_ptr(), dtype, n, codes.data_ptr<uint8_t>()), name, "codes");
+    }
+    if (approx)
+      ctx->save_for_backward({at::Tensor(), need_gate ? up : at::Tensor(), need_up ? h : at::Tensor(),
+                              need_gate ? codes : at::Tensor()});
+    else
+      ctx->save_for_backward({gate, need_gate ? up : at::Tensor(), at::Tensor(), at::Tensor()});
+    ctx->saved_data["name"] = name;
+    ctx->saved_data["approx"] = approx;
+    ctx->saved_data["need_gate"] = need_gate;
+    ctx->saved_data["need_up"] = need_up;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const std::string name = ctx->saved_data["name"].toStringRef();
+    const bool approx = ctx->saved_data["approx"].toBool(), need_gate = ctx->saved_data["need_gate"].toBool(),
+               need_up = ctx->saved_data["need_up"].toBool();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor dy = grads[0].contiguous();
+    at::Tensor dgate = need_gate ? at::empty(dy.sizes(), dy.options()) : at::Tensor();
+    at::Tensor dup = need_up ? at::empty(dy.sizes(), dy.options()) : at::Tensor();
+    const int64_t n = dy.numel();
+    const int dtype = dtype_code(dy.scalar_type());
+    if (n > 0 && (need_gate || need_up)) {
+      const GatedKernels& k = gated_kernels_of(name);
+      auto dense = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };  // held for the call
+      const at::Tensor gate = dense(saved[0]), up = dense(saved[1]), h = dense(saved[2]), codes = dense(saved[3]);
+      if (approx)
+        check_gated_kernel(k.approx(dy.data_ptr(), ptr(up), ptr(h), codes.defined() ? codes.data_ptr<uint8_t>() : nullptr,
+                                    dtype, n, mut_ptr(dgate), mut_ptr(dup)),
+                           name, "gated_approx");
+      else
+        check_gated_kernel(k.exact(dy.data_ptr(), gate.data_ptr(), ptr(up), dtype, n, mut_ptr(dgate), mut_ptr(dup)),
+                           name, "gated_exact");
+    }
+    variable_list results = {dgate, dup};
+    refuse_second_derivative(results, grads[0], saved, kGatedNoDoubleBackward);
+    return {results[0], results[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor gated(const at::Tensor& gate, const at::Tensor& up, std::string name, bool approx, bool need_gate,
+                 bool need_up, int64_t code_bytes) {
+  return Gated::apply(gate, up, std::move(name), approx, need_gate, need_up, code_bytes);
+}
+
 }  // namespace
 
 LOWMEM_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("gated(Tensor gate, Tensor up, str name, bool approx, bool need_gate, bool need_up, int code_bytes) -> Tensor");
   m.def("approx_activation(Tensor x, Tensor y, str name, bool save_codes, int code_bytes) -> Tensor");
   m.def("ms_norm(Tensor x, Tensor? weight, Tensor? bias, int n_cols, float eps, bool is_rms, ScalarType? out_dtype, "
         "bool check_rule, float gamma_min, float beta_ratio) -> (Tensor, Tensor)");
@@ -2468,4 +2563,5 @@ LOWMEM_LIBRARY(TORCH_EXTENSION_NAME, m) {
 LOWMEM_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CompositeImplicitAutograd, m) {
   m.impl("ms_norm", &ms_norm);
   m.impl("approx_activation", &approx_activation);
+  m.impl("gated", &gated);
 }

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _cpp_backend, _torch_backend, _transforms, _triton_backend
 from ._common import backend as pick_backend
@@ -189,6 +190,18 @@ class _Gated(torch.autograd.Function):
 _GatedEager = _transforms.eager_twin(_Gated, _gated_forward, _setup_eager, keep=(0,))
 
 
+def _cpp_op_for(gate: torch.Tensor, up: torch.Tensor, op: OpInfo):
+    """The gated ops' C++ autograd op (_cpp_backend.autograd_op) where it may run this call: plain eager
+    code on plain CPU tensors that take the C++ kernels, and no forward-mode AD level open (the op has
+    no jvp; _Gated has). None elsewhere: _Gated then runs the same kernels."""
+    if not gate.is_cpu or gate.dtype == torch.float64 or forward_ad._current_level >= 0 \
+            or not _transforms.plain_call((gate, up)):
+        return None
+    if _cpp_or_torch(op, pick_backend(gate, has_cpp=True, tree=op.tree)) != "cpp":
+        return None
+    return _cpp_backend.autograd_op(op.tree, "gated")
+
+
 def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -> torch.Tensor:
     """h(gate) * up with the activation `name`, storing what `mode` says (see module docstring)."""
     if mode not in MODES:
@@ -202,6 +215,8 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
     args = (gate, up, name, mode == "approx", need_gate, need_up)
     if _transforms.use_custom_op():
         return torch.ops.lowmem_ops.gated_fwd(*args)[0]
+    if (need_gate or need_up) and (cpp_op := _cpp_op_for(gate, up, op)) is not None:
+        return cpp_op(*args, op.n_code_bytes(gate.numel()))
     return _transforms.apply(_Gated, _GatedEager, *args)
 
 

@@ -1,6 +1,6 @@
 """The C++ autograd ops of the memory-sharing norms and the approximate activations
 (templates/cpu_autograd.cpp.j2), which plain eager calls on CPU tensors take, against the Python routes
-(_MSNorm and _ApproxActivation around the same kernels, which torch.func, forward-mode AD and the other
+(_MSNorm, _ApproxActivation and _Gated around the same kernels, which torch.func, forward-mode AD and the other
 backends take): the same outputs and gradients bit for bit, the same gradients present, the same tensors
 saved, over ops, dtypes, layouts, shapes and which parameters are trained."""
 
@@ -8,11 +8,21 @@ import pytest
 import torch
 
 import lowmem_ops as lo
+import importlib
+
 from lowmem_ops import _cpp_norms, activations, norms
 
 from . import reference as ref
 
+gated = importlib.import_module("lowmem_ops.gated")  # the module (lowmem_ops.gated is also a function)
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def contents(t: torch.Tensor) -> tuple:
+    """A saved tensor's shape, dtype and bytes."""
+    flat = t.detach().clone(memory_format=torch.contiguous_format).reshape(-1)  # fresh strides, even of size-1 dims
+    return tuple(t.shape), t.dtype, bytes(flat.view(torch.uint8).tolist()) if flat.numel() else b""
 
 
 def node_name(fn) -> str:
@@ -155,7 +165,7 @@ def run_activation(route, name, x, dy):
         activations._cpp_op_for = old
     node = node_name(y.grad_fn)
     y.backward(dy.to(y.dtype))
-    return y.detach(), x.grad, [(tuple(t.shape), t.dtype, bytes(t.flatten().view(torch.uint8).tolist())) for t in saved], node
+    return y.detach(), x.grad, [contents(t) for t in saved], node
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -188,3 +198,53 @@ def test_activation_output_takes_in_place_ops_and_frees_nothing_it_needs():
     (g,) = torch.autograd.grad(lo.regelu2(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         g.sum().backward()
+
+
+# --- gated activations ----------------------------------------------------------------------------
+
+def run_gated(route, name, mode, g, u, dy):
+    """(out, d_gate, d_up, saved tensors' (shape, dtype, bytes), grad_fn name) through `route`."""
+    saved = []
+    g, u = (t.detach().clone().requires_grad_(t.requires_grad) for t in (g, u))
+    old = gated._cpp_op_for
+    if route == "python":
+        gated._cpp_op_for = lambda *args: None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = lo.gated(g, u, name, mode)
+    finally:
+        gated._cpp_op_for = old
+    node = node_name(out.grad_fn)
+    out.backward(dy.to(out.dtype))
+    return (out.detach(), g.grad, u.grad, [contents(t) for t in saved], node)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+@pytest.mark.parametrize("trained", ["both", "gate", "up"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_gated_cpp_op_equals_the_python_route(dtype, mode, trained, layout):
+    gen = torch.Generator().manual_seed(5)
+    for name in ("resilu2", "regelu2", "tanh_gelu2"):
+        for shape in ((0, 4), (1, 1), (3, 7), (5, 40)):
+            g, u = ((torch.randn(shape, generator=gen) * 3).to(dtype) for _ in range(2))
+            if layout == "strided":
+                g = (torch.randn((shape[0], 2 * shape[1]), generator=gen) * 3).to(dtype)[:, ::2]
+            g.requires_grad_(trained in ("both", "gate"))
+            u.requires_grad_(trained in ("both", "up"))
+            dy = torch.randn(shape, generator=gen)
+            got, want = run_gated("cpp", name, mode, g, u, dy), run_gated("python", name, mode, g, u, dy)
+            assert "Gated" in got[4] and got[4] != want[4], (got[4], want[4])
+            for what, a, b in zip(("out", "d_gate", "d_up"), got[:3], want[:3]):
+                assert (a is None) == (b is None), (name, what)
+                assert a is None or torch.equal(a, b), (name, what)
+            assert got[3] == want[3], (name, "saved tensors")
+
+
+def test_gated_second_derivative_is_refused():
+    g, u = (torch.randn(3, 5, requires_grad=True) for _ in range(2))
+    out = lo.swiglu(g, u, "exact")
+    assert "Gated" in node_name(out.grad_fn)
+    (dg,) = torch.autograd.grad(out.sum(), g, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through a fused gated activation is not supported"):
+        dg.sum().backward()
