@@ -360,9 +360,9 @@ _autograd_ops: dict[tuple[Path, str], object] = {}  # (tree, op name) -> the op,
 
 
 def autograd_op(tree: Path, name: str):
-    """torch.ops.<library>.<name> of the tree's C++ library (templates/cpu_autograd.cpp.j2: ms_norm, the
-    memory-sharing norm, and approx_activation, each one C++ autograd op); None where the library has
-    none (an older tree) or there is no library."""
+    """torch.ops.<library>.<name> of the tree's C++ library (templates/cpu_autograd.cpp.j2: ms_norm,
+    approx_activation and gated, each one C++ autograd op); None where the library has none (an older
+    tree) or there is no library."""
     key = (tree, name)
     if key not in _autograd_ops:
         lib = _library(tree)

@@ -585,7 +585,16 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
                 a.change.bytes_after = report.memory_after.exclusive_bytes(a.change.path)
     if probe is not None:
         report.gradient_cosine, report.gradient_note = None, ""
-        _compare_gradients(model, inputs, probe, actions, report)
+        failure = _compare_gradients(model, inputs, probe, actions, report)
+        if failure is not None:  # the original model's backward ran (the probe's reference): the changes broke it
+            before.restore()
+            for a in actions:
+                if a.change.status == "applied":
+                    a.change.status = "undone"
+                    a.change.reason = f"{failure} (in the converted model's backward; the original's runs)"
+                    a.change.bytes_before = a.change.bytes_after = None
+            report.max_difference = None
+            report.memory_after = report.memory_before if measure_memory and examples else None
     return actions
 
 
@@ -671,10 +680,12 @@ def _choose_bits(swaps: dict, calls: dict, tolerance: float, report: Report, lab
     return exact
 
 
-def _compare_gradients(model, inputs, probe, actions, report: Report) -> None:
+def _compare_gradients(model, inputs, probe, actions, report: Report) -> str | None:
     """Overall and per-activation gradient cosines of the model as converted. Parameters a fold
     rewrote (the linear weights, which now hold gamma) or removed (the norm's gamma/beta) are left
-    out of the overall cosine: their gradients are of another parameterisation."""
+    out of the overall cosine: their gradients are of another parameterisation. Returns what failed
+    where the converted model's backward raises (None where it runs): a model that could train
+    before must train after (an in-place write into a tensor a swapped module saves fails here)."""
     applied = [a for a in actions if a.change.status == "applied"]
     ignored = {id(t) for a in applied for t in a.writes}
     ignored |= {id(p) for a in applied if isinstance(a, _Swap) and a.folds for p in a.old.parameters()}
@@ -686,13 +697,14 @@ def _compare_gradients(model, inputs, probe, actions, report: Report) -> None:
     try:
         overall, local = probe.compare(lambda then: _run(model, inputs, then=then), watched, ignored)
     except Exception as e:  # e.g. a backward only the converted model fails
-        report.gradient_note = f"the converted model's backward failed: {_describe(e)}"
-        return
+        report.gradient_note = f"the converted model's backward failed: {_describe(e)}; every change undone"
+        return _describe(e)
     report.gradient_cosine = overall
     if overall is None:
         report.gradient_note = "the gradients are zero"
     for i, value in local.items():
         applied[i].change.gradient_cosine = value
+    return None
 
 
 def _measure(model, inputs, label):

@@ -32,9 +32,9 @@ def test_plain_eager_calls_take_the_twin_and_skip_the_dispatcher(family, monkeyp
     calls = []
     for direct in (module._fwd_direct, module._bwd_direct):
         monkeypatch.setattr(direct, "op", lambda *a: calls.append(a))
-    # plain eager norms on CPU take their C++ autograd op (test_cpu_autograd); the twin is what
-    # their other backends (CUDA, the torch path) take
-    monkeypatch.setattr(norms, "_cpp_op_for", lambda *a: None)
+    # plain eager calls on CPU take the C++ autograd ops (test_cpu_autograd); the twin is what the
+    # other backends (CUDA, the torch path) take
+    monkeypatch.setattr(module, "_cpp_op_for", lambda *a: None)
     y = f(x, w)
     assert type(y.grad_fn).__name__ == f"{function}EagerBackward"
     y.sum().backward()
