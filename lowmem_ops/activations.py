@@ -6,7 +6,9 @@ Two torch.library custom ops carry them, so torch.compile(fullgraph=True) traces
     lowmem_ops::approx_act_bwd(dy, codes, name) -> dx
 
 Eager calls go through an autograd.Function around them that adds forward-mode AD (the exact
-tangent) and torch.func support; compiled code calls the ops directly (see _transforms).
+tangent) and torch.func support; compiled code calls the ops directly (see _transforms). Plain eager
+calls on CPU tensors that take the C++ kernels run as one C++ autograd op instead (_cpp_op_for:
+templates/cpu_autograd.cpp.j2), with the same kernels, saved tensors and results.
 
 Under grad mode autograd saves only `codes`, ceil(numel * bits / 8) bytes; without grad (no_grad,
 inference_mode, or an input that does not require grad) no codes are computed and nothing is saved.

@@ -13,7 +13,9 @@ mode="auto" picks the smaller, preferring exact on a tie.
     lowmem_ops::gated_bwd(dy, gate?, up?, h?, codes?, name, approx, need_gate, need_up) -> (dgate, dup)
 
 Eager calls go through an autograd.Function around them that adds forward-mode AD (the exact
-tangent) and torch.func support; compiled code calls the ops directly (see _transforms).
+tangent) and torch.func support; compiled code calls the ops directly (see _transforms). Plain eager
+calls on CPU tensors that take the C++ kernels run as one C++ autograd op instead (_cpp_op_for:
+templates/cpu_autograd.cpp.j2), with the same kernels, saved tensors and results.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ Affine modes:
 
 Autocast: under torch.autocast the norm computes in float32 and returns the autocast dtype, so the
 following linear needs no cast (a cast would make a new tensor and end the sharing).
+
+Plain eager calls on CPU tensors that take the C++ kernels run as one C++ autograd op
+(_cpp_op_for: templates/cpu_autograd.cpp.j2) with the same kernels, saved tensors and results;
+everything else goes through the custom ops and _MSNorm (docs/norms.md, "How a call runs").
 """
 
 from __future__ import annotations
