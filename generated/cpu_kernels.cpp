@@ -16,7 +16,7 @@
 // the approximate backward's d_gate = dy * up * L[code] and d_up = dy * h as the torch path rounds them.
 // The memory-sharing norms follow the activations (templates/cpu_norm.cpp.j2, template sha256
 // 59c73497950a78663cb285a9e01b03431bd74d1f5a5ba977f33b54622d322790), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436), then the
-// C++ autograd ops of the norms and activations (templates/cpu_autograd.cpp.j2, c82ef6d41b594f32aa2049082725c5af231f2035610e3243cd10da35af819a90).
+// C++ autograd ops of the norms and activations (templates/cpu_autograd.cpp.j2, 47578ef57d7b6dd0d58a67146af3162f180e9e8be3f13f3407d8300db86635f2).
 // dtype: 0 float32, 1 bfloat16, 2 float16 (elements, not bytes, in n). Every entry point returns 0,
 // or -1 for a dtype it does not know, or -2 where an exception stopped it.
 #include <ATen/ATen.h>
@@ -2196,9 +2196,10 @@ extern "C" int lowmem_dropout(const void* x, int dtype, int64_t n, uint64_t seed
 }
 
 // ---- C++ autograd ops for plain eager calls on CPU tensors: the memory-sharing norms (lowmem_ops/norms.py),
-// the approximate activations (lowmem_ops/activations.py) and the gated ones (lowmem_ops/gated.py), so that forward + backward take no Python
-// autograd.Function (whose overhead per call is several times the work on small inputs). Same kernels, same
-// semantics as the Python routes through lowmem_ops/_cpp_backend.py: tests/test_cpu_autograd.py compares them.
+// the approximate activations (lowmem_ops/activations.py) and the gated ones (lowmem_ops/gated.py), so that
+// forward + backward take no Python autograd.Function (whose overhead per call is several times the work on
+// small inputs). Same kernels, same semantics as the Python routes through lowmem_ops/_cpp_backend.py:
+// tests/test_cpu_autograd.py compares them.
 // The op's namespace is the library's own name (TORCH_EXTENSION_NAME, which torch.utils.cpp_extension
 // defines: one per compiled source), so trees whose libraries are loaded side by side never register an
 // op twice.
@@ -2222,7 +2223,7 @@ int dtype_code(at::ScalarType t) {
   }
 }
 
-void check_kernel(int rc, const char* what) {
+void check_norm_kernel(int rc, const char* what) {
   if (rc != 0)
     throw std::runtime_error(std::string("lowmem_ops.ms_norm: the C++ CPU kernel ") + what + " failed (code " +
                              std::to_string(rc) + ")");
@@ -2276,7 +2277,8 @@ void refuse_second_derivative(variable_list& results, const at::Tensor& grad, co
     if (t.defined()) defined.push_back(t);
   for (const at::Tensor& t : saved)
     if (t.defined()) sources.push_back(t);
-  const variable_list wrapped = RefuseSecondDerivative::apply(at::TensorList(defined), at::TensorList(sources), message);
+  const variable_list wrapped =
+      RefuseSecondDerivative::apply(at::TensorList(defined), at::TensorList(sources), message);
   size_t k = 0;
   for (at::Tensor& t : results)
     if (t.defined()) t = wrapped[k++];
@@ -2300,7 +2302,7 @@ struct MSNorm : public torch::autograd::Function<MSNorm> {
     at::Tensor flag = rule ? at::empty({}, x.options().dtype(at::kInt)) : at::empty({0}, x.options().dtype(at::kInt));
     const Params p = read_params(w_in, b_in);
     if (rows > 0) {
-      check_kernel(lowmem_norm_forward(x.data_ptr(), dtype_code(x.scalar_type()), rows, n_cols, ptr(p.w), ptr(p.b),
+      check_norm_kernel(lowmem_norm_forward(x.data_ptr(), dtype_code(x.scalar_type()), rows, n_cols, ptr(p.w), ptr(p.b),
                                        dtype_code(p.dtype), float(eps), is_rms ? 1 : 0, y.data_ptr(), dtype_code(out),
                                        rstd.data_ptr<float>(), float(gamma_min), float(beta_ratio),
                                        rule ? flag.data_ptr<int32_t>() : nullptr),
@@ -2308,7 +2310,7 @@ struct MSNorm : public torch::autograd::Function<MSNorm> {
     } else if (rule) {  // no row ran the kernel: the rule alone
       const int verdict = lowmem_norm_rule(ptr(p.w), ptr(p.b), dtype_code(p.dtype), n_cols, float(gamma_min),
                                            float(beta_ratio));
-      if (verdict < 0) check_kernel(verdict, "lowmem_norm_rule");
+      if (verdict < 0) check_norm_kernel(verdict, "lowmem_norm_rule");
       flag.fill_(verdict);
     }
     // y is this op's output: the very tensor the next layer saves. weight/bias are parameters.
@@ -2341,7 +2343,7 @@ struct MSNorm : public torch::autograd::Function<MSNorm> {
     at::Tensor dw = want_w || want_b ? param_grad(w_in) : at::Tensor();
     at::Tensor db = want_b ? param_grad(b_in) : at::Tensor();
     if (rows > 0)
-      check_kernel(lowmem_norm_backward(dy.data_ptr(), y.data_ptr(), dtype_code(y.scalar_type()),
+      check_norm_kernel(lowmem_norm_backward(dy.data_ptr(), y.data_ptr(), dtype_code(y.scalar_type()),
                                         rstd.data_ptr<float>(), rows, n_cols, ptr(p.w), ptr(p.b), dtype_code(p.dtype),
                                         is_rms ? 1 : 0, dx.data_ptr(), dtype_code(x_dtype), mut_ptr(dw), mut_ptr(db)),
                    "lowmem_norm_backward");
@@ -2349,9 +2351,8 @@ struct MSNorm : public torch::autograd::Function<MSNorm> {
     if (db.defined() && db.scalar_type() != b_in.scalar_type()) db = db.to(b_in.scalar_type());
     variable_list results = {dx, want_w ? dw : at::Tensor(), db};
     refuse_second_derivative(results, grads[0], saved, kNormNoDoubleBackward);
-    // one gradient per forward argument: x, weight, bias, then none for the 7 non-tensor ones
-    return {results[0], results[1], results[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    results.resize(10);  // one gradient per forward argument: x, weight, bias, none for the 7 others
+    return results;
   }
 };
 
@@ -2446,7 +2447,8 @@ struct ApproxActivation : public torch::autograd::Function<ApproxActivation> {
     }
     variable_list results = {dx};
     refuse_second_derivative(results, grads[0], saved, act_no_double_backward(name));
-    return {results[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    results.resize(5);  // one gradient per forward argument: x, none for the 4 others
+    return results;
   }
 };
 
@@ -2500,8 +2502,9 @@ struct Gated : public torch::autograd::Function<Gated> {
     const int dtype = dtype_code(g.scalar_type());
     const int64_t n = g.numel();
     if (n > 0) {
-      check_gated_kernel(k.forward(g.data_ptr(), u.data_ptr(), dtype, n, out.data_ptr(), write_h ? h.data_ptr() : nullptr),
-                         name, "gated_forward");
+      check_gated_kernel(
+          k.forward(g.data_ptr(), u.data_ptr(), dtype, n, out.data_ptr(), write_h ? h.data_ptr() : nullptr), name,
+          "gated_forward");
       if (write_codes) check_gated_kernel(k.codes(g.data_ptr(), dtype, n, codes.data_ptr<uint8_t>()), name, "codes");
     }
     if (approx)
@@ -2531,8 +2534,9 @@ struct Gated : public torch::autograd::Function<Gated> {
       auto dense = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };  // held for the call
       const at::Tensor gate = dense(saved[0]), up = dense(saved[1]), h = dense(saved[2]), codes = dense(saved[3]);
       if (approx)
-        check_gated_kernel(k.approx(dy.data_ptr(), ptr(up), ptr(h), codes.defined() ? codes.data_ptr<uint8_t>() : nullptr,
-                                    dtype, n, mut_ptr(dgate), mut_ptr(dup)),
+        check_gated_kernel(k.approx(dy.data_ptr(), ptr(up), ptr(h),
+                                    codes.defined() ? codes.data_ptr<uint8_t>() : nullptr, dtype, n, mut_ptr(dgate),
+                                    mut_ptr(dup)),
                            name, "gated_approx");
       else
         check_gated_kernel(k.exact(dy.data_ptr(), gate.data_ptr(), ptr(up), dtype, n, mut_ptr(dgate), mut_ptr(dup)),
@@ -2540,7 +2544,8 @@ struct Gated : public torch::autograd::Function<Gated> {
     }
     variable_list results = {dgate, dup};
     refuse_second_derivative(results, grads[0], saved, kGatedNoDoubleBackward);
-    return {results[0], results[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    results.resize(7);  // one gradient per forward argument: gate, up, none for the 5 others
+    return results;
   }
 };
 
