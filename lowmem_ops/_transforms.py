@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
@@ -81,6 +82,14 @@ def plain_call(args) -> bool:
         if isinstance(a, torch.Tensor) and type(a) not in _PLAIN:
             return False
     return True
+
+
+def plain_cpu_call(args) -> bool:
+    """Where the C++ autograd ops (templates/cpu_autograd.cpp.j2) may run a call: plain_call, on CPU
+    tensors of a dtype the C++ kernels take (args[0] decides: not float64), and no forward-mode AD
+    level open (the C++ ops have no jvp; the autograd.Functions have)."""
+    x = args[0]
+    return x.is_cpu and x.dtype != torch.float64 and forward_ad._current_level < 0 and plain_call(args)
 
 
 def eager_twin(func: type[torch.autograd.Function], impl: Callable, setup: Callable,

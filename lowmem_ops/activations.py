@@ -30,7 +30,6 @@ import functools
 import os
 
 import torch
-from torch.autograd import forward_ad
 
 from . import _cpp_backend, _torch_backend, _transforms, _triton_backend
 from ._common import BACKENDS, check_float_tensor, compute_dtype
@@ -191,9 +190,7 @@ def _cpp_op_for(x: torch.Tensor, op: OpInfo):
     """The activations' C++ autograd op (_cpp_backend.autograd_op) where it may run this call: plain
     eager code on a plain CPU tensor that takes the C++ kernels, and no forward-mode AD level open (the
     op has no jvp; _ApproxActivation has). None elsewhere: _ApproxActivation then runs the same kernels."""
-    if not x.is_cpu or x.dtype == torch.float64 or forward_ad._current_level >= 0 or not _transforms.plain_call((x,)):
-        return None
-    if _cpp_or_torch(op, pick_backend(x, has_cpp=True, tree=op.tree)) != "cpp":
+    if not _transforms.plain_cpu_call((x,)) or _cpp_or_torch(op, pick_backend(x, has_cpp=True, tree=op.tree)) != "cpp":
         return None
     return _cpp_backend.autograd_op(op.tree, "approx_activation")
 

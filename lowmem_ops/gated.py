@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd import forward_ad
 
 from . import _cpp_backend, _torch_backend, _transforms, _triton_backend
 from ._common import backend as pick_backend
@@ -196,10 +195,8 @@ def _cpp_op_for(gate: torch.Tensor, up: torch.Tensor, op: OpInfo):
     """The gated ops' C++ autograd op (_cpp_backend.autograd_op) where it may run this call: plain eager
     code on plain CPU tensors that take the C++ kernels, and no forward-mode AD level open (the op has
     no jvp; _Gated has). None elsewhere: _Gated then runs the same kernels."""
-    if not gate.is_cpu or gate.dtype == torch.float64 or forward_ad._current_level >= 0 \
-            or not _transforms.plain_call((gate, up)):
-        return None
-    if _cpp_or_torch(op, pick_backend(gate, has_cpp=True, tree=op.tree)) != "cpp":
+    if not _transforms.plain_cpu_call((gate, up)) \
+            or _cpp_or_torch(op, pick_backend(gate, has_cpp=True, tree=op.tree)) != "cpp":
         return None
     return _cpp_backend.autograd_op(op.tree, "gated")
 

@@ -30,7 +30,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 from torch._subclasses.fake_tensor import is_fake
 
 from . import _norm_backends as nb
@@ -252,9 +251,8 @@ def _cpp_op_for(x, weight, bias, out_dtype):
     """The norms' C++ autograd op (_cpp_backend.autograd_op) where it may run this call: plain
     eager code on plain CPU tensors that take the C++ kernels, and no forward-mode AD level open (the
     op has no jvp; _MSNorm has). None elsewhere: _MSNorm then runs the same kernels."""
-    if not x.is_cpu or x.dtype == torch.float64 or out_dtype == torch.float64 or forward_ad._current_level >= 0:
-        return None
-    if not _transforms.plain_call((x, weight, bias)) or _cpp.choose_for_norms(pick_backend(x, has_cpp=True)) != "cpp":
+    if out_dtype == torch.float64 or not _transforms.plain_cpu_call((x, weight, bias)) \
+            or _cpp.choose_for_norms(pick_backend(x, has_cpp=True)) != "cpp":
         return None
     return _cpp.autograd_op()
 
