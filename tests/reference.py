@@ -19,7 +19,7 @@ EXACT_FORWARD = {
     **{f"regelu{k}": F.gelu for k in (1, 2, 3, 4)},
     **{f"resilu{k}": F.silu for k in (1, 2, 3, 4)},
     **{f"tanh_gelu{k}": (lambda x: F.gelu(x, approximate="tanh")) for k in (2, 3, 4)},
-    "quick_gelu2": lambda x: x * torch.sigmoid(1.702 * x),
+    **{f"quick_gelu{k}": (lambda x: x * torch.sigmoid(1.702 * x)) for k in (2, 3, 4)},
     "mish2": F.mish,
     "softplus2": lambda x: F.softplus(x, threshold=1000.0),  # the exact function, no linear cut-off
     "elu2": F.elu,

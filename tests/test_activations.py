@@ -96,6 +96,12 @@ def test_interpreter_bf16_subnormal_quirk():
     assert out[0].item() == 0.0 != src[0].float().item()  # the subnormal is read as 0
 
 
+def test_every_builtin_spec_has_an_exact_forward_to_test_against():
+    """The tests reach the built-in ops through EXACT_FORWARD: a spec added without its entry there
+    would be tested nowhere."""
+    assert {p.stem for p in ref.SPEC_DIR.glob("*.toml")} == set(ref.EXACT_FORWARD)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton-interpret"])
 @pytest.mark.parametrize("name", BUILTINS)
 @given(data=st.data())

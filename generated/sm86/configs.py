@@ -5,7 +5,7 @@
 # tuned or looked up in a database at run time. Each comes from the static table of
 # kernelgen/archs.py ("static", pruned against the ahead-of-time compile) or from the tuning
 # database ("tuned": the fastest config measured there, with its speed-up over the static one).
-# 0 of 1326 choices are tuned.
+# 0 of 1398 choices are tuned.
 
 # The GPUs this folder is for: lowmem_ops reads these (never manifest.json) to pick the folder of a
 # device. NVIDIA: CAPABILITY is 10 * major + minor; AMD: the gfx name, as ROCm torch reports it.
@@ -22,6 +22,8 @@ KERNEL_FILES = {
     'mish2': 'mish2_a6c6faa5a8d1',
     'ms_norm': 'ms_norm_9ea5fe16b507',
     'quick_gelu2': 'quick_gelu2_376cc84beeb5',
+    'quick_gelu3': 'quick_gelu3_509959c71112',
+    'quick_gelu4': 'quick_gelu4_60fd29215c6c',
     'regelu1': 'regelu1_d859c1917876',
     'regelu2': 'regelu2_f7fb9aa0cd61',
     'regelu3': 'regelu3_a9f82ab36e0e',
@@ -189,6 +191,78 @@ ACTIVATION = {
     ('quick_gelu2', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
     ('quick_gelu2', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
     ('quick_gelu2', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'forward_nograd', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'float32', 3): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'float16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'float16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'float16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'float16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'bfloat16', 0): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu3', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 256, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'float32', 0): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'float32', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'float32', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'float32', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'float16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'float16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'float16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'float16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'bfloat16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'bfloat16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'bfloat16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward', 'bfloat16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'float32', 0): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'float32', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'float32', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'float32', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'float16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'float16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'float16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'float16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'bfloat16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'bfloat16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'bfloat16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'forward_nograd', 'bfloat16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'float32', 0): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'float32', 1): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'float32', 2): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'float32', 3): {'BLOCK_BYTES': 512, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'float16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'float16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'float16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'float16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'bfloat16', 0): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'bfloat16', 1): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'bfloat16', 2): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
+    ('quick_gelu4', 'backward', 'bfloat16', 3): {'BLOCK_BYTES': 1024, 'num_warps': 4},  # static
     ('regelu1', 'forward', 'float32', 0): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
     ('regelu1', 'forward', 'float32', 1): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
     ('regelu1', 'forward', 'float32', 2): {'BLOCK_BYTES': 128, 'num_warps': 4},  # static
