@@ -6,6 +6,9 @@
 
     with state_kept(model):                          # BatchNorm statistics and the RNG untouched
         model(x)
+
+    with state_kept(model, seed=0), calls_give_back_rng(model):   # two models' runs take the same
+        model(x)                                                  # random decisions between module calls
 """
 
 from __future__ import annotations
@@ -64,8 +67,7 @@ def state_kept(model: torch.nn.Module, seed: int | None = None):
     seed: start those generators from this seed inside (dropout, LayerDrop draw the same numbers on
     every run, whatever the user's RNG state), so two runs under the same seed are comparable."""
     buffers = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
-    tensors = chain(model.parameters(), (b for *_, b, _ in buffers))
-    devices = sorted({t.device.index for t in tensors if t.device.type == "cuda" and t.device.index is not None})
+    devices = _cuda_devices(model)
     with torch.random.fork_rng(devices=devices):
         if seed is not None:
             torch.default_generator.manual_seed(seed)
@@ -78,3 +80,38 @@ def state_kept(model: torch.nn.Module, seed: int | None = None):
                 for module, name, buffer, value in buffers:
                     module._buffers[name] = buffer
                     buffer.copy_(value)
+
+
+def _cuda_devices(model: torch.nn.Module) -> list[int]:
+    tensors = chain(model.parameters(), model.buffers())
+    return sorted({t.device.index for t in tensors if t.device.type == "cuda" and t.device.index is not None})
+
+
+@contextlib.contextmanager
+def calls_give_back_rng(model: torch.nn.Module):
+    """Every module call of `model` leaves the CPU's and the model's CUDA devices' random number
+    generators as it found them. What a model draws between its module calls (LayerDrop's and
+    stochastic depth's choice of layers) is then the same whatever its modules draw inside: a converted
+    model's dropouts draw differently from torch's, which without this made a run of it skip other
+    layers than the original's run under the same seed, and the two runs' saved bytes incomparable."""
+    devices = _cuda_devices(model)
+    found: list = []
+
+    def take(module, args):
+        found.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]))
+
+    def give_back(module, args, output):
+        cpu, cuda = found.pop()
+        torch.set_rng_state(cpu)
+        for device, state in zip(devices, cuda):
+            torch.cuda.set_rng_state(state, device)
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(take))
+        handles.append(module.register_forward_hook(give_back, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

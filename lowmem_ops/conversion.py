@@ -327,6 +327,8 @@ def _tensors(out) -> list[torch.Tensor]:
 # Every run convert makes starts the RNG from this seed (forked: the user's stream is untouched), so
 # its memory measurements and checks are the same on every call and both sides draw the same numbers.
 RUN_SEED = 0
+# the note of a change whose module the training-mode forward that measures memory skipped
+NOT_MEASURED = "kept unmeasured: its module did not run in the training-mode forward that measures memory (LayerDrop)"
 
 
 def _call(model, inputs):
@@ -581,8 +583,9 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
     if examples and measure_memory:
         for a in actions:
             if a.change.status == "applied":
-                a.change.bytes_before = report.memory_before.exclusive_bytes(a.change.path)
-                a.change.bytes_after = report.memory_after.exclusive_bytes(a.change.path)
+                if a.change.reason != NOT_MEASURED:
+                    a.change.bytes_before = report.memory_before.exclusive_bytes(a.change.path)
+                    a.change.bytes_after = report.memory_after.exclusive_bytes(a.change.path)
     if probe is not None:
         report.gradient_cosine, report.gradient_note = None, ""
         failure = _compare_gradients(model, inputs, probe, actions, report)
@@ -633,13 +636,18 @@ def _undo_what_saves_nothing(actions: list, report: Report, without_activations=
     norm's output, which the next linear saves anyway; the half of a fused projection that an MoE
     expert saves for its product) costs nothing. Judged with every other change in place, so a
     change that saves only together with another one is kept. An activation swap's "before" is
-    `without_activations` where given (_measure_without_activation_swaps)."""
+    `without_activations` where given (_measure_without_activation_swaps). A change whose module did not
+    run in both measured forwards (a layer LayerDrop skipped) has no measured effect: it stays, with
+    a note (its outputs and gradients were verified in eval mode, where every layer runs)."""
     after = report.memory_after
     undone = False
     for a in actions:
         if a.change.status != "applied":
             continue
         before = without_activations if without_activations is not None and _is_activation_swap(a) else report.memory_before
+        if not (before.did_run(a.change.path) and after.did_run(a.change.path)):
+            a.change.reason = NOT_MEASURED
+            continue
         delta = after.exclusive_bytes(a.change.path) - before.exclusive_bytes(a.change.path)
         if delta >= 0:
             a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"
@@ -709,8 +717,9 @@ def _compare_gradients(model, inputs, probe, actions, report: Report) -> str | N
 
 def _measure(model, inputs, label):
     # train mode: dropout (LayerDrop) draws random numbers, BatchNorm updates its statistics; the same
-    # seed before and after, so both sides drop the same things and the ratio is the same every call
-    with state_kept(model, seed=RUN_SEED), _quantized_in_training_mode(model):
+    # seed before and after, and module calls that give the RNG back (the swapped dropouts draw
+    # differently), so both sides skip the same layers and the ratio is the same every call
+    with memory.comparable_runs(model, seed=RUN_SEED), _quantized_in_training_mode(model):
         if isinstance(inputs, dict):
             return memory.measure(model, label=label, **inputs)
         return memory.measure(model, *(inputs if isinstance(inputs, tuple) else (inputs,)), label=label)

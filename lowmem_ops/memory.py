@@ -17,6 +17,7 @@ plan a whole training step's peak on fake tensors (docs/plan.md).
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ._snapshot import calls_give_back_rng, state_kept
 
 def require_matplotlib(what: str):
     """matplotlib, which only the plots need: it comes with the `kernelgen` extra, not with lowmem-ops."""
@@ -49,6 +51,12 @@ class SavedStorage:
 class Measurement:
     storages: dict[int, SavedStorage]
     label: str = ""
+    ran: frozenset[str] = frozenset()  # the paths of the modules called during the forward
+
+    def did_run(self, path: str) -> bool:
+        """The module at `path` was called (a layer that LayerDrop skipped was not: it saved nothing, and
+        says nothing about what it saves when it runs)."""
+        return path in self.ran
 
     @property
     def total_bytes(self) -> int:
@@ -171,14 +179,29 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
             storages[key] = SavedStorage(storage.nbytes(), t.dtype, tuple(t.shape), here, cast_from=_cast_source(t))
         return t
 
-    handles = track_modules(model, stack)
+    ran: set[str] = set()
+    handles = track_modules(model, stack, ran)
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return Measurement(storages, label)
+    return Measurement(storages, label, frozenset(ran))
+
+
+@contextlib.contextmanager
+def comparable_runs(model: torch.nn.Module, seed: int = 0):
+    """Runs of `model` inside it can be compared with another model's under the same seed (a converted
+    model and its original): its random number generators start from `seed`, every module call gives
+    them back as it found them, so the layers LayerDrop or stochastic depth skips are the same however
+    the modules draw inside (a converted model's dropouts draw differently from torch's); BatchNorm
+    statistics and your own RNG stream are as they were after. lo.convert measures this way.
+
+        with lo.memory.comparable_runs(model):
+            m = lo.memory.measure(model, **batch)"""
+    with state_kept(model, seed=seed), calls_give_back_rng(model):
+        yield
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -187,12 +210,15 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def track_modules(model: torch.nn.Module, stack: list[str]) -> list:
-    """Hooks that keep stack[-1] the path of the innermost module running; returns their handles."""
+def track_modules(model: torch.nn.Module, stack: list[str], ran: set[str] | None = None) -> list:
+    """Hooks that keep stack[-1] the path of the innermost module running (and add each module called
+    to `ran`); returns their handles."""
 
     def enter(name):
         def hook(module, args):
             stack.append(name)  # returns None: the inputs stay as they are
+            if ran is not None:
+                ran.add(name)
 
         return hook
 

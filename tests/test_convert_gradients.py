@@ -278,3 +278,79 @@ def test_a_whole_model_miss_raises_the_widths_until_the_model_meets_grad_toleran
     per_layer = lo.convert(model, example_inputs=x)
     assert per_layer.gradient_cosine < 0.95
     assert sum(c.bits for c in per_layer.applied if c.bits) < sum(c.bits for c in acts)
+
+
+# --- LayerDrop: the measured runs skip the same layers before and after conversion ---------------------
+
+class LayerDropStack(torch.nn.Module):
+    """Wav2Vec2's encoder in small: in training, each layer is skipped when a draw made between layer
+    calls falls under `layerdrop`; inside a layer, a dropout (which convert swaps for one of its own,
+    drawing differently from torch's)."""
+
+    def __init__(self, layers=6, width=16, layerdrop=0.5):
+        super().__init__()
+        self.layerdrop = layerdrop
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(4 * width, width)) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0 and torch.rand([]) < self.layerdrop:  # as Hugging Face's
+                continue
+            x = x + layer(x)
+        return x
+
+
+def layers_run(model, x, runs_alike: bool) -> list[int]:
+    ran = []
+    handles = [layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, layer in enumerate(model.layers)]
+    try:
+        if runs_alike:
+            with lo.memory.comparable_runs(model, seed=conversion.RUN_SEED):
+                model(x)
+        else:
+            torch.manual_seed(conversion.RUN_SEED)
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
+def test_layerdrop_skips_the_same_layers_in_the_converted_model():
+    """The original and the converted model, run under the same seed, skip the same layers (the
+    dropouts convert swapped draw differently from torch's, which without comparable_runs changes
+    which layers are skipped), so each swap's saving is measured: every GELU is kept."""
+    torch.manual_seed(0)
+    model, x = LayerDropStack(), torch.randn(8, 16)
+    converted = copy.deepcopy(model)
+    report = lo.convert(converted, example_inputs=x)
+    assert all(type(layer[2]) is lo.nn.Dropout for layer in converted.layers)  # they draw unlike torch's
+    model.train(), converted.train()
+    assert layers_run(model, x, runs_alike=False) != layers_run(converted, x, runs_alike=False)
+    assert layers_run(model, x, runs_alike=True) == layers_run(converted, x, runs_alike=True)
+    ran = {int(p.split(".")[1]) for p in report.memory_before.by_module() if p.startswith("layers.")}
+    assert ran == {int(p.split(".")[1]) for p in report.memory_after.by_module() if p.startswith("layers.")}
+    assert ran == set(layers_run(model, x, runs_alike=True)) and 0 < len(ran) < 6
+    for c in report.changes:  # every GELU and dropout: swapped; measured where its layer ran
+        assert c.status == "applied", (c.path, c.reason)
+        if int(c.path.split(".")[1]) in ran:
+            assert c.bytes_after < c.bytes_before and not c.reason, c
+        else:
+            assert c.reason == conversion.NOT_MEASURED and c.bytes_before is None, c
+    assert len(report.changes) == 12
+    with lo.memory.comparable_runs(converted, seed=conversion.RUN_SEED):
+        assert lo.memory.measure(converted, x).total_bytes == report.memory_after.total_bytes
+
+
+def test_comparable_runs_leave_the_rng_and_buffers_as_they_were():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)).train()
+    torch.manual_seed(123)
+    state, stats = torch.get_rng_state(), model[1].running_mean.clone()
+    with lo.memory.comparable_runs(model):
+        first = model(torch.randn(8, 4))
+    with lo.memory.comparable_runs(model):
+        second = model(torch.randn(8, 4))
+    assert torch.equal(first, second)  # the same seed inside: the same inputs and dropout masks
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(model[1].running_mean, stats)

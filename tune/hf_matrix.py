@@ -9,7 +9,7 @@ record what happened.
 Per architecture: whether lo.convert succeeded (or the error); the saved-for-backward ratio
 converted / baseline for a full fine-tune and for PEFT LoRA r=8 on every linear layer PEFT's
 "all-linear" picks (adapters as PEFT makes them, float32), both measured here with lo.memory on a
-copy taken before converting, in train mode, each side after torch.manual_seed(conversion.RUN_SEED);
+copy taken before converting, in train mode, each side as convert measures (lo.memory.comparable_runs);
 the whole-model gradient cosine from convert's report; the bits chosen per activation; every module
 left alone (skipped or undone) with the report's reason.
 
@@ -221,10 +221,10 @@ def build(name: str, dtype: torch.dtype | None = None):
 
 
 def measure(model: torch.nn.Module, batch: dict) -> int:
-    """Bytes saved for backward in train mode after the conversion's seed (lowmem_ops.memory)."""
+    """Bytes saved for backward in train mode, measured as convert measures (lowmem_ops.memory)."""
     model.train()
-    torch.manual_seed(conversion.RUN_SEED)
-    return lo.memory.measure(model, **batch).total_bytes
+    with lo.memory.comparable_runs(model, seed=conversion.RUN_SEED):
+        return lo.memory.measure(model, **batch).total_bytes
 
 
 def left_alone(report: conversion.Report, model: torch.nn.Module) -> list[tuple[str, str, str]]:
