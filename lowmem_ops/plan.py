@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
+                                           FakeTensorMode)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.overrides import TorchFunctionMode
@@ -454,11 +455,28 @@ def plan(model: torch.nn.Module, example_inputs, loss_fn: Callable | None = None
     try:
         with WhereAmI(model) as where, context:
             tracker = LiveBytes(phase, where.module)
-            return _step(model, example_inputs, loss_fn or default_loss, optimizer, foreach, tracker, phase, label,
-                         _call)
+            try:
+                return _step(model, example_inputs, loss_fn or default_loss, optimizer, foreach, tracker, phase,
+                             label, _call)
+            except (DataDependentOutputException, DynamicOutputShapeException) as e:
+                raise ValueError(_reads_values(where.module(), e)) from e
     finally:
         if collecting:
             gc.enable()
+
+
+def _reads_values(path: str, error: Exception) -> str:
+    """What a fake run could not do, where, and how to plan anyway."""
+    where = f"`{path}`" if path else "the model"
+    if isinstance(error, DynamicOutputShapeException):
+        return (f"lowmem_ops.memory.plan: {where} runs {error.func}, whose output's shape depends on the values "
+                "(boolean-mask indexing, nonzero), which a fake tensor does not have: typically a training-only "
+                "random mask such as Wav2Vec2's SpecAugment (config.mask_time_prob). Plan with it off, or plan a "
+                "small real model with fake=False")
+    return (f"lowmem_ops.memory.plan: {where} branches on a tensor's value (`if tensor:`, `.item()`), which a fake "
+            "tensor does not have: typically LayerDrop (`torch.rand([]) < layerdrop` picks the layers to skip in "
+            "training). Plan the worst case, every layer running: set the model's layerdrop to 0 (Hugging Face: "
+            "config.layerdrop = 0) before planning; or plan a small real model with fake=False")
 
 
 def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase: list, label: str, call) -> Plan:

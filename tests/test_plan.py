@@ -213,6 +213,34 @@ def test_bad_arguments_are_clear_errors():
         lo.memory.compare(mlp(), torch.randn(2, 16), variants=["checkpointed"])
 
 
+def test_layerdrop_is_a_clear_error_with_what_to_do():
+    """A forward that branches on a drawn value (LayerDrop) cannot run on fake tensors: the error says so and
+    how to plan the worst case; following it, the plan runs and equals the real step with every layer."""
+    from .test_convert_gradients import LayerDropStack
+
+    torch.manual_seed(0)
+    model, x = LayerDropStack(layers=3), torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"LayerDrop .* set the model's layerdrop to 0"):
+        lo.memory.plan(model, x)
+    model.layerdrop = 0.0
+    fake, real = lo.memory.plan(model, x), lo.memory.plan(model, x, fake=False)
+    assert fake == real and fake.peak > fake.weights > 0
+
+
+def test_a_value_shaped_op_is_a_clear_error():
+    """Boolean-mask indexing (Wav2Vec2's SpecAugment in training) sizes its output by the values."""
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.proj(x)[x > 0].sum()
+
+    with pytest.raises(ValueError, match=r"runs aten\.nonzero.* fake=False"):
+        lo.memory.plan(Masked(), torch.randn(4, 16))
+
+
 def test_plot_draws_the_plans_numbers(tmp_path):
     """The data handed to matplotlib (not pixels): one stacked layer per category, the total line, in MiB
     here; its top is the peak, each phase's top that phase's peak, the layers at the top the peak's make-up."""
