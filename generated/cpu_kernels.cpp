@@ -16,7 +16,7 @@
 // the approximate backward's d_gate = dy * up * L[code] and d_up = dy * h as the torch path rounds them.
 // The memory-sharing norms follow the activations (templates/cpu_norm.cpp.j2, template sha256
 // 59c73497950a78663cb285a9e01b03431bd74d1f5a5ba977f33b54622d322790), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436), then the
-// C++ autograd ops of the norms and activations (templates/cpu_autograd.cpp.j2, 47578ef57d7b6dd0d58a67146af3162f180e9e8be3f13f3407d8300db86635f2).
+// C++ autograd ops of the norms and activations (templates/cpu_autograd.cpp.j2, ba9989c68f9e9216f9410179429b21c52e3a2ce9d7be1b23bc45ca8861dc6efd).
 // dtype: 0 float32, 1 bfloat16, 2 float16 (elements, not bytes, in n). Every entry point returns 0,
 // or -1 for a dtype it does not know, or -2 where an exception stopped it.
 #include <ATen/ATen.h>
@@ -2383,9 +2383,10 @@ int dtype_code(at::ScalarType t) {
   }
 }
 
-void check_norm_kernel(int rc, const char* what) {
+// a kernel's nonzero return code as an error naming the op and the kernel
+void check_kernel(int rc, const std::string& op, const std::string& kernel) {
   if (rc != 0)
-    throw std::runtime_error(std::string("lowmem_ops.ms_norm: the C++ CPU kernel ") + what + " failed (code " +
+    throw std::runtime_error("lowmem_ops." + op + ": the C++ CPU kernel " + kernel + " failed (code " +
                              std::to_string(rc) + ")");
 }
 
@@ -2462,15 +2463,15 @@ struct MSNorm : public torch::autograd::Function<MSNorm> {
     at::Tensor flag = rule ? at::empty({}, x.options().dtype(at::kInt)) : at::empty({0}, x.options().dtype(at::kInt));
     const Params p = read_params(w_in, b_in);
     if (rows > 0) {
-      check_norm_kernel(lowmem_norm_forward(x.data_ptr(), dtype_code(x.scalar_type()), rows, n_cols, ptr(p.w), ptr(p.b),
+      check_kernel(lowmem_norm_forward(x.data_ptr(), dtype_code(x.scalar_type()), rows, n_cols, ptr(p.w), ptr(p.b),
                                        dtype_code(p.dtype), float(eps), is_rms ? 1 : 0, y.data_ptr(), dtype_code(out),
                                        rstd.data_ptr<float>(), float(gamma_min), float(beta_ratio),
                                        rule ? flag.data_ptr<int32_t>() : nullptr),
-                   "lowmem_norm_forward");
+                   "ms_norm", "lowmem_norm_forward");
     } else if (rule) {  // no row ran the kernel: the rule alone
       const int verdict = lowmem_norm_rule(ptr(p.w), ptr(p.b), dtype_code(p.dtype), n_cols, float(gamma_min),
                                            float(beta_ratio));
-      if (verdict < 0) check_norm_kernel(verdict, "lowmem_norm_rule");
+      if (verdict < 0) check_kernel(verdict, "ms_norm", "lowmem_norm_rule");
       flag.fill_(verdict);
     }
     // y is this op's output: the very tensor the next layer saves. weight/bias are parameters.
@@ -2503,10 +2504,10 @@ struct MSNorm : public torch::autograd::Function<MSNorm> {
     at::Tensor dw = want_w || want_b ? param_grad(w_in) : at::Tensor();
     at::Tensor db = want_b ? param_grad(b_in) : at::Tensor();
     if (rows > 0)
-      check_norm_kernel(lowmem_norm_backward(dy.data_ptr(), y.data_ptr(), dtype_code(y.scalar_type()),
+      check_kernel(lowmem_norm_backward(dy.data_ptr(), y.data_ptr(), dtype_code(y.scalar_type()),
                                         rstd.data_ptr<float>(), rows, n_cols, ptr(p.w), ptr(p.b), dtype_code(p.dtype),
                                         is_rms ? 1 : 0, dx.data_ptr(), dtype_code(x_dtype), mut_ptr(dw), mut_ptr(db)),
-                   "lowmem_norm_backward");
+                   "ms_norm", "lowmem_norm_backward");
     if (dw.defined() && dw.scalar_type() != w_in.scalar_type()) dw = dw.to(w_in.scalar_type());
     if (db.defined() && db.scalar_type() != b_in.scalar_type()) db = db.to(b_in.scalar_type());
     variable_list results = {dx, want_w ? dw : at::Tensor(), db};
@@ -2577,10 +2578,8 @@ struct ApproxActivation : public torch::autograd::Function<ApproxActivation> {
     at::Tensor codes = at::empty({save_codes ? code_bytes : 0}, x_in.options().dtype(at::kByte));
     if (save_codes && x_in.numel() > 0) {
       const at::Tensor x = x_in.contiguous();
-      const int rc = k.codes(x.data_ptr(), dtype_code(x.scalar_type()), x.numel(), codes.data_ptr<uint8_t>());
-      if (rc != 0)
-        throw std::runtime_error("lowmem_ops." + name + ": the C++ CPU kernel lowmem_" + name + "_codes failed (code " +
-                                 std::to_string(rc) + ")");
+      check_kernel(k.codes(x.data_ptr(), dtype_code(x.scalar_type()), x.numel(), codes.data_ptr<uint8_t>()), name,
+                   "lowmem_" + name + "_codes");
     }
     ctx->save_for_backward({codes});
     ctx->saved_data["name"] = name;
@@ -2601,11 +2600,9 @@ struct ApproxActivation : public torch::autograd::Function<ApproxActivation> {
     const at::Tensor dy = grads[0].contiguous();
     at::Tensor dx = at::empty(dy.sizes(), dy.options());
     if (dy.numel() > 0) {
-      const int rc = act_kernels_of(name).grad(dy.data_ptr(), codes.data_ptr<uint8_t>(), dtype_code(dy.scalar_type()),
-                                               dy.numel(), dx.data_ptr());
-      if (rc != 0)
-        throw std::runtime_error("lowmem_ops." + name + ": the C++ CPU kernel lowmem_" + name + "_grad failed (code " +
-                                 std::to_string(rc) + ")");
+      check_kernel(act_kernels_of(name).grad(dy.data_ptr(), codes.data_ptr<uint8_t>(), dtype_code(dy.scalar_type()),
+                                             dy.numel(), dx.data_ptr()),
+                   name, "lowmem_" + name + "_grad");
     }
     variable_list results = {dx};
     refuse_second_derivative(results, grads[0], saved, act_no_double_backward(name));
@@ -2641,12 +2638,6 @@ const GatedKernels& gated_kernels_of(const std::string& name) {
   return found->second;
 }
 
-void check_gated_kernel(int rc, const std::string& name, const char* what) {
-  if (rc != 0)
-    throw std::runtime_error("lowmem_ops." + name + ": the C++ CPU kernel lowmem_" + name + "_" + what +
-                             " failed (code " + std::to_string(rc) + ")");
-}
-
 const std::string kGatedNoDoubleBackward =
     "lowmem_ops: double backward through a fused gated activation is not supported";
 
@@ -2664,10 +2655,10 @@ struct Gated : public torch::autograd::Function<Gated> {
     const int dtype = dtype_code(g.scalar_type());
     const int64_t n = g.numel();
     if (n > 0) {
-      check_gated_kernel(
-          k.forward(g.data_ptr(), u.data_ptr(), dtype, n, out.data_ptr(), write_h ? h.data_ptr() : nullptr), name,
-          "gated_forward");
-      if (write_codes) check_gated_kernel(k.codes(g.data_ptr(), dtype, n, codes.data_ptr<uint8_t>()), name, "codes");
+      check_kernel(k.forward(g.data_ptr(), u.data_ptr(), dtype, n, out.data_ptr(), write_h ? h.data_ptr() : nullptr),
+                   name, "lowmem_" + name + "_gated_forward");
+      if (write_codes)
+        check_kernel(k.codes(g.data_ptr(), dtype, n, codes.data_ptr<uint8_t>()), name, "lowmem_" + name + "_codes");
     }
     if (approx)
       ctx->save_for_backward({at::Tensor(), need_gate ? up : at::Tensor(), need_up ? h : at::Tensor(),
@@ -2696,13 +2687,12 @@ struct Gated : public torch::autograd::Function<Gated> {
       auto dense = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };  // held for the call
       const at::Tensor gate = dense(saved[0]), up = dense(saved[1]), h = dense(saved[2]), codes = dense(saved[3]);
       if (approx)
-        check_gated_kernel(k.approx(dy.data_ptr(), ptr(up), ptr(h),
-                                    codes.defined() ? codes.data_ptr<uint8_t>() : nullptr, dtype, n, mut_ptr(dgate),
-                                    mut_ptr(dup)),
-                           name, "gated_approx");
+        check_kernel(k.approx(dy.data_ptr(), ptr(up), ptr(h), codes.defined() ? codes.data_ptr<uint8_t>() : nullptr,
+                              dtype, n, mut_ptr(dgate), mut_ptr(dup)),
+                     name, "lowmem_" + name + "_gated_approx");
       else
-        check_gated_kernel(k.exact(dy.data_ptr(), gate.data_ptr(), ptr(up), dtype, n, mut_ptr(dgate), mut_ptr(dup)),
-                           name, "gated_exact");
+        check_kernel(k.exact(dy.data_ptr(), gate.data_ptr(), ptr(up), dtype, n, mut_ptr(dgate), mut_ptr(dup)), name,
+                     "lowmem_" + name + "_gated_exact");
     }
     variable_list results = {dgate, dup};
     refuse_second_derivative(results, grads[0], saved, kGatedNoDoubleBackward);
