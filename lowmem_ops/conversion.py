@@ -635,24 +635,44 @@ def _undo_what_saves_nothing(actions: list, report: Report, without_activations=
     what is inside it) saves, after minus before. A storage its module shares with another (an MS
     norm's output, which the next linear saves anyway; the half of a fused projection that an MoE
     expert saves for its product) costs nothing. Judged with every other change in place, so a
-    change that saves only together with another one is kept. An activation swap's "before" is
+    change that saves only together with another one is kept. Changes whose modules saved a storage
+    in common are judged as one (the two norms of a parallel-residual block both save the block's
+    input: neither alone stops it being saved, the two together do). An activation swap's "before" is
     `without_activations` where given (_measure_without_activation_swaps). A change whose module did not
     run in both measured forwards (a layer LayerDrop skipped) has no measured effect: it stays, with
     a note (its outputs and gradients were verified in eval mode, where every layer runs)."""
     after = report.memory_after
+    applied = [a for a in actions if a.change.status == "applied"]
+    partners = _saved_together([a.change.path for a in applied if not _is_activation_swap(a)],
+                               report.memory_before, after)
     undone = False
-    for a in actions:
-        if a.change.status != "applied":
-            continue
+    for a in applied:
+        path = a.change.path
         before = without_activations if without_activations is not None and _is_activation_swap(a) else report.memory_before
-        if not (before.did_run(a.change.path) and after.did_run(a.change.path)):
+        if not (before.did_run(path) and after.did_run(path)):
             a.change.reason = NOT_MEASURED
             continue
-        delta = after.exclusive_bytes(a.change.path) - before.exclusive_bytes(a.change.path)
+        group = partners.get(path, (path,))
+        delta = after.exclusive_bytes(*group) - before.exclusive_bytes(*group)
         if delta >= 0:
             a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"
             undone = True
+        elif len(group) > 1:
+            others = ", ".join(p for p in group if p != path)
+            a.change.reason = f"saves {-delta} bytes together with {others} (they saved a tensor in common)"
     return undone
+
+
+def _saved_together(paths: list[str], *measurements) -> dict[str, tuple[str, ...]]:
+    """path -> every path judged with it: the connected sets of `paths` whose modules saved a storage in
+    common in one of `measurements` (only paths with partners are keys)."""
+    group = {p: {p} for p in paths}
+    for m in measurements:
+        for hit in m.savers_among(paths):
+            merged = set().union(*(group[p] for p in hit))
+            for p in merged:
+                group[p] = merged
+    return {p: tuple(sorted(g)) for p, g in group.items() if len(g) > 1}
 
 
 def _probe(model, inputs, loss_fn, report: Report, watch: dict):

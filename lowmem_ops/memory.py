@@ -46,6 +46,10 @@ class SavedStorage:
     also_saved_by: list[str] = field(default_factory=list)
     cast_from: int | None = None  # id of the autograd node the cast copied from, if it is a cast copy
 
+    @property
+    def savers(self) -> list[str]:
+        return [self.module, *self.also_saved_by]
+
 
 @dataclass
 class Measurement:
@@ -68,12 +72,25 @@ class Measurement:
             out[s.module] += s.nbytes
         return dict(out)
 
-    def exclusive_bytes(self, path: str) -> int:
-        """Bytes saved only by the module at `path` and the modules inside it: what would no longer
-        be saved if that module saved nothing (a storage some other module saves too stays)."""
+    def exclusive_bytes(self, *paths: str) -> int:
+        """Bytes saved only by the modules at `paths` and the modules inside them: what would no longer
+        be saved if those modules saved nothing (a storage some other module saves too stays)."""
+        return sum(s.nbytes for s in self.storages.values() if all(map(self._inside(paths), s.savers)))
+
+    def savers_among(self, paths) -> list[set[str]]:
+        """For each storage saved by modules inside two or more of `paths`, those paths."""
+        found = []
+        for s in self.storages.values():
+            hit = {p for p in paths if any(map(self._inside((p,)), s.savers))}
+            if len(hit) > 1:
+                found.append(hit)
+        return found
+
+    @staticmethod
+    def _inside(paths):
         def inside(name: str) -> bool:
-            return name == path or name.startswith(path + ".") or not path
-        return sum(s.nbytes for s in self.storages.values() if inside(s.module) and all(map(inside, s.also_saved_by)))
+            return any(name == p or name.startswith(p + ".") or not p for p in paths)
+        return inside
 
     @property
     def shared(self) -> list[SavedStorage]:

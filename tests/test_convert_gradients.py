@@ -354,3 +354,39 @@ def test_comparable_runs_leave_the_rng_and_buffers_as_they_were():
         second = model(torch.randn(8, 4))
     assert torch.equal(first, second)  # the same seed inside: the same inputs and dropout masks
     assert torch.equal(torch.get_rng_state(), state) and torch.equal(model[1].running_mean, stats)
+
+
+# --- norms that save one tensor between them are judged together ----------------------------------------
+
+class ParallelResidual(torch.nn.Module):
+    """GPT-NeoX's block (use_parallel_residual): two LayerNorms of the same input, one before the attention's
+    projection and one before the MLP; torch's two norms both save that input."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.ln_attn, self.ln_mlp = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn = torch.nn.Linear(width, width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.ReLU(), torch.nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        return x + self.attn(self.ln_attn(x)) + self.mlp(self.ln_mlp(x))
+
+
+def test_two_norms_of_one_input_are_kept_for_what_they_save_together():
+    """Swapping one of the two norms saves nothing (the other still saves the input), the two together
+    stop it being saved: both are kept, each with a note naming the other, and the block's input is no
+    longer among the saved tensors. In bf16 each alone is +0 bytes: torch's norm saves its mean and rstd in
+    bf16, the MS norm its rstd in float32."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), ParallelResidual(), ParallelResidual()).to(torch.bfloat16)
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    report = lo.convert(model, example_inputs=x)
+    norms = {c.path: c for c in report.changes if c.path.split(".")[-1].startswith("ln_")}
+    assert len(norms) == 4 and all(c.status == "applied" for c in norms.values()), report
+    for block in ("1", "2"):
+        attn, mlp = norms[f"{block}.ln_attn"], norms[f"{block}.ln_mlp"]
+        assert f"together with {block}.ln_mlp" in attn.reason and f"together with {block}.ln_attn" in mlp.reason
+    block_input = x.numel() * x.element_size()  # each block's input: (8, 16) bf16, saved by its two norms
+    saved_by_norms = [s for s in report.memory_before.storages.values() if s.module.endswith("ln_attn")]
+    assert [s.nbytes for s in saved_by_norms if s.shape == (8, 16)] == [block_input] * 2
+    assert report.memory_before.total_bytes - report.memory_after.total_bytes >= 2 * block_input

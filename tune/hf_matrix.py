@@ -1,5 +1,6 @@
 """The convert matrix over the Hugging Face architectures issue 11's "Done when" names (35 families;
-the issue counts 34): build each tiny and random from its config, convert it with the defaults, and
+the issue counts 34) and 8 more that are often fine-tuned (GPT-2, GPT-NeoX, GPT-J, Qwen2, Phi-3, BERT,
+DeBERTa-v2, ViT): build each tiny and random from its config, convert it with the defaults, and
 record what happened.
 
     python tune/hf_matrix.py                       # all architectures (a few minutes on CPU)
@@ -135,6 +136,18 @@ ARCHS: dict[str, Arch] = {
     "mobilevit": Arch("MobileViTConfig", "MobileViTModel",
                       dict(image_size=IMAGE, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 96],
                            num_attention_heads=2, mlp_ratio=2.0), "image"),
+    # beyond issue 11's list: the families most often fine-tuned (GPT-2's Conv1D layers, GPT-NeoX's
+    # parallel residual with two norms of one input, DeBERTa's disentangled attention)
+    "gpt2": Arch("GPT2Config", "GPT2LMHeadModel",
+                 dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64), "tokens"),
+    "gpt_neox": Arch("GPTNeoXConfig", "GPTNeoXForCausalLM", _DECODER, "tokens"),
+    "gptj": Arch("GPTJConfig", "GPTJForCausalLM",
+                 dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, rotary_dim=8), "tokens"),
+    "qwen2": Arch("Qwen2Config", "Qwen2ForCausalLM", _DECODER, "tokens"),
+    "phi3": Arch("Phi3Config", "Phi3ForCausalLM", {**_DECODER, **_IDS}, "tokens"),
+    "bert": Arch("BertConfig", "BertModel", _ENCODER, "tokens"),
+    "deberta_v2": Arch("DebertaV2Config", "DebertaV2Model", _ENCODER, "tokens"),
+    "vit": Arch("ViTConfig", "ViTModel", _VIT, "image"),
 }
 
 
