@@ -15,7 +15,7 @@
 // from the spec over at::vec::Vectorized<float> (torch's vector library: Sleef's exp/log/tanh, its erf);
 // the approximate backward's d_gate = dy * up * L[code] and d_up = dy * h as the torch path rounds them.
 // The memory-sharing norms follow the activations (templates/cpu_norm.cpp.j2, template sha256
-// 59c73497950a78663cb285a9e01b03431bd74d1f5a5ba977f33b54622d322790), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436), then the
+// 5e8a5e91d12872696a9affeea954acc10dc0250256df9a4db7f1452d0af868b0), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436), then the
 // C++ autograd ops of the norms and activations (templates/cpu_autograd.cpp.j2, ba9989c68f9e9216f9410179429b21c52e3a2ce9d7be1b23bc45ca8861dc6efd).
 // dtype: 0 float32, 1 bfloat16, 2 float16 (elements, not bytes, in n). Every entry point returns 0,
 // or -1 for a dtype it does not know, or -2 where an exception stopped it.
@@ -2002,113 +2002,176 @@ extern "C" int lowmem_tanh_gelu4_spec(int* bits, int* boundary_lower, float* thr
 // dy/y/x of `dtype`, y of `out_dtype`. 0 rows: nothing to do.
 namespace {
 
+// sq + v * v. The square of a float32 v is exact in float64, so a fused multiply-add rounds exactly as the
+// product and then the sum did; where FMA is in hardware it saves the product's instruction.
+LOWMEM_INLINE double add_square(double sq, double v) {
+#ifdef __FMA__
+  return std::fma(v, v, sq);
+#else
+  return sq + v * v;
+#endif
+}
+
+// float32 x: every pass reads the row in place (it stays in L1 / L2) and recomputes x * s - mean, the same
+// float32 operations, where a float32 copy of the row stored and reloaded per pass cost more than that
+// arithmetic. 16-bit x: converting costs more, so the first pass stores x as float32 and the second
+// x * s - mean, which the third reads.
 template <class DI, class DO>
 void norm_forward_rows(const typename DI::T* __restrict x, int64_t r0, int64_t r1, int64_t cols,
                        const float* __restrict w, const float* __restrict b, float eps, bool is_rms,
                        typename DO::T* __restrict y, float* __restrict rstd) {
-  std::vector<float> xf(cols);
+  constexpr bool kInPlace = std::is_same<DI, Float32>::value;
+  std::vector<float> xf(kInPlace ? 0 : cols);
+  float* __restrict xw = xf.data();
   for (int64_t r = r0; r < r1; ++r) {
-    const typename DI::T* xr = x + r * cols;
-    float* __restrict xs = xf.data();
+    const typename DI::T* __restrict xr = x + r * cols;
+    const float* __restrict xs = kInPlace ? reinterpret_cast<const float*>(xr) : xw;
     float m = 0.0f;
     double sum = 0.0;
+    if constexpr (kInPlace) {
 #pragma omp simd reduction(max : m) reduction(+ : sum)
-    for (int64_t c = 0; c < cols; ++c) {
-      const float v = DI::load(xr[c]);
-      xs[c] = v;
-      m = std::max(m, std::fabs(v));
-      sum += double(v);
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = xs[c];
+        m = std::max(m, std::fabs(v));
+        sum += double(v);
+      }
+    } else {
+#pragma omp simd reduction(max : m) reduction(+ : sum)
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = DI::load(xr[c]);
+        xw[c] = v;
+        m = std::max(m, std::fabs(v));
+        sum += double(v);
+      }
     }
     const float s = m >= 0x1p40f ? 0x1p-80f : 1.0f;  // a power of two: x * s is exact
     const float mean = is_rms ? 0.0f : float(sum * double(s) / double(cols));
     double sq = 0.0;
+    if constexpr (kInPlace) {
 #pragma omp simd reduction(+ : sq)
-    for (int64_t c = 0; c < cols; ++c) {
-      const float v = xs[c] * s - mean;
-      xs[c] = v;
-      sq += double(v) * double(v);
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = xs[c] * s - mean;
+        sq = add_square(sq, double(v));
+      }
+    } else {
+#pragma omp simd reduction(+ : sq)
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = xw[c] * s - mean;
+        xw[c] = v;
+        sq = add_square(sq, double(v));
+      }
     }
     const float den = float(sq / double(cols)) + eps * s * s;
     const float inv = den > 0.0f ? 1.0f / std::sqrt(den) : 1.0f / (s * std::sqrt(eps));
     rstd[r] = s * inv;
+    // x * s - mean of column c, as the second pass computed it
+    const auto centred = [&](int64_t c) -> float { return kInPlace ? xs[c] * s - mean : xw[c]; };
     typename DO::T* __restrict yr = y + r * cols;
     if (w == nullptr) {
-      for (int64_t c = 0; c < cols; ++c) yr[c] = DO::store(xs[c] * inv);
+      for (int64_t c = 0; c < cols; ++c) yr[c] = DO::store(centred(c) * inv);
     } else if (b == nullptr) {
-      for (int64_t c = 0; c < cols; ++c) yr[c] = DO::store((xs[c] * inv) * w[c]);
+      for (int64_t c = 0; c < cols; ++c) yr[c] = DO::store((centred(c) * inv) * w[c]);
     } else {
-      for (int64_t c = 0; c < cols; ++c) yr[c] = DO::store((xs[c] * inv) * w[c] + b[c]);
+      for (int64_t c = 0; c < cols; ++c) yr[c] = DO::store((centred(c) * inv) * w[c] + b[c]);
     }
   }
 }
 
-// x_hat and g = dy * w of one row, in float32 as the torch path computes them; returns the row sums of
-// g * x_hat and g (float64).
+// x_hat of one row, in float32 as the torch path computes it (into xh); returns the row sums of g * x_hat
+// and g (float64), g = dy * w. g is not stored: the dx loop recomputes it (the same float32 product) from
+// dy and w, which it reads anyway or shares across rows, instead of one more buffer through the caches.
 template <class D>
 LOWMEM_INLINE void norm_row_inputs(const typename D::T* __restrict dy, const typename D::T* __restrict y, int64_t cols,
                                    const float* __restrict w, const float* __restrict b, float* __restrict xh,
-                                   float* __restrict g, double& sgx, double& sg) {
+                                   double& sgx, double& sg) {
   double a = 0.0, c0 = 0.0;
   if (w == nullptr) {
 #pragma omp simd reduction(+ : a, c0)
     for (int64_t c = 0; c < cols; ++c) {
       xh[c] = D::load(y[c]);
-      g[c] = D::load(dy[c]);
-      a += double(g[c] * xh[c]);
-      c0 += double(g[c]);
+      const float g = D::load(dy[c]);
+      a += double(g * xh[c]);
+      c0 += double(g);
     }
   } else if (b == nullptr) {
 #pragma omp simd reduction(+ : a, c0)
     for (int64_t c = 0; c < cols; ++c) {
       xh[c] = D::load(y[c]) / w[c];
-      g[c] = D::load(dy[c]) * w[c];
-      a += double(g[c] * xh[c]);
-      c0 += double(g[c]);
+      const float g = D::load(dy[c]) * w[c];
+      a += double(g * xh[c]);
+      c0 += double(g);
     }
   } else {
 #pragma omp simd reduction(+ : a, c0)
     for (int64_t c = 0; c < cols; ++c) {
       xh[c] = (D::load(y[c]) - b[c]) / w[c];
-      g[c] = D::load(dy[c]) * w[c];
-      a += double(g[c] * xh[c]);
-      c0 += double(g[c]);
+      const float g = D::load(dy[c]) * w[c];
+      a += double(g * xh[c]);
+      c0 += double(g);
     }
   }
   sgx = a;
   sg = c0;
 }
 
-// dx of rows [r0, r1); with dw (and db), adds sum dy * x_hat (and sum dy) over those rows to them.
+// dx of rows [r0, r1); with dw (and db), adds sum dy * x_hat (and sum dy) over those rows to them, row by row
+// in row order (each column's float64 sum rounds as a plain loop over the rows would).
+// Wide rows with parameter sums go in groups of rows: pass 1 (x_hat and the row sums) of each row of the
+// group, then dx and the parameter sums column chunk by column chunk, all the group's rows per chunk, so
+// the chunk of the float64 partial rows stays in L1 across the group instead of both partial rows (twice
+// the row's bytes each) streaming through L2 once per row. Narrower rows stay in L1 / L2 as they are, and
+// there the short chunked loops cost more than they save: one row at a time, whole.
+constexpr int64_t kSweepBytes = 96 * 1024, kSweepRowsMax = 16, kSweepCols = 256, kSweepMinCols = 2048;
+
 template <class DY, class DX>
 void norm_backward_rows(const typename DY::T* dy, const typename DY::T* y, const float* rstd, int64_t r0, int64_t r1,
                         int64_t cols, const float* w, const float* b, bool is_rms, typename DX::T* dx, double* dw,
                         double* db) {
-  std::vector<float> xh_buf(cols), g_buf(cols);
-  float* __restrict xh = xh_buf.data();
-  float* __restrict g = g_buf.data();
-  for (int64_t r = r0; r < r1; ++r) {
-    const typename DY::T* __restrict dyr = dy + r * cols;
-    double sgx, sg;
-    norm_row_inputs<DY>(dyr, y + r * cols, cols, w, b, xh, g, sgx, sg);
-    const float c1 = float(sgx / double(cols)), mg = is_rms ? 0.0f : float(sg / double(cols)), rs = rstd[r];
-    typename DX::T* __restrict dxr = dx + r * cols;
-    // RMSNorm: mg = 0 and g - 0 is g, so one loop serves both norms.
-    if (dw == nullptr) {
-      for (int64_t c = 0; c < cols; ++c) dxr[c] = DX::store(((g[c] - mg) - xh[c] * c1) * rs);
-    } else if (db == nullptr) {
-      double* __restrict dwr = dw;
-      for (int64_t c = 0; c < cols; ++c) {
-        dxr[c] = DX::store(((g[c] - mg) - xh[c] * c1) * rs);
-        dwr[c] += double(DY::load(dyr[c]) * xh[c]);
+  const int64_t group = dw == nullptr || cols < kSweepMinCols
+                            ? 1
+                            : std::clamp<int64_t>(kSweepBytes / (8 * cols), 1, kSweepRowsMax);
+  std::vector<float> xh_buf(group * cols);
+  float c1[kSweepRowsMax], mg[kSweepRowsMax], rs[kSweepRowsMax];
+  for (int64_t q0 = r0; q0 < r1; q0 += group) {
+    const int64_t n = std::min(group, r1 - q0);
+    for (int64_t k = 0; k < n; ++k) {
+      double sgx, sg;
+      norm_row_inputs<DY>(dy + (q0 + k) * cols, y + (q0 + k) * cols, cols, w, b, xh_buf.data() + k * cols, sgx, sg);
+      c1[k] = float(sgx / double(cols));
+      mg[k] = is_rms ? 0.0f : float(sg / double(cols));
+      rs[k] = rstd[q0 + k];
+    }
+    const int64_t chunk = group == 1 ? cols : kSweepCols;
+    for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
+      const int64_t c1_ = std::min(cols, c0 + chunk);
+      for (int64_t k = 0; k < n; ++k) {
+        const typename DY::T* __restrict dyr = dy + (q0 + k) * cols;
+        const float* __restrict xh = xh_buf.data() + k * cols;
+        typename DX::T* __restrict dxr = dx + (q0 + k) * cols;
+        const float m = mg[k], c = c1[k], r = rs[k];
+        // RMSNorm: mg = 0 and g - 0 is g, so one loop serves both norms. g = dy * w as pass 1 computed it.
+        if (w == nullptr) {
+          for (int64_t j = c0; j < c1_; ++j) dxr[j] = DX::store(((DY::load(dyr[j]) - m) - xh[j] * c) * r);
+        } else if (dw == nullptr) {
+          for (int64_t j = c0; j < c1_; ++j) dxr[j] = DX::store(((DY::load(dyr[j]) * w[j] - m) - xh[j] * c) * r);
+        } else if (db == nullptr) {
+          double* __restrict dwr = dw;
+          for (int64_t j = c0; j < c1_; ++j) {
+            const float d = DY::load(dyr[j]);
+            dxr[j] = DX::store(((d * w[j] - m) - xh[j] * c) * r);
+            dwr[j] += double(d * xh[j]);
+          }
+        } else {  // one read-modify-write stream per loop: two in one loop ran at a third of the speed
+          double* __restrict dwr = dw;
+          double* __restrict dbr = db;
+          for (int64_t j = c0; j < c1_; ++j) {
+            const float d = DY::load(dyr[j]);
+            dxr[j] = DX::store(((d * w[j] - m) - xh[j] * c) * r);
+            dwr[j] += double(d * xh[j]);
+          }
+          for (int64_t j = c0; j < c1_; ++j) dbr[j] += double(DY::load(dyr[j]));
+        }
       }
-    } else {  // one read-modify-write stream per loop: two in one loop ran at a third of the speed
-      double* __restrict dwr = dw;
-      double* __restrict dbr = db;
-      for (int64_t c = 0; c < cols; ++c) {
-        dxr[c] = DX::store(((g[c] - mg) - xh[c] * c1) * rs);
-        dwr[c] += double(DY::load(dyr[c]) * xh[c]);
-      }
-      for (int64_t c = 0; c < cols; ++c) dbr[c] += double(DY::load(dyr[c]));
     }
   }
 }

@@ -166,6 +166,43 @@ def test_norm_against_float64(dtype, is_rms, params):
         check_norm(x, dy, w, b, is_rms, 1e-5, run_norm("cpp", x, dy, w, b, is_rms, 1e-5), dtype)
 
 
+# Rows of at least 2048 columns take the backward's other loop structure (templates/cpu_norm.cpp.j2,
+# kSweepMinCols: groups of rows, column chunks of 256): 2100 columns end in a partial chunk, 37 rows in a
+# partial group, and 70 rows make two blocks of dgamma / dbeta partial sums.
+WIDE = ((37, 2100), (70, 2304))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("params", ["none", "weight", "weight+bias"])
+def test_norm_wide_rows_against_float64(dtype, is_rms, params):
+    for rows, cols in WIDE:
+        x, dy, w, b = norm_case(rows, cols, dtype, is_rms, params, rows + cols)
+        check_norm(x, dy, w, b, is_rms, 1e-5, run_norm("cpp", x, dy, w, b, is_rms, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("rows, cols", [(300, 130), *WIDE])
+def test_norm_parameter_grads_are_the_documented_sums(rows, cols):
+    """dgamma / dbeta bit for bit: per column, float64 sums of the float32 dy * x_hat (x_hat = (y - beta) /
+    gamma from the saved y) and of dy over blocks of rows that depend on the shape only (rows // 32 blocks,
+    at most 64), each block summed in row order, the blocks added in order, rounded to float32 once."""
+    x, dy, w, b = norm_case(rows, cols, torch.float32, False, "weight+bias", rows * cols)
+    y, _, dw, db = run_norm("cpp", x, dy, w, b, False, 1e-5)
+    terms_w = (dy * ((y - b) / w)).double()  # float32 operations, as the kernels round them
+    terms_b = dy.double()
+    blocks = max(1, min(64, rows // 32))
+    per_block = -(-rows // blocks)
+    want_w, want_b = torch.zeros(cols, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
+    for r0 in range(0, rows, per_block):
+        part_w, part_b = torch.zeros(cols, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
+        for r in range(r0, min(rows, r0 + per_block)):
+            part_w += terms_w[r]
+            part_b += terms_b[r]
+        want_w, want_b = (part_w, part_b) if r0 == 0 else (want_w + part_w, want_b + part_b)
+    assert_identical(dw, want_w.float(), "dweight")
+    assert_identical(db, want_b.float(), "dbias")
+
+
 @pytest.mark.parametrize("is_rms", [False, True])
 def test_norm_huge_and_constant_rows(is_rms):
     """Rows whose squares overflow float32 (rescaled by 2^-80, as the torch path) and constant rows
@@ -192,17 +229,18 @@ def test_norm_autocast_output_dtype():
 @pytest.mark.parametrize("is_rms", [False, True])
 def test_norm_results_do_not_depend_on_thread_count(is_rms):
     """Row sums are per row; dgamma / dbeta sum fixed blocks of rows in order: same bits on 1 or 2 threads."""
-    x, dy, w, b = norm_case(300, 130, torch.float32, is_rms, "weight+bias", 7)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run_norm("cpp", x, dy, w, b, is_rms, 1e-5)
-        torch.set_num_threads(2)
-        two = run_norm("cpp", x, dy, w, b, is_rms, 1e-5)
-    finally:
-        torch.set_num_threads(threads)
-    for a, c in zip(one, two):
-        assert (a is None and c is None) or torch.equal(a, c)
+    for rows, cols in ((300, 130), (100, 2100)):  # narrow and wide rows (WIDE)
+        x, dy, w, b = norm_case(rows, cols, torch.float32, is_rms, "weight+bias", 7)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = run_norm("cpp", x, dy, w, b, is_rms, 1e-5)
+            torch.set_num_threads(2)
+            two = run_norm("cpp", x, dy, w, b, is_rms, 1e-5)
+        finally:
+            torch.set_num_threads(threads)
+        for a, c in zip(one, two):
+            assert (a is None and c is None) or torch.equal(a, c)
 
 
 # --- fallback -------------------------------------------------------------------------------------
