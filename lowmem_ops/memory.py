@@ -27,6 +27,7 @@ import torch
 
 from ._snapshot import calls_give_back_rng, state_kept
 
+
 def require_matplotlib(what: str):
     """matplotlib, which only the plots need: it comes with the `kernelgen` extra, not with lowmem-ops."""
     try:
