@@ -581,11 +581,12 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
     if examples and measure_memory and report.memory_after is None:
         report.memory_after = report.memory_before  # nothing changed
     if examples and measure_memory:
-        for a in actions:
-            if a.change.status == "applied":
-                if a.change.reason != NOT_MEASURED:
-                    a.change.bytes_before = report.memory_before.exclusive_bytes(a.change.path)
-                    a.change.bytes_after = report.memory_after.exclusive_bytes(a.change.path)
+        saved_before, saved_after = report.memory_before, report.memory_after
+        for a in actions:  # a module that did not run in both has no bytes to show (NOT_MEASURED)
+            path = a.change.path
+            if a.change.status == "applied" and saved_before.did_run(path) and saved_after.did_run(path):
+                a.change.bytes_before = saved_before.exclusive_bytes(path)
+                a.change.bytes_after = saved_after.exclusive_bytes(path)
     if probe is not None:
         report.gradient_cosine, report.gradient_note = None, ""
         failure = _compare_gradients(model, inputs, probe, actions, report)
