@@ -15,7 +15,7 @@
 // from the spec over at::vec::Vectorized<float> (torch's vector library: Sleef's exp/log/tanh, its erf);
 // the approximate backward's d_gate = dy * up * L[code] and d_up = dy * h as the torch path rounds them.
 // The memory-sharing norms follow the activations (templates/cpu_norm.cpp.j2, template sha256
-// 5e8a5e91d12872696a9affeea954acc10dc0250256df9a4db7f1452d0af868b0), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436), then the
+// 066e553dd8ed737f67cf9cc6570fc65472d13b202a5b1124c748c9ef077bf7db), then dropout (templates/cpu_dropout.cpp.j2, 4d495f7aad59c29e64b8c47bdc2d651d58c5bc89602839f53738acffd70f5436), then the
 // C++ autograd ops of the norms and activations (templates/cpu_autograd.cpp.j2, ba9989c68f9e9216f9410179429b21c52e3a2ce9d7be1b23bc45ca8861dc6efd).
 // dtype: 0 float32, 1 bfloat16, 2 float16 (elements, not bytes, in n). Every entry point returns 0,
 // or -1 for a dtype it does not know, or -2 where an exception stopped it.
@@ -2143,7 +2143,7 @@ void norm_backward_rows(const typename DY::T* dy, const typename DY::T* y, const
     }
     const int64_t chunk = group == 1 ? cols : kSweepCols;
     for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
-      const int64_t c1_ = std::min(cols, c0 + chunk);
+      const int64_t c_end = std::min(cols, c0 + chunk);
       for (int64_t k = 0; k < n; ++k) {
         const typename DY::T* __restrict dyr = dy + (q0 + k) * cols;
         const float* __restrict xh = xh_buf.data() + k * cols;
@@ -2151,12 +2151,12 @@ void norm_backward_rows(const typename DY::T* dy, const typename DY::T* y, const
         const float m = mg[k], c = c1[k], r = rs[k];
         // RMSNorm: mg = 0 and g - 0 is g, so one loop serves both norms. g = dy * w as pass 1 computed it.
         if (w == nullptr) {
-          for (int64_t j = c0; j < c1_; ++j) dxr[j] = DX::store(((DY::load(dyr[j]) - m) - xh[j] * c) * r);
+          for (int64_t j = c0; j < c_end; ++j) dxr[j] = DX::store(((DY::load(dyr[j]) - m) - xh[j] * c) * r);
         } else if (dw == nullptr) {
-          for (int64_t j = c0; j < c1_; ++j) dxr[j] = DX::store(((DY::load(dyr[j]) * w[j] - m) - xh[j] * c) * r);
+          for (int64_t j = c0; j < c_end; ++j) dxr[j] = DX::store(((DY::load(dyr[j]) * w[j] - m) - xh[j] * c) * r);
         } else if (db == nullptr) {
           double* __restrict dwr = dw;
-          for (int64_t j = c0; j < c1_; ++j) {
+          for (int64_t j = c0; j < c_end; ++j) {
             const float d = DY::load(dyr[j]);
             dxr[j] = DX::store(((d * w[j] - m) - xh[j] * c) * r);
             dwr[j] += double(d * xh[j]);
@@ -2164,12 +2164,12 @@ void norm_backward_rows(const typename DY::T* dy, const typename DY::T* y, const
         } else {  // one read-modify-write stream per loop: two in one loop ran at a third of the speed
           double* __restrict dwr = dw;
           double* __restrict dbr = db;
-          for (int64_t j = c0; j < c1_; ++j) {
+          for (int64_t j = c0; j < c_end; ++j) {
             const float d = DY::load(dyr[j]);
             dxr[j] = DX::store(((d * w[j] - m) - xh[j] * c) * r);
             dwr[j] += double(d * xh[j]);
           }
-          for (int64_t j = c0; j < c1_; ++j) dbr[j] += double(DY::load(dyr[j]));
+          for (int64_t j = c0; j < c_end; ++j) dbr[j] += double(DY::load(dyr[j]));
         }
       }
     }
