@@ -57,13 +57,14 @@ def _parts(module: torch.nn.Module):
     return (proj, drops[0], norms[0]), children[proj], children[drops[0]], children[norms[0]]
 
 
-def _takes_two_tensors(module: torch.nn.Module) -> bool:
+def takes_tensors(module: torch.nn.Module, n: int) -> bool:
+    """Whether module.forward takes exactly n positional arguments, none with a default."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) == 2 and all(p.default is p.empty for p in positional)
+    return len(positional) == n and all(p.default is p.empty for p in positional)
 
 
 def _probe_inputs(proj: torch.nn.Module, norm: torch.nn.LayerNorm):
@@ -77,19 +78,21 @@ def _probe_inputs(proj: torch.nn.Module, norm: torch.nn.LayerNorm):
     return make(in_features), 2 * make(width) + 0.5
 
 
-def _tolerance(dtype: torch.dtype) -> float:
+def tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
 @torch.no_grad()
-def _same_in_training(module: torch.nn.Module, fused: DropoutAddNorm, inputs, drop_name: str) -> bool:
-    """Whether `module` with lowmem_ops' Dropout in place of its own, and `fused`, give the same output
-    in training mode from the same RNG state (so the same mask), and the same in eval mode."""
+def same_in_training(module: torch.nn.Module, fused: torch.nn.Module, inputs, drop_name: str | None) -> bool:
+    """Whether `module` with lowmem_ops' Dropout in place of its own (its child `drop_name`, if any),
+    and `fused`, give the same output in training mode from the same RNG state (so the same mask),
+    and the same in eval mode."""
     devices = [inputs[0].device] if inputs[0].device.type == "cuda" else []
-    original_drop, mode = getattr(module, drop_name), module.training
+    original_drop, mode = getattr(module, drop_name) if drop_name else None, module.training
     results = []
     try:
-        setattr(module, drop_name, Dropout(original_drop.p))
+        if drop_name:
+            setattr(module, drop_name, Dropout(original_drop.p))
         for training in (True, False):
             module.train(training)
             fused.train(training)
@@ -100,10 +103,11 @@ def _same_in_training(module: torch.nn.Module, fused: DropoutAddNorm, inputs, dr
                     outs.append(m(*inputs))
             results.append(outs)
     finally:
-        setattr(module, drop_name, original_drop)
+        if drop_name:
+            setattr(module, drop_name, original_drop)
         module.train(mode)
         fused.train(mode)
-    tol = _tolerance(inputs[0].dtype)
+    tol = tolerance(inputs[0].dtype)
     return all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol)
                for a, b in results)
 
@@ -112,7 +116,7 @@ def fused_block(module: torch.nn.Module) -> tuple[DropoutAddNorm | None, str | N
     """(the fused block, None) for a post-LN output block, (None, why) for one with the block's shape
     that does not compute it, (None, None) for anything else."""
     parts = _parts(module)
-    if parts is None or not _takes_two_tensors(module):
+    if parts is None or not takes_tensors(module, 2):
         return None, None
     names, proj, drop, norm = parts
     if drop.p == 0 or drop.p >= 1:
@@ -122,7 +126,7 @@ def fused_block(module: torch.nn.Module) -> tuple[DropoutAddNorm | None, str | N
         return None, None
     fused = DropoutAddNorm(names, proj, drop, norm)
     try:
-        same = _same_in_training(module, fused, inputs, names[1])
+        same = same_in_training(module, fused, inputs, names[1])
     except Exception:  # a forward that does not take two such tensors: not this block
         return None, None
     if not same:

@@ -23,7 +23,9 @@ What is swapped (options turn each part off):
   BloomGelu, a user's Swish), an op of a tree the user loaded (lo.load) included (a built-in op
   that fits comes first); what it matches nothing of, or cannot be probed, is a report line;
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
-  Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto");
+  Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto"); one projection for
+  both halves (Phi-3's gate_up_proj, ModernBERT's Wi; recognised by behaviour, lowmem_ops._gated_mlp)
+  -> FusedGatedMLP;
 - PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
   weight's; a bitsandbytes 4-bit base's compute_dtype; an 8-bit base's input dtype), so no adapter
   casts its input (each cast is a new tensor that is saved and shares nothing).
@@ -52,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _attention, _bits, _gradients, _recognition, memory
+from ._gated_mlp import fused_gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
 from ._snapshot import Snapshot, state_kept
@@ -166,12 +169,18 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         if new is not None or why:
             return new, why
     if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        pick = _ACTIVATIONS.get(type(module.act_fn).__name__)
-        probed = observation.matches.get(id(module.act_fn)) if observation is not None else None
-        op = pick(module.act_fn) if pick else probed.op if probed is not None else None
+        op = _gated_op_of(module.act_fn, observation)
         if op in _GATED_OPS:
             return GatedMLP.from_mlp(module, act=op, mode=gated_mode), None
         return None, f"gated MLP with activation {type(module.act_fn).__name__}, which has no fused kernel"
+    if gated:
+        def op_of(child):
+            op = _gated_op_of(child, observation)
+            return op if op in _GATED_OPS else None
+
+        new, why = fused_gated_mlp(module, op_of, gated_mode, swap_dropout=dropout)
+        if new is not None or why:
+            return new, why
     if activations and name in _ACTIVATIONS:
         op = _ACTIVATIONS[name](module)
         if op is None and match is not None and match.op is not None:  # a user's op computes it (probed)
@@ -215,6 +224,13 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         # not a probing candidate (its eval-mode forward is a per-channel affine), but a norm left alone
         return None, f"{name}: normalises with batch or instance statistics; memory-sharing kernels are LayerNorm / RMSNorm only"
     return None, None
+
+
+def _gated_op_of(act: torch.nn.Module, observation: "_Observation | None") -> str | None:
+    """The op a gated MLP's activation module computes: by its class, else by probing; None if neither."""
+    pick = _ACTIVATIONS.get(type(act).__name__)
+    probed = observation.matches.get(id(act)) if observation is not None else None
+    return pick(act) if pick else probed.op if probed is not None else None
 
 
 def _dropout_replacement(module: torch.nn.Module, norms: bool, observation: "_Observation | None"):

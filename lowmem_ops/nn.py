@@ -209,5 +209,45 @@ class GatedMLP(torch.nn.Module):
         return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
-__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm", "GatedActivation", "GatedMLP", "Dropout", "AddMSLayerNorm",
-           "AddMSRMSNorm"]
+class FusedGatedMLP(torch.nn.Module):
+    """down(dropout(act(a) * b)) with a, b = proj(x).chunk(2, -1): a gated MLP with one projection for
+    both halves (Phi-3's gate_up_proj / down_proj, ModernBERT's Wi / drop / Wo), the gated activation
+    fused. torch keeps proj's output and act(a); this keeps proj's output only (its two halves, one
+    storage), exactly. The children stay under the names given (proj, down, dropout or None), so PEFT
+    adapters and state_dict keys are those of the original module.
+
+    act_half: which half goes through the activation (0: the first, as in Phi-3; 1: the second, as
+    in Moonshine's decoder). mode: as GatedActivation's; "auto" is "exact" here, since the two halves
+    always share one requires_grad (approx would keep the storage through `b`, and h(a) and the codes
+    besides)."""
+
+    def __init__(self, names: tuple, proj: torch.nn.Module, down: torch.nn.Module, dropout: torch.nn.Module | None = None,
+                 act: str = "resilu2", mode: str = "auto", act_half: int = 0):
+        super().__init__()
+        if (len(names) != 3 or not all(isinstance(n, str) for n in names[:2]) or "act" in names
+                or (dropout is None) != (names[2] is None)):
+            raise ValueError("FusedGatedMLP: names must be the (proj, down, dropout) attribute names, other than "
+                             f"'act', dropout's None exactly when no dropout is given; got {names!r}")
+        if act_half not in (0, 1):
+            raise ValueError(f"FusedGatedMLP: act_half must be 0 or 1 (the half of proj's output the activation "
+                             f"takes), got {act_half!r}")
+        self.names, self.act_half = tuple(names), act_half
+        for name, child in zip(names, (proj, down, dropout)):
+            if name is not None:
+                self.add_module(name, child)
+        self.act = GatedActivation(act, mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj, down, drop = (getattr(self, n) if n is not None else None for n in self.names)
+        halves = proj(x).chunk(2, dim=-1)
+        h = self.act(halves[self.act_half], halves[1 - self.act_half])
+        return down(drop(h) if drop is not None else h)
+
+    def extra_repr(self) -> str:
+        proj, down, drop = self.names
+        inner = f"act(a) * b for {'a, b' if self.act_half == 0 else 'b, a'} = {proj}(x).chunk(2)"
+        return f"{down}({f'{drop}({inner})' if drop else inner}), fused"
+
+
+__all__ = ["Approx", "ReGELU2", "ReSiLU2", "MSLayerNorm", "MSRMSNorm", "GatedActivation", "GatedMLP", "FusedGatedMLP",
+           "Dropout", "AddMSLayerNorm", "AddMSRMSNorm"]

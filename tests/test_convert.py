@@ -21,6 +21,12 @@ def qwen2():
     return transformers.Qwen2ForCausalLM(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
 
 
+def phi3():  # one projection for gate and up (gate_up_proj)
+    cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=300, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return transformers.Phi3ForCausalLM(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
+
+
 def gpt2():
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg), {"input_ids": torch.randint(0, 300, (2, 32))}
@@ -42,6 +48,7 @@ def vit():
 CASES = {
     "llama": (llama, {"MSRMSNorm", "GatedMLP"}, 0.70),
     "qwen2": (qwen2, {"MSRMSNorm", "GatedMLP"}, 0.75),
+    "phi3": (phi3, {"MSRMSNorm", "FusedGatedMLP"}, 0.70),
     # tanh GELU: 2 bits (local cosine 0.79 here) misses the default grad_tolerance, 3 bits (0.98) meets it
     # dropout (p > 0 in training): nn.Dropout -> lo.nn.Dropout, the attention modules' CPU dropout
     # regenerated (GPT2Attention, BertSelfAttention), BERT's post-LN output blocks -> DropoutAddNorm
@@ -77,6 +84,7 @@ def test_convert_real_architectures(arch):
 LORA_TARGETS = {
     "llama": ["q_proj", "v_proj", "gate_proj", "up_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "bert": ["query", "key", "value", "dense"],
     "vit": ["q_proj", "k_proj", "v_proj", "fc1", "fc2"],
@@ -115,6 +123,52 @@ def test_a_wrong_swap_is_undone(monkeypatch):
     assert all(c.before == "LayerNorm" for c in report.applied)
     assert report.max_difference <= report.tolerance
     assert "undone" in str(report) and "outputs moved by" in str(report)
+
+
+class _OneProjectionMLP(torch.nn.Module):
+    """A projection to two halves, an activation and a projection back: `how` combines them."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.fc1, self.fc2, self.act_fn, self.how = torch.nn.Linear(16, 64), torch.nn.Linear(32, 16), torch.nn.SiLU(), how
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.how(a, b, self.act_fn))
+
+
+def test_one_projection_gated_mlps_are_recognised_by_behaviour():
+    """Whichever half goes through the activation (Moonshine's decoder: the second), the MLP is
+    fused; one that computes something else with the same children is left alone, with a reason."""
+    torch.manual_seed(0)
+    second = torch.nn.Sequential(_OneProjectionMLP(lambda a, b, act: a * act(b)), torch.nn.Linear(16, 4))
+    other = torch.nn.Sequential(_OneProjectionMLP(lambda a, b, act: act(a) + b), torch.nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    want = second(x)
+    report = lo.convert(second, example_inputs=x)
+    assert type(second[0]) is lo.nn.FusedGatedMLP and second[0].act_half == 1, str(report)
+    assert not [c for c in report.changes if c.status == "undone"]
+    torch.testing.assert_close(second(x), want)
+    report = lo.convert(other, example_inputs=x)
+    assert type(other[0]) is _OneProjectionMLP
+    assert any(path == "0" and "not fused" in why for path, why in report.skipped), str(report)
+    assert type(other[0].act_fn) is lo.nn.Approx  # its activation swapped on its own
+
+
+def test_modernbert_mlp_dropout_saves_no_mask():
+    """ModernBERT's MLP holds a dropout: converted whole, that dropout becomes lo.nn.Dropout."""
+    cfg = transformers.ModernBertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                        vocab_size=300, mlp_dropout=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                                        cls_token_id=1, sep_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.ModernBertModel(cfg)
+    report = lo.convert(model, example_inputs={"input_ids": torch.randint(0, 300, (2, 16))})
+    mlp = model.layers[0].mlp
+    assert type(mlp) is lo.nn.FusedGatedMLP and type(mlp.drop) is lo.nn.Dropout and mlp.drop.p == 0.1, str(report)
+    assert mlp.Wi is conversion._originals(model)["layers.0.mlp"].Wi
+    lo.export(model)
+    assert type(model.layers[0].mlp).__name__ == "ModernBertMLP"
+    assert type(model.layers[0].mlp.drop) is torch.nn.Dropout
 
 
 def test_options_turn_parts_off():

@@ -159,17 +159,18 @@ def test_no_gradient_check_when_asked_or_impossible():
 
 class GateUpExpert(torch.nn.Module):
     """An MoE expert in the transformers-5 style: act(gate) * up from two halves of one projection,
-    a tensor the product saves anyway, so a 2-bit activation adds its codes and frees nothing."""
+    a tensor the product saves anyway, so a 2-bit activation adds its codes and frees nothing. Its
+    weights are bare Parameters (as the experts' 3-D ones are), so it is no FusedGatedMLP candidate."""
 
     def __init__(self, d=16, h=32):
         super().__init__()
-        self.gate_up = torch.nn.Linear(d, 2 * h)
+        self.gate_up = torch.nn.Parameter(torch.randn(2 * h, d) / d**0.5)
         self.act = torch.nn.SiLU()
-        self.down = torch.nn.Linear(h, d)
+        self.down = torch.nn.Parameter(torch.randn(d, h) / h**0.5)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act(gate) * up)
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down)
 
 
 class MixedModel(torch.nn.Module):

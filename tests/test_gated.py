@@ -112,10 +112,85 @@ def test_llama_mlp_from_config():
     assert set(ours.state_dict()) == {f"{k}" for k in mlp.state_dict()}
 
 
+def test_phi3_mlp_one_projection_from_config():
+    """Phi-3's MLP (gate, up = gate_up_proj(x).chunk(2)): the same outputs and gradients as
+    transformers' module, silu(gate) no longer saved, the same state_dict keys."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=176, hidden_act="silu")
+    torch.manual_seed(0)
+    mlp = Phi3MLP(cfg)
+    ours = lo.nn.FusedGatedMLP(("gate_up_proj", "down_proj", None), mlp.gate_up_proj, mlp.down_proj, act="resilu2")
+    assert ours.gate_up_proj is mlp.gate_up_proj and set(ours.state_dict()) == set(mlp.state_dict())
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    want, saved_torch = saved_tensors(mlp, x)
+    got, saved_ours = saved_tensors(ours, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    params = list(mlp.parameters()) + [x]
+    assert _bytes(saved_torch, params) - _bytes(saved_ours, params) == 2 * 8 * 176 * 4  # silu(gate)
+    grads_want = torch.autograd.grad(want.square().sum(), [x, *mlp.parameters()])
+    grads_got = torch.autograd.grad(got.square().sum(), [x, *mlp.parameters()])
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_modernbert_mlp_with_dropout():
+    """ModernBERT's MLP: Wo(drop(act(input) * gate)) for input, gate = Wi(x).chunk(2): exact in eval
+    mode; in training, with lo.nn.Dropout in place of its dropout, the dropped output and gradients
+    are those of the same mask applied by hand, and neither the mask nor gelu(input) is saved."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.modernbert.modeling_modernbert import ModernBertMLP
+
+    cfg = transformers.ModernBertConfig(hidden_size=32, intermediate_size=48, mlp_dropout=0.25, mlp_bias=True)
+    torch.manual_seed(0)
+    mlp = ModernBertMLP(cfg)
+    ours = lo.nn.FusedGatedMLP(("Wi", "Wo", "drop"), mlp.Wi, mlp.Wo, lo.nn.Dropout(0.25), act="regelu2")
+    assert set(ours.state_dict()) == set(mlp.state_dict())
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    torch.testing.assert_close(ours.eval()(x), mlp.eval()(x), rtol=1e-5, atol=1e-6)
+    ours.train()
+    torch.manual_seed(1)
+    got, saved_ours = saved_tensors(ours, x)
+    a, b = mlp.Wi(x).chunk(2, dim=-1)
+    torch.manual_seed(1)
+    keep = lo.dropout(torch.ones_like(a), 0.25, True) != 0  # the mask lo's dropout draws from this seed
+    want = mlp.Wo(F.gelu(a) * b * keep / 0.75)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert 0 < (~keep).sum() < keep.numel()
+    g_got = torch.autograd.grad(got.square().sum(), [x, mlp.Wi.weight])
+    g_want = torch.autograd.grad(want.square().sum(), [x, mlp.Wi.weight])
+    for u, v in zip(g_got, g_want):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    n = 3 * 5 * 48
+    # Wi's output (both halves, one storage) and Wo's input; Wi's input x is the caller's
+    assert _bytes(saved_ours, list(mlp.parameters()) + [x]) <= 3 * n * 4 + 64
+
+
+def test_fused_gated_mlp_checks_its_names():
+    proj, down = torch.nn.Linear(8, 32), torch.nn.Linear(16, 8)
+    with pytest.raises(ValueError, match="names must be the .proj, down, dropout. attribute names"):
+        lo.nn.FusedGatedMLP(("p", "d", "drop"), proj, down)  # a name for a dropout not given
+    with pytest.raises(ValueError, match="other than 'act'"):
+        lo.nn.FusedGatedMLP(("p", "act", None), proj, down)
+
+
 def test_compiled_gated_mlp():
     torch._dynamo.reset()
     torch.manual_seed(0)
     mlp = lo.nn.GatedMLP(torch.nn.Linear(16, 48), torch.nn.Linear(16, 48), torch.nn.Linear(48, 16), act="regelu2")
+    x = torch.randn(4, 16, requires_grad=True)
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), mlp(x))
+    (a,) = torch.autograd.grad(compiled(x).sum(), x)
+    (b,) = torch.autograd.grad(mlp(x).sum(), x)
+    torch.testing.assert_close(a, b)
+
+
+def test_compiled_fused_gated_mlp():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = lo.nn.FusedGatedMLP(("w_in", "w_out", None), torch.nn.Linear(16, 96), torch.nn.Linear(48, 16), act="resilu2")
     x = torch.randn(4, 16, requires_grad=True)
     compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), mlp(x))

@@ -1,12 +1,13 @@
-"""Whole training steps: a ViT-B-style and a LLaMA-style model (2 layers, from transformers configs),
-baseline vs lowmem_ops.convert vs activation checkpointing, full fine-tuning and PEFT LoRA.
+"""Whole training steps: a ViT-B-style and a LLaMA-style model (2 layers, from transformers configs; a
+Phi-3-style one, its MLP one projection for gate and up, on request), baseline vs lowmem_ops.convert
+vs activation checkpointing, full fine-tuning and PEFT LoRA.
 
 Per variant: the median time of forward + backward + an SGD step (the variants take turns step by
 step), the bytes autograd saves in one forward (lowmem_ops.memory: storages deduplicated, parameters
 excluded; not for checkpointing, whose held inputs those hooks cannot see), and on CUDA the peak memory
 one step allocates above what the model and optimizer hold.
 
-    python tune/bench_step.py [--device cpu|cuda] [--models vit llama] [--dtypes bf16 fp32] [--reps 10]
+    python tune/bench_step.py [--device cpu|cuda] [--models vit llama phi3] [--dtypes bf16 fp32] [--reps 10]
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ SIZES = {  # device -> model -> config sizes and batch
 }
 QUICK = {"vit": dict(hidden=32, heads=2, inter=64, image=16, patch=8, batch=2),  # a smoke run, not a measurement
          "llama": dict(hidden=32, heads=2, inter=64, vocab=64, seq=8, batch=2)}
+for sizes in (*SIZES.values(), QUICK):
+    sizes["phi3"] = sizes["llama"]  # the same sizes: the two differ in the MLP's projections
+# model -> (config class, model class, config arguments beyond the sizes: Phi-3's default token ids
+# lie beyond these vocabularies)
+DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+            "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, bos_token_id=1, eos_token_id=1))}
 VARIANTS = ("baseline", "converted", "checkpointed")
 
 
@@ -52,10 +59,11 @@ def build(name: str, s: dict, device: str, dtype: torch.dtype, lora: bool, seed:
         def loss(m, x):
             return F.cross_entropy(m(**x).logits.float(), target)
     else:
-        cfg = transformers.LlamaConfig(hidden_size=s["hidden"], num_hidden_layers=2, num_attention_heads=s["heads"],
-                                       num_key_value_heads=s["heads"], intermediate_size=s["inter"],
-                                       vocab_size=s["vocab"], max_position_embeddings=s["seq"])
-        model = transformers.LlamaForCausalLM(cfg)
+        config, causal_lm, extra = DECODERS[name]
+        cfg = getattr(transformers, config)(hidden_size=s["hidden"], num_hidden_layers=2, num_attention_heads=s["heads"],
+                                            num_key_value_heads=s["heads"], intermediate_size=s["inter"],
+                                            vocab_size=s["vocab"], max_position_embeddings=s["seq"], **extra)
+        model = getattr(transformers, causal_lm)(cfg)
         ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), device=device)
         inputs = {"input_ids": ids}
 
@@ -129,7 +137,7 @@ def peak_step_bytes(step, device: str) -> int | None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", nargs="+", choices=("vit", "llama"), default=["vit", "llama"])
+    p.add_argument("--models", nargs="+", choices=("vit", *DECODERS), default=["vit", "llama"])
     p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"])
     p.add_argument("--lora", choices=("both", "yes", "no"), default="both")
     p.add_argument("--reps", type=int, default=10)
