@@ -22,6 +22,8 @@ width controls), from what the layers after it do to g.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 PROJECTION_SEED = 0x5EED
@@ -142,18 +144,33 @@ def _record_calls(modules: dict) -> tuple[dict, list]:
 
 
 def _local_cosine(calls: list, new: torch.nn.Module, old: torch.nn.Module) -> float | None:
-    """cos(d new(x)/dx . g, d old(x)/dx . g) over every recorded call (x, g) of the module."""
+    """cos(d new(x)/dx . g, d old(x)/dx . g) over every recorded call (x, g) of the module, both in
+    eval mode (a dropout inside, as in a gated MLP, would otherwise draw two masks)."""
     ours, exact = [], []
-    for x, holder in calls:
-        if not holder:
-            continue  # the output did not reach the loss
-        g = holder[0]
-        for module, into in ((new, ours), (old, exact)):
-            leaf = x.detach().requires_grad_()
-            out = module(leaf.clone())  # a copy: an in-place module (ReLU(inplace=True)) may write it
-            (gx,) = torch.autograd.grad(out, leaf, g, allow_unused=True)
-            into.append(torch.zeros_like(leaf) if gx is None else gx)
+    with _in_eval(new, old):
+        for x, holder in calls:
+            if not holder:
+                continue  # the output did not reach the loss
+            g = holder[0]
+            for module, into in ((new, ours), (old, exact)):
+                leaf = x.detach().requires_grad_()
+                out = module(leaf.clone())  # a copy: an in-place module (ReLU(inplace=True)) may write it
+                (gx,) = torch.autograd.grad(out, leaf, g, allow_unused=True)
+                into.append(torch.zeros_like(leaf) if gx is None else gx)
     return cosine(ours, exact)
+
+
+@contextlib.contextmanager
+def _in_eval(*modules: torch.nn.Module):
+    """The modules in eval mode, every submodule's own training flag given back after."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def _floating(out):

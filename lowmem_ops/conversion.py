@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _attention, _bits, _gradients, _recognition, memory
-from ._gated_mlp import fused_gated_mlp
+from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
 from ._snapshot import Snapshot, state_kept
@@ -178,7 +178,7 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
             op = _gated_op_of(child, observation)
             return op if op in _GATED_OPS else None
 
-        new, why = fused_gated_mlp(module, op_of, gated_mode, swap_dropout=dropout)
+        new, why = gated_mlp(module, op_of, gated_mode, swap_dropout=dropout)
         if new is not None or why:
             return new, why
     if activations and name in _ACTIVATIONS:

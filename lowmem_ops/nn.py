@@ -189,12 +189,22 @@ class GatedActivation(torch.nn.Module):
 
 class GatedMLP(torch.nn.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)), the MLP of LLaMA / Qwen2 / Mistral / Gemma, with the
-    gated activation fused. Keeps the given projection modules (and their names), so PEFT adapters
-    on them and state_dict keys stay as they were."""
+    gated activation fused. Keeps the given projection modules, so PEFT adapters on them and
+    state_dict keys stay as they were: under the names gate_proj / up_proj / down_proj, or those
+    `names` gives, (gate, up, down, dropout or None). dropout: a module applied to the product before
+    down_proj (T5 v1.1 / FLAN-T5's gated feed-forward: wi_0, wi_1, wo, dropout)."""
 
-    def __init__(self, gate_proj, up_proj, down_proj, act: str = "resilu2", mode: str = "auto"):
+    def __init__(self, gate_proj, up_proj, down_proj, act: str = "resilu2", mode: str = "auto", *,
+                 dropout: torch.nn.Module | None = None, names: tuple = ("gate_proj", "up_proj", "down_proj", None)):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        if (len(names) != 4 or not all(isinstance(n, str) for n in names[:3]) or "act" in names
+                or (dropout is None) != (names[3] is None)):
+            raise ValueError("GatedMLP: names must be the (gate, up, down, dropout) attribute names, other than "
+                             f"'act', dropout's None exactly when no dropout is given; got {names!r}")
+        self.names = tuple(names)
+        for name, child in zip(names, (gate_proj, up_proj, down_proj, dropout)):
+            if name is not None:
+                self.add_module(name, child)
         self.act = GatedActivation(act, mode)
 
     @classmethod
@@ -206,7 +216,14 @@ class GatedMLP(torch.nn.Module):
         return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, act, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+        gate, up, down, drop = (getattr(self, n) if n is not None else None for n in self.names)
+        h = self.act(gate(x), up(x))
+        return down(drop(h) if drop is not None else h)
+
+    def extra_repr(self) -> str:
+        gate, up, down, drop = self.names
+        inner = f"act({gate}(x)) * {up}(x)"
+        return f"{down}({f'{drop}({inner})' if drop else inner}), fused"
 
 
 class FusedGatedMLP(torch.nn.Module):

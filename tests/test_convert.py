@@ -171,6 +171,27 @@ def test_modernbert_mlp_dropout_saves_no_mask():
     assert type(model.layers[0].mlp.drop) is torch.nn.Dropout
 
 
+def test_flan_t5_gated_feed_forward_is_fused_exactly():
+    """T5 v1.1 / FLAN-T5: act(wi_0(x)) * wi_1(x), a dropout, then wo; recognised by behaviour (its
+    names are not LLaMA's), fused exactly: its local gradient cosine is 1 (taken with both modules
+    in eval mode: the two dropouts once drew two masks and read 0.93)."""
+    cfg = transformers.T5Config(d_model=32, d_ff=48, num_layers=1, num_heads=2, d_kv=16, vocab_size=100,
+                                feed_forward_proj="gated-gelu", dropout_rate=0.1)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    flags = {n: m.training for n, m in model.named_modules()}
+    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "decoder_input_ids": torch.randint(0, 100, (2, 8))}
+    report = lo.convert(model, example_inputs=batch)
+    ffn = [c for c in report.changes if c.before == "T5DenseGatedActDense"]
+    assert len(ffn) == 2 and all(c.status == "applied" and c.after == "GatedMLP" for c in ffn), str(report)
+    assert all(c.gradient_cosine > 0.9999 for c in ffn), str(report)
+    mlp = model.encoder.block[0].layer[1].DenseReluDense
+    assert mlp.names == ("wi_0", "wi_1", "wo", "dropout") and type(mlp.dropout) is lo.nn.Dropout
+    assert all(flags.values()) and all(m.training for m in model.modules())  # as it was: training
+    lo.export(model)
+    assert type(model.encoder.block[0].layer[1].DenseReluDense).__name__ == "T5DenseGatedActDense"
+
+
 def test_options_turn_parts_off():
     torch.manual_seed(0)
     model, batch = llama()

@@ -167,6 +167,19 @@ def test_modernbert_mlp_with_dropout():
     assert _bytes(saved_ours, list(mlp.parameters()) + [x]) <= 3 * n * 4 + 64
 
 
+def test_gated_mlp_under_other_names_with_a_dropout():
+    """T5's gated feed-forward keeps its names (wi_0, wi_1, wo, dropout): the same state_dict keys,
+    and in eval mode the same outputs as act(wi_0(x)) * wi_1(x) into wo."""
+    torch.manual_seed(0)
+    wi_0, wi_1, wo = torch.nn.Linear(8, 12, bias=False), torch.nn.Linear(8, 12, bias=False), torch.nn.Linear(12, 8)
+    mlp = lo.nn.GatedMLP(wi_0, wi_1, wo, "regelu2", dropout=lo.nn.Dropout(0.5), names=("wi_0", "wi_1", "wo", "dropout"))
+    assert set(mlp.state_dict()) == {"wi_0.weight", "wi_1.weight", "wo.weight", "wo.bias"}
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(mlp.eval()(x), wo(F.gelu(wi_0(x)) * wi_1(x)))
+    with pytest.raises(ValueError, match="names must be the .gate, up, down, dropout. attribute names"):
+        lo.nn.GatedMLP(wi_0, wi_1, wo, names=("wi_0", "wi_1", "wo", "dropout"))  # no dropout given
+
+
 def test_fused_gated_mlp_checks_its_names():
     proj, down = torch.nn.Linear(8, 32), torch.nn.Linear(16, 8)
     with pytest.raises(ValueError, match="names must be the .proj, down, dropout. attribute names"):

@@ -1,5 +1,5 @@
 """Issue 11's matrix: lo.convert with its defaults on the 35 tiny random Hugging Face architectures it
-names and 8 more often fine-tuned (the builders of tune/hf_matrix.py) converts, explains everything it
+names and 9 more often fine-tuned (the builders of tune/hf_matrix.py) converts, explains everything it
 leaves alone, keeps the whole-model gradient cosine >= 0.95, and never makes the model save more."""
 
 import importlib.util
@@ -29,7 +29,7 @@ def test_the_matrix_is_the_issues_list_and_the_common_fine_tuning_families():
     named = """llama mistral mixtral phi falcon opt bloom gemma gemma2 gemma3 stablelm qwen3 qwen3_moe olmo olmo2
                cohere starcoder2 t5 bart whisper clip siglip swin convnext dinov2 deit beit roberta distilbert
                modernbert albert electra wav2vec2 segformer mobilevit""".split()
-    common = "gpt2 gpt_neox gptj qwen2 phi3 bert deberta_v2 vit".split()
+    common = "gpt2 gpt_neox gptj qwen2 phi3 bert deberta_v2 vit flan_t5".split()
     assert sorted(hf_matrix.ARCHS) == sorted(named + common)
 
 

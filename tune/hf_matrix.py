@@ -1,7 +1,7 @@
 """The convert matrix over the Hugging Face architectures issue 11's "Done when" names (35 families;
-the issue counts 34) and 8 more that are often fine-tuned (GPT-2, GPT-NeoX, GPT-J, Qwen2, Phi-3, BERT,
-DeBERTa-v2, ViT): build each tiny and random from its config, convert it with the defaults, and
-record what happened.
+the issue counts 34) and 9 more that are often fine-tuned (GPT-2, GPT-NeoX, GPT-J, Qwen2, Phi-3, BERT,
+DeBERTa-v2, ViT, FLAN-T5): build each tiny and random from its config, convert it with the defaults,
+and record what happened.
 
     python tune/hf_matrix.py                       # all architectures (a few minutes on CPU)
     python tune/hf_matrix.py --arch llama --arch t5
@@ -148,6 +148,10 @@ ARCHS: dict[str, Arch] = {
     "bert": Arch("BertConfig", "BertModel", _ENCODER, "tokens"),
     "deberta_v2": Arch("DebertaV2Config", "DebertaV2Model", _ENCODER, "tokens"),
     "vit": Arch("ViTConfig", "ViTModel", _VIT, "image"),
+    # T5 v1.1 / FLAN-T5 / mT5: the gated-GELU feed-forward (two input projections, a dropout inside)
+    "flan_t5": Arch("T5Config", "T5Model",
+                    dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+                         vocab_size=VOCAB, feed_forward_proj="gated-gelu"), "seq2seq"),
 }
 
 
