@@ -46,7 +46,7 @@ def _parts(module: torch.nn.Module, op_of: Callable[[torch.nn.Module], str | Non
 
 def _layouts(module: torch.nn.Module, projs: list[str], drop: str | None, act: str, op: str, mode: str):
     """Every way the projections' shapes allow the module to be a gated MLP: (what it then computes,
-    make(dropout) -> the fused module)."""
+    the projection reading x, make(dropout) -> the fused module)."""
     feats = {n: _features(getattr(module, n)) for n in projs}
     get = lambda n: getattr(module, n)  # noqa: E731
     wrap = lambda t: f"{drop}({t})" if drop else t  # noqa: E731
@@ -55,7 +55,7 @@ def _layouts(module: torch.nn.Module, projs: list[str], drop: str | None, act: s
         for proj, down in (projs, projs[::-1]):
             if feats[proj][1] == 2 * feats[down][0]:
                 for half, product in ((0, f"{act}(a) * b"), (1, f"a * {act}(b)")):
-                    layouts.append((f"{down}({wrap(product)}) for a, b = {proj}(x).chunk(2)",
+                    layouts.append((f"{down}({wrap(product)}) for a, b = {proj}(x).chunk(2)", proj,
                                     lambda d, p=proj, o=down, h=half: FusedGatedMLP((p, o, drop), get(p), get(o), d, op,
                                                                                     mode, act_half=h)))
     else:
@@ -63,7 +63,7 @@ def _layouts(module: torch.nn.Module, projs: list[str], drop: str | None, act: s
             a, b = (n for n in projs if n != down)
             if feats[a] == feats[b] and feats[a][1] == feats[down][0]:
                 for g, u in ((a, b), (b, a)):
-                    layouts.append((f"{down}({wrap(f'{act}({g}(x)) * {u}(x)')})",
+                    layouts.append((f"{down}({wrap(f'{act}({g}(x)) * {u}(x)')})", g,
                                     lambda d, g=g, u=u, o=down: GatedMLP(get(g), get(u), get(o), op, mode, dropout=d,
                                                                          names=(g, u, o, drop))))
     return layouts
@@ -86,20 +86,24 @@ def gated_mlp(module: torch.nn.Module, op_of: Callable[[torch.nn.Module], str | 
     if parts is None or not takes_tensors(module, 1):
         return None, None
     projs, drop, act, op = parts
-    layouts = _layouts(module, projs, drop, act, op, mode)
-    x = _probe_input(getattr(module, projs[0]))
-    if not layouts or x is None:
-        return None, None
     d = getattr(module, drop) if drop else None
-    for _, make in layouts:
+    ran = False
+    layouts = _layouts(module, projs, drop, act, op, mode)
+    for _, reads_x, make in layouts:
+        x = _probe_input(getattr(module, reads_x))
+        if x is None:
+            continue
         try:  # probed with lowmem_ops' Dropout on both sides (same_in_training runs the original so)
             same = same_in_training(module, make(Dropout(d.p) if d is not None else None), (x,), drop)
-        except Exception:  # a forward that does not take such a tensor: not this MLP
-            return None, None
+        except Exception:  # a forward that does not take such a tensor: not this layout
+            continue
         if same:
             return make(Dropout(d.p, d.inplace) if d is not None and swap_dropout and d.p > 0 else d), None
-    return None, (f"a gated MLP by its children, but computes none of {'; '.join(t for t, _ in layouts)} on probe "
-                  "inputs: not fused")
+        ran = True
+    if not ran:
+        return None, None
+    return None, (f"a gated MLP by its children, but computes none of {'; '.join(t for t, _, _ in layouts)} on "
+                  "probe inputs: not fused")
 
 
 __all__ = ["gated_mlp"]

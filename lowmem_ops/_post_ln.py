@@ -78,7 +78,7 @@ def _probe_inputs(proj: torch.nn.Module, norm: torch.nn.LayerNorm):
     return make(in_features), 2 * make(width) + 0.5
 
 
-def tolerance(dtype: torch.dtype) -> float:
+def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
@@ -107,7 +107,7 @@ def same_in_training(module: torch.nn.Module, fused: torch.nn.Module, inputs, dr
             setattr(module, drop_name, original_drop)
         module.train(mode)
         fused.train(mode)
-    tol = tolerance(inputs[0].dtype)
+    tol = _tolerance(inputs[0].dtype)
     return all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol)
                for a, b in results)
 

@@ -73,6 +73,8 @@ class Match:
     eps: float | None = None
     tree: Path | None = None       # a user's op (lo.load): the tree it was loaded from
     also: tuple[str, ...] = ()     # a user's op: the other user ops (of other names) that fit as well
+    out_dtype: torch.dtype | None = None  # the output's dtype where it is not the input's (T5LayerNorm's
+                                          # float32 input, bf16 weight: a bf16 output)
 
     @property
     def is_norm(self) -> bool:
@@ -86,7 +88,8 @@ class Match:
             return self.name
         scale = "1 + weight" if self.weight_offset else "weight" if self.weight else "no weight"
         where = "dim 1 (channels first)" if self.channels_first else "the last dim"
-        return f"{self.name} over {where}, {scale}{', bias' if self.bias else ''}, eps {self.eps:g}"
+        out = f", output in {str(self.out_dtype).removeprefix('torch.')}" if self.out_dtype is not None else ""
+        return f"{self.name} over {where}, {scale}{', bias' if self.bias else ''}, eps {self.eps:g}{out}"
 
 
 def _inputs(shape, dtype, device) -> list[torch.Tensor]:
@@ -186,6 +189,11 @@ def identify(module: torch.nn.Module, shape, dtype, device) -> Match:
     if not fits:
         raise ProbeError("its output matches none of the known activations and norms")
     best = fits[0][3]
+    out_dtypes = {y.dtype for _, y, _ in runs}
+    if out_dtypes != {dtype}:
+        if len(out_dtypes) > 1:
+            raise ProbeError(f"its output's dtype varies between calls ({', '.join(sorted(str(d) for d in out_dtypes))})")
+        best = replace(best, out_dtype=out_dtypes.pop())
     if best.tree is not None:  # other names of the user's that compute the same (their widths are _bits')
         stem = best.name.rstrip("0123456789")
         also = tuple(m.name for _, _, _, m in fits[1:] if m.tree is not None and m.name.rstrip("0123456789") != stem)

@@ -21,11 +21,14 @@ What is swapped (options turn each part off):
   (lowmem_ops._recognition) and swapped for the op or MS norm computing the same (T5LayerNorm,
   Gemma's 1 + weight RMSNorm, OLMo's weightless LayerNorm, ConvNeXt's channels-first LayerNorm,
   BloomGelu, a user's Swish), an op of a tree the user loaded (lo.load) included (a built-in op
-  that fits comes first); what it matches nothing of, or cannot be probed, is a report line;
+  that fits comes first); a norm returning another dtype than its input's (T5LayerNorm in a bf16
+  T5 with a float32 `wo`) gets that out_dtype; what it matches nothing of, or cannot be probed, is
+  a report line;
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
-  Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto"); one projection for
-  both halves (Phi-3's gate_up_proj, ModernBERT's Wi; recognised by behaviour, lowmem_ops._gated_mlp)
-  -> FusedGatedMLP;
+  Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto"); recognised by
+  behaviour (lowmem_ops._gated_mlp), two input projections under other names (FLAN-T5's wi_0 /
+  wi_1 / wo) -> GatedMLP under those names, one projection for both halves (Phi-3's gate_up_proj,
+  ModernBERT's Wi) -> FusedGatedMLP;
 - PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
   weight's; a bitsandbytes 4-bit base's compute_dtype; an 8-bit base's input dtype), so no adapter
   casts its input (each cast is a new tensor that is saved and shares nothing).
@@ -194,6 +197,9 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
             return None, None
         if match.op is None:
             return None, f"{name} computes {match.name}: {_recognition.NOT_BUILT.get(match.name, 'no built-in approximation')}"
+        if match.out_dtype is not None:
+            return None, (f"{name} computes {match.name} but returns {match.out_dtype} for {observation.calls[id(module)][1]} "
+                          "input; the approximate ops return their input's dtype")
         return Approx(match.op), None
     if match is not None and norms and not _has_torch_forward(module, observation):
         return _ms_norm_for(match, module, observation.calls[id(module)][0], folded), None
@@ -260,7 +266,7 @@ def _ms_norm_for(match: "_recognition.Match", module: torch.nn.Module, shape: tu
     n = shape[1] if match.channels_first else shape[-1]
     affine = "inverse" if match.weight and not folded else "none"
     options = {"eps": match.eps, "affine": affine, "weight_offset": match.weight_offset,
-               "channels_first": match.channels_first}
+               "channels_first": match.channels_first, "out_dtype": match.out_dtype}
     new = MSRMSNorm((n,), **options) if match.rms else MSLayerNorm((n,), bias=match.bias, **options)
     if affine == "inverse":
         new.weight = module.weight  # the very Parameter objects (see _adopt)

@@ -52,11 +52,16 @@ class _MSNorm(torch.nn.Module):
     """Shared by MSLayerNorm and MSRMSNorm: parameters and state_dict as torch's own modules."""
 
     def __init__(self, normalized_shape, eps, elementwise_affine, bias, affine, device, dtype,
-                 weight_offset=0.0, channels_first=False):
+                 weight_offset=0.0, channels_first=False, out_dtype=None):
         super().__init__()
         # weight_offset: the scale is weight + offset (Gemma's RMSNorm: 1 + weight, weight starting at 0).
         # channels_first: normalise dim 1 of an (N, C, ...) input (ConvNeXt's LayerNorm), not the last.
+        # out_dtype: the output's (and so the saved tensor's) dtype, None for the input's (T5LayerNorm
+        # returns its bf16 weight's dtype for the float32 residual stream of a bf16 T5 whose `wo` is float32).
         self.weight_offset, self.channels_first = float(weight_offset), bool(channels_first)
+        if out_dtype is not None and out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{type(self).__name__}: out_dtype must be a floating dtype or None, got {out_dtype!r}")
+        self.out_dtype = out_dtype
         if self.channels_first and len((normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape) != 1:
             raise ValueError(f"{type(self).__name__}: channels_first normalises one dimension (dim 1); "
                              f"normalized_shape must have one element, got {normalized_shape!r}")
@@ -77,6 +82,7 @@ class _MSNorm(torch.nn.Module):
     def extra_repr(self) -> str:
         extra = f", weight_offset={self.weight_offset:g}" if self.weight_offset else ""
         extra += ", channels_first=True" if self.channels_first else ""
+        extra += f", out_dtype={self.out_dtype}" if self.out_dtype is not None else ""
         return f"{self.normalized_shape}, eps={self.eps}, affine={self.affine!r}{extra}"
 
     def _scale(self):
@@ -105,12 +111,13 @@ class MSLayerNorm(_MSNorm):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  affine: str | None = None, device=None, dtype=None, weight_offset: float = 0.0,
-                 channels_first: bool = False):
+                 channels_first: bool = False, out_dtype: torch.dtype | None = None):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, affine, device, dtype, weight_offset,
-                         channels_first)
+                         channels_first, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalise(x, lambda v: ms_layernorm(v, self.normalized_shape, self._scale(), self.bias, self.eps,
+                                                         self.out_dtype,
                                                          affine="plain" if self.affine == "plain" else "inverse"))
 
 
@@ -119,12 +126,12 @@ class MSRMSNorm(_MSNorm):
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  affine: str | None = None, device=None, dtype=None, weight_offset: float = 0.0,
-                 channels_first: bool = False):
+                 channels_first: bool = False, out_dtype: torch.dtype | None = None):
         super().__init__(normalized_shape, eps, elementwise_affine, False, affine, device, dtype, weight_offset,
-                         channels_first)
+                         channels_first, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._normalise(x, lambda v: ms_rmsnorm(v, self.normalized_shape, self._scale(), self.eps,
+        return self._normalise(x, lambda v: ms_rmsnorm(v, self.normalized_shape, self._scale(), self.eps, self.out_dtype,
                                                        affine="plain" if self.affine == "plain" else "inverse"))
 
 
@@ -187,6 +194,27 @@ class GatedActivation(torch.nn.Module):
         return f"{self.op_name!r}, mode={self.mode!r}"
 
 
+def _hold(owner: torch.nn.Module, roles: tuple, names: tuple, children: tuple) -> tuple:
+    """Register a gated MLP's children under the original module's names (the last role, the
+    dropout, optional: its name None without one); returns the names."""
+    what = type(owner).__name__
+    if (len(names) != len(roles) or not all(isinstance(n, str) for n in names[:-1]) or "act" in names
+            or (children[-1] is None) != (names[-1] is None)):
+        raise ValueError(f"{what}: names must be the ({', '.join(roles)}) attribute names, other than 'act' (the "
+                         f"fused activation's), the dropout's None exactly when no dropout is given; got {names!r}")
+    for name, child in zip(names, children):
+        if name is not None:
+            owner.add_module(name, child)
+    return tuple(names)
+
+
+def _in_dtype_of(down: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """h in the floating dtype of down's weight, where that differs: T5 casts so into `wo`, which
+    transformers keeps in float32 in a bf16 model (_keep_in_fp32_modules)."""
+    w = getattr(down, "weight", None)
+    return h.to(w.dtype) if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype != h.dtype else h
+
+
 class GatedMLP(torch.nn.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)), the MLP of LLaMA / Qwen2 / Mistral / Gemma, with the
     gated activation fused. Keeps the given projection modules, so PEFT adapters on them and
@@ -197,14 +225,7 @@ class GatedMLP(torch.nn.Module):
     def __init__(self, gate_proj, up_proj, down_proj, act: str = "resilu2", mode: str = "auto", *,
                  dropout: torch.nn.Module | None = None, names: tuple = ("gate_proj", "up_proj", "down_proj", None)):
         super().__init__()
-        if (len(names) != 4 or not all(isinstance(n, str) for n in names[:3]) or "act" in names
-                or (dropout is None) != (names[3] is None)):
-            raise ValueError("GatedMLP: names must be the (gate, up, down, dropout) attribute names, other than "
-                             f"'act', dropout's None exactly when no dropout is given; got {names!r}")
-        self.names = tuple(names)
-        for name, child in zip(names, (gate_proj, up_proj, down_proj, dropout)):
-            if name is not None:
-                self.add_module(name, child)
+        self.names = _hold(self, ("gate", "up", "down", "dropout"), names, (gate_proj, up_proj, down_proj, dropout))
         self.act = GatedActivation(act, mode)
 
     @classmethod
@@ -218,7 +239,7 @@ class GatedMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down, drop = (getattr(self, n) if n is not None else None for n in self.names)
         h = self.act(gate(x), up(x))
-        return down(drop(h) if drop is not None else h)
+        return down(_in_dtype_of(down, drop(h) if drop is not None else h))
 
     def extra_repr(self) -> str:
         gate, up, down, drop = self.names
@@ -241,24 +262,17 @@ class FusedGatedMLP(torch.nn.Module):
     def __init__(self, names: tuple, proj: torch.nn.Module, down: torch.nn.Module, dropout: torch.nn.Module | None = None,
                  act: str = "resilu2", mode: str = "auto", act_half: int = 0):
         super().__init__()
-        if (len(names) != 3 or not all(isinstance(n, str) for n in names[:2]) or "act" in names
-                or (dropout is None) != (names[2] is None)):
-            raise ValueError("FusedGatedMLP: names must be the (proj, down, dropout) attribute names, other than "
-                             f"'act', dropout's None exactly when no dropout is given; got {names!r}")
         if act_half not in (0, 1):
             raise ValueError(f"FusedGatedMLP: act_half must be 0 or 1 (the half of proj's output the activation "
                              f"takes), got {act_half!r}")
-        self.names, self.act_half = tuple(names), act_half
-        for name, child in zip(names, (proj, down, dropout)):
-            if name is not None:
-                self.add_module(name, child)
+        self.names, self.act_half = _hold(self, ("proj", "down", "dropout"), names, (proj, down, dropout)), act_half
         self.act = GatedActivation(act, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj, down, drop = (getattr(self, n) if n is not None else None for n in self.names)
         halves = proj(x).chunk(2, dim=-1)
         h = self.act(halves[self.act_half], halves[1 - self.act_half])
-        return down(drop(h) if drop is not None else h)
+        return down(_in_dtype_of(down, drop(h) if drop is not None else h))
 
     def extra_repr(self) -> str:
         proj, down, drop = self.names

@@ -192,6 +192,28 @@ def test_flan_t5_gated_feed_forward_is_fused_exactly():
     assert type(model.encoder.block[0].layer[1].DenseReluDense).__name__ == "T5DenseGatedActDense"
 
 
+def test_flan_t5_in_bf16_with_wo_kept_in_float32():
+    """from_pretrained(dtype=bf16) keeps T5's `wo` in float32 (_keep_in_fp32_modules): the feed-forward
+    casts into it, the residual stream is float32 after it, and T5LayerNorm returns its bf16 weight's
+    dtype. Every module converts (norms as MS norms with out_dtype bf16; they were undone, dtype errors
+    in the next linear), none undone, gradients as the original's."""
+    cfg = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=2, d_kv=32, vocab_size=100,
+                                feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).to(torch.bfloat16)
+    for m in model.modules():
+        if hasattr(m, "wo"):
+            m.wo.float()
+    batch = {"input_ids": torch.randint(0, 100, (2, 16)), "decoder_input_ids": torch.randint(0, 100, (2, 16))}
+    report = lo.convert(model, example_inputs=batch)
+    assert not [c for c in report.changes if c.status == "undone"] and not report.skipped, str(report)
+    assert {c.before for c in report.applied} == {"T5LayerNorm", "T5DenseGatedActDense", "Dropout"}
+    assert model.encoder.final_layer_norm.out_dtype == torch.bfloat16
+    assert model.encoder.block[0].layer[0].layer_norm.out_dtype is None  # the embedding is bf16
+    assert report.gradient_cosine > 0.999
+    assert report.memory_after.total_bytes / report.memory_before.total_bytes < 0.55, str(report)
+
+
 def test_options_turn_parts_off():
     torch.manual_seed(0)
     model, batch = llama()

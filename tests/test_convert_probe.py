@@ -304,6 +304,45 @@ def test_offset_and_channels_first_norms_match_torch_and_share_their_output(rms,
     assert f"weight_offset={offset:g}" in repr(norm) if offset else "weight_offset" not in repr(norm)
 
 
+class CastingRMSNorm(nn.Module):
+    """T5LayerNorm's rule: float32 statistics, the output in the weight's dtype (bf16 for a float32
+    input: a bf16 T5 whose `wo` transformers keeps in float32 feeds its norms float32)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * y.to(self.weight.dtype)
+
+
+def test_a_norm_returning_another_dtype_becomes_an_ms_norm_with_that_out_dtype():
+    match = _recognition.identify(CastingRMSNorm(32), (4, 32), torch.float32, "cpu")
+    assert match.rms and match.out_dtype == torch.bfloat16 and "output in bfloat16" in match.describe()
+    assert _recognition.identify(HandRMSNorm(32), (4, 32), torch.float32, "cpu").out_dtype is None
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), CastingRMSNorm(32), nn.Linear(32, 8, dtype=torch.bfloat16))
+    x = torch.randn(6, 16)
+    report = lo.convert(model, example_inputs=x)
+    assert type(model[1]) is lo.nn.MSRMSNorm and model[1].out_dtype == torch.bfloat16, str(report)
+    assert model(x).dtype == torch.bfloat16
+    # what the norm saves is its bf16 output, the very tensor the next linear saves
+    saved = memory.measure(model, x)
+    assert saved.total_bytes == 6 * 16 * 4 + 6 * 32 * 2 + 6 * 4, saved  # x for Linear 1; bf16 y; rstd (float32)
+
+
+def test_an_activation_returning_another_dtype_is_a_report_line():
+    class CastingSiLU(nn.Module):
+        def forward(self, x):
+            return F.silu(x).to(torch.bfloat16)
+
+    model = nn.Sequential(nn.Linear(16, 32), CastingSiLU(), nn.Linear(32, 8, dtype=torch.bfloat16))
+    report = lo.convert(model, example_inputs=torch.randn(6, 16))
+    assert type(model[1]) is CastingSiLU
+    assert any(p == "1" and "returns torch.bfloat16 for torch.float32 input" in why for p, why in report.skipped), str(report)
+
+
 def test_channels_first_needs_one_normalised_dim():
     with pytest.raises(ValueError, match="channels_first normalises one dimension"):
         lo.nn.MSLayerNorm((4, 8), channels_first=True)
