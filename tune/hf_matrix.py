@@ -15,7 +15,9 @@ the whole-model gradient cosine from convert's report; the bits chosen per activ
 left alone (skipped or undone) with the report's reason.
 
 Models are 2 layers (or 2 stages) with hidden sizes of 16 to 64, one batch of 2, bf16 where a
-forward and backward run in bf16 (else float32, recorded). Weights and inputs come from fixed seeds,
+forward and backward run in bf16 (else float32, recorded), with the parameters the class keeps in
+float32 when loaded in bf16 (`_keep_in_fp32_modules`: T5's `wo`) in float32, as from_pretrained
+leaves them. Weights and inputs come from fixed seeds,
 so two runs give the same numbers. tests/test_hf_matrix.py imports the builders from here.
 """
 
@@ -191,9 +193,22 @@ def _construct(name: str, dtype: torch.dtype):
     cfg = getattr(transformers, arch.config)(**copy.deepcopy(arch.kwargs))
     torch.manual_seed(SEED)
     model = getattr(transformers, arch.model)(cfg).to(dtype).train()
+    if dtype != torch.float32:
+        _keep_in_float32(model)
     batch = _example(arch.inputs, dtype, cfg)
     _calibrate_batchnorm(model, batch)
     return model, batch
+
+
+def _keep_in_float32(model: torch.nn.Module) -> None:
+    """The parameters the model class keeps in float32 when loaded in half precision, as
+    from_pretrained(dtype=...) leaves them (T5's `wo`: `_keep_in_fp32_modules`), matched by dotted
+    name component."""
+    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or []), *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])]
+    patterns = [re.compile(rf"(^|\.){re.escape(k)}($|\.)") for k in keep]
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and any(r.search(name) for r in patterns):
+            p.data = p.data.float()
 
 
 def _calibrate_batchnorm(model: torch.nn.Module, batch: dict) -> None:
