@@ -235,3 +235,33 @@ def test_cuda_data_edit_after_a_safe_verdict(is_rms, edit):
                                         norm.eps, is_rms, dy.cpu())
     torch.testing.assert_close(x.grad.cpu().double(), dx_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norm.weight.grad.cpu().double(), dw_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "flan_t5"])
+def test_cuda_convert_one_projection_mlp_and_casting_norms(arch):
+    """On the compiled kernels: Phi-3's one-projection MLP (the halves of one tensor) and FLAN-T5 in bf16
+    with `wo` in float32 (norms with out_dtype bf16, a gated MLP casting into wo) convert with nothing
+    undone and the original's gradients."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "phi3":
+        cfg = transformers.Phi3Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=300, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=1)
+        model = transformers.Phi3ForCausalLM(cfg)
+        batch = {"input_ids": torch.randint(0, 300, (2, 64), device="cuda")}
+    else:
+        cfg = transformers.T5Config(d_model=256, d_ff=704, num_layers=2, num_heads=4, d_kv=64, vocab_size=300,
+                                    feed_forward_proj="gated-gelu")
+        model = transformers.T5ForConditionalGeneration(cfg)
+        batch = {"input_ids": torch.randint(0, 300, (2, 64), device="cuda"),
+                 "decoder_input_ids": torch.randint(0, 300, (2, 64), device="cuda")}
+    model = model.to("cuda", torch.bfloat16)
+    for m in model.modules():
+        if hasattr(m, "wo"):
+            m.wo.float()
+    report = lo.convert(model, example_inputs=batch)
+    assert not [c for c in report.changes if c.status == "undone"], str(report)
+    assert {"FusedGatedMLP" if arch == "phi3" else "GatedMLP"} <= {c.after.split()[0] for c in report.applied}
+    assert report.gradient_cosine > 0.999, str(report)
+    assert report.memory_after.total_bytes < report.memory_before.total_bytes

@@ -13,7 +13,7 @@ timeout 60 python tune/bench_overhead.py --device cuda --launch-path --out "$OUT
     --profile "$OUT/profile-cuda.txt" 2>&1 | tee "$OUT/bench.txt"
 timeout 100 python tune/bench_activations.py --device cuda --out "$OUT/activations-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
 timeout 100 python tune/bench_norms.py --device cuda --out "$OUT/norms-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
-timeout 200 python tune/bench_step.py --device cuda --dtypes bf16 --out "$OUT/step-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
+timeout 260 python tune/bench_step.py --device cuda --dtypes bf16 --models vit llama phi3 --out "$OUT/step-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
 # planned peak vs torch.cuda.max_memory_allocated (issue 14: within 5 %); into bench.txt (a run returns 8 files)
 timeout 120 python tune/plan_gpu_check.py --device cuda 2>&1 | tee -a "$OUT/bench.txt"
 [ "${TUNE:-1}" = 0 ] && exit 0
