@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _attention, _bits, _gradients, _recognition, memory
+from . import _attention, _bits, _gradients, _moe_experts, _recognition, memory
 from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
@@ -168,6 +168,11 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         new, why = _dropout_replacement(module, norms, observation)
         if new is not None or why:
             return new, why
+    if gated and _moe_experts.candidate(module):  # transformers 5's experts: 3-D Parameters, one module
+        op = _gated_op_of(module.act_fn, observation)
+        if op in _GATED_OPS:
+            return _moe_experts.fused(module, op, gated_mode), None
+        return None, f"MoE experts with activation {type(module.act_fn).__name__}, which has no fused kernel"
     if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         op = _gated_op_of(module.act_fn, observation)
         if op in _GATED_OPS:
@@ -673,6 +678,9 @@ def _undo_what_saves_nothing(actions: list, report: Report, without_activations=
         delta = after.exclusive_bytes(*group) - before.exclusive_bytes(*group)
         if delta >= 0:
             a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"
+            why = _moe_experts.unused_because(a.new) if isinstance(a, _Swap) else None
+            if why:
+                a.change.reason += f": {why}"
             undone = True
         elif len(group) > 1:
             others = ", ".join(p for p in group if p != path)
@@ -915,6 +923,8 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
     after = type(new).__name__
     if type(new) is type(module) and getattr(new, "config", None) is not getattr(module, "config", None):
         after += f" (attention dropout regenerated off CUDA: {_attention.NAME})"
+    if _moe_experts.is_fused(new):
+        after += f" ({_moe_experts.describe(new)})"
     if observation is not None and id(module) in observation.matches:
         after += f" (probed: {observation.matches[id(module)].describe()})"
     if targets:
