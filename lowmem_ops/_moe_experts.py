@@ -64,6 +64,8 @@ def fused(module: torch.nn.Module, op: str, mode: str = "auto") -> torch.nn.Modu
     gated_op(op)
     if mode not in MODES:
         raise ValueError(f"lowmem_ops: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":  # the halves of one tensor share requires_grad, where exact always stores least
+        mode = "exact"
     new = copy.copy(module)
     for name in ("_parameters", "_buffers", "_modules"):
         new.__dict__[name] = type(module.__dict__[name])(module.__dict__[name])

@@ -25,7 +25,10 @@ What is swapped (options turn each part off):
 - gated MLPs: modules with gate_proj / up_proj / down_proj and a SiLU or GELU act_fn (LLaMA,
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto"); one projection for
   both halves (Phi-3's gate_up_proj, ModernBERT's Wi; recognised by behaviour, lowmem_ops._gated_mlp)
-  -> FusedGatedMLP;
+  -> FusedGatedMLP; transformers 5's MoE experts (one module, 3-D Parameters: Mixtral, Qwen2/3-MoE,
+  OLMoE, ...) whose `_apply_gate` is transformers' default act_fn(gate) * up -> the same module
+  (a shallow clone, the same Parameters) with that gate fused, exact (lowmem_ops._moe_experts); used
+  by the grouped_mm (default) and batched_mm implementations, not by "eager" (undone, with the reason);
 - PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
   weight's; a bitsandbytes 4-bit base's compute_dtype; an 8-bit base's input dtype), so no adapter
   casts its input (each cast is a new tensor that is saved and shares nothing).
