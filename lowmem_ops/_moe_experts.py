@@ -16,7 +16,10 @@ over, and a parametrization PEFT registers on the clone while it runs does not r
 (which convert keeps for lowmem_ops.export); its hook dicts are the original's (a hook registered
 before convert still fires). The override is an instance attribute: a functools.partial of
 `fused_gate`, a module-level function, so the model pickles and deep-copies; a class made on the
-fly would not pickle by name. `isinstance` and `type(...)` are unchanged.
+fly would not pickle by name. `isinstance` and `type(...)` are unchanged. The op is what act_fn
+computes at conversion time: an act_fn assigned to the clone later is not what its _apply_gate
+uses (lowmem_ops.export first). A buffer the clone holds is the original's object until `.to()`
+gives the clone a new one (the transformers experts classes hold none).
 
 Only classes whose `_apply_gate` is transformers' default are taken: GPT-OSS and others define their
 own (clamped, interleaved halves) and are left as they are, as are experts without a gate. Under

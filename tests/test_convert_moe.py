@@ -17,7 +17,7 @@ if not hasattr(moe, "_default_apply_gate"):
     pytest.skip("this transformers has no default _apply_gate", allow_module_level=True)
 
 BATCH, TOKENS, VOCAB, TOP_K = 2, 16, 300, 2
-_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+_SHAPE = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
               num_experts_per_tok=TOP_K)
 # name -> (config class, model class, tiny config, the experts' intermediate size)
 ARCHS = {
@@ -81,8 +81,9 @@ def expected_saving(model, dtype, arch) -> int:
 CASES = [pytest.param(arch, dtype, implementation, id=f"{arch}-{str(dtype)[6:]}-{implementation}")
          for arch in ("mixtral", "qwen3_moe") for dtype in (torch.float32, torch.bfloat16)
          for implementation in ("grouped_mm", "batched_mm")]
-# OLMoE in float32 only: in bf16 one token's top-2 experts in layer 1 differ from the stock model's
-# (a router logit one rounding apart), which moves that layer's gradients by up to 27%: not a test of the op
+# OLMoE in float32 only: in bf16 (2 layers, this seed) one token's top-2 experts in the second layer
+# differed from the stock model's (a router logit one rounding apart), moving that layer's gradients
+# by up to 27%: a routing discontinuity, not a test of the op
 CASES.append(pytest.param("olmoe", torch.float32, "grouped_mm", id="olmoe-float32-grouped_mm"))
 
 
@@ -99,8 +100,8 @@ def test_experts_fused_exactly_and_save_act_gate(arch, dtype, implementation, mo
 
     report = lo.convert(model, example_inputs=batch, fold=False)
     fused = [c for c in report.changes if c.path in originals]
-    assert len(fused) == 2 and all(c.status == "applied" and "_apply_gate fused: resilu2" in c.after for c in fused), \
-        str(report)
+    assert originals and len(fused) == len(originals), str(report)
+    assert all(c.status == "applied" and "_apply_gate fused: resilu2" in c.after for c in fused), str(report)
     assert all(c.bytes_after < c.bytes_before for c in fused), str(report)
     for path, old in originals.items():
         new = model.get_submodule(path)
@@ -135,7 +136,7 @@ def test_eager_experts_are_undone_with_the_reason():
     originals = experts(model)
     report = lo.convert(model, example_inputs=batch)
     undone = [c for c in report.changes if c.path in originals]
-    assert len(undone) == 2 and all(c.status == "undone" for c in undone), str(report)
+    assert len(undone) == len(originals) and all(c.status == "undone" for c in undone), str(report)
     assert all("saves no memory" in c.reason and "'eager'" in c.reason and "act_fn directly" in c.reason
                for c in undone), str(report)
     assert all(model.get_submodule(p) is m for p, m in originals.items())
@@ -171,7 +172,7 @@ def test_peft_lora_on_expert_parameters(monkeypatch):
     assert all(p.endswith(".base_layer.base_layer") for p in originals)
     report = lo.convert(model, example_inputs=batch)
     fused = [c for c in report.changes if c.path in originals]
-    assert len(fused) == 2 and all(c.status == "applied" for c in fused), str(report)
+    assert len(fused) == len(originals) and all(c.status == "applied" for c in fused), str(report)
     assert all(not p.requires_grad for m in originals.values() for p in m.parameters())  # frozen, still the same
     out, grads = outputs_and_gradients(model, batch)
     ref_out, ref_grads = outputs_and_gradients(stock, batch)
@@ -202,7 +203,7 @@ def test_experts_with_their_own_gate_are_left_alone():
 
 
 def test_experts_whose_activation_has_no_fused_kernel_are_a_report_line():
-    cfg = transformers.MixtralConfig(**{**_SHAPE, "num_hidden_layers": 1}, intermediate_size=32, num_local_experts=2,
+    cfg = transformers.MixtralConfig(**_SHAPE, intermediate_size=32, num_local_experts=2,
                                      hidden_act="relu")
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg)
