@@ -28,7 +28,11 @@ What is swapped (options turn each part off):
   Qwen2, Mistral, Gemma) -> GatedMLP with the fused activation (mode="auto"); recognised by
   behaviour (lowmem_ops._gated_mlp), two input projections under other names (FLAN-T5's wi_0 /
   wi_1 / wo) -> GatedMLP under those names, one projection for both halves (Phi-3's gate_up_proj,
-  ModernBERT's Wi) -> FusedGatedMLP;
+  ModernBERT's Wi) -> FusedGatedMLP; transformers 5's MoE experts (one module, 3-D Parameters:
+  Mixtral, Qwen2/3-MoE, OLMoE, ...) whose `_apply_gate` is transformers' default act_fn(gate) * up
+  -> the same module (a shallow clone, the same Parameters) with that gate fused, exact
+  (lowmem_ops._moe_experts); used by the grouped_mm (default) and batched_mm implementations, not
+  by "eager" (undone, with the reason);
 - PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
   weight's; a bitsandbytes 4-bit base's compute_dtype; an 8-bit base's input dtype), so no adapter
   casts its input (each cast is a new tensor that is saved and shares nothing).
@@ -56,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _attention, _bits, _gradients, _recognition, memory
+from . import _attention, _bits, _gradients, _moe_experts, _recognition, memory
 from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
@@ -171,6 +175,11 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         new, why = _dropout_replacement(module, norms, observation)
         if new is not None or why:
             return new, why
+    if gated and _moe_experts.candidate(module):  # transformers 5's experts: 3-D Parameters, one module
+        op = _gated_op_of(module.act_fn, observation)
+        if op in _GATED_OPS:
+            return _moe_experts.fused(module, op, gated_mode), None
+        return None, f"MoE experts with activation {type(module.act_fn).__name__}, which has no fused kernel"
     if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         op = _gated_op_of(module.act_fn, observation)
         if op in _GATED_OPS:
@@ -679,6 +688,9 @@ def _undo_what_saves_nothing(actions: list, report: Report, without_activations=
         delta = after.exclusive_bytes(*group) - before.exclusive_bytes(*group)
         if delta >= 0:
             a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"
+            why = _moe_experts.unused_because(a.new) if isinstance(a, _Swap) else None
+            if why:
+                a.change.reason += f": {why}"
             undone = True
         elif len(group) > 1:
             others = ", ".join(p for p in group if p != path)
@@ -921,6 +933,8 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
     after = type(new).__name__
     if type(new) is type(module) and getattr(new, "config", None) is not getattr(module, "config", None):
         after += f" (attention dropout regenerated off CUDA: {_attention.NAME})"
+    if _moe_experts.is_fused(new):
+        after += f" ({_moe_experts.describe(new)})"
     if observation is not None and id(module) in observation.matches:
         after += f" (probed: {observation.matches[id(module)].describe()})"
     if targets:
