@@ -237,14 +237,20 @@ def test_cuda_data_edit_after_a_safe_verdict(is_rms, edit):
     torch.testing.assert_close(norm.weight.grad.cpu().double(), dw_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["phi3", "flan_t5"])
-def test_cuda_convert_one_projection_mlp_and_casting_norms(arch):
-    """On the compiled kernels: Phi-3's one-projection MLP (the halves of one tensor) and FLAN-T5 in bf16
-    with `wo` in float32 (norms with out_dtype bf16, a gated MLP casting into wo) convert with nothing
-    undone and the original's gradients."""
+@pytest.mark.parametrize("arch", ["phi3", "flan_t5", "mixtral"])
+def test_cuda_convert_fused_gates_and_casting_norms(arch):
+    """On the compiled kernels: Phi-3's one-projection MLP (the halves of one tensor), FLAN-T5 in bf16
+    with `wo` in float32 (norms with out_dtype bf16, a gated MLP casting into wo) and Mixtral's experts
+    (grouped_mm on CUDA, the gate fused) convert with nothing undone and the original's gradients."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    if arch == "phi3":
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                         num_local_experts=4, num_experts_per_tok=2)
+        model = transformers.MixtralForCausalLM(cfg)
+        batch = {"input_ids": torch.randint(0, 300, (2, 64), device="cuda")}
+    elif arch == "phi3":
         cfg = transformers.Phi3Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=300, pad_token_id=0, bos_token_id=1,
                                       eos_token_id=1)
@@ -262,6 +268,7 @@ def test_cuda_convert_one_projection_mlp_and_casting_norms(arch):
             m.wo.float()
     report = lo.convert(model, example_inputs=batch)
     assert not [c for c in report.changes if c.status == "undone"], str(report)
-    assert {"FusedGatedMLP" if arch == "phi3" else "GatedMLP"} <= {c.after.split()[0] for c in report.applied}
+    fused = {"phi3": "FusedGatedMLP", "flan_t5": "GatedMLP", "mixtral": "MixtralExperts"}[arch]
+    assert fused in {c.after.split()[0] for c in report.applied}, str(report)
     assert report.gradient_cosine > 0.999, str(report)
     assert report.memory_after.total_bytes < report.memory_before.total_bytes
