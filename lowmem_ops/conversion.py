@@ -912,6 +912,10 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
     if not path:
         report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
         return None
+    if observation is not None and not any(p in observation.ran for p in names):
+        # (a branch these inputs do not take: a vision tower fed no image, cross-attention in a decoder-only call)
+        report.skipped.append((path, "did not run on the example inputs: a swap could be neither verified nor measured"))
+        return None
     after = type(new).__name__
     if type(new) is type(module) and getattr(new, "config", None) is not getattr(module, "config", None):
         after += f" (attention dropout regenerated off CUDA: {_attention.NAME})"
@@ -953,6 +957,7 @@ class _Observation:
     matches: dict = field(default_factory=dict)   # id(candidate leaf) -> what probing found it computes (_recognition.Match)
     unknown: dict = field(default_factory=dict)   # id(candidate leaf) -> why probing found nothing to swap it for
     attention: set = field(default_factory=set)   # ids of the innermost modules that ran scaled_dot_product_attention
+    ran: set = field(default_factory=set)         # paths of the modules called on the example inputs
 
 
 class _UseRecorder(torch.overrides.TorchFunctionMode):
@@ -1009,7 +1014,7 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     outputs: dict[int, tuple] = {}  # id(output) -> (id(norm), output, its version counter then); keeps them alive
     owners = {id(p): path for path, m in linears.values() for p in (m.weight, m.bias) if p is not None}
     stack = [""]
-    handles = memory.track_modules(model, stack)
+    handles = memory.track_modules(model, stack, seen.ran)
 
     versions: dict[int, int] = {}  # id(candidate) -> its first input's version counter on entry
 
@@ -1087,7 +1092,11 @@ def _identify(candidates: dict, seen: _Observation) -> None:
     """Probe each candidate leaf that ran once with one tensor (lowmem_ops._recognition); torch's norms
     and the activations of the class table need none."""
     for key, module in candidates.items():
-        if key not in seen.calls or _known_by_class(module):
+        if _known_by_class(module):
+            continue
+        if key not in seen.calls:
+            if _named_like_candidate(module):  # a branch the inputs did not take (an audio tower fed no audio)
+                seen.unknown[key] = "did not run on the example inputs, so it was not probed"
             continue
         shape, dtype, device, why = seen.calls[key]
         if why == "identity" or (why and not _named_like_candidate(module)):
