@@ -325,8 +325,12 @@ def _adopt(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def _tolerance(outputs) -> float:
+def _tolerance(outputs, model: torch.nn.Module | None = None) -> float:
+    """The output tolerance of the precision the model computes in: its outputs' dtypes and its floating
+    parameters' (a bf16 model returning float32 logits, as Mllama's upcast, rounds in bf16 all the same)."""
     dtypes = {t.dtype for t in _tensors(outputs)}
+    if model is not None:
+        dtypes |= {p.dtype for p in model.parameters() if p.is_floating_point()}
     return 5e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-3
 
 
@@ -765,7 +769,7 @@ def _measure(model, inputs, label):
 def _checker(model, inputs, reference, report: Report):
     """check() -> None when the model's outputs (eval mode, graph built) agree with `reference`
     within the dtype's tolerance, else why not; records the difference in the report."""
-    tol = report.tolerance = _tolerance(reference)
+    tol = report.tolerance = _tolerance(reference, model)
 
     def check():
         diff = report.max_difference = _difference(_run(model, inputs, grad=True), reference)
