@@ -272,6 +272,8 @@ def _ms_norm_for(match: "_recognition.Match", module: torch.nn.Module, shape: tu
 def _foldable(module: torch.nn.Module, observation: "_Observation | None") -> bool:
     """A norm whose affine can go into its consumers: not an offset (1 + weight) or channels-first
     norm, and one that uses every affine parameter it holds (a probed norm may hold one it ignores)."""
+    if observation is not None and any(id(p) in observation.foreign for p in module.parameters(recurse=False)):
+        return False  # the model reads its weight or bias itself (NemotronH: `norm(h.to(norm.weight.dtype))`)
     match = observation.matches.get(id(module)) if observation is not None else None
     if match is None:
         return True
@@ -955,7 +957,8 @@ class _Observation:
     uses: dict = field(default_factory=dict)      # id(norm) -> [(function, module path)] reading its output; None: returned
     modified: dict = field(default_factory=dict)  # id(norm) -> how its output was modified in place
     inputs: dict = field(default_factory=dict)    # id(linear) -> per call, id(norm) whose output it got (None: other)
-    foreign: set = field(default_factory=set)     # ids of linear parameters read outside their own module's forward
+    foreign: set = field(default_factory=set)     # ids of linear parameters read outside their own module's forward,
+                                                  # and of norm parameters read there at all (metadata too)
     matches_torch: dict = field(default_factory=dict)  # id(norm subclass overriding forward) -> every call was torch's norm
     calls: dict = field(default_factory=dict)     # id(candidate leaf) -> its first call: (input shape, dtype, device, why not probed)
     matches: dict = field(default_factory=dict)   # id(candidate leaf) -> what probing found it computes (_recognition.Match)
@@ -968,9 +971,10 @@ class _UseRecorder(torch.overrides.TorchFunctionMode):
     """Records every torch function that takes a watched norm output, in-place writes into one, and
     reads of a linear layer's parameters from outside that layer's forward."""
 
-    def __init__(self, outputs: dict, owners: dict, stack: list, seen: _Observation):
+    def __init__(self, outputs: dict, owners: dict, stack: list, seen: _Observation, norm_owners: dict | None = None):
         super().__init__()
         self.outputs, self.owners, self.stack, self.seen = outputs, owners, stack, seen
+        self.norm_owners = norm_owners or {}
         self.paused = False  # while convert's own checks run inside a hook
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -985,6 +989,10 @@ class _UseRecorder(torch.overrides.TorchFunctionMode):
                 self.seen.uses[self.outputs[id(leaf)][0]].append((name, here))
             owner = self.owners.get(id(leaf))
             if owner is not None and owner != here and name not in _METADATA:
+                self.seen.foreign.add(id(leaf))
+            # a fold removes the norm's weight: even `norm.weight.dtype` elsewhere in the forward would
+            # then fail (outside the forward, stack [""]: convert's own bookkeeping reading .grad)
+            if len(self.stack) > 1 and self.norm_owners.get(id(leaf), here) != here:
                 self.seen.foreign.add(id(leaf))
         if func is F.scaled_dot_product_attention:
             self.seen.attention.add(here)  # a path until _observe ends
@@ -1055,7 +1063,9 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     handles += [m.register_forward_pre_hook(entering, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_hook(produced, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_pre_hook(called, with_kwargs=True) for _, m in linears.values()]
-    recorder = _UseRecorder(outputs, owners, stack, seen)
+    norm_owners = {id(p): path for path, m in model.named_modules() if id(m) in norms
+                   for p in m.parameters(recurse=False)}
+    recorder = _UseRecorder(outputs, owners, stack, seen, norm_owners)
     try:
         with recorder:
             out = _run(model, inputs)

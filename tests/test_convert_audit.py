@@ -78,3 +78,30 @@ def test_a_bf16_model_with_float32_outputs_is_checked_at_the_bf16_tolerance():
     torch.manual_seed(0)
     report32 = lo.convert(_UpcastLogits(), example_inputs=(x.float(),))
     assert report32.tolerance == 1e-3, report32
+
+
+class _ReadsNormWeight(torch.nn.Module):
+    """NemotronH's last norm: its caller reads the norm's weight (`self.norm(h.to(self.norm.weight.dtype))`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(64)
+        self.proj = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.proj(self.norm(x.to(dtype=self.norm.weight.dtype)))
+
+
+def test_a_norm_whose_weight_is_read_outside_it_is_not_folded():
+    # before: the weight went into proj and the MS norm held none, so the caller's read raised and the
+    # norm was undone ("AttributeError: 'NoneType' object has no attribute 'dtype'")
+    torch.manual_seed(0)
+    model = _ReadsNormWeight()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(8, 64)
+    expected = model(x)
+    report = lo.convert(model, example_inputs=(x,))
+    assert [c.path for c in report.applied] == ["norm"], report
+    assert "folded" not in report.applied[0].after and model.norm.weight is not None, report
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
