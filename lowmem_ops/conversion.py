@@ -1127,12 +1127,15 @@ def _identify(candidates: dict, seen: _Observation) -> None:
 
 
 _CANDIDATE_NAME = re.compile(r"(norm|gelu|silu|swish|mish|elu|relu|softplus|activation|act)$", re.IGNORECASE)
+# the same words inside a CamelCase name: RMSNormGated (x, gate), MeanVarianceNormLayer, LayerNorm2d
+_CANDIDATE_PART = re.compile(r"(Norm|GELU|Gelu|SiLU|Silu|ReLU|Relu|Swish|Mish|Softplus|Activation)(?=[A-Z0-9_])")
 
 
 def _named_like_candidate(module: torch.nn.Module) -> bool:
     """Named like a norm or activation, or one of torch's: reported even when it cannot be probed
     (several inputs, another output shape)."""
-    return (bool(_CANDIDATE_NAME.search(type(module).__name__)) or type(module).__name__ in _ACTIVATIONS
+    name = type(module).__name__
+    return (bool(_CANDIDATE_NAME.search(name) or _CANDIDATE_PART.search(name)) or name in _ACTIVATIONS
             or type(module).__module__.startswith("torch.nn"))
 
 

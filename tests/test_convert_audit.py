@@ -105,3 +105,34 @@ def test_a_norm_whose_weight_is_read_outside_it_is_not_folded():
     assert [c.path for c in report.applied] == ["norm"], report
     assert "folded" not in report.applied[0].after and model.norm.weight is not None, report
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class RMSNormGated(torch.nn.Module):
+    """The gated RMSNorm of Mamba-2 / gated-DeltaNet mixers (NemotronH, OLMo-hybrid, Lara): two inputs."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+
+    def forward(self, x, gate):
+        x = x * torch.nn.functional.silu(gate)
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class _Mixer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.in_proj, self.gate_proj, self.out_proj = (torch.nn.Linear(16, 16) for _ in range(3))
+        self.norm = RMSNormGated(16)
+
+    def forward(self, x):
+        return self.out_proj(self.norm(self.in_proj(x), self.gate_proj(x)))
+
+
+def test_a_gated_norm_is_reported_not_passed_over():
+    # before: its name does not end in "norm", so a norm that takes two inputs (not probed) got no line
+    model = _Mixer()
+    report = lo.convert(model, example_inputs=(torch.randn(8, 16),))
+    skipped = dict(report.skipped)
+    assert "norm" in skipped and "2 tensor inputs" in skipped["norm"], report
+    assert type(model.norm) is RMSNormGated
