@@ -168,7 +168,10 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         new, why = _dropout_replacement(module, norms, observation)
         if new is not None or why:
             return new, why
-    if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    # by its names: LLaMA's MLP (projections that are layers: Inkling's shared experts hold 3-D Parameters
+    # under the same names, which only the behavioural recognition below may judge)
+    if gated and all(isinstance(getattr(module, a, None), torch.nn.Module)
+                     for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         op = _gated_op_of(module.act_fn, observation)
         if op in _GATED_OPS:
             return GatedMLP.from_mlp(module, act=op, mode=gated_mode), None

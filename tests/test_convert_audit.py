@@ -136,3 +136,30 @@ def test_a_gated_norm_is_reported_not_passed_over():
     skipped = dict(report.skipped)
     assert "norm" in skipped and "2 tensor inputs" in skipped["norm"], report
     assert type(model.norm) is RMSNormGated
+
+
+class _SharedExperts(torch.nn.Module):
+    """Inkling's shared experts: gate_proj / up_proj / down_proj are 3-D Parameters, not Linear layers."""
+
+    def __init__(self, n=2, d=16, f=32):
+        super().__init__()
+        self.gate_proj = torch.nn.Parameter(torch.randn(n, f, d) / 4)
+        self.up_proj = torch.nn.Parameter(torch.randn(n, f, d) / 4)
+        self.down_proj = torch.nn.Parameter(torch.randn(n, d, f) / 6)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        h = x.reshape(1, -1, x.shape[-1]).expand(self.gate_proj.shape[0], -1, -1)
+        gate, up = torch.bmm(h, self.gate_proj.transpose(1, 2)), torch.bmm(h, self.up_proj.transpose(1, 2))
+        return torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2)).sum(0).reshape(x.shape)
+
+
+def test_gated_mlp_names_on_parameters_are_not_taken_for_linear_layers():
+    # before: the attribute names alone sent it to GatedMLP.from_mlp, which raised on the Parameters
+    # ("could not be converted: TypeError: torch.FloatTensor is not a Module subclass")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), _SharedExperts())
+    report = lo.convert(model, example_inputs=(torch.randn(8, 16),))
+    assert type(model[1]) is _SharedExperts, report
+    assert not any("could not be converted" in why for _, why in report.skipped), report
+    assert all(c.path != "1" for c in report.changes), report
