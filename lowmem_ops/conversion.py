@@ -180,7 +180,10 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         if op in _GATED_OPS:
             return _moe_experts.fused(module, op, gated_mode), None
         return None, f"MoE experts with activation {type(module.act_fn).__name__}, which has no fused kernel"
-    if gated and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    # by its names: LLaMA's MLP (projections that are layers: Inkling's shared experts hold 3-D Parameters
+    # under the same names, which only the behavioural recognition below may judge)
+    if gated and all(isinstance(getattr(module, a, None), torch.nn.Module)
+                     for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         op = _gated_op_of(module.act_fn, observation)
         if op in _GATED_OPS:
             return GatedMLP.from_mlp(module, act=op, mode=gated_mode), None
@@ -287,6 +290,8 @@ def _ms_norm_for(match: "_recognition.Match", module: torch.nn.Module, shape: tu
 def _foldable(module: torch.nn.Module, observation: "_Observation | None") -> bool:
     """A norm whose affine can go into its consumers: not an offset (1 + weight) or channels-first
     norm, and one that uses every affine parameter it holds (a probed norm may hold one it ignores)."""
+    if observation is not None and any(id(p) in observation.foreign for p in module.parameters(recurse=False)):
+        return False  # the model reads its weight or bias itself (NemotronH: `norm(h.to(norm.weight.dtype))`)
     match = observation.matches.get(id(module)) if observation is not None else None
     if match is None:
         return True
@@ -340,8 +345,18 @@ def _adopt(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def _tolerance(outputs) -> float:
+def _tolerance(outputs, model: torch.nn.Module | None = None) -> float:
+    """The output tolerance of the precision the model computes in: its outputs' dtypes and the dtype of
+    most of its parameters (a bf16 model returning float32 logits, as Mllama's upcast, rounds in bf16
+    all the same)."""
     dtypes = {t.dtype for t in _tensors(outputs)}
+    if model is not None:  # the dtype holding most of its parameters' elements, not any one parameter's
+        elements: dict[torch.dtype, int] = {}
+        for p in model.parameters():
+            if p.is_floating_point():
+                elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
+        if elements:
+            dtypes.add(max(elements, key=elements.get))
     return 5e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-3
 
 
@@ -783,7 +798,7 @@ def _measure(model, inputs, label):
 def _checker(model, inputs, reference, report: Report):
     """check() -> None when the model's outputs (eval mode, graph built) agree with `reference`
     within the dtype's tolerance, else why not; records the difference in the report."""
-    tol = report.tolerance = _tolerance(reference)
+    tol = report.tolerance = _tolerance(reference, model)
 
     def check():
         diff = report.max_difference = _difference(_run(model, inputs, grad=True), reference)
@@ -930,6 +945,10 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
     if not path:
         report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
         return None
+    if observation is not None and not any(p in observation.ran for p in names):
+        # (a branch these inputs do not take: a vision tower fed no image, cross-attention in a decoder-only call)
+        report.skipped.append((path, "did not run on the example inputs: a swap could be neither verified nor measured"))
+        return None
     after = type(new).__name__
     if type(new) is type(module) and getattr(new, "config", None) is not getattr(module, "config", None):
         after += f" (attention dropout regenerated off CUDA: {_attention.NAME})"
@@ -967,21 +986,24 @@ class _Observation:
     uses: dict = field(default_factory=dict)      # id(norm) -> [(function, module path)] reading its output; None: returned
     modified: dict = field(default_factory=dict)  # id(norm) -> how its output was modified in place
     inputs: dict = field(default_factory=dict)    # id(linear) -> per call, id(norm) whose output it got (None: other)
-    foreign: set = field(default_factory=set)     # ids of linear parameters read outside their own module's forward
+    foreign: set = field(default_factory=set)     # ids of linear parameters read outside their own module's forward,
+                                                  # and of norm parameters read there at all (metadata too)
     matches_torch: dict = field(default_factory=dict)  # id(norm subclass overriding forward) -> every call was torch's norm
     calls: dict = field(default_factory=dict)     # id(candidate leaf) -> its first call: (input shape, dtype, device, why not probed)
     matches: dict = field(default_factory=dict)   # id(candidate leaf) -> what probing found it computes (_recognition.Match)
     unknown: dict = field(default_factory=dict)   # id(candidate leaf) -> why probing found nothing to swap it for
     attention: set = field(default_factory=set)   # ids of the innermost modules that ran scaled_dot_product_attention
+    ran: set = field(default_factory=set)         # paths of the modules called on the example inputs
 
 
 class _UseRecorder(torch.overrides.TorchFunctionMode):
     """Records every torch function that takes a watched norm output, in-place writes into one, and
     reads of a linear layer's parameters from outside that layer's forward."""
 
-    def __init__(self, outputs: dict, owners: dict, stack: list, seen: _Observation):
+    def __init__(self, outputs: dict, owners: dict, stack: list, seen: _Observation, norm_owners: dict | None = None):
         super().__init__()
         self.outputs, self.owners, self.stack, self.seen = outputs, owners, stack, seen
+        self.norm_owners = norm_owners or {}
         self.paused = False  # while convert's own checks run inside a hook
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -996,6 +1018,10 @@ class _UseRecorder(torch.overrides.TorchFunctionMode):
                 self.seen.uses[self.outputs[id(leaf)][0]].append((name, here))
             owner = self.owners.get(id(leaf))
             if owner is not None and owner != here and name not in _METADATA:
+                self.seen.foreign.add(id(leaf))
+            # a fold removes the norm's weight: even `norm.weight.dtype` elsewhere in the forward would
+            # then fail (outside the forward, stack [""]: convert's own bookkeeping reading .grad)
+            if len(self.stack) > 1 and self.norm_owners.get(id(leaf), here) != here:
                 self.seen.foreign.add(id(leaf))
         if func is F.scaled_dot_product_attention:
             self.seen.attention.add(here)  # a path until _observe ends
@@ -1029,7 +1055,7 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     outputs: dict[int, tuple] = {}  # id(output) -> (id(norm), output, its version counter then); keeps them alive
     owners = {id(p): path for path, m in linears.values() for p in (m.weight, m.bias) if p is not None}
     stack = [""]
-    handles = memory.track_modules(model, stack)
+    handles = memory.track_modules(model, stack, seen.ran)
 
     versions: dict[int, int] = {}  # id(candidate) -> its first input's version counter on entry
 
@@ -1066,7 +1092,9 @@ def _observe(model: torch.nn.Module, inputs) -> _Observation:
     handles += [m.register_forward_pre_hook(entering, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_hook(produced, with_kwargs=True) for m in norms.values()]
     handles += [m.register_forward_pre_hook(called, with_kwargs=True) for _, m in linears.values()]
-    recorder = _UseRecorder(outputs, owners, stack, seen)
+    norm_owners = {id(p): path for path, m in model.named_modules() if id(m) in norms
+                   for p in m.parameters(recurse=False)}
+    recorder = _UseRecorder(outputs, owners, stack, seen, norm_owners)
     try:
         with recorder:
             out = _run(model, inputs)
@@ -1107,7 +1135,11 @@ def _identify(candidates: dict, seen: _Observation) -> None:
     """Probe each candidate leaf that ran once with one tensor (lowmem_ops._recognition); torch's norms
     and the activations of the class table need none."""
     for key, module in candidates.items():
-        if key not in seen.calls or _known_by_class(module):
+        if _known_by_class(module):
+            continue
+        if key not in seen.calls:
+            if _named_like_candidate(module):  # a branch the inputs did not take (an audio tower fed no audio)
+                seen.unknown[key] = "did not run on the example inputs, so it was not probed"
             continue
         shape, dtype, device, why = seen.calls[key]
         if why == "identity" or (why and not _named_like_candidate(module)):
@@ -1124,12 +1156,15 @@ def _identify(candidates: dict, seen: _Observation) -> None:
 
 
 _CANDIDATE_NAME = re.compile(r"(norm|gelu|silu|swish|mish|elu|relu|softplus|activation|act)$", re.IGNORECASE)
+# the same words inside a CamelCase name: RMSNormGated (x, gate), MeanVarianceNormLayer, LayerNorm2d
+_CANDIDATE_PART = re.compile(r"(Norm|GELU|Gelu|SiLU|Silu|ReLU|Relu|Swish|Mish|Softplus|Activation)(?=[A-Z0-9_])")
 
 
 def _named_like_candidate(module: torch.nn.Module) -> bool:
     """Named like a norm or activation, or one of torch's: reported even when it cannot be probed
     (several inputs, another output shape)."""
-    return (bool(_CANDIDATE_NAME.search(type(module).__name__)) or type(module).__name__ in _ACTIVATIONS
+    name = type(module).__name__
+    return (bool(_CANDIDATE_NAME.search(name) or _CANDIDATE_PART.search(name)) or name in _ACTIVATIONS
             or type(module).__module__.startswith("torch.nn"))
 
 

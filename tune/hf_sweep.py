@@ -1,0 +1,552 @@
+"""A trust audit of lo.convert beyond tune/hf_matrix.py's 44 hand-written families: every model type of
+the installed transformers that has a causal-LM, masked-LM, seq2seq-LM, image-classification or base
+model class (its auto mappings), built tiny and random from its config class, converted with the
+defaults, and checked independently of convert's own report.
+
+    python tune/hf_sweep.py                               # as many as fit in --budget seconds
+    python tune/hf_sweep.py --arch llama --arch bert      # model types (transformers' names)
+    python tune/hf_sweep.py --budget 300 --json out.json
+
+Per model type: built or skipped (why: no config/model class, the tiny config or model does not build,
+custom inputs, needs an extra package, a forward + backward over --build-seconds); then lo.convert
+(a traceback head if it raised); report.max_difference vs report.tolerance; report.gradient_cosine;
+the saved-for-backward ratio re-measured here as hf_matrix.convert_and_measure does (a copy taken
+before converting); every change undone and every module skipped, with the reason; an independent
+check on a copy of the unconverted model: the eval-mode output difference and the cosine of the
+gradients of the parameters convert left untouched (same names, same values) under a fixed random
+projection of the outputs; whether the converted model trains (a training-mode backward, finite
+gradients). "anomalies" lists, per model, what the audit flags (see ANOMALIES).
+
+Tiny: the size fields the config class has (hidden_size / d_model / n_embd ... 64, the feed-forward
+128, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocabulary 256, 64 positions, 4 experts of which 2
+per token, 32x32 images in patches of 8), in sub-configs too; token ids outside the vocabulary moved
+inside it. Order: decoder LMs, then masked LMs, image classifiers, seq2seq LMs, other base models;
+the types tune/hf_matrix.py already covers last. One batch of 2 (tune/hf_matrix.py's examples), bf16
+where a forward and backward run in bf16, else float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import inspect
+import signal
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hf_matrix  # noqa: E402  (its builders: batches, loss, measure, left_alone, BatchNorm calibration)
+from _bench_common import REPO_ROOT, write_json  # noqa: E402
+
+import torch  # noqa: E402
+
+import lowmem_ops as lo  # noqa: E402
+from lowmem_ops import conversion  # noqa: E402
+
+DEFAULT_JSON = REPO_ROOT / "tune" / "results" / "cpu-2026-11-30-hf-sweep" / "hf_sweep.json"
+GRADIENT_COSINE = 0.95  # the whole-model target at the default grad_tolerance
+
+# (task, auto mapping, input kind); the first task a model type has decides its class
+TASKS = [
+    ("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "tokens"),
+    ("masked-lm", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "tokens"),
+    ("image-classification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "image"),
+    ("seq2seq-lm", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "seq2seq"),
+    ("base", "MODEL_MAPPING_NAMES", None),  # input kind read from forward's signature
+]
+
+HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 2, 4, 2, 16
+# size fields, by meaning; set where the config class has them (dataclass fields or default attributes)
+_SIZES = [  # (value, names)
+    (HIDDEN, ["hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "model_dim", "word_embed_proj_dim",
+             "embedding_size", "projection_dim"]),
+    (FFN, ["intermediate_size", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "ffn_hidden_size",
+          "inner_hidden_size", "hidden_dim", "dim_feedforward", "mlp_dim"]),
+    (LAYERS, ["num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
+             "num_decoder_layers", "num_encoder_layers"]),
+    (HEADS, ["num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+            "decoder_attention_heads"]),
+    (HEAD_DIM, ["head_dim", "d_kv", "attention_head_size", "kv_channels", "v_head_dim", "linear_key_head_dim",
+               "linear_value_head_dim"]),
+    (64, ["max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length",
+         "max_target_positions", "seq_length", "moe_intermediate_size", "shared_expert_intermediate_size",
+         "expert_intermediate_size"]),
+    (32, ["kv_lora_rank", "q_lora_rank", "image_size"]),
+    (8, ["qk_rope_head_dim", "qk_nope_head_dim", "patch_size", "sliding_window"]),
+    (4, ["num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "linear_num_key_heads",
+        "linear_num_value_heads"]),
+    (2, ["num_experts_per_tok", "moe_topk", "top_k", "n_group", "topk_group"]),
+]
+_KV = ["num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "num_key_value_groups"]
+
+
+def _names(config_cls) -> dict:
+    """field name -> default value of a config class (its dataclass fields, else a default instance's)."""
+    if dataclasses.is_dataclass(config_cls):
+        out = {}
+        for f in dataclasses.fields(config_cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                out[f.name] = None
+        return out
+    return dict(vars(config_cls()))
+
+
+def tiny_kwargs(config_cls, depth: int = 0) -> dict:
+    """The overrides that make a config class tiny (recursing into its sub-configs)."""
+    defaults = _names(config_cls)
+    kw = {}
+    for value, names in _SIZES:
+        for n in names:
+            if n in defaults and (isinstance(defaults[n], int) and not isinstance(defaults[n], bool)):
+                kw[n] = value
+    for n in _KV:  # multi-query (1) stays 1; grouped becomes 2 of 4
+        if n in defaults and isinstance(defaults[n], int) and defaults[n] > 1:
+            kw[n] = KV_HEADS if n != "num_key_value_groups" else HEADS // KV_HEADS
+        elif n in defaults and defaults[n] is None and n == "num_key_value_heads":
+            kw[n] = KV_HEADS
+    if "vocab_size" in defaults:
+        kw["vocab_size"] = hf_matrix.VOCAB
+    spare = iter(range(3, 64))
+    for n, v in defaults.items():  # ids the real tokenizer gives: inside the tiny vocabulary
+        if n.endswith(("token_id", "token_index")) and isinstance(v, int) and not isinstance(v, bool) \
+                and not 0 <= v < hf_matrix.VOCAB:
+            kw[n] = next(spare)
+        elif n.endswith(("token_id", "token_ids")) and isinstance(v, list) and any(
+                isinstance(x, int) and x >= hf_matrix.VOCAB for x in v):
+            kw[n] = [2]
+    for n in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if n in defaults and isinstance(defaults[n], int) and defaults[n] >= hf_matrix.VOCAB:
+            kw[n] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[n]
+    if "num_channels" in defaults and isinstance(defaults["num_channels"], int):
+        kw["num_channels"] = 3
+    if "hidden_sizes" in defaults and isinstance(defaults["hidden_sizes"], list):  # hierarchical vision models
+        k = len(defaults["hidden_sizes"])
+        kw["hidden_sizes"] = [16 * 2 ** min(i, 2) for i in range(k)]
+    if "depths" in defaults and isinstance(defaults["depths"], list):
+        kw["depths"] = [1] * len(defaults["depths"])
+    subs = getattr(config_cls, "sub_configs", None) or {}
+    if depth < 2:
+        for name, sub in subs.items():
+            if isinstance(sub, type):
+                try:
+                    kw[name] = tiny_kwargs(sub, depth + 1)
+                except Exception:
+                    pass
+    return kw
+
+
+class Skip(Exception):
+    """The model type cannot be built or run here; the message says why."""
+
+
+class TimeUp(BaseException):
+    """An alarm: not an Exception, so convert's own handlers do not take it for a failed change."""
+
+
+@contextmanager
+def time_limit(seconds: float, what: str):
+    def ring(signum, frame):
+        raise TimeUp(f"{what} took over {seconds:g} s")
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def entries() -> list[dict]:
+    """Every model type with one of TASKS' classes: {type, task, config, model, inputs}, in sweep order."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    configs = configuration_auto.CONFIG_MAPPING_NAMES
+    chosen: dict[str, dict] = {}
+    for task, mapping, kind in TASKS:
+        for mtype, cls in getattr(modeling_auto, mapping).items():
+            if mtype in chosen or mtype not in configs:
+                continue
+            cls = cls[0] if isinstance(cls, (list, tuple)) else cls
+            chosen[mtype] = {"type": mtype, "task": task, "config": configs[mtype], "model": cls, "inputs": kind}
+    covered = {a.model for a in hf_matrix.ARCHS.values()} | set(hf_matrix.ARCHS)
+    rank = {task: i for i, (task, _, _) in enumerate(TASKS)}
+    order = sorted(chosen.values(), key=lambda e: (e["type"] in covered or e["model"] in covered, rank[e["task"]],
+                                                    e["type"]))
+    for e in order:
+        e["in_hf_matrix"] = e["type"] in covered or e["model"] in covered
+    return order
+
+
+def _input_kind(model_cls) -> str:
+    params = inspect.signature(model_cls.forward).parameters
+    required = [n for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if "decoder_input_ids" in params and "input_ids" in params:
+        kind = "seq2seq"
+    elif "input_ids" in params:
+        kind = "tokens"
+    elif "pixel_values" in params:
+        kind = "image"
+    elif "input_values" in params:
+        kind = "wave"
+    else:
+        raise Skip(f"custom inputs: forward takes {', '.join(n for n in params if n != 'self')}")
+    extra = [n for n in required if n not in ("input_ids", "decoder_input_ids", "pixel_values", "input_values")]
+    if extra:
+        raise Skip(f"custom inputs: forward requires {', '.join(extra)}")
+    return kind
+
+
+def _construct(entry: dict, dtype: torch.dtype):
+    import transformers
+
+    try:
+        config_cls = getattr(transformers, entry["config"])
+        model_cls = getattr(transformers, entry["model"])
+    except (AttributeError, ImportError) as e:
+        raise Skip(f"class not importable: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    kind = entry["inputs"] or _input_kind(model_cls)
+    if kind in ("tokens", "seq2seq"):
+        _input_kind(model_cls)  # a required input beyond the tokens: skipped the same way
+    try:
+        cfg = config_cls(**tiny_kwargs(config_cls))
+    except Exception as e:
+        raise Skip(f"tiny config does not build: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if hasattr(cfg, "_attn_implementation"):
+        try:
+            cfg._attn_implementation = "eager" if dtype is torch.float32 else cfg._attn_implementation
+        except Exception:
+            pass
+    torch.manual_seed(hf_matrix.SEED)
+    try:
+        model = model_cls(cfg).to(dtype).train()
+    except ImportError as e:
+        raise Skip(f"needs an extra package: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:
+        raise Skip(f"tiny model does not build: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    n = sum(p.numel() for p in model.parameters())
+    if n > 20_000_000:
+        raise Skip(f"not tiny: {n / 1e6:.0f}M parameters after the overrides (a size field this script misses)")
+    batch = hf_matrix._example(kind, dtype, cfg)
+    hf_matrix._calibrate_batchnorm(model, batch)
+    return model, batch, kind
+
+
+def build(entry: dict, seconds: float):
+    """(model, batch, dtype, kind, build seconds) in train mode: bf16 where a forward and backward run,
+    else float32; Skip when neither does within `seconds`."""
+    t0 = time.perf_counter()
+    errors = []
+    for dtype in (torch.bfloat16, torch.float32):
+        try:
+            with time_limit(seconds, "building and one forward + backward"):
+                model, batch, kind = _construct(entry, dtype)
+                hf_matrix.loss(model(**batch)).backward()
+        except TimeUp as e:
+            raise Skip(f"too slow on CPU: {e}") from None
+        except Skip:
+            raise
+        except ImportError as e:
+            raise Skip(f"needs an extra package: {str(e).splitlines()[0][:200]}") from None
+        except Exception as e:
+            errors.append(f"{str(dtype).removeprefix('torch.')}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            continue
+        model, batch, kind = _construct(entry, dtype)  # again: no .grad, nothing touched
+        return model, batch, dtype, kind, time.perf_counter() - t0
+    raise Skip("the unconverted model's forward + backward fails: " + " | ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent checks (a copy of the unconverted model; nothing from convert's report)
+
+
+def _float_outputs(out) -> list[torch.Tensor]:
+    return [t for t in conversion._tensors(out) if t.is_floating_point()]
+
+
+def _eval_run(model, batch, grad: bool):
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        torch.manual_seed(hf_matrix.SEED)
+        with torch.set_grad_enabled(grad):
+            return model(**batch)
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+
+
+def independent_check(original, converted, batch) -> dict:
+    """Eval mode, fixed seed: the largest |a-b|/(1+|b|) over the float outputs, and the cosine of the
+    parameter gradients (a fixed random projection of the outputs) over the parameters both models
+    hold under one name with equal values (a fold rewrites the ones it touches)."""
+    out_a = _float_outputs(_eval_run(converted, batch, grad=False))
+    out_b = _float_outputs(_eval_run(original, batch, grad=False))
+    diff = max([((a.float() - b.float()).abs() / (1 + b.float().abs())).max().item()
+                for a, b in zip(out_a, out_b) if a.shape == b.shape and a.numel()], default=None)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=g) for t in out_b]
+
+    def grads(model):
+        for p in model.parameters():
+            p.grad = None
+        outs = _float_outputs(_eval_run(model, batch, grad=True))
+        loss = sum((o.float() * w).sum() for o, w in zip(outs, weights) if o.requires_grad)
+        if not torch.is_tensor(loss):
+            return {}
+        loss.backward()
+        out = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        for p in model.parameters():
+            p.grad = None
+        return out
+
+    params_a, params_b = dict(converted.named_parameters()), dict(original.named_parameters())
+    same = [n for n in params_b if n in params_a and params_a[n].shape == params_b[n].shape
+            and torch.equal(params_a[n].detach(), params_b[n].detach())]
+    ga, gb = grads(converted), grads(original)
+    names = [n for n in same if n in gb]
+    if not names:
+        return {"output_difference": diff, "gradient_cosine": None, "parameters_compared": 0}
+    a = torch.cat([ga.get(n, torch.zeros_like(gb[n])).flatten() for n in names])
+    b = torch.cat([gb[n].flatten() for n in names])
+    cos = (torch.dot(a.double(), b.double()) / (a.double().norm() * b.double().norm())).item() \
+        if a.norm() > 0 and b.norm() > 0 else None
+    return {"output_difference": diff, "gradient_cosine": cos, "parameters_compared": len(names),
+            "parameters_total": len(params_b)}
+
+
+def _eval_backward(model, batch) -> str:
+    """Whether the unconverted model alone runs an eval-mode backward (RWKV's eval mode does not)."""
+    try:
+        sum(t.float().sum() for t in _float_outputs(_eval_run(model, batch, grad=True))).backward()
+        return "runs"
+    except Exception as e:
+        return f"fails too: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def trains(model, batch) -> str | None:
+    """None when a training-mode backward runs and every gradient is finite, else what went wrong."""
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    try:
+        hf_matrix.loss(model(**batch)).backward()
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if bad:
+        return f"non-finite gradients in {len(bad)} parameters, first {bad[0]}"
+    if all(p.grad is None for p in model.parameters()):
+        return "no parameter got a gradient"
+    return None
+
+
+def _unexplained(model, report) -> list[str]:
+    """Leaves named like a norm or an activation that no change, skip or swapped ancestor accounts for
+    (tests/test_hf_matrix.py's coverage check)."""
+    import re
+    pattern = re.compile(r"Norm|GELU|Gelu|ReLU|SiLU|Swish|Mish|ELU|Softplus|Tanh|Sigmoid|Activation")
+    seen = {c.path for c in report.changes} | {p for p, _ in report.skipped}
+    swapped = [c.path for c in report.applied]
+    paths_of: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if not list(m.children()) and pattern.search(type(m).__name__) and ".parametrizations." not in f".{path}.":
+            paths_of.setdefault(id(m), []).append(path)
+    return [ps[0] for ps in paths_of.values()
+            if not any(p in seen or any(p.startswith(s + ".") for s in swapped if s) for p in ps)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One model type
+
+ANOMALIES = {
+    "convert_raised": "lo.convert raised",
+    "check_failed": "report.max_difference > report.tolerance with changes applied, or the independent output "
+                    "difference over the tolerance",
+    "low_gradient": "gradient cosine (report or independent) < 0.95 with changes applied",
+    "gradient_disagrees": "the independent gradient cosine and the report's differ by more than 0.02",
+    "bytes_up": "saved bytes after > before (re-measured here)",
+    "unexplained": "a norm- or activation-named leaf missing from the report, or a left-alone entry without reason",
+    "does_not_train": "the converted model's training-mode backward fails or gives non-finite gradients",
+    "independent_check_failed": "the independent eval-mode check raised (original_alone says whether the "
+                                "unconverted model's eval-mode backward fails as well)",
+}
+
+
+def run_one(entry: dict, build_seconds: float, convert_seconds: float) -> dict:
+    rec = {k: entry[k] for k in ("type", "task", "model", "config", "in_hf_matrix")}
+    try:
+        model, batch, dtype, kind, seconds = build(entry, build_seconds)
+    except Skip as e:
+        return {**rec, "status": "skipped", "why": str(e)}
+    rec.update(status="built", dtype=str(dtype).removeprefix("torch."), inputs=kind, build_s=round(seconds, 2),
+               parameters=sum(p.numel() for p in model.parameters()))
+    original = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    try:
+        with time_limit(convert_seconds, "convert"):
+            baseline = hf_matrix.measure(copy.deepcopy(model), batch)
+            report = lo.convert(model, example_inputs=batch)
+            after = hf_matrix.measure(model, batch)
+    except TimeUp as e:
+        rec.update(status="skipped", why=f"too slow on CPU: {e}")
+        return rec
+    except Exception as e:
+        tb = traceback.format_exception(e)
+        rec.update(convert="raised", error=f"{type(e).__name__}: {str(e)[:300]}",
+                   traceback="".join(tb[-6:])[-2500:], anomalies=["convert_raised"])
+        return rec
+    rec["convert_s"] = round(time.perf_counter() - t0, 2)
+    rec.update(convert="ok", bytes_before=baseline, bytes_after=after, ratio=after / max(baseline, 1),
+               max_difference=report.max_difference, tolerance=report.tolerance,
+               gradient_cosine=report.gradient_cosine, gradient_note=report.gradient_note,
+               applied=[[c.path, c.before, c.after, c.bits, c.reason] for c in report.applied],
+               undone=[[c.path, c.before, c.reason] for c in report.changes if c.status != "applied"],
+               skipped=[[p, why] for p, why in report.skipped])
+    try:
+        with time_limit(convert_seconds, "the independent check"):
+            rec["independent"] = independent_check(original, model, batch)
+            rec["trains"] = trains(model, batch)
+    except TimeUp as e:
+        rec["independent"] = {"error": str(e)}
+    except Exception as e:
+        rec["independent"] = {"error": f"{type(e).__name__}: {str(e)[:300]}",
+                              "original_alone": _eval_backward(original, batch)}
+    rec["unexplained"] = _unexplained(model, report) + [p for p, _, why in hf_matrix.left_alone(report, model)
+                                                        if not (why and why.strip())]
+    rec["anomalies"] = anomalies(rec, report)
+    return rec
+
+
+def anomalies(rec: dict, report) -> list[str]:
+    found = []
+    applied = bool(report.applied)
+    ind = rec.get("independent", {})
+    tol = report.tolerance
+    if applied and (report.max_difference is None or report.max_difference > tol
+                    or (ind.get("output_difference") is not None and tol is not None and ind["output_difference"] > tol)):
+        found.append("check_failed")
+    cosines = [c for c in (report.gradient_cosine, ind.get("gradient_cosine")) if c is not None]
+    if applied and any(c < GRADIENT_COSINE for c in cosines):
+        found.append("low_gradient")
+    if applied and report.gradient_cosine is not None and ind.get("gradient_cosine") is not None \
+            and abs(report.gradient_cosine - ind["gradient_cosine"]) > 0.02:
+        found.append("gradient_disagrees")
+    if rec["bytes_after"] > rec["bytes_before"]:
+        found.append("bytes_up")
+    if rec["unexplained"]:
+        found.append("unexplained")
+    if rec.get("trains") is not None:
+        found.append("does_not_train")
+    if "error" in ind:
+        found.append("independent_check_failed")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def summary(records: list[dict]) -> str:
+    from collections import Counter
+    built = [r for r in records if r["status"] == "built"]
+    ok = [r for r in built if r.get("convert") == "ok"]
+    kinds = Counter(a for r in built for a in r.get("anomalies", []))
+    lines = [f"{len(records)} model types tried: {len(built)} built, {len(records) - len(built)} skipped; "
+             f"convert ran on {len(ok)}, raised on {len(built) - len(ok)}; "
+             f"{sum(1 for r in ok if not r['anomalies'])} with no anomaly",
+             "anomalies: " + (", ".join(f"{k} {n}" for k, n in kinds.most_common()) or "none")]
+    skips = Counter(r["why"].split(":")[0] for r in records if r["status"] == "skipped")
+    lines.append("skipped: " + ", ".join(f"{k} {n}" for k, n in skips.most_common()))
+    for r in built:
+        if r.get("anomalies"):
+            detail = r.get("error") or (f"diff {r['max_difference']} cos {r['gradient_cosine']} "
+                                       f"ind {r.get('independent')} ratio {r['ratio']:.3f} trains {r.get('trains')} "
+                                       f"unexplained {r['unexplained'][:3]}")
+            lines.append(f"  {r['type']} ({r['model']}, {r['dtype']}): {', '.join(r['anomalies'])}: {detail}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", action="append", help="a model type (transformers' name; repeatable); default all")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    p.add_argument("--budget", type=float, default=900, help="seconds for the whole sweep (default 900)")
+    p.add_argument("--build-seconds", type=float, default=10, help="build + one forward/backward limit")
+    p.add_argument("--convert-seconds", type=float, default=60, help="convert + measuring limit")
+    p.add_argument("--task", action="append", choices=[t for t, _, _ in TASKS],
+                   help="only model types whose class is of this task (repeatable); default all")
+    p.add_argument("--skip-matrix", action="store_true", help="leave out the types tune/hf_matrix.py covers")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    import warnings
+
+    import transformers
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+
+    todo = entries()
+    if args.arch:
+        known = {e["type"]: e for e in todo}
+        unknown = [a for a in args.arch if a not in known]
+        if unknown:
+            p.error(f"unknown model types {unknown} (none of the audited auto mappings has them)")
+        todo = [known[a] for a in args.arch]
+    else:
+        if args.task:
+            todo = [e for e in todo if e["task"] in args.task]
+        if args.skip_matrix:
+            todo = [e for e in todo if not e["in_hf_matrix"]]
+    _warm_up()
+    start = time.perf_counter()
+    records = []
+    for entry in todo:
+        if time.perf_counter() - start > args.budget:
+            records.append({k: entry[k] for k in ("type", "task", "model", "in_hf_matrix")}
+                           | {"status": "left_out", "why": f"time budget of {args.budget:g} s spent"})
+            continue
+        t = time.perf_counter()
+        rec = run_one(entry, args.build_seconds, args.convert_seconds)
+        rec["total_s"] = round(time.perf_counter() - t, 2)
+        records.append(rec)
+        short = rec.get("why") or rec.get("error") or (
+            f"ratio {rec['ratio']:.3f} cos {rec['gradient_cosine']} anomalies {rec['anomalies']}")
+        print(f"[{time.perf_counter() - start:6.0f}s] {entry['type']}: {rec['status']} {short}", file=sys.stderr,
+              flush=True)
+        write_json(args.json, _env(args), records)  # as it goes: a crash leaves what was done
+    text = summary([r for r in records if r["status"] != "left_out"])
+    left = [r["type"] for r in records if r["status"] == "left_out"]
+    if left:
+        text += f"\nleft out (time budget): {len(left)}: {' '.join(left)}"
+    print(text)
+    write_json(args.json, _env(args), records, summary=text.splitlines(), anomaly_kinds=ANOMALIES)
+    print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _warm_up() -> None:
+    """One small convert before the clock starts: the first one in a process compiles (or loads) the C++
+    kernels, which would otherwise count against the first model type's time limit."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                                  torch.nn.Linear(32, 16)).to(dtype)
+        lo.convert(net, example_inputs=torch.randn(4, 16, dtype=dtype))
+
+
+def _env(args) -> dict:
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "seed": hf_matrix.SEED,
+            "grad_tolerance": conversion.GRAD_TOLERANCE, "budget_s": args.budget, "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
