@@ -1,9 +1,11 @@
 """Defects the Hugging Face sweep (tune/hf_sweep.py) found in lo.convert, each reproduced by a minimal
 module with the pattern of the models where it showed."""
 
+import pytest
 import torch
 
 import lowmem_ops as lo
+from lowmem_ops import conversion
 
 
 class MeanVarianceNorm(torch.nn.Module):
@@ -163,3 +165,54 @@ def test_gated_mlp_names_on_parameters_are_not_taken_for_linear_layers():
     assert type(model[1]) is _SharedExperts, report
     assert not any("could not be converted" in why for _, why in report.skipped), report
     assert all(c.path != "1" for c in report.changes), report
+
+
+class _GradModeRounding(torch.nn.Module):
+    """A model whose output rounds differently with the autograd graph built, as CPU SDPA in bf16 does
+    (MT5: outputs 0.23 apart, |a-b|/(1+|b|), between a no-grad and a grad run of the same model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        y = self.fc2(self.act(self.fc1(x)))
+        return y if torch.is_grad_enabled() else y + 0.2
+
+
+def test_the_reference_run_builds_the_graph_as_the_checks_do():
+    # before: the reference was a no-grad run and every check a grad run, so even a dropout swap read
+    # as "outputs moved by 0.229" on MT5 and all 28 of its changes were undone
+    torch.manual_seed(0)
+    model = _GradModeRounding()
+    report = lo.convert(model, example_inputs=(torch.randn(8, 16),))
+    assert [c.path for c in report.applied] == ["act"] and report.max_difference < 1e-6, report
+
+
+def _llama_with_large_logits():
+    """A tiny bf16 LLaMA whose logits reach about 40, as a trained LLM's do (random init gives ~1)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=1000)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model, {"input_ids": torch.randint(0, 1000, (2, 64))}
+
+
+def test_large_outputs_are_compared_at_their_own_scale(monkeypatch):
+    # before: |a-b|/(1+|b|) read the bf16 rounding of the exact fused MLPs (about 2^-8 of logits ~40)
+    # as "outputs moved" wherever a logit is near 0, and undid them
+    model, batch = _llama_with_large_logits()
+    with torch.no_grad():
+        assert model(**batch).logits.abs().max() > 20
+    report = lo.convert(model, example_inputs=batch)
+    assert not [c for c in report.changes if c.status == "undone"], report
+    assert {c.after.split()[0] for c in report.applied} == {"GatedMLP", "MSRMSNorm"}, report
+    # a wrong swap at that scale is still caught: the MLPs computing GELU in place of SiLU
+    monkeypatch.setitem(conversion._ACTIVATIONS, "SiLUActivation", lambda m: "regelu2")
+    model, batch = _llama_with_large_logits()
+    report = lo.convert(model, example_inputs=batch)
+    undone = [c for c in report.changes if c.status == "undone"]
+    assert {c.after for c in undone} == {"GatedMLP"} and all("outputs moved" in c.reason for c in undone), report
