@@ -416,7 +416,6 @@ def _quantized_in_training_mode(model: torch.nn.Module):
             m.training = training
 
 
-@torch.no_grad()
 def _reference(model, inputs) -> list[torch.Tensor]:
     """The unconverted model's outputs, with the graph built as every check's run builds it: kernels
     may differ with grad mode (CPU SDPA in bf16 rounds otherwise), which would read as outputs moved.
@@ -428,6 +427,7 @@ def _reference(model, inputs) -> list[torch.Tensor]:
         return _tensors(_run(model, inputs))
 
 
+@torch.no_grad()
 def _difference(a, b) -> float:
     """max |a - b| / (|b| + s) over every output pair, s = max(1, rms of b's finite values): relative
     where |b| is large, and near zero relative to the tensor's scale, not to 1. Logits of a trained
