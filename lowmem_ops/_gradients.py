@@ -22,9 +22,9 @@ width controls), from what the layers after it do to g.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from ._snapshot import in_eval
 
 PROJECTION_SEED = 0x5EED
 
@@ -147,7 +147,7 @@ def _local_cosine(calls: list, new: torch.nn.Module, old: torch.nn.Module) -> fl
     """cos(d new(x)/dx . g, d old(x)/dx . g) over every recorded call (x, g) of the module, both in
     eval mode (a dropout inside, as in a gated MLP, would otherwise draw two masks)."""
     ours, exact = [], []
-    with _in_eval(new, old):
+    with in_eval(new, old):
         for x, holder in calls:
             if not holder:
                 continue  # the output did not reach the loss
@@ -158,19 +158,6 @@ def _local_cosine(calls: list, new: torch.nn.Module, old: torch.nn.Module) -> fl
                 (gx,) = torch.autograd.grad(out, leaf, g, allow_unused=True)
                 into.append(torch.zeros_like(leaf) if gx is None else gx)
     return cosine(ours, exact)
-
-
-@contextlib.contextmanager
-def _in_eval(*modules: torch.nn.Module):
-    """The modules in eval mode, every submodule's own training flag given back after."""
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def _floating(out):

@@ -60,6 +60,20 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
+def in_eval(*modules: torch.nn.Module):
+    """The modules in eval mode; every submodule's own training flag given back after (through its
+    train(), parents first, as Module.modules() lists them)."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.train(training)
+
+
+@contextlib.contextmanager
 def state_kept(model: torch.nn.Module, seed: int | None = None):
     """Run the model without changing it: every buffer (BatchNorm running statistics, counters) gets its
     object and values back, and the random number generators of the CPU and of the CUDA devices the

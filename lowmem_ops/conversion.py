@@ -64,7 +64,7 @@ from . import _attention, _bits, _gradients, _moe_experts, _recognition, memory
 from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
-from ._snapshot import Snapshot, state_kept
+from ._snapshot import Snapshot, in_eval, state_kept
 from .gated import MODES
 from ._tree import is_builtin
 from .nn import Approx, Dropout, GatedMLP, MSLayerNorm, MSRMSNorm
@@ -387,16 +387,10 @@ def _run(model, inputs, grad: bool = False, then=None):
     autograd rejects in training (an in-place write into a saved output) fails here too.
     then: returns then(outputs) instead, computed inside the run (with the graph built), before the
     buffers are put back (a backward reads BatchNorm's running statistics)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with state_kept(model, seed=RUN_SEED), _quantized_in_training_mode(model), \
-                torch.set_grad_enabled(grad or then is not None):
-            out = _call(model, inputs)
-            return out if then is None else then(out)
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+    with in_eval(model), state_kept(model, seed=RUN_SEED), _quantized_in_training_mode(model), \
+            torch.set_grad_enabled(grad or then is not None):
+        out = _call(model, inputs)
+        return out if then is None else then(out)
 
 
 @contextlib.contextmanager

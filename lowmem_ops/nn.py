@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import FLOAT_DTYPES
 from ._tree import get_op
 from .activations import approx_activation
 from .add_norm import add_ms_layernorm, add_ms_rmsnorm
@@ -59,7 +60,7 @@ class _MSNorm(torch.nn.Module):
         # out_dtype: the output's (and so the saved tensor's) dtype, None for the input's (T5LayerNorm
         # returns its bf16 weight's dtype for the float32 residual stream of a bf16 T5 whose `wo` is float32).
         self.weight_offset, self.channels_first = float(weight_offset), bool(channels_first)
-        if out_dtype is not None and out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}: out_dtype must be a floating dtype or None, got {out_dtype!r}")
         self.out_dtype = out_dtype
         if self.channels_first and len((normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape) != 1:

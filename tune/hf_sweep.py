@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import lowmem_ops as lo  # noqa: E402
 from lowmem_ops import conversion  # noqa: E402
+from lowmem_ops._snapshot import in_eval  # noqa: E402
 
 DEFAULT_JSON = REPO_ROOT / "tune" / "results" / "cpu-2026-11-30-hf-sweep" / "hf_sweep.json"
 GRADIENT_COSINE = 0.95  # the whole-model target at the default grad_tolerance
@@ -274,15 +275,9 @@ def _float_outputs(out) -> list[torch.Tensor]:
 
 
 def _eval_run(model, batch, grad: bool):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with in_eval(model), torch.set_grad_enabled(grad):
         torch.manual_seed(hf_matrix.SEED)
-        with torch.set_grad_enabled(grad):
-            return model(**batch)
-    finally:
-        for m, t in modes.items():
-            m.train(t)
+        return model(**batch)
 
 
 def independent_check(original, converted, batch) -> dict:
