@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _attention, _bits, _gradients, _moe_experts, _recognition, memory
+from . import _attention, _bits, _gradients, _hooks, _moe_experts, _recognition, memory
 from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
@@ -876,6 +876,7 @@ class _Swap:
         return [p for _, linear in self.folds for p in (linear.weight, linear.bias) if p is not None]
 
     def apply(self) -> None:
+        _hooks.carry(self.old, self.new)  # here: the bits chosen may give `new` another module
         for parent, attr, _ in self.sites:
             setattr(parent, attr, self.new)
         gamma, beta = getattr(self.old, "weight", None), getattr(self.old, "bias", None)
@@ -953,7 +954,8 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
                 report.skipped.append((path, why))
             return None
     targets = (_fold_targets(model, module, observation, tied, paths)
-               if watched and fold and not shared and _foldable(module, observation) else [])
+               if watched and fold and not shared and _foldable(module, observation) and not _hooks.observed(module)
+               else [])
     new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets), observation=observation,
                             dropout=dropout)
     if new is None:
@@ -962,6 +964,9 @@ def _swap_for(model, path, module, paths, observation, tied, report, *, activati
         return None
     if not path:
         report.skipped.append(("(model)", "the model itself is one of ours to swap: convert a model that holds it"))
+        return None
+    if (why := _hooks.why_not(module, new, path)) is not None:
+        report.skipped.append((path, why))
         return None
     if observation is not None and not any(p in observation.ran for p in names):
         # (a branch these inputs do not take: a vision tower fed no image, cross-attention in a decoder-only call)
@@ -1223,8 +1228,8 @@ def _fold_targets(model: torch.nn.Module, norm: torch.nn.Module, seen: _Observat
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
         linear = func == "linear" and type(module) is torch.nn.Linear
         conv1d = func == "view" and type(module).__name__ == "Conv1D"  # GPT-2's: x.view(-1, nx) @ W + b
-        if not (linear or conv1d) or hasattr(parent, "lora_A"):
-            return []  # a non-linear use (residual, dropout, reshape), or a LoRA layer's adapters
+        if not (linear or conv1d) or hasattr(parent, "lora_A") or _hooks.described(module):
+            return []  # a non-linear use (residual, dropout, reshape), a LoRA layer's adapters, or hooks that see its input
         params = [p for p in (module.weight, module.bias) if p is not None]
         if (any(id(p) in tied or id(p) in seen.foreign for p in params)
                 or len(paths[id(module)]) > 1  # registered under two names
@@ -1290,6 +1295,7 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
         # the training flag the model has now (the original kept the one it had at convert time: a
         # dropout restored in training mode into a model in eval mode would drop)
         original.train(model.get_submodule(path).training)
+        _hooks.carry(model.get_submodule(path), original)  # hooks registered after convert, on ours
         setattr(model.get_submodule(parent_path), attr, original)
     if not folds:
         remove_state_dict_hooks(model)
@@ -1300,6 +1306,7 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
         if id(module) not in stocks:
             stocks[id(module)] = _stock(module)
         if stocks[id(module)] is not None:
+            _hooks.carry(module, stocks[id(module)])
             parent_path, _, attr = path.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, stocks[id(module)])
     return model
