@@ -7,6 +7,8 @@ gathering. `carry` gives the new module the very dicts of the old one: the hooks
 handles their owners hold still remove them. What cannot be carried stops the swap (`why_not`):
 - a forward replaced on the instance (accelerate's `add_hook_to_module` for device_map / offload, or
   a patch): it is bound to the old module;
+- tensors torch.nn.utils.parametrize computes (`module.weight` read through a parametrization): a new
+  module would hold a plain Parameter, and the one the optimizer holds would get no gradient;
 - hooks on a part of the module that the replacement never calls (the activation inside a fused
   gated MLP, the norm inside a fused dropout-add-norm block).
 A norm whose affine is folded into its consumers returns other values; `observed` tells convert
@@ -15,6 +17,7 @@ not to fold a norm (or into a layer) whose hooks would see them."""
 from __future__ import annotations
 
 import torch
+from torch.nn.utils import parametrize
 
 # the instance attributes torch.nn.Module keeps its hooks in (state_dict ones included: a norm keeps
 # its state_dict keys when it is swapped)
@@ -38,13 +41,19 @@ def replaced_forward(module: torch.nn.Module) -> str | None:
     return "its forward is replaced on the instance"
 
 
+def parametrized(module: torch.nn.Module) -> str | None:
+    """Which of `module`'s own tensors torch.nn.utils.parametrize computes, or None."""
+    if not parametrize.is_parametrized(module):
+        return None
+    names = list(module.parametrizations)
+    return f"its {', '.join(names)} {'is' if len(names) == 1 else 'are'} computed by torch.nn.utils.parametrize"
+
+
 def described(module: torch.nn.Module) -> str | None:
     """What runs around `module`'s forward besides its own code, or None."""
-    patched = replaced_forward(module)
     hooks = _registered(module, _FORWARD + _BACKWARD)
-    if patched and hooks:
-        return f"{patched}, and it has {', '.join(hooks)}"
-    return patched or (f"it has {', '.join(hooks)}" if hooks else None)
+    found = [replaced_forward(module), parametrized(module), f"it has {', '.join(hooks)}" if hooks else None]
+    return ", and ".join(f for f in found if f) or None
 
 
 def observed(module: torch.nn.Module) -> bool:
@@ -54,9 +63,10 @@ def observed(module: torch.nn.Module) -> bool:
 
 def why_not(old: torch.nn.Module, new: torch.nn.Module, path: str) -> str | None:
     """Why `new` cannot replace `old` without dropping what runs around it, or None."""
-    patched = replaced_forward(old)
-    if patched and new is not old:
-        return f"{patched}, which a module put in its place would not run"
+    # a forward replaced on the instance is bound to `old`: even a shallow copy would run old's own
+    own = replaced_forward(old) or (parametrized(old) if type(new) is not type(old) else None)
+    if own:
+        return f"{own}, which a module put in its place would not run"
     kept = {id(m) for m in new.modules()}
     for name, part in old.named_modules():
         if name and id(part) not in kept and (what := described(part)) is not None:

@@ -60,17 +60,22 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def in_eval(*modules: torch.nn.Module):
-    """The modules in eval mode; every submodule's own training flag given back after (through its
-    train(), parents first, as Module.modules() lists them)."""
+def in_mode(training: bool, *modules: torch.nn.Module):
+    """The modules in training or eval mode (through their train(), which a module may override);
+    every submodule's own training flag given back after (through its train(), parents first, as
+    Module.modules() lists them)."""
     flags = [(m, m.training) for module in modules for m in module.modules()]
     try:
         for module in modules:
-            module.eval()
+            module.train(training)
         yield
     finally:
         for m, training in flags:
             m.train(training)
+
+
+def in_eval(*modules: torch.nn.Module):
+    return in_mode(False, *modules)
 
 
 @contextlib.contextmanager

@@ -215,4 +215,6 @@ def test_large_outputs_are_compared_at_their_own_scale(monkeypatch):
     model, batch = _llama_with_large_logits()
     report = lo.convert(model, example_inputs=batch)
     undone = [c for c in report.changes if c.status == "undone"]
-    assert {c.after for c in undone} == {"GatedMLP"} and all("outputs moved" in c.reason for c in undone), report
+    # (each MLP's activation, tried alone after its fused MLP was undone, computes the same wrong GELU)
+    assert {c.after.split()[0] for c in undone} == {"GatedMLP", "Approx"}, report
+    assert all("outputs moved" in c.reason for c in undone), report

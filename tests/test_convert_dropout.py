@@ -191,3 +191,35 @@ def test_attention_module_saves_no_mask_in_training_and_is_unchanged_in_eval():
     after = lo.memory.measure(new, x)
     mask = 4 * 4 * 64 * 64 * 4  # a float32 (b, h, s, s) mask
     assert after.total_bytes == before.total_bytes - mask + 8
+
+
+def test_a_model_in_eval_mode_converts_as_for_training():
+    """from_pretrained returns a model in eval mode, where a dropout saves nothing. convert measured
+    it in that mode and undid every dropout swap ("saves no memory (+8 bytes)"); it measures in
+    training mode, as training will run, and gives every module its flag back."""
+    trained, batch = roberta()
+    want = lo.convert(trained.train(), example_inputs=batch)
+    model, _ = roberta()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    report = lo.convert(model, example_inputs=batch)
+    assert not any(m.training for m in model.modules())  # the new modules too: no dropout at evaluation
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).last_hidden_state, expected)
+    assert [(c.path, c.after, c.status) for c in report.changes] == [(c.path, c.after, c.status) for c in want.changes]
+    assert report.memory_after.total_bytes == want.memory_after.total_bytes, str(report)
+    assert report.memory_after.total_bytes / report.memory_before.total_bytes <= RATIO_BOUND, str(report)
+
+
+def test_a_dropout_frozen_in_eval_mode_in_a_training_model_stays():
+    """A model in training mode is measured as its user set it up: a dropout they put in eval mode
+    saves no mask, so its swap would only add a seed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Dropout(0.2), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 4)).train()
+    model[3].eval()
+    report = lo.convert(model, example_inputs=torch.randn(8, 16))
+    status = {c.path: (c.status, c.reason) for c in report.changes}
+    assert status["1"] == ("applied", ""), str(report)
+    assert status["3"][0] == "undone" and "saves no memory" in status["3"][1], str(report)
+    assert model.training and not model[3].training

@@ -154,3 +154,26 @@ def test_export_keeps_the_hooks_registered_on_the_converted_model():
     model(x)
     by_hand(x)
     assert fired == ["act", "norm", "by hand"]
+
+
+class _Times(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, w):
+        return w * self.k
+
+
+def test_a_norm_whose_weight_a_parametrization_computes_stays():
+    """Before: swapped for an MSLayerNorm holding a fresh weight of ones. At k = 1 the outputs matched,
+    so the check passed, and the parametrization's `original` (what the optimizer holds) got no gradient."""
+    from torch.nn.utils import parametrize
+
+    model, x = _mlp_model(), torch.randn(6, 8)
+    parametrize.register_parametrization(model[3], "weight", _Times(1.0))
+    report = lo.convert(model, x)
+    assert parametrize.is_parametrized(model[3], "weight")
+    assert "computed by torch.nn.utils.parametrize" in dict(report.skipped)["3"], str(report)
+    model(x).sum().backward()
+    assert model[3].parametrizations.weight.original.grad is not None

@@ -458,3 +458,31 @@ def test_in_place_activations_are_judged_on_their_real_input(act):
     report = lo.convert(model, example_inputs=(x,), dropout=False)
     assert type(model[1]) is lo.nn.Approx, report
     assert report.gradient_cosine is not None and report.gradient_cosine > 0.9, report
+
+
+class _AdditiveMLP(torch.nn.Module):
+    """LLaMA's names (gate_proj, up_proj, down_proj, act_fn), another computation: act(gate) + up."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(16, 48, bias=False), torch.nn.Linear(16, 48, bias=False)
+        self.down_proj, self.act_fn = torch.nn.Linear(48, 16, bias=False), torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+
+def test_a_fused_module_undone_has_its_parts_converted_one_by_one():
+    """Before: the MLP's swap was undone with its outputs' reason, and the SiLU inside it was neither
+    swapped nor reported (what is inside a module replaced whole was never planned)."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(_AdditiveMLP(), torch.nn.Linear(16, 4)), torch.randn(2, 5, 16)
+    expected = model(x)
+    report = lo.convert(model, x)
+    mlp = {c.path: c for c in report.changes}
+    assert mlp["0"].status == "undone" and "outputs moved" in mlp["0"].reason, str(report)
+    assert "parts were tried one by one" in mlp["0"].reason
+    assert mlp["0.act_fn"].status == "applied" and mlp["0.act_fn"].bits is not None, str(report)
+    assert type(model[0]) is _AdditiveMLP and type(model[0].act_fn).__name__ == "Approx"
+    torch.testing.assert_close(model(x), expected)  # forward exact
+    assert report.gradient_cosine is not None and report.gradient_cosine >= 0.95
