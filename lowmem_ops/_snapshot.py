@@ -70,8 +70,8 @@ def in_mode(training: bool, *modules: torch.nn.Module):
             module.train(training)
         yield
     finally:
-        for m, training in flags:
-            m.train(training)
+        for m, flag in flags:
+            m.train(flag)
 
 
 def in_eval(*modules: torch.nn.Module):
