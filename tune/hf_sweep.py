@@ -352,6 +352,7 @@ def independent_check(original, converted, batch, lora: bool = False) -> dict:
     names = [n for n in same if n in gb]
     if not names:
         return {"output_difference": diff, "gradient_cosine": None, "parameters_compared": 0}
+    rec = {}
 
     def cosine(subset):
         if not subset:
@@ -360,10 +361,12 @@ def independent_check(original, converted, batch, lora: bool = False) -> dict:
         b = torch.cat([gb[n].flatten() for n in subset]).double()
         return (torch.dot(a, b) / (a.norm() * b.norm())).item() if a.norm() > 0 and b.norm() > 0 else None
 
-    rec = {"output_difference": diff, "gradient_cosine": cosine(names), "parameters_compared": len(names),
-           "parameters_total": len(params_b)}
+    rec.update(output_difference=diff, gradient_cosine=cosine(names), parameters_compared=len(names),
+               parameters_total=len(params_b))
     if lora:
         rec["lora_parameters"] = len(_lora_names(original))
+        rec["lora_rewritten"] = [n for n in _lora_names(original) if n not in same]  # values beyond a cast
+        rec["lora_without_gradient"] = [n for n in same if n not in gb]  # their adapter did not run
         rec["gradient_cosine_lora_A"] = cosine([n for n in names if ".lora_A." in n])
         rec["gradient_cosine_lora_B"] = cosine([n for n in names if ".lora_B." in n])
     return rec
@@ -450,6 +453,7 @@ ANOMALIES = {
     "does_not_train": "the converted model's training-mode backward fails or gives non-finite gradients",
     "independent_check_failed": "the independent eval-mode check raised (original_alone says whether the "
                                 "unconverted model's eval-mode backward fails as well)",
+    "lora_rewritten": "--lora: a LoRA parameter's value after converting is not its value before, cast to its new dtype",
     "updates_lost": "--lora: an AdamW step (lr 1e-4) changed under half as many LoRA elements of the converted "
                     "model as of the unconverted one",
 }
@@ -478,6 +482,21 @@ def wrap_lora(model, init: str = "default"):
     return wrapped
 
 
+def _check_runs(model, batch, seconds: float) -> None:
+    """Skip unless the (wrapped) model's own forward + backward runs; its .grad left as it was (None)."""
+    try:
+        with time_limit(seconds, "the PEFT model's forward + backward"):
+            hf_matrix.loss(model(**batch)).backward()
+    except TimeUp as e:
+        raise Skip(f"too slow on CPU: {e}") from None
+    except Exception as e:
+        raise Skip(f"the unconverted PEFT model's forward + backward fails: {type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    finally:
+        for q in model.parameters():
+            q.grad = None
+
+
 def run_one(entry: dict, build_seconds: float, convert_seconds: float, lora: str | None = None) -> dict:
     """One model type's record; lora: None, or "default" / "random" (wrap_lora's init) to audit it under PEFT LoRA."""
     rec = {k: entry[k] for k in ("type", "task", "model", "config", "in_hf_matrix")}
@@ -485,6 +504,7 @@ def run_one(entry: dict, build_seconds: float, convert_seconds: float, lora: str
         model, batch, dtype, kind, seconds = build(entry, build_seconds)
         if lora:
             model = wrap_lora(model, lora)
+            _check_runs(model, batch, build_seconds)
     except Skip as e:
         return {**rec, "status": "skipped", "why": str(e)}
     rec.update(status="built", dtype=str(dtype).removeprefix("torch."), inputs=kind, build_s=round(seconds, 2),
@@ -552,6 +572,8 @@ def anomalies(rec: dict, report) -> list[str]:
         found.append("does_not_train")
     if "error" in ind:
         found.append("independent_check_failed")
+    if ind.get("lora_rewritten"):
+        found.append("lora_rewritten")
     steps = rec.get("steps")
     if steps and any((steps["unconverted"][k] or 0) > 0 and (steps["converted"][k] or 0) < 0.5 * steps["unconverted"][k]
                      for k in ("lora_A_changed", "lora_B_changed")):
