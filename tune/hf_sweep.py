@@ -39,6 +39,7 @@ import argparse
 import copy
 import dataclasses
 import inspect
+import json
 import signal
 import sys
 import time
@@ -398,6 +399,21 @@ def trains(model, batch) -> str | None:
     return None
 
 
+def merged_difference(original, converted, batch) -> float | str | None:
+    """PEFT's merge_and_unload on a copy of each (what a user does after training), then
+    output_difference of the merged converted model from the merged original; the error where the
+    converted copy's merge or forward fails (the original's did not)."""
+    try:
+        ref = _float_outputs(_eval_run(copy.deepcopy(original).merge_and_unload(), batch, grad=False))
+    except Exception as e:
+        return f"the original's merge fails too: {type(e).__name__}"
+    try:
+        out = _float_outputs(_eval_run(copy.deepcopy(converted).merge_and_unload(), batch, grad=False))
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return output_difference(out, ref)
+
+
 def adapter_steps(model, batch, lr: float = 1e-4) -> dict:
     """Two AdamW steps (lr 1e-4, no weight decay) on the trainable parameters, in training mode, from a
     fixed seed: the share of the LoRA elements the second step changed, per lora_A / lora_B. At PEFT's
@@ -454,26 +470,30 @@ ANOMALIES = {
     "independent_check_failed": "the independent eval-mode check raised (original_alone says whether the "
                                 "unconverted model's eval-mode backward fails as well)",
     "lora_rewritten": "--lora: a LoRA parameter's value after converting is not its value before, cast to its new dtype",
+    "merge_differs": "--lora: PEFT's merge_and_unload of the converted model fails, or its outputs are over the "
+                     "tolerance from the merged unconverted model's",
     "updates_lost": "--lora: an AdamW step (lr 1e-4) changed under half as many LoRA elements of the converted "
                     "model as of the unconverted one",
 }
 
 
-def wrap_lora(model, init: str = "default"):
+def wrap_lora(model, init: str = "default", extra: dict | None = None):
     """PEFT LoRA as users apply it (tune/hf_matrix.py's: r=8, alpha 16, every linear layer but the
     output layer, adapters in float32), PEFT's default init (lora_B = 0: the adapted model computes what
     the base does, and only lora_B gets a gradient) or, init="random", PEFT's init_lora_weights=False
     (both random: an adapter partway through training, whose lora_A gets a gradient too); Skip when
-    PEFT declines."""
+    PEFT declines. extra: more LoraConfig fields (use_dora, lora_dropout, ...)."""
     import peft
 
     torch.manual_seed(hf_matrix.SEED)
     try:
-        if init == "default":
+        if init == "default" and not extra:
             wrapped = hf_matrix.lora(model)
         else:
-            wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                                 init_lora_weights=False))
+            kw = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", **(extra or {})}
+            if init != "default":
+                kw["init_lora_weights"] = False
+            wrapped = peft.get_peft_model(model, peft.LoraConfig(**kw))
     except Exception as e:
         raise Skip(f"PEFT does not wrap it: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") \
             from None
@@ -497,13 +517,15 @@ def _check_runs(model, batch, seconds: float) -> None:
             q.grad = None
 
 
-def run_one(entry: dict, build_seconds: float, convert_seconds: float, lora: str | None = None) -> dict:
-    """One model type's record; lora: None, or "default" / "random" (wrap_lora's init) to audit it under PEFT LoRA."""
+def run_one(entry: dict, build_seconds: float, convert_seconds: float, lora: str | None = None,
+            lora_kwargs: dict | None = None) -> dict:
+    """One model type's record; lora: None, or "default" / "random" (wrap_lora's init) to audit it under PEFT
+    LoRA, with lora_kwargs added to its LoraConfig."""
     rec = {k: entry[k] for k in ("type", "task", "model", "config", "in_hf_matrix")}
     try:
         model, batch, dtype, kind, seconds = build(entry, build_seconds)
         if lora:
-            model = wrap_lora(model, lora)
+            model = wrap_lora(model, lora, lora_kwargs)
             _check_runs(model, batch, build_seconds)
     except Skip as e:
         return {**rec, "status": "skipped", "why": str(e)}
@@ -538,6 +560,7 @@ def run_one(entry: dict, build_seconds: float, convert_seconds: float, lora: str
             rec["independent"] = independent_check(original, model, batch, lora=bool(lora))
             rec["trains"] = trains(model, batch)
             if lora:
+                rec["merged_difference"] = merged_difference(original, model, batch)
                 rec["steps"] = {"unconverted": adapter_steps(original, batch), "converted": adapter_steps(model, batch)}
     except TimeUp as e:
         rec["independent"] = {"error": str(e)}
@@ -574,6 +597,10 @@ def anomalies(rec: dict, report) -> list[str]:
         found.append("independent_check_failed")
     if ind.get("lora_rewritten"):
         found.append("lora_rewritten")
+    merged = rec.get("merged_difference")
+    if isinstance(merged, str) and not merged.startswith("the original's") or \
+            isinstance(merged, float) and tol is not None and merged > tol:
+        found.append("merge_differs")
     steps = rec.get("steps")
     if steps and any((steps["unconverted"][k] or 0) > 0 and (steps["converted"][k] or 0) < 0.5 * steps["unconverted"][k]
                      for k in ("lora_A_changed", "lora_B_changed")):
@@ -617,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora", nargs="?", const="default", choices=["default", "random"],
                    help="wrap each model in PEFT LoRA (all-linear, r=8) before converting and check the adapters; "
                         "'random': PEFT's init_lora_weights=False (lora_A gets a gradient too)")
+    p.add_argument("--lora-kwargs", type=json.loads, default=None,
+                   help='more LoraConfig fields, as JSON: \'{"use_dora": true, "lora_dropout": 0.05}\'')
     p.add_argument("--types-from", action="append", type=Path, default=[],
                    help="only the model types a sweep's JSON lists as built (repeatable; with --task: of those tasks)")
     args = p.parse_args(argv)
@@ -640,7 +669,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_matrix:
             todo = [e for e in todo if not e["in_hf_matrix"]]
         if args.types_from:
-            import json
             built = {r["type"] for f in args.types_from for r in json.loads(f.read_text())["records"]
                      if r["status"] == "built"}
             todo = [e for e in todo if e["type"] in built]
@@ -653,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                            | {"status": "left_out", "why": f"time budget of {args.budget:g} s spent"})
             continue
         t = time.perf_counter()
-        rec = run_one(entry, args.build_seconds, args.convert_seconds, lora=args.lora)
+        rec = run_one(entry, args.build_seconds, args.convert_seconds, lora=args.lora, lora_kwargs=args.lora_kwargs)
         rec["total_s"] = round(time.perf_counter() - t, 2)
         records.append(rec)
         short = rec.get("why") or rec.get("error") or (
@@ -685,7 +713,8 @@ def _env(args) -> dict:
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__, "seed": hf_matrix.SEED,
             "grad_tolerance": conversion.GRAD_TOLERANCE, "budget_s": args.budget, "threads": torch.get_num_threads(),
-            **({"peft": __import__("peft").__version__, "lora": f"r=8, alpha 16, all-linear, init {args.lora}"}
+            **({"peft": __import__("peft").__version__, "lora": f"r=8, alpha 16, all-linear, init {args.lora}",
+                "lora_kwargs": args.lora_kwargs}
                if args.lora else {})}
 
 
