@@ -23,7 +23,10 @@ tensor's root mean square, not to 1), compared with report.tolerance.
 --lora: each model wrapped in PEFT LoRA as users do (wrap_lora: all-linear, r=8) before the copy
 and the conversion; the independent gradient cosine is then over the LoRA parameters (the only
 trainable ones; convert may retype them, so values are compared after casting), per lora_A / lora_B
-too, and two AdamW steps on each model record how many adapter elements a step changes.
+too; PEFT's merge_and_unload of both is compared; two AdamW steps on each model record how many
+adapter elements a step changes (bf16 adapters lose steps under half their ulp). --lora random: PEFT's
+init_lora_weights=False (lora_A gets a gradient too); --lora-kwargs: more LoraConfig fields (DoRA,
+lora_dropout, named target modules where PEFT refuses all-linear, as for Mamba).
 
 Tiny: the size fields the config class has (hidden_size / d_model / n_embd ... 64, the feed-forward
 128, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocabulary 256, 64 positions, 4 experts of which 2
