@@ -448,26 +448,16 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
 
 
-def _lora_retypes(model: torch.nn.Module, inputs=None, report: "Report | None" = None) -> list["_Retype"]:
+def _lora_retypes(model: torch.nn.Module, inputs=None) -> list["_Retype"]:
     """PEFT keeps LoRA adapters in float32 by default and casts the input for each adapter: three
     float32 copies of one bf16 activation for q, k and v, none of them shared with the norm before.
-    Put each adapter in the dtype its base computes in (_compute_dtype), so nothing is cast.
-    Plain LoRA only: a variant (DoRA, aLoRA, ...) computes more than B(A(x)) in the adapters' dtype
-    (DoRA divides by the norm of W + BA, which in bf16 scales each output channel by up to 2^-8, so the
-    model at PEFT's init is no longer its base): it stays as PEFT made it, with a report line."""
+    Put each adapter in the dtype its base computes in (_compute_dtype), so nothing is cast."""
     layers = [(path, m) for path, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
     seen = _input_dtypes(model, [m for _, m in layers if _compute_dtype(m) is None], inputs)
     retypes = []
     for path, module in layers:
         dtype = _compute_dtype(module) or seen.get(id(module))
-        variants = set(getattr(module, "lora_variant", None) or {}) | {
-            name for name, on in (getattr(module, "use_dora", None) or {}).items() if on}  # PEFT before lora_variant
-        kept = {p.dtype for name in ("lora_A", "lora_B") for key, m in getattr(module, name).items() if key in variants
-                for p in m.parameters()}
-        if dtype is not None and kept and kept != {dtype} and report is not None:
-            report.skipped.append((path, f"LoRA variant adapters ({', '.join(sorted(variants))}) kept in their dtype: "
-                                         "a variant computes more than B(A(x)) in it (DoRA: the weight norm)"))
-        adapters = [m for name in ("lora_A", "lora_B") for key, m in getattr(module, name).items() if key not in variants]
+        adapters = [m for name in ("lora_A", "lora_B") for m in getattr(module, name).values()]
         dtypes = {p.dtype for m in adapters for p in m.parameters()}
         if dtype is not None and dtypes and dtypes != {dtype}:
             before = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
@@ -558,7 +548,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
         report.memory_before = _measure(model, example_inputs, "before")
     observation = _observe(model, example_inputs) if examples and (norms or activations or gated or dropout) else None
 
-    actions = _lora_retypes(model, example_inputs, report) if lora_dtype else []
+    actions = _lora_retypes(model, example_inputs) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
                      gated_mode=gated_mode, fold=fold, dropout=dropout)
     # the exact model's gradients, and the inputs and output gradients of the activations to swap

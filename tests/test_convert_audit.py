@@ -216,29 +216,3 @@ def test_large_outputs_are_compared_at_their_own_scale(monkeypatch):
     report = lo.convert(model, example_inputs=batch)
     undone = [c for c in report.changes if c.status == "undone"]
     assert {c.after for c in undone} == {"GatedMLP"} and all("outputs moved" in c.reason for c in undone), report
-
-
-def test_dora_adapters_stay_as_peft_made_them():
-    # before: DoRA's lora_A / lora_B went to bf16 like plain LoRA's, so its weight norm ||W + BA|| was
-    # computed in bf16 and scaled each output channel by up to 2^-8: at PEFT's init (B = 0) the converted
-    # model no longer computed its base (the LoRA sweep: outputs 0.0035 apart in the median, merges up to 0.059)
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).to(torch.bfloat16)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0", "2"], use_dora=True))
-    x = torch.randn(8, 64, dtype=torch.bfloat16)
-    with torch.no_grad():
-        expected = model(x)
-    report = lo.convert(model, example_inputs=(x,))
-    assert not [c for c in report.changes if c.before.startswith("LoRA adapters")], report
-    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
-    skipped = dict(report.skipped)
-    assert all("LoRA variant" in skipped[f"base_model.model.{i}"] for i in (0, 2)), report
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
-    # plain LoRA on the same model is still put in bf16
-    torch.manual_seed(0)
-    plain = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
-                                .to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=["0", "2"]))
-    lo.convert(plain, example_inputs=(x,))
-    assert {p.dtype for n, p in plain.named_parameters() if "lora_" in n} == {torch.bfloat16}
