@@ -6,6 +6,7 @@ defaults, and checked independently of convert's own report.
     python tune/hf_sweep.py                               # as many as fit in --budget seconds
     python tune/hf_sweep.py --arch llama --arch bert      # model types (transformers' names)
     python tune/hf_sweep.py --budget 300 --json out.json
+    python tune/hf_sweep.py --lora --task causal-lm --types-from earlier.json   # under PEFT LoRA
 
 Per model type: built or skipped (why: no config/model class, the tiny config or model does not build,
 custom inputs, needs an extra package, a forward + backward over --build-seconds); then lo.convert
@@ -15,7 +16,17 @@ before converting); every change undone and every module skipped, with the reaso
 check on a copy of the unconverted model: the eval-mode output difference and the cosine of the
 gradients of the parameters convert left untouched (same names, same values) under a fixed random
 projection of the outputs; whether the converted model trains (a training-mode backward, finite
-gradients). "anomalies" lists, per model, what the audit flags (see ANOMALIES).
+gradients). "anomalies" lists, per model, what the audit flags (see ANOMALIES). The output
+difference is the audit's own (output_difference: relative to each element's size and to the output
+tensor's root mean square, not to 1), compared with report.tolerance.
+
+--lora: each model wrapped in PEFT LoRA as users do (wrap_lora: all-linear, r=8) before the copy
+and the conversion; the independent gradient cosine is then over the LoRA parameters (the only
+trainable ones; convert may retype them, so values are compared after casting), per lora_A / lora_B
+too; PEFT's merge_and_unload of both is compared; two AdamW steps on each model record how many
+adapter elements a step changes (bf16 adapters lose steps under half their ulp). --lora random: PEFT's
+init_lora_weights=False (lora_A gets a gradient too); --lora-kwargs: more LoraConfig fields (DoRA,
+lora_dropout, named target modules where PEFT refuses all-linear, as for Mamba).
 
 Tiny: the size fields the config class has (hidden_size / d_model / n_embd ... 64, the feed-forward
 128, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocabulary 256, 64 positions, 4 experts of which 2
@@ -31,6 +42,7 @@ import argparse
 import copy
 import dataclasses
 import inspect
+import json
 import signal
 import sys
 import time
@@ -280,14 +292,43 @@ def _eval_run(model, batch, grad: bool):
         return model(**batch)
 
 
-def independent_check(original, converted, batch) -> dict:
-    """Eval mode, fixed seed: the largest |a-b|/(1+|b|) over the float outputs, and the cosine of the
-    parameter gradients (a fixed random projection of the outputs) over the parameters both models
-    hold under one name with equal values (a fold rewrites the ones it touches)."""
+def output_difference(outs_a: list[torch.Tensor], outs_b: list[torch.Tensor]) -> float | None:
+    """The audit's own measure of how far outputs a moved from the reference b, on the scale of each
+    reference tensor: per tensor, r = max(1, root mean square of b's finite elements), and the largest
+    |a-b| / (|b| + r) over its elements, in float64. An element is judged against its own size where it
+    is large and against the tensor's typical size where it is near 0, so bf16 rounding of large logits
+    (MT5's reach 49) is not read as a change, while a change of the tensor's scale is. Where the two
+    disagree on which elements are finite: infinite. None when no pair of tensors has a common shape."""
+    worst = None
+    for a, b in zip(outs_a, outs_b):
+        if a.shape != b.shape or not a.numel():
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        finite = torch.isfinite(b)
+        if not torch.equal(finite, torch.isfinite(a)):
+            return float("inf")
+        if not finite.any():
+            continue
+        ref = b[finite]
+        typical = max(1.0, ref.square().mean().sqrt().item())
+        moved = ((a[finite] - ref).abs() / (ref.abs() + typical)).max().item()
+        worst = moved if worst is None else max(worst, moved)
+    return worst
+
+
+def _lora_names(model) -> list[str]:
+    """The trainable LoRA parameters of a PEFT model (lora_A / lora_B / lora_embedding_*)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in f".{n}"]
+
+
+def independent_check(original, converted, batch, lora: bool = False) -> dict:
+    """Eval mode, fixed seed: output_difference over the float outputs, and the cosine of the parameter
+    gradients (a fixed random projection of the outputs) over the parameters both models hold under one
+    name with equal values (a fold rewrites the ones it touches); with lora, over the LoRA parameters
+    (convert may put them in the base's dtype: compared after casting), also per lora_A / lora_B."""
     out_a = _float_outputs(_eval_run(converted, batch, grad=False))
     out_b = _float_outputs(_eval_run(original, batch, grad=False))
-    diff = max([((a.float() - b.float()).abs() / (1 + b.float().abs())).max().item()
-                for a, b in zip(out_a, out_b) if a.shape == b.shape and a.numel()], default=None)
+    diff = output_difference(out_a, out_b)
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(t.shape, generator=g) for t in out_b]
 
@@ -305,18 +346,34 @@ def independent_check(original, converted, batch) -> dict:
         return out
 
     params_a, params_b = dict(converted.named_parameters()), dict(original.named_parameters())
-    same = [n for n in params_b if n in params_a and params_a[n].shape == params_b[n].shape
-            and torch.equal(params_a[n].detach(), params_b[n].detach())]
+    if lora:  # the same values, in the dtype convert chose
+        same = [n for n in _lora_names(original) if n in params_a and params_a[n].shape == params_b[n].shape
+                and torch.equal(params_a[n].detach(), params_b[n].detach().to(params_a[n].dtype))]
+    else:
+        same = [n for n in params_b if n in params_a and params_a[n].shape == params_b[n].shape
+                and torch.equal(params_a[n].detach(), params_b[n].detach())]
     ga, gb = grads(converted), grads(original)
     names = [n for n in same if n in gb]
     if not names:
         return {"output_difference": diff, "gradient_cosine": None, "parameters_compared": 0}
-    a = torch.cat([ga.get(n, torch.zeros_like(gb[n])).flatten() for n in names])
-    b = torch.cat([gb[n].flatten() for n in names])
-    cos = (torch.dot(a.double(), b.double()) / (a.double().norm() * b.double().norm())).item() \
-        if a.norm() > 0 and b.norm() > 0 else None
-    return {"output_difference": diff, "gradient_cosine": cos, "parameters_compared": len(names),
-            "parameters_total": len(params_b)}
+    rec = {}
+
+    def cosine(subset):
+        if not subset:
+            return None
+        a = torch.cat([ga.get(n, torch.zeros_like(gb[n])).flatten() for n in subset]).double()
+        b = torch.cat([gb[n].flatten() for n in subset]).double()
+        return (torch.dot(a, b) / (a.norm() * b.norm())).item() if a.norm() > 0 and b.norm() > 0 else None
+
+    rec.update(output_difference=diff, gradient_cosine=cosine(names), parameters_compared=len(names),
+               parameters_total=len(params_b))
+    if lora:
+        rec["lora_parameters"] = len(_lora_names(original))
+        rec["lora_rewritten"] = [n for n in _lora_names(original) if n not in same]  # values beyond a cast
+        rec["lora_without_gradient"] = [n for n in same if n not in gb]  # their adapter did not run
+        rec["gradient_cosine_lora_A"] = cosine([n for n in names if ".lora_A." in n])
+        rec["gradient_cosine_lora_B"] = cosine([n for n in names if ".lora_B." in n])
+    return rec
 
 
 def _eval_backward(model, batch) -> str:
@@ -343,6 +400,47 @@ def trains(model, batch) -> str | None:
     if all(p.grad is None for p in model.parameters()):
         return "no parameter got a gradient"
     return None
+
+
+def merged_difference(original, converted, batch) -> float | str | None:
+    """PEFT's merge_and_unload on a copy of each (what a user does after training), then
+    output_difference of the merged converted model from the merged original; the error where the
+    converted copy's merge or forward fails (the original's did not)."""
+    try:
+        ref = _float_outputs(_eval_run(copy.deepcopy(original).merge_and_unload(), batch, grad=False))
+    except Exception as e:
+        return f"the original's merge fails too: {type(e).__name__}"
+    try:
+        out = _float_outputs(_eval_run(copy.deepcopy(converted).merge_and_unload(), batch, grad=False))
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return output_difference(out, ref)
+
+
+def adapter_steps(model, batch, lr: float = 1e-4) -> dict:
+    """Two AdamW steps (lr 1e-4, no weight decay) on the trainable parameters, in training mode, from a
+    fixed seed: the share of the LoRA elements the second step changed, per lora_A / lora_B. At PEFT's
+    init lora_B is 0, so the first step moves only lora_B and the second is the first to reach lora_A:
+    an adapter held in a dtype too coarse for the update keeps its value (the step is lost)."""
+    model.train()
+    names = _lora_names(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    named = dict(model.named_parameters())
+    for step in range(2):
+        before = {n: named[n].detach().clone() for n in names}
+        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(hf_matrix.SEED)
+        hf_matrix.loss(model(**batch)).backward()
+        opt.step()
+    out = {}
+    for part in ("lora_A", "lora_B"):
+        subset = [n for n in names if f".{part}." in n]
+        total = sum(named[n].numel() for n in subset)
+        moved = sum(int((named[n].detach() != before[n]).sum()) for n in subset)
+        out[f"{part}_changed"] = moved / total if total else None
+    out["dtypes"] = sorted({str(named[n].dtype).removeprefix("torch.") for n in names})
+    return out
 
 
 def _unexplained(model, report) -> list[str]:
@@ -374,17 +472,70 @@ ANOMALIES = {
     "does_not_train": "the converted model's training-mode backward fails or gives non-finite gradients",
     "independent_check_failed": "the independent eval-mode check raised (original_alone says whether the "
                                 "unconverted model's eval-mode backward fails as well)",
+    "lora_rewritten": "--lora: a LoRA parameter's value after converting is not its value before, cast to its new dtype",
+    "merge_differs": "--lora: PEFT's merge_and_unload of the converted model fails, or its outputs are over the "
+                     "tolerance from the merged unconverted model's",
+    "updates_lost": "--lora: an AdamW step (lr 1e-4) changed under half as many LoRA elements of the converted "
+                    "model as of the unconverted one",
 }
 
 
-def run_one(entry: dict, build_seconds: float, convert_seconds: float) -> dict:
+def wrap_lora(model, init: str = "default", extra: dict | None = None):
+    """PEFT LoRA as users apply it (tune/hf_matrix.py's: r=8, alpha 16, every linear layer but the
+    output layer, adapters in float32), PEFT's default init (lora_B = 0: the adapted model computes what
+    the base does, and only lora_B gets a gradient) or, init="random", PEFT's init_lora_weights=False
+    (both random: an adapter partway through training, whose lora_A gets a gradient too); Skip when
+    PEFT declines. extra: more LoraConfig fields (use_dora, lora_dropout, ...)."""
+    import peft
+
+    torch.manual_seed(hf_matrix.SEED)
+    try:
+        if init == "default" and not extra:
+            wrapped = hf_matrix.lora(model)
+        else:
+            kw = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", **(extra or {})}
+            if init != "default":
+                kw["init_lora_weights"] = False
+            wrapped = peft.get_peft_model(model, peft.LoraConfig(**kw))
+    except Exception as e:
+        raise Skip(f"PEFT does not wrap it: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") \
+            from None
+    if wrapped is None:
+        raise Skip("PEFT's all-linear finds no layer to adapt")
+    return wrapped
+
+
+def _check_runs(model, batch, seconds: float) -> None:
+    """Skip unless the (wrapped) model's own forward + backward runs; its .grad left as it was (None)."""
+    try:
+        with time_limit(seconds, "the PEFT model's forward + backward"):
+            hf_matrix.loss(model(**batch)).backward()
+    except TimeUp as e:
+        raise Skip(f"too slow on CPU: {e}") from None
+    except Exception as e:
+        raise Skip(f"the unconverted PEFT model's forward + backward fails: {type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    finally:
+        for q in model.parameters():
+            q.grad = None
+
+
+def run_one(entry: dict, build_seconds: float, convert_seconds: float, lora: str | None = None,
+            lora_kwargs: dict | None = None) -> dict:
+    """One model type's record; lora: None, or "default" / "random" (wrap_lora's init) to audit it under PEFT
+    LoRA, with lora_kwargs added to its LoraConfig."""
     rec = {k: entry[k] for k in ("type", "task", "model", "config", "in_hf_matrix")}
     try:
         model, batch, dtype, kind, seconds = build(entry, build_seconds)
+        if lora:
+            model = wrap_lora(model, lora, lora_kwargs)
+            _check_runs(model, batch, build_seconds)
     except Skip as e:
         return {**rec, "status": "skipped", "why": str(e)}
     rec.update(status="built", dtype=str(dtype).removeprefix("torch."), inputs=kind, build_s=round(seconds, 2),
                parameters=sum(p.numel() for p in model.parameters()))
+    if lora:
+        rec["lora_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     original = copy.deepcopy(model)
     t0 = time.perf_counter()
     try:
@@ -409,8 +560,11 @@ def run_one(entry: dict, build_seconds: float, convert_seconds: float) -> dict:
                skipped=[[p, why] for p, why in report.skipped])
     try:
         with time_limit(convert_seconds, "the independent check"):
-            rec["independent"] = independent_check(original, model, batch)
+            rec["independent"] = independent_check(original, model, batch, lora=bool(lora))
             rec["trains"] = trains(model, batch)
+            if lora:
+                rec["merged_difference"] = merged_difference(original, model, batch)
+                rec["steps"] = {"unconverted": adapter_steps(original, batch), "converted": adapter_steps(model, batch)}
     except TimeUp as e:
         rec["independent"] = {"error": str(e)}
     except Exception as e:
@@ -444,6 +598,16 @@ def anomalies(rec: dict, report) -> list[str]:
         found.append("does_not_train")
     if "error" in ind:
         found.append("independent_check_failed")
+    if ind.get("lora_rewritten"):
+        found.append("lora_rewritten")
+    merged = rec.get("merged_difference")
+    if isinstance(merged, str) and not merged.startswith("the original's") or \
+            isinstance(merged, float) and tol is not None and merged > tol:
+        found.append("merge_differs")
+    steps = rec.get("steps")
+    if steps and any((steps["unconverted"][k] or 0) > 0 and (steps["converted"][k] or 0) < 0.5 * steps["unconverted"][k]
+                     for k in ("lora_A_changed", "lora_B_changed")):
+        found.append("updates_lost")
     return found
 
 
@@ -480,6 +644,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", action="append", choices=[t for t, _, _ in TASKS],
                    help="only model types whose class is of this task (repeatable); default all")
     p.add_argument("--skip-matrix", action="store_true", help="leave out the types tune/hf_matrix.py covers")
+    p.add_argument("--lora", nargs="?", const="default", choices=["default", "random"],
+                   help="wrap each model in PEFT LoRA (all-linear, r=8) before converting and check the adapters; "
+                        "'random': PEFT's init_lora_weights=False (lora_A gets a gradient too)")
+    p.add_argument("--lora-kwargs", type=json.loads, default=None,
+                   help='more LoraConfig fields, as JSON: \'{"use_dora": true, "lora_dropout": 0.05}\'')
+    p.add_argument("--types-from", action="append", type=Path, default=[],
+                   help="only the model types a sweep's JSON lists as built (repeatable; with --task: of those tasks)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     import warnings
@@ -500,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
             todo = [e for e in todo if e["task"] in args.task]
         if args.skip_matrix:
             todo = [e for e in todo if not e["in_hf_matrix"]]
+        if args.types_from:
+            built = {r["type"] for f in args.types_from for r in json.loads(f.read_text())["records"]
+                     if r["status"] == "built"}
+            todo = [e for e in todo if e["type"] in built]
     _warm_up()
     start = time.perf_counter()
     records = []
@@ -509,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                            | {"status": "left_out", "why": f"time budget of {args.budget:g} s spent"})
             continue
         t = time.perf_counter()
-        rec = run_one(entry, args.build_seconds, args.convert_seconds)
+        rec = run_one(entry, args.build_seconds, args.convert_seconds, lora=args.lora, lora_kwargs=args.lora_kwargs)
         rec["total_s"] = round(time.perf_counter() - t, 2)
         records.append(rec)
         short = rec.get("why") or rec.get("error") or (
@@ -540,7 +715,10 @@ def _warm_up() -> None:
 def _env(args) -> dict:
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__, "seed": hf_matrix.SEED,
-            "grad_tolerance": conversion.GRAD_TOLERANCE, "budget_s": args.budget, "threads": torch.get_num_threads()}
+            "grad_tolerance": conversion.GRAD_TOLERANCE, "budget_s": args.budget, "threads": torch.get_num_threads(),
+            **({"peft": __import__("peft").__version__, "lora": f"r=8, alpha 16, all-linear, init {args.lora}",
+                "lora_kwargs": args.lora_kwargs}
+               if args.lora else {})}
 
 
 if __name__ == "__main__":
