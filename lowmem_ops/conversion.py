@@ -986,10 +986,13 @@ def _plan(model, observation, report: Report, *, activations, norms, gated, gate
                 swap.around = [*owner.around, owner]
             (planned if owner is None else owner.inner).append(swap)
             every.append(swap)
-    held = {id(o): [p for _, _, p in o.sites] for o in every}
-    for swap in every:  # a name inside another module replaced whole is not the model's any more
-        others = [p for o in every if o is not swap and all(o is not a for a in swap.around) for p in held[id(o)]]
-        swap.sites = [s for s in swap.sites if not any(s[2].startswith(p + ".") for p in others)]
+    # a name inside another module replaced whole (not one this swap is inside) is not the model's any
+    # more; every swap's sites are judged against the others' sites as planned, then replaced
+    sites = {id(swap): [s for s in swap.sites
+                        if not any(o is not swap and all(o is not a for a in swap.around) and o.holds(s[2]) for o in every)]
+             for swap in every}
+    for swap in every:
+        swap.sites = sites[id(swap)]
     return planned
 
 
