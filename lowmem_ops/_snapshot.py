@@ -1,7 +1,7 @@
 """Undo for model surgery, and model runs that leave no trace (used by lowmem_ops.convert).
 
-    snap = Snapshot(model, writes=[linear.weight])   # before changing the model
-    ...                                              # swap modules, write into linear.weight, cast adapters
+    snap = Snapshot(model, writes=[linear.weight], attributes=[(lora_layer, "cast_input_dtype_enabled")])
+    ...                                              # swap modules, write into linear.weight, set the flag
     snap.restore()                                   # every module, Parameter and buffer as it was, bitwise
 
     with state_kept(model):                          # BatchNorm statistics and the RNG untouched
@@ -23,15 +23,17 @@ class Snapshot:
     """What a conversion can change, taken before it changes anything: which module sits under each
     name, which Parameter and buffer objects each module holds, the data tensor behind every
     Parameter (a dtype cast replaces it), the values of the tensors named in `writes` (written in
-    place) and the contents of the dicts and sets in `keep` (bookkeeping). restore() puts all of it back."""
+    place), the (object, attribute name) pairs in `attributes` (flags set on a module) and the
+    contents of the dicts and sets in `keep` (bookkeeping). restore() puts all of it back."""
 
-    def __init__(self, model: torch.nn.Module, writes=(), keep=()):
+    def __init__(self, model: torch.nn.Module, writes=(), keep=(), attributes=()):
         modules = list(model.modules())
         self._structure = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules]
         self._data = [(p, p.data) for m in modules for p in m._parameters.values() if p is not None]
         unique = {id(t): t for t in writes if t is not None}
         self._values = [(t, t.detach().clone()) for t in unique.values()]
         self._kept = [(k, dict(k) if isinstance(k, dict) else set(k)) for k in keep]
+        self._attributes = [(o, name, o.__dict__.get(name, _ABSENT)) for o, name in attributes]
 
     def restore(self) -> None:
         for module, children, params, buffers in self._structure:
@@ -48,6 +50,14 @@ class Snapshot:
         for kept, contents in self._kept:
             kept.clear()
             kept.update(contents)
+        for o, name, value in self._attributes:
+            if value is _ABSENT:
+                o.__dict__.pop(name, None)  # the class's value shows again
+            else:
+                o.__dict__[name] = value
+
+
+_ABSENT = object()
 
 
 def _same_entries(now: dict, then: dict) -> bool:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _attention, _bits, _gradients, _hooks, _moe_experts, _recognition, memory
+from . import _attention, _bits, _gradients, _hooks, _lora, _moe_experts, _recognition, memory
 from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
@@ -448,33 +448,44 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
 
 
-def _lora_retypes(model: torch.nn.Module, inputs=None) -> list["_Retype"]:
+def _adapter_computes(model: torch.nn.Module, inputs, report: "Report") -> list["_AdapterCompute"]:
     """PEFT keeps LoRA adapters in float32 by default and casts the input for each adapter: three
     float32 copies of one bf16 activation for q, k and v, none of them shared with the norm before.
-    Put each adapter in the dtype its base computes in (_compute_dtype), so nothing is cast."""
+    Each layer whose base computes in another dtype than its adapters (_compute_dtype) gets adapters
+    that compute in the input's dtype, their Parameters kept (lowmem_ops._lora)."""
+    paths = _module_paths(model)
     layers = [(path, m) for path, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
     seen = _input_dtypes(model, [m for _, m in layers if _compute_dtype(m) is None], inputs)
-    retypes = []
-    for path, module in layers:
-        dtype = _compute_dtype(module) or seen.get(id(module))
-        adapters = [m for name in ("lora_A", "lora_B") for m in getattr(module, name).values()]
-        dtypes = {p.dtype for m in adapters for p in m.parameters()}
-        if dtype is not None and dtypes and dtypes != {dtype}:
-            before = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-            change = Change(path, f"LoRA adapters in {before}", f"in {str(dtype).removeprefix('torch.')}")
-            retypes.append(_Retype(adapters, dtype, change))
-    return retypes
+    computes = []
+    for path, layer in layers:
+        dtype = _compute_dtype(layer) or seen.get(id(layer))
+        holders = [getattr(layer, name) for name in ("lora_A", "lora_B")]
+        dtypes = {p.dtype for holder in holders for m in holder.values() for p in m.parameters()}
+        if dtype is None or not dtypes or dtypes == {dtype} or not _lora.casts_input(layer):
+            continue
+        adapters, why = [], None
+        for name, holder in zip(("lora_A", "lora_B"), holders):
+            for key, old in holder.items():
+                new = _lora.in_input_dtype(old)
+                where = f"{path}.{name}.{key}"
+                why = why or (f"{where} is a {type(old).__name__}, which lowmem_ops cannot make compute in its "
+                              "input's dtype" if new is None else _hooks.why_not(old, new, where))
+                adapters.append((holder, key, old, new, [f"{p}.{name}.{key}" for p in paths[id(layer)]]))
+        if why:
+            report.skipped.append((path, f"PEFT's float32 cast of its input kept: {why}"))
+            continue
+        before = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        change = Change(path, f"LoRA adapters computing in {before} (PEFT casts their input)",
+                        f"computing in {str(dtype).removeprefix('torch.')}, weights kept in {before}")
+        computes.append(_AdapterCompute(layer, paths[id(layer)], adapters, change))
+    return computes
 
 
 def _compute_dtype(lora_layer: torch.nn.Module) -> torch.dtype | None:
     """The dtype a LoRA layer's base computes in, or None where only a forward can tell: a floating
-    base weight's dtype; for an adapter on a bare parameter (PEFT's ParamWrapper, MoE experts with no
-    `.weight`) that parameter's; for a bitsandbytes 4-bit base (uint8 weight) its `compute_dtype`
-    (set from the input on its first call). An 8-bit base computes in its input's dtype: None."""
-    if callable(getattr(lora_layer, "get_param", None)) and hasattr(lora_layer, "parameter_name"):
-        weight = lora_layer.get_param()
-    else:
-        weight = getattr(getattr(lora_layer, "base_layer", None), "weight", None)
+    base weight's dtype; for a bitsandbytes 4-bit base (uint8 weight) its `compute_dtype` (set from the
+    input on its first call). An 8-bit base computes in its input's dtype: None."""
+    weight = getattr(getattr(lora_layer, "base_layer", None), "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return weight.dtype
     compute = getattr(getattr(lora_layer, "base_layer", None), "compute_dtype", None)
@@ -516,10 +527,10 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     plain nn.Linear or GPT-2 Conv1D (untied weight, held under one name, called only on this norm's
     output, its weight used nowhere else; a bias wherever beta is non-zero) and the output is not
     returned; other norms use inverse mode. A norm whose output is modified in place is left alone.
-    lora_dtype: put PEFT LoRA adapters in the dtype their base layer computes in: its weight's dtype, a
-    bitsandbytes 4-bit layer's compute_dtype, the input's dtype on the example inputs for an 8-bit
-    layer (they then train in that dtype; keep float32 master weights in the optimizer if you need
-    them, or pass False).
+    lora_dtype: PEFT LoRA adapters compute in the dtype their base layer computes in (its weight's
+    dtype, a bitsandbytes 4-bit layer's compute_dtype, the input's dtype on the example inputs for an
+    8-bit layer) instead of PEFT casting their input to float32, a copy saved for backward; their
+    Parameters stay float32, so the optimizer still steps float32 weights (lowmem_ops._lora).
     measure_memory: measure saved bytes before and after (train mode, fixed seed) and undo every
     change that does not reduce them ("saves no memory (+N bytes)").
     dropout: store no dropout masks (docs/convert.md, "Dropout"): torch's nn.Dropout (p > 0) -> lowmem_ops'
@@ -548,7 +559,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
         report.memory_before = _measure(model, example_inputs, "before")
     observation = _observe(model, example_inputs) if examples and (norms or activations or gated or dropout) else None
 
-    actions = _lora_retypes(model, example_inputs) if lora_dtype else []
+    actions = _adapter_computes(model, example_inputs, report) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
                      gated_mode=gated_mode, fold=fold, dropout=dropout)
     candidates = _with_inner(actions)
@@ -562,7 +573,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
         return _probe(model, example_inputs, loss_fn, report, {i: a.old for i, a in activation_swaps.items() if id(a) in ids})
 
     probe = probed(actions)
-    before = Snapshot(model, writes=[t for a in candidates for t in a.writes], keep=(_originals(model), folded(model)))
+    before = _snapshot(model, candidates, keep=(_originals(model), folded(model), _lora.casts_off(model)))
     planned_skips = len(report.skipped)
     fell_back: list[Change] = []  # modules replaced whole, undone: their parts were tried instead
     try:
@@ -705,8 +716,8 @@ def _is_activation_swap(action) -> bool:
 def _measure_without_activation_swaps(model, inputs, actions: list, before: Snapshot):
     """What is saved with every applied change but the activation swaps, or None when there is no
     such mix. An activation's saving depends on the other changes: torch's ReLU saves its output,
-    which costs nothing once a retyped LoRA adapter saves that same tensor (a float32 adapter saved a
-    cast copy instead), so its baseline is the model with the others in place, not the unconverted one.
+    which costs nothing once a LoRA adapter computing in bf16 saves that same tensor (PEFT's float32
+    adapter saved a cast copy instead), so its baseline is the model with the others in place, not the unconverted one.
     None too when that model fails to run (an in-place op the swapped activation no longer did): then
     the unconverted model is the baseline. The model is left with every applied change in place."""
     applied = [a for a in actions if a.change.status == "applied"]
@@ -862,6 +873,13 @@ def _checker(model, inputs, reference, report: Report):
     return check
 
 
+def _snapshot(model: torch.nn.Module, actions: list, keep=()) -> Snapshot:
+    """A Snapshot that can undo `actions`: what they write in place and the flags they set, besides
+    the model's structure."""
+    return Snapshot(model, writes=[t for a in actions for t in a.writes],
+                    attributes=[x for a in actions for x in a.attributes], keep=keep)
+
+
 def _attempt(actions, check):
     """Apply the actions and check: None when all is well, else what went wrong."""
     try:
@@ -878,12 +896,12 @@ def _apply_verified(model: torch.nn.Module, actions: list, check) -> None:
     the ones dropped are marked undone, with the reason."""
     if not actions:
         return
-    everything = Snapshot(model, writes=[t for a in actions for t in a.writes])
+    everything = _snapshot(model, actions)
     if _attempt(actions, check) is None:
         return
     everything.restore()
     for action in actions:
-        one = Snapshot(model, writes=action.writes)
+        one = _snapshot(model, [action])
         problem = _attempt([action], check)
         if problem is not None:
             one.restore()
@@ -919,6 +937,8 @@ class _Swap:
     def writes(self) -> list:
         return [p for _, linear in self.folds for p in (linear.weight, linear.bias) if p is not None]
 
+    attributes = ()  # no flags set
+
     def apply(self) -> None:
         _hooks.carry(self.old, self.new)  # here: the bits chosen may give `new` another module
         kept = {id(m) for m in self.old.modules()}
@@ -936,18 +956,26 @@ class _Swap:
                     linear.bias.copy_(b)
 
 
-@dataclass
-class _Retype:
-    """Cast PEFT adapters to the dtype their base computes in (each Parameter keeps its object, gets new data)."""
+@dataclass(eq=False)
+class _AdapterCompute:
+    """A PEFT LoRA layer's adapters compute in its input's dtype, PEFT's input cast off (_lora).
+    Undone by restoring a Snapshot taken before (its `attributes` hold the flag)."""
 
-    adapters: list
-    dtype: torch.dtype
+    layer: torch.nn.Module
+    paths: list  # every name of the layer
+    adapters: list  # (ModuleDict, key, old adapter, new adapter, the adapter's paths)
     change: Change
-    writes: list = field(default_factory=list)  # nothing written in place: the Snapshot keeps the old data
+    writes: list = field(default_factory=list)  # nothing written in place
+
+    @property
+    def attributes(self) -> list:
+        return [(self.layer, "cast_input_dtype_enabled")]
 
     def apply(self) -> None:
-        for m in self.adapters:
-            m.to(self.dtype)
+        for holder, key, old, new, _ in self.adapters:
+            _hooks.carry(old, new)
+            holder[key] = new
+        self.layer.cast_input_dtype_enabled = False
 
 
 def _module_paths(model: torch.nn.Module) -> dict[int, list[str]]:
@@ -1052,9 +1080,14 @@ def _swap_for(model, path, module, paths, observation, tied, skipped: list, *, a
 
 def _record(model: torch.nn.Module, applied: list) -> None:
     """Bookkeeping for lowmem_ops.export and state_dict: the original module under each name it had
-    (the same object for all of a shared module's names), and the folds."""
+    (the same object for all of a shared module's names), the folds, and the LoRA layers whose input
+    cast is off."""
     originals, folds = _originals(model), folded(model)
     for swap in applied:
+        if isinstance(swap, _AdapterCompute):
+            for _, _, old, _, paths in swap.adapters:
+                originals.update(dict.fromkeys(paths, old))
+            _lora.casts_off(model)[swap.paths[0]] = swap.layer
         if not isinstance(swap, _Swap):
             continue
         for _, _, path in swap.sites:
@@ -1362,6 +1395,10 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
         setattr(model.get_submodule(parent_path), attr, original)
     if not folds:
         remove_state_dict_hooks(model)
+    casts_off = _lora.casts_off(model)
+    for layer in casts_off.values():  # PEFT's adapters are back, in float32: PEFT casts their input again
+        layer.cast_input_dtype_enabled = True
+    casts_off.clear()
     stocks: dict[int, torch.nn.Module | None] = {}  # one stock module per object, under all its names
     for path, module in list(model.named_modules(remove_duplicate=False)):
         if not path:

@@ -564,7 +564,7 @@ def variant(model: torch.nn.Module, name: str, example_inputs=None,
     are real (convert verifies on example_inputs) or on meta (convert has no values to run on: it is
     given no example inputs, so it recognises by class only, folds nothing (inverse-mode norms, which
     save the same bytes) and uses the 2-bit ops). convert_kwargs go to lo.convert (lora_dtype=False
-    keeps PEFT's float32 adapters)."""
+    keeps PEFT's float32 input casts)."""
     if name not in VARIANTS:
         raise ValueError(f"lowmem_ops.memory: variant must be one of {', '.join(VARIANTS)}, got {name!r}")
     tensors = _tensors_in(model)
@@ -997,7 +997,8 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu", nargs="*", default=[], help="GPU sizes for the largest batch, e.g. 24GiB 80GiB")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--fp32-adapters", action="store_true",
-                        help="convert with lora_dtype=False: PEFT's float32 adapters stay float32")
+                        help="convert with lora_dtype=False: PEFT's float32 adapters keep casting their input "
+                             "to float32 (a saved copy each)")
     parser.add_argument("--quant", choices=["nf4", "fp4", "int8"], default=None,
                         help="a bitsandbytes base (QLoRA: nf4); needs --lora")
     parser.add_argument("--double-quant", action="store_true", help="4-bit: quantise the absmax again (QLoRA's)")

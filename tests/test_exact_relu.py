@@ -188,9 +188,9 @@ def test_export_gives_torch_modules_back():
 
 def test_an_activation_swap_is_judged_with_the_other_changes_in_place():
     """OPT with LoRA: a float32 adapter on fc2 casts its input (the ReLU's output) and saves the copy,
-    so in the unconverted model torch's ReLU alone saves its output; once convert puts the adapter in
-    bf16 it saves that very output, the ReLU then costs nothing and 1-bit codes would add n/8 bytes.
-    The swap must be judged against the model with the retype in place: undone."""
+    so in the unconverted model torch's ReLU alone saves its output; once convert makes the adapter
+    compute in bf16 it saves that very output, the ReLU then costs nothing and 1-bit codes would add
+    n/8 bytes. The swap must be judged against the model with the adapters changed: undone."""
     peft = pytest.importorskip("peft")
 
     class Block(nn.Module):
@@ -208,5 +208,5 @@ def test_an_activation_swap_is_judged_with_the_other_changes_in_place():
     (relu,) = [c for c in report.changes if c.path.endswith(".act")]
     assert relu.status == "undone" and relu.reason.startswith("saves no memory"), str(report)
     assert type(model.base_model.model.act) is nn.ReLU
-    # and the adapters' retype, which does save, is kept: the total is below the unconverted model's
+    # and the adapters' change, which does save, is kept: the total is below the unconverted model's
     assert report.memory_after.total_bytes < report.memory_before.total_bytes

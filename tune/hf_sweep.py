@@ -22,9 +22,9 @@ tensor's root mean square, not to 1), compared with report.tolerance.
 
 --lora: each model wrapped in PEFT LoRA as users do (wrap_lora: all-linear, r=8) before the copy
 and the conversion; the independent gradient cosine is then over the LoRA parameters (the only
-trainable ones; convert may retype them, so values are compared after casting), per lora_A / lora_B
-too; PEFT's merge_and_unload of both is compared; two AdamW steps on each model record how many
-adapter elements a step changes (bf16 adapters lose steps under half their ulp). --lora random: PEFT's
+trainable ones; values are compared after casting, as an older convert put them in bf16), per
+lora_A / lora_B too; PEFT's merge_and_unload of both is compared; two AdamW steps on each model
+record how many adapter elements a step changes (bf16 adapters lose steps under half their ulp). --lora random: PEFT's
 init_lora_weights=False (lora_A gets a gradient too); --lora-kwargs: more LoraConfig fields (DoRA,
 lora_dropout, named target modules where PEFT refuses all-linear, as for Mamba).
 
