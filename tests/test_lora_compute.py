@@ -265,3 +265,25 @@ def test_dora_computes_in_bf16_from_float32_weights():
     model(**batch, labels=batch["input_ids"]).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in trainable.values())
+
+
+def test_a_converted_peft_model_compiles():
+    """torch.compile over PEFT's layers with the adapters computing in bf16: the eager gradients."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).to(torch.bfloat16)
+    model = peft.get_peft_model(mlp, peft.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    x = torch.randn(8, 32, dtype=torch.bfloat16)
+    report = lo.convert(model, example_inputs=x, activations=False)
+    assert len([c for c in report.applied if c.before.startswith("LoRA adapters")]) == 2, str(report)
+
+    def step(fn):
+        model.zero_grad()
+        out = fn(x)
+        out.float().square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_out, eager = step(model)
+    compiled_out, compiled = step(torch.compile(model, backend="aot_eager"))
+    assert torch.equal(compiled_out, eager_out)
+    assert eager.keys() == compiled.keys() and all(torch.allclose(compiled[n], eager[n], rtol=1e-2, atol=1e-3)
+                                                   for n in eager)
