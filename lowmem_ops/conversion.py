@@ -558,6 +558,8 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     if examples and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
     observation = _observe(model, example_inputs) if examples and (norms or activations or gated or dropout) else None
+    if observation is not None and report.memory_before is not None:
+        observation.ran_in_training = set(report.memory_before.ran)
 
     actions = _adapter_computes(model, example_inputs, report) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
@@ -930,8 +932,22 @@ class _Swap:
     around: list = field(default_factory=list)  # the swaps this one is inner to, outermost first
 
     def holds(self, path: str) -> bool:
-        """Whether `path` names a module inside the one replaced."""
-        return any(path.startswith(p + ".") for _, _, p in self.sites)
+        """Whether `path` names a module inside the one replaced, gone from the model once it is:
+        not one `new` keeps where it was (see keeps)."""
+        return any(path.startswith(p + ".") and not self._keeps(path[len(p) + 1:]) for _, _, p in self.sites)
+
+    def _keeps(self, inner: str) -> bool:
+        """Whether the module at `inner` (a path relative to `old`) stays in the model under the same
+        name with `new` in place: its parent, not `old` itself, is the same object in both (the PEFT
+        layers a GatedMLP keeps as its projections, with their lora_dropout; the children of an
+        attention module swapped for one with another config). A swap there stays valid either way."""
+        parent = inner.rpartition(".")[0]
+        if not parent:
+            return False  # its parent is `old`: setting it there would not reach `new`
+        try:
+            return self.new.get_submodule(parent) is self.old.get_submodule(parent)
+        except AttributeError:
+            return False
 
     @property
     def writes(self) -> list:
@@ -1059,11 +1075,18 @@ def _swap_for(model, path, module, paths, observation, tied, skipped: list, *, a
     if (why := _hooks.why_not(module, new, path)) is not None:
         skipped.append((path, why))
         return None
+    only_in_training = False
     if observation is not None and not any(p in observation.ran for p in names):
-        # (a branch these inputs do not take: a vision tower fed no image, cross-attention in a decoder-only call)
-        skipped.append((path, "did not run on the example inputs: a swap could be neither verified nor measured"))
-        return None
+        # a dropout called in training mode only (PEFT's DoRA skips lora_dropout in eval) is an identity
+        # in the eval-mode checks either way; what it saves is measured in training mode
+        only_in_training = isinstance(new, Dropout) and any(p in observation.ran_in_training for p in names)
+        if not only_in_training:
+            # (a branch these inputs do not take: a vision tower fed no image, cross-attention in a decoder-only call)
+            skipped.append((path, "did not run on the example inputs: a swap could be neither verified nor measured"))
+            return None
     after = type(new).__name__
+    if only_in_training:
+        after += " (called in training mode only: measured there)"
     if type(new) is type(module) and getattr(new, "config", None) is not getattr(module, "config", None):
         after += f" (attention dropout regenerated off CUDA: {_attention.NAME})"
     if _moe_experts.is_fused(new):
@@ -1113,6 +1136,7 @@ class _Observation:
     unknown: dict = field(default_factory=dict)   # id(candidate leaf) -> why probing found nothing to swap it for
     attention: set = field(default_factory=set)   # ids of the innermost modules that ran scaled_dot_product_attention
     ran: set = field(default_factory=set)         # paths of the modules called on the example inputs
+    ran_in_training: set = field(default_factory=set)  # ... in training mode (convert's "before" measurement)
 
 
 class _UseRecorder(torch.overrides.TorchFunctionMode):
