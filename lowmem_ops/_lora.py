@@ -8,7 +8,8 @@ elements instead of 100 %; at fan-in 4096 and lr 2e-5, half of them).
 
 So convert turns PEFT's input cast off (`cast_input_dtype_enabled`, PEFT's own switch) and gives the
 layer adapters that cast their weights to the input's dtype instead (same Parameter objects, same
-state_dict keys). The optimizer updates float32 weights; what a linear adapter saves for backward is
+state_dict keys), held in an AdapterDict, so that an adapter PEFT adds later (add_adapter,
+load_adapter) is made one too. The optimizer updates float32 weights; what a linear adapter saves for backward is
 its input, which is the base layer's input, and its float32 weight, a Parameter. A conv adapter saves
 the cast copy of its weight (r x C x k x k elements), its input the same."""
 
@@ -82,18 +83,55 @@ _IN_INPUT_DTYPE = {torch.nn.Linear: AdapterLinear, torch.nn.Conv1d: AdapterConv1
                    torch.nn.Conv3d: AdapterConv3d}
 
 
+_PLAIN = {twin: plain for plain, twin in _IN_INPUT_DTYPE.items()}
+
+
 def in_input_dtype(adapter: torch.nn.Module) -> torch.nn.Module | None:
     """The adapter as one computing in its input's dtype (the same Parameters, buffers, hooks and
     flags; registries of its own), or None for a type with no such twin (exact types only: a subclass
     may compute otherwise)."""
     twin = _IN_INPUT_DTYPE.get(type(adapter))
-    if twin is None:
-        return None
-    new = twin.__new__(twin)
-    new.__dict__.update(adapter.__dict__)
+    return None if twin is None else _as(twin, adapter)
+
+
+def plain(adapter: torch.nn.Module) -> torch.nn.Module:
+    """The torch module an adapter computing in its input's dtype came from (the same Parameters and
+    hooks); any other module as it is."""
+    cls = _PLAIN.get(type(adapter))
+    return adapter if cls is None else _as(cls, adapter)
+
+
+def _as(cls: type, module: torch.nn.Module) -> torch.nn.Module:
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
     for registry in ("_parameters", "_buffers", "_modules"):
-        new.__dict__[registry] = dict(adapter.__dict__[registry])
+        new.__dict__[registry] = dict(module.__dict__[registry])
     return new
+
+
+class AdapterDict(torch.nn.ModuleDict):
+    """A converted LoRA layer's lora_A / lora_B. PEFT no longer casts that layer's input, so every
+    adapter in it must compute in the input's dtype: one put in later (PEFT's add_adapter,
+    load_adapter) is made so as it is put in, and one that cannot be is refused here, with what to
+    do, instead of failing in its first forward on a dtype mismatch."""
+
+    def __init__(self, layer_name: str, adapters: dict):
+        super().__init__()
+        self.layer_name = layer_name
+        for key, adapter in adapters.items():
+            self.add_module(key, adapter)
+
+    def __setitem__(self, key: str, module: torch.nn.Module) -> None:
+        twin = module if type(module) in _PLAIN else in_input_dtype(module)
+        if twin is None:
+            raise TypeError(f"lowmem_ops: {self.layer_name} was converted (PEFT's float32 cast of its input is off), "
+                            f"and a {type(module).__name__} adapter {key!r} cannot compute in its input's dtype: call "
+                            "lowmem_ops.export(model) before adding it, then lowmem_ops.convert(model) again")
+        super().__setitem__(key, twin)
+
+    def stock(self) -> torch.nn.ModuleDict:
+        """A plain ModuleDict of PEFT's own adapter types (for lowmem_ops.export)."""
+        return torch.nn.ModuleDict({key: plain(adapter) for key, adapter in self.items()})
 
 
 def casts_input(lora_layer: torch.nn.Module) -> bool:

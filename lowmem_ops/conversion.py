@@ -463,21 +463,22 @@ def _adapter_computes(model: torch.nn.Module, inputs, report: "Report") -> list[
         dtypes = {p.dtype for holder in holders for m in holder.values() for p in m.parameters()}
         if dtype is None or not dtypes or dtypes == {dtype} or not _lora.casts_input(layer):
             continue
-        adapters, why = [], None
+        dicts, why = [], None
         for name, holder in zip(("lora_A", "lora_B"), holders):
+            twins = {}
             for key, old in holder.items():
-                new = _lora.in_input_dtype(old)
+                twins[key] = new = _lora.in_input_dtype(old)
                 where = f"{path}.{name}.{key}"
                 why = why or (f"{where} is a {type(old).__name__}, which lowmem_ops cannot make compute in its "
                               "input's dtype" if new is None else _hooks.why_not(old, new, where))
-                adapters.append((holder, key, old, new, [f"{p}.{name}.{key}" for p in paths[id(layer)]]))
+            dicts.append((name, holder, twins))
         if why:
             report.skipped.append((path, f"PEFT's float32 cast of its input kept: {why}"))
             continue
         before = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         change = Change(path, f"LoRA adapters computing in {before} (PEFT casts their input)",
                         f"computing in {str(dtype).removeprefix('torch.')}, weights kept in {before}")
-        computes.append(_AdapterCompute(layer, paths[id(layer)], adapters, change))
+        computes.append(_AdapterCompute(layer, paths[id(layer)], dicts, change))
     return computes
 
 
@@ -979,7 +980,7 @@ class _AdapterCompute:
 
     layer: torch.nn.Module
     paths: list  # every name of the layer
-    adapters: list  # (ModuleDict, key, old adapter, new adapter, the adapter's paths)
+    dicts: list  # ("lora_A" or "lora_B", its ModuleDict, {key: the adapter computing in its input's dtype})
     change: Change
     writes: list = field(default_factory=list)  # nothing written in place
 
@@ -988,9 +989,12 @@ class _AdapterCompute:
         return [(self.layer, "cast_input_dtype_enabled")]
 
     def apply(self) -> None:
-        for holder, key, old, new, _ in self.adapters:
-            _hooks.carry(old, new)
-            holder[key] = new
+        for name, holder, twins in self.dicts:
+            for key, twin in twins.items():
+                _hooks.carry(holder[key], twin)  # here: hooks registered after planning come along
+            new = _lora.AdapterDict(f"{self.paths[0]}.{name}", twins)
+            _hooks.carry(holder, new)
+            setattr(self.layer, name, new)
         self.layer.cast_input_dtype_enabled = False
 
 
@@ -1108,8 +1112,6 @@ def _record(model: torch.nn.Module, applied: list) -> None:
     originals, folds = _originals(model), folded(model)
     for swap in applied:
         if isinstance(swap, _AdapterCompute):
-            for _, _, old, _, paths in swap.adapters:
-                originals.update(dict.fromkeys(paths, old))
             _lora.casts_off(model)[swap.paths[0]] = swap.layer
         if not isinstance(swap, _Swap):
             continue
@@ -1420,7 +1422,13 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
     if not folds:
         remove_state_dict_hooks(model)
     casts_off = _lora.casts_off(model)
-    for layer in casts_off.values():  # PEFT's adapters are back, in float32: PEFT casts their input again
+    for layer in casts_off.values():  # PEFT's own adapter types (the same Parameters), and its input cast
+        for name in ("lora_A", "lora_B"):
+            adapters = layer._modules.get(name)
+            if isinstance(adapters, _lora.AdapterDict):
+                stock = adapters.stock()
+                _hooks.carry(adapters, stock)
+                setattr(layer, name, stock)
         layer.cast_input_dtype_enabled = True
     casts_off.clear()
     stocks: dict[int, torch.nn.Module | None] = {}  # one stock module per object, under all its names

@@ -343,3 +343,32 @@ def test_lora_dropout_inside_a_swapped_attention_is_converted():
     assert type(model.get_submodule(query.path)) is lo.nn.Dropout
     assert model.get_submodule(query.path.rpartition(".lora_dropout")[0]) is \
         model.get_submodule(attention[0].path).query  # the swapped attention calls that very layer
+
+
+def test_an_adapter_added_after_convert_computes_in_bf16_too():
+    """PEFT's add_adapter after convert: the layer's input cast is off, so the new float32 adapter
+    would have failed its first forward on a dtype mismatch; it is made to compute in bf16 as PEFT
+    puts it in. One that cannot be is refused there, saying what to do."""
+    model, batch = _lora_llama()
+    lo.convert(model, example_inputs=batch)
+    model.add_adapter("second", peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q.lora_A["second"]) is AdapterLinear and q.lora_A["second"].weight.dtype == torch.float32
+    model.base_model.set_adapter(["default", "second"])
+    model.train()
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    assert q.lora_A["second"].weight.grad.dtype == torch.float32 and q.lora_A["second"].weight.grad.abs().sum() > 0
+
+    class Custom(torch.nn.Linear):
+        pass
+
+    with pytest.raises(TypeError, match=r"layers\.0\.self_attn\.q_proj\.lora_A.*lowmem_ops\.export"):
+        q.lora_A["third"] = Custom(64, 4)
+
+    lo.export(model)
+    assert type(q.lora_A) is torch.nn.ModuleDict and q.cast_input_dtype_enabled is True
+    assert {type(m) for m in q.lora_A.values()} == {torch.nn.Linear}
+    assert set(q.lora_A) == {"default", "second"}
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
