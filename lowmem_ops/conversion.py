@@ -348,13 +348,21 @@ def _adopt(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
 def _tolerance(outputs, model: torch.nn.Module | None = None) -> float:
     """The output tolerance of the precision the model computes in: its outputs' dtypes and the dtype of
     most of its parameters (a bf16 model returning float32 logits, as Mllama's upcast, rounds in bf16
-    all the same)."""
+    all the same). A bitsandbytes 4-bit layer's weight counts as in x out elements of its
+    compute_dtype: QLoRA's float32 norms and embeddings (peft's prepare_model_for_kbit_training) do
+    not make its bf16 matmuls float32 ones."""
     dtypes = {t.dtype for t in _tensors(outputs)}
     if model is not None:  # the dtype holding most of its parameters' elements, not any one parameter's
         elements: dict[torch.dtype, int] = {}
         for p in model.parameters():
             if p.is_floating_point():
                 elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
+        for m in model.modules():
+            compute, weight = getattr(m, "compute_dtype", None), getattr(m, "weight", None)
+            if (isinstance(compute, torch.dtype) and compute.is_floating_point and isinstance(weight, torch.Tensor)
+                    and not weight.is_floating_point()):
+                size = getattr(m, "in_features", 0) * getattr(m, "out_features", 0) or weight.numel()
+                elements[compute] = elements.get(compute, 0) + size
         if elements:
             dtypes.add(max(elements, key=elements.get))
     return 5e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-3
@@ -451,14 +459,17 @@ def _describe(error: BaseException) -> str:
 def _adapter_computes(model: torch.nn.Module, inputs, report: "Report") -> list["_AdapterCompute"]:
     """PEFT keeps LoRA adapters in float32 by default and casts the input for each adapter: three
     float32 copies of one bf16 activation for q, k and v, none of them shared with the norm before.
-    Each layer whose base computes in another dtype than its adapters (_compute_dtype) gets adapters
-    that compute in the input's dtype, their Parameters kept (lowmem_ops._lora)."""
+    Each layer whose input (on the example inputs; without them, what its base computes in:
+    _compute_dtype) has another dtype than its adapters gets adapters that compute in the input's
+    dtype, their Parameters kept (lowmem_ops._lora)."""
     paths = _module_paths(model)
     layers = [(path, m) for path, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
-    seen = _input_dtypes(model, [m for _, m in layers if _compute_dtype(m) is None], inputs)
+    # what the input is, where the example inputs show it (QLoRA's prepare_model_for_kbit_training
+    # feeds a 4-bit bf16-compute layer float32: PEFT's cast is a no-op there); else what the base computes in
+    seen = _input_dtypes(model, [m for _, m in layers], inputs)
     computes = []
     for path, layer in layers:
-        dtype = _compute_dtype(layer) or seen.get(id(layer))
+        dtype = seen.get(id(layer)) or _compute_dtype(layer)
         holders = [getattr(layer, name) for name in ("lora_A", "lora_B")]
         dtypes = {p.dtype for holder in holders for m in holder.values() for p in m.parameters()}
         if dtype is None or not dtypes or dtypes == {dtype} or not _lora.casts_input(layer):
