@@ -325,7 +325,8 @@ def independent_check(original, converted, batch, lora: bool = False) -> dict:
     """Eval mode, fixed seed: output_difference over the float outputs, and the cosine of the parameter
     gradients (a fixed random projection of the outputs) over the parameters both models hold under one
     name with equal values (a fold rewrites the ones it touches); with lora, over the LoRA parameters
-    (convert may put them in the base's dtype: compared after casting), also per lora_A / lora_B."""
+    (compared after casting to the converted model's dtype: convert keeps them float32 now, an older
+    one put them in bf16), also per lora_A / lora_B."""
     out_a = _float_outputs(_eval_run(converted, batch, grad=False))
     out_b = _float_outputs(_eval_run(original, batch, grad=False))
     diff = output_difference(out_a, out_b)
@@ -370,6 +371,8 @@ def independent_check(original, converted, batch, lora: bool = False) -> dict:
     if lora:
         rec["lora_parameters"] = len(_lora_names(original))
         rec["lora_rewritten"] = [n for n in _lora_names(original) if n not in same]  # values beyond a cast
+        rec["lora_retyped"] = [n for n in _lora_names(original) if n in params_a
+                               and params_a[n].dtype != params_b[n].dtype]  # convert keeps their dtype now
         rec["lora_without_gradient"] = [n for n in same if n not in gb]  # their adapter did not run
         rec["gradient_cosine_lora_A"] = cosine([n for n in names if ".lora_A." in n])
         rec["gradient_cosine_lora_B"] = cosine([n for n in names if ".lora_B." in n])
@@ -473,6 +476,8 @@ ANOMALIES = {
     "independent_check_failed": "the independent eval-mode check raised (original_alone says whether the "
                                 "unconverted model's eval-mode backward fails as well)",
     "lora_rewritten": "--lora: a LoRA parameter's value after converting is not its value before, cast to its new dtype",
+    "lora_retyped": "--lora: a LoRA parameter's dtype after converting is not its dtype before (convert keeps the "
+                    "adapters' float32 master weights since 4b8a504; before, it cast them to bf16)",
     "merge_differs": "--lora: PEFT's merge_and_unload of the converted model fails, or its outputs are over the "
                      "tolerance from the merged unconverted model's",
     "updates_lost": "--lora: an AdamW step (lr 1e-4) changed under half as many LoRA elements of the converted "
@@ -600,6 +605,8 @@ def anomalies(rec: dict, report) -> list[str]:
         found.append("independent_check_failed")
     if ind.get("lora_rewritten"):
         found.append("lora_rewritten")
+    if ind.get("lora_retyped"):
+        found.append("lora_retyped")
     merged = rec.get("merged_difference")
     if isinstance(merged, str) and not merged.startswith("the original's") or \
             isinstance(merged, float) and tol is not None and merged > tol:
