@@ -134,12 +134,18 @@ class AdapterDict(torch.nn.ModuleDict):
         return torch.nn.ModuleDict({key: plain(adapter) for key, adapter in self.items()})
 
 
-def casts_input(lora_layer: torch.nn.Module) -> bool:
-    """Whether PEFT casts this layer's input to its adapters' dtype, with its switch to stop it (PEFT
-    0.15 on). An adapter on a bare parameter (ParamWrapper, MoE experts) never does: its adapters
-    make a weight delta, cast to the parameter's dtype."""
-    is_param_wrapper = callable(getattr(lora_layer, "get_param", None)) and hasattr(lora_layer, "parameter_name")
-    return not is_param_wrapper and isinstance(getattr(lora_layer, "cast_input_dtype_enabled", None), bool)
+def left_alone(lora_layer: torch.nn.Module) -> str | None:
+    """Why this LoRA layer's adapters (of another dtype than its input) are left as they are, or None
+    where PEFT casts the input to them with its switch to stop it (PEFT 0.15 on)."""
+    if callable(getattr(lora_layer, "get_param", None)) and hasattr(lora_layer, "parameter_name"):
+        # ParamWrapper (MoE experts' fused weights, routers): no input cast to remove
+        return ("LoRA adapters on a bare parameter left in their dtype: PEFT casts them to the parameter's for "
+                "its weight delta each forward and those copies are saved (the adapters' size, whatever the "
+                "batch); in the parameter's dtype they would not be, but AdamW would round away small steps")
+    if not isinstance(getattr(lora_layer, "cast_input_dtype_enabled", None), bool):
+        return ("PEFT casts this layer's input to its adapters' dtype with no switch to stop it (PEFT 0.15 has "
+                "one): left as it is")
+    return None
 
 
 _CASTS_OFF = "_lowmem_ops_lora_input_casts_off"

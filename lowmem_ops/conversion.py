@@ -472,7 +472,10 @@ def _adapter_computes(model: torch.nn.Module, inputs, report: "Report") -> list[
         dtype = seen.get(id(layer)) or _compute_dtype(layer)
         holders = [getattr(layer, name) for name in ("lora_A", "lora_B")]
         dtypes = {p.dtype for holder in holders for m in holder.values() for p in m.parameters()}
-        if dtype is None or not dtypes or dtypes == {dtype} or not _lora.casts_input(layer):
+        if dtype is None or not dtypes or dtypes == {dtype}:
+            continue
+        if (why := _lora.left_alone(layer)) is not None:
+            report.skipped.append((path, why))
             continue
         dicts, why = [], None
         for name, holder in zip(("lora_A", "lora_B"), holders):

@@ -121,6 +121,9 @@ def test_adapters_on_moe_expert_parameters():
     assert _adapter_dtypes(model) == {torch.float32}, str(report)
     # the experts' adapters make a weight delta cast to bf16 by PEFT: no input cast to remove
     assert [c.path.rpartition(".")[2] for c in report.applied if c.before.startswith("LoRA")] == ["q_proj"], str(report)
+    # and the report says so, with what the float32 factors cost
+    kept = [p.rpartition(".")[2] for p, why in report.skipped if why.startswith("LoRA adapters on a bare parameter")]
+    assert sorted(kept) == ["base_layer", "experts"], str(report)
 
 
 def test_qlora_prepared_for_kbit_training(tmp_path):
