@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 import lowmem_ops as lo  # noqa: E402
 from lowmem_ops import conversion  # noqa: E402
-from lowmem_ops._snapshot import in_eval  # noqa: E402
+from lowmem_ops._snapshot import in_eval, state_kept  # noqa: E402
 
 DEFAULT_JSON = REPO_ROOT / "tune" / "results" / "cpu-2026-11-30-hf-sweep" / "hf_sweep.json"
 GRADIENT_COSINE = 0.95  # the whole-model target at the default grad_tolerance
@@ -389,12 +389,15 @@ def _eval_backward(model, batch) -> str:
 
 
 def trains(model, batch) -> str | None:
-    """None when a training-mode backward runs and every gradient is finite, else what went wrong."""
+    """None when a training-mode backward runs and every gradient is finite, else what went wrong. The
+    model's buffers are given back (BatchNorm statistics: the merge check after compares eval outputs
+    with the unconverted model's, which never ran in training mode)."""
     model.train()
     for p in model.parameters():
         p.grad = None
     try:
-        hf_matrix.loss(model(**batch)).backward()
+        with state_kept(model):
+            hf_matrix.loss(model(**batch)).backward()
     except Exception as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
