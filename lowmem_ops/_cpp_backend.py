@@ -18,6 +18,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def _compile(tree: Path) -> ctypes.CDLL | str:
     flags = _cflags()
     text = source.read_bytes()
     name = "lowmem_ops_cpu_" + hashlib.sha256(text + " ".join(flags + [torch.__version__]).encode()).hexdigest()[:16]
+    _check_build_lock(name)
     try:
         path = cpp_extension.load(name=name, sources=[str(_stable_copy(text, name))], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
@@ -70,10 +72,7 @@ def _stable_copy(text: bytes, name: str) -> Path:
     """The source at a path named by its hash, beside the build: ninja's build file records the source's
     path, so every checkout or venv holding the same kernels reuses one build instead of recompiling
     (about a minute) whenever another one built last."""
-    from torch.utils import cpp_extension
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()  # as load() picks it
-    folder = Path(root) / f"{name}-source"
+    folder = _build_root() / f"{name}-source"
     path = folder / CPU_FILE
     if not path.is_file() or path.read_bytes() != text:
         folder.mkdir(parents=True, exist_ok=True)
@@ -81,6 +80,43 @@ def _stable_copy(text: bytes, name: str) -> Path:
             tmp.write(text)
         os.replace(tmp.name, path)
     return path
+
+
+def _build_root() -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())  # as load() picks it
+
+
+# torch's build lock is an empty file in the build folder, removed when the build ends; one left by a
+# process stopped while compiling (Ctrl-C in the first CPU call, a killed job) makes every later load wait
+# for it forever, with no word. A build takes a minute or two and writes nothing until it ends.
+STALE_LOCK_SECONDS = 900
+
+
+def _check_build_lock(name: str) -> None:
+    """Before torch's load: a lock nothing has written beside for STALE_LOCK_SECONDS is removed (with a
+    warning); a younger one is another process building, waited for, with a warning naming it."""
+    from torch.utils import cpp_extension
+
+    where = getattr(cpp_extension, "_get_build_directory", None)  # the folder load() builds in (a private helper)
+    if where is None:
+        return
+    folder = Path(where(name, False))
+    lock = folder / "lock"
+    try:
+        idle = time.time() - max(p.stat().st_mtime for p in folder.iterdir())
+        if not lock.is_file():
+            return
+        if idle < STALE_LOCK_SECONDS:
+            warnings.warn(f"lowmem_ops: waiting for another process compiling the C++ kernels ({lock}); if none "
+                          "is, delete that file", stacklevel=3)
+            return
+        lock.unlink()
+    except (FileNotFoundError, ValueError):  # no build folder yet, or the build ended meanwhile
+        return
+    warnings.warn(f"lowmem_ops: removed {lock}, left {idle / 60:.0f} min ago by a process stopped while it compiled "
+                  "the C++ kernels; compiling them again", stacklevel=3)
 
 
 def _cflags() -> list[str]:
