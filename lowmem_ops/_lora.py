@@ -9,9 +9,9 @@ elements instead of 100 %; at fan-in 4096 and lr 2e-5, half of them).
 So convert turns PEFT's input cast off (`cast_input_dtype_enabled`, PEFT's own switch) and gives the
 layer adapters that cast their weights to the input's dtype instead (same Parameter objects, same
 state_dict keys), held in an AdapterDict, so that an adapter PEFT adds later (add_adapter,
-load_adapter) is made one too. The optimizer updates float32 weights; what a linear adapter saves for backward is
-its input, which is the base layer's input, and its float32 weight, a Parameter. A conv adapter saves
-the cast copy of its weight (r x C x k x k elements), its input the same."""
+load_adapter) is made one too. The optimizer updates float32 weights; what a linear adapter saves
+for backward is its input, which is the base layer's input, and its float32 weight, a Parameter. A
+conv adapter saves the cast copy of its weight (r x C x k x k elements), its input the same."""
 
 from __future__ import annotations
 

@@ -542,10 +542,10 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
     plain nn.Linear or GPT-2 Conv1D (untied weight, held under one name, called only on this norm's
     output, its weight used nowhere else; a bias wherever beta is non-zero) and the output is not
     returned; other norms use inverse mode. A norm whose output is modified in place is left alone.
-    lora_dtype: PEFT LoRA adapters compute in the dtype their base layer computes in (its weight's
-    dtype, a bitsandbytes 4-bit layer's compute_dtype, the input's dtype on the example inputs for an
-    8-bit layer) instead of PEFT casting their input to float32, a copy saved for backward; their
-    Parameters stay float32, so the optimizer still steps float32 weights (lowmem_ops._lora).
+    lora_dtype: PEFT LoRA adapters compute in their input's dtype (on the example inputs; without
+    them, the base layer's weight dtype or a bitsandbytes 4-bit layer's compute_dtype) instead of PEFT
+    casting their input to float32, a copy saved for backward; their Parameters stay float32, so the
+    optimizer still steps float32 weights (lowmem_ops._lora).
     measure_memory: measure saved bytes before and after (train mode, fixed seed) and undo every
     change that does not reduce them ("saves no memory (+N bytes)").
     dropout: store no dropout masks (docs/convert.md, "Dropout"): torch's nn.Dropout (p > 0) -> lowmem_ops'
@@ -734,7 +734,8 @@ def _measure_without_activation_swaps(model, inputs, actions: list, before: Snap
     """What is saved with every applied change but the activation swaps, or None when there is no
     such mix. An activation's saving depends on the other changes: torch's ReLU saves its output,
     which costs nothing once a LoRA adapter computing in bf16 saves that same tensor (PEFT's float32
-    adapter saved a cast copy instead), so its baseline is the model with the others in place, not the unconverted one.
+    adapter saved a cast copy instead), so its baseline is the model with the others in place, not the
+    unconverted one.
     None too when that model fails to run (an in-place op the swapped activation no longer did): then
     the unconverted model is the baseline. The model is left with every applied change in place."""
     applied = [a for a in actions if a.change.status == "applied"]
@@ -948,7 +949,7 @@ class _Swap:
 
     def holds(self, path: str) -> bool:
         """Whether `path` names a module inside the one replaced, gone from the model once it is:
-        not one `new` keeps where it was (see keeps)."""
+        not one `new` keeps where it was (see _keeps)."""
         return any(path.startswith(p + ".") and not self._keeps(path[len(p) + 1:]) for _, _, p in self.sites)
 
     def _keeps(self, inner: str) -> bool:
