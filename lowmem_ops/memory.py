@@ -6,7 +6,9 @@
 
 Every saved tensor is seen through torch.autograd.graph.saved_tensors_hooks, deduplicated by the
 storage it lives in (a view and its base count once), with parameters and buffers excluded (they
-exist anyway). Each storage is attributed to the innermost module running when it was first saved;
+exist anyway), and counted only if the graph that saved it is still alive when the forward returns:
+a graph built and dropped inside it (DoRA computes its weight norm through its adapters on an
+identity matrix and detaches the result) holds nothing at backward. Each storage is attributed to the innermost module running when it was first saved;
 a storage that a second module saves too is flagged as shared. A saved tensor made by a dtype cast
 (`.to(dtype)`) is flagged as a cast copy, with how many copies were cast from the same source:
 PEFT's default fp32 LoRA adapters make one per adapter.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +182,8 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
     storage object itself, never by data_ptr (every meta storage has data_ptr 0)."""
     excluded = {storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
     stack: list[str] = [""]
-    storages: dict[int, SavedStorage] = {}
+    first: dict[int, SavedStorage] = {}  # each storage as first seen
+    saves: list = []  # (storage key, module, a weak reference to what the graph holds for that save)
     held: list = []  # a key is an address: the storages seen stay alive, so none is reused during the run
 
     def pack(t: torch.Tensor):
@@ -187,25 +191,46 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
         key = storage._cdata
         if key in excluded or storage.nbytes() == 0:
             return t
-        here = stack[-1]
-        if key in storages:
-            s = storages[key]
-            if here != s.module and here not in s.also_saved_by:
-                s.also_saved_by.append(here)
-        else:
+        if key not in first:
             held.append(storage)
-            storages[key] = SavedStorage(storage.nbytes(), t.dtype, tuple(t.shape), here, cast_from=_cast_source(t))
-        return t
+            first[key] = SavedStorage(storage.nbytes(), t.dtype, tuple(t.shape), stack[-1], cast_from=_cast_source(t))
+        holder = _Saved(t)
+        saves.append((key, stack[-1], weakref.ref(holder)))
+        return holder
 
     ran: set[str] = set()
     handles = track_modules(model, stack, ran)
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(*args, **kwargs)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _Saved.unpack):
+            out = model(*args, **kwargs)
+        storages: dict[int, SavedStorage] = {}
+        for key, module, ref in saves:  # while `out` keeps the graph alive: the saves it still holds
+            if ref() is None:
+                continue
+            if key not in storages:
+                storages[key] = SavedStorage(first[key].nbytes, first[key].dtype, first[key].shape, module,
+                                             cast_from=first[key].cast_from)
+            elif module not in storages[key].savers:
+                storages[key].also_saved_by.append(module)
+        del out
     finally:
         for h in handles:
             h.remove()
     return Measurement(storages, label, frozenset(ran))
+
+
+class _Saved:
+    """What a graph holds for one saved tensor (measure's pack hook): alive exactly as long as some
+    graph node holds it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    @staticmethod
+    def unpack(packed):
+        return packed.tensor if isinstance(packed, _Saved) else packed
 
 
 @contextlib.contextmanager

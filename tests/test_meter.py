@@ -77,3 +77,26 @@ def test_works_without_grad_inputs_and_leaves_no_hooks():
     with pytest.raises(RuntimeError):
         lo.memory.measure(model, torch.randn(2, 3))  # a shape error propagates, hooks still removed
     assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in model.modules())
+
+
+def test_a_graph_dropped_inside_the_forward_saves_nothing():
+    """DoRA computes its weight norm through its adapters on an identity matrix and detaches the
+    result: autograd saved that matrix for a graph freed before the forward returned. It was
+    counted (a 4096-wide layer: 64 MiB of phantom float32 identity per adapter); only what the
+    graph still holds at the end of the forward counts."""
+
+    class Detaching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(256, 8, bias=False)
+
+        def forward(self, x):
+            norm = self.proj(torch.eye(256)).detach().norm()  # a graph built and dropped here
+            kept = torch.exp(x)  # saves its output: held at backward
+            return (kept * norm).sum()
+
+    x = torch.randn(16, requires_grad=True)
+    m = lo.memory.measure(Detaching(), x)
+    # exp's output and the 0-d norm the product keeps for kept's gradient, not the 256 x 256 identity
+    assert m.total_bytes == 16 * 4 + 4
+    assert m.by_module() == {"": 16 * 4 + 4}

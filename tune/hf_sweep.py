@@ -475,7 +475,8 @@ ANOMALIES = {
     "gradient_disagrees": "the independent gradient cosine and the report's differ by more than 0.02",
     "bytes_up": "saved bytes after > before (re-measured here)",
     "unexplained": "a norm- or activation-named leaf missing from the report, or a left-alone entry without reason",
-    "does_not_train": "the converted model's training-mode backward fails or gives non-finite gradients",
+    "does_not_train": "the converted model's training-mode backward fails or gives non-finite gradients, and the "
+                      "unconverted model's does not (trains_unconverted)",
     "independent_check_failed": "the independent eval-mode check raised (original_alone says whether the "
                                 "unconverted model's eval-mode backward fails as well)",
     "lora_rewritten": "--lora: a LoRA parameter's value after converting is not its value before, cast to its new dtype",
@@ -570,6 +571,8 @@ def run_one(entry: dict, build_seconds: float, convert_seconds: float, lora: str
         with time_limit(convert_seconds, "the independent check"):
             rec["independent"] = independent_check(original, model, batch, lora=bool(lora))
             rec["trains"] = trains(model, batch)
+            if rec["trains"] is not None:  # the model's own doing where the unconverted fails the same way
+                rec["trains_unconverted"] = trains(original, batch)
             if lora:
                 rec["merged_difference"] = merged_difference(original, model, batch)
                 rec["steps"] = {"unconverted": adapter_steps(original, batch), "converted": adapter_steps(model, batch)}
@@ -602,7 +605,7 @@ def anomalies(rec: dict, report) -> list[str]:
         found.append("bytes_up")
     if rec["unexplained"]:
         found.append("unexplained")
-    if rec.get("trains") is not None:
+    if rec.get("trains") is not None and rec.get("trains_unconverted") is None:
         found.append("does_not_train")
     if "error" in ind:
         found.append("independent_check_failed")
