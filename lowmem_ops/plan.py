@@ -38,6 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.overrides import TorchFunctionMode
 
+from .memory import _Saved
+
 OPTIMIZERS = ("adamw", "adam", "sgd", "none")
 CATEGORIES = ("weights", "grads", "optimizer_states", "inputs", "activations")
 # the timeline's: saved is what forward's saved-tensor hooks saw (a recompute's are other); other is the
@@ -495,21 +497,26 @@ def _step(model, inputs, loss_fn, optimizer, foreach, tracker: LiveBytes, phase:
         gc.collect(0)  # gc is off during the step: every cycle made in it is still in the youngest generation
         tracker.reset_peak()
 
-        saved: dict[int, int] = {}  # tracker serial -> bytes: serials are never reused, addresses can be
+        saves: list = []  # (tracker serial, bytes, a weak reference to what the graph holds for that save)
         excluded = {tracker.track(t) for t in state}
 
         def pack(t):
             serial = tracker.track(t)
-            if serial not in excluded:
-                saved[serial] = t.untyped_storage().nbytes()
-            return t
+            if serial in excluded:
+                return t
+            holder = _Saved(t)  # alive as long as a graph node holds it (lowmem_ops.memory.measure's rule)
+            saves.append((serial, t.untyped_storage().nbytes(), weakref.ref(holder)))
+            return holder
 
         phase[0] = "forward"
         before = tracker.total
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, _Saved.unpack):
             outputs = call(model, inputs)
             loss = loss_fn(outputs)
         activations = tracker.total - before
+        # tracker serial -> bytes (serials are never reused, addresses can be), of the saves a graph alive
+        # now holds: one built and dropped inside the forward holds nothing at backward
+        saved = {serial: nbytes for serial, nbytes, ref in saves if ref() is not None}
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
             raise ValueError(f"lowmem_ops.memory.plan: loss_fn must return a scalar tensor that requires grad, got "
                              f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
