@@ -376,3 +376,29 @@ def test_an_adapter_added_after_convert_computes_in_bf16_too():
     assert set(q.lora_A) == {"default", "second"}
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_adapters_saved_from_a_converted_model_load_into_stock_peft(tmp_path):
+    """save_pretrained straight from the converted model (no export): PEFT's float32 adapter file,
+    which a stock PEFT model loads to the same outputs, and which the converted model loads again as
+    a second adapter computing in bf16."""
+    model, batch = _lora_llama()
+    lo.convert(model, example_inputs=batch)
+    model.save_pretrained(tmp_path / "adapter")
+    stock, _ = _lora_llama()
+    stock.load_adapter(tmp_path / "adapter", adapter_name="saved")
+    saved = {n: p for n, p in stock.named_parameters() if ".saved." in n}
+    ours = {n.replace(".default.", ".saved."): p for n, p in model.named_parameters() if ".default." in n}
+    assert saved.keys() == ours.keys() and all(p.dtype == torch.float32 for p in saved.values())
+    assert all(torch.equal(saved[n], ours[n]) for n in saved)
+
+    model.load_adapter(tmp_path / "adapter", adapter_name="again")
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q.lora_A["again"]) is AdapterLinear and q.lora_A["again"].weight.dtype == torch.float32
+    model.eval()
+    with torch.no_grad():
+        model.base_model.set_adapter("default")
+        first = model(**batch).logits
+        model.base_model.set_adapter("again")
+        second = model(**batch).logits
+    assert torch.equal(first, second)
