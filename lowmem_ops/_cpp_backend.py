@@ -88,9 +88,12 @@ def _build_root() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())  # as load() picks it
 
 
-# torch's build lock is an empty file in the build folder, removed when the build ends; one left by a
-# process stopped while compiling (Ctrl-C in the first CPU call, a killed job) makes every later load wait
-# for it forever, with no word. A build takes a minute or two and writes nothing until it ends.
+# Up to torch 2.13 the build lock (FileBaton) is an empty file in the build folder whose existence
+# blocks, removed when the build ends; one left by a process stopped while compiling (Ctrl-C in the
+# first CPU call, a killed job) makes every later load wait for it forever, with no word. A build takes
+# a minute or two and writes nothing until it ends. torch 2.14 holds an OS lock (FileLock) on a file
+# that stays, which the kernel releases when its holder dies: nothing to do there, and removing that
+# file would let two builds run at once.
 STALE_LOCK_SECONDS = 900
 
 
@@ -99,6 +102,8 @@ def _check_build_lock(name: str) -> None:
     warning); a younger one is another process building, waited for, with a warning naming it."""
     from torch.utils import cpp_extension
 
+    if not hasattr(cpp_extension, "FileBaton") or hasattr(cpp_extension, "FileLock"):
+        return  # not an existence lock (above)
     where = getattr(cpp_extension, "_get_build_directory", None)  # the folder load() builds in (a private helper)
     if where is None:
         return

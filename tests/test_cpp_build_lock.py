@@ -6,12 +6,20 @@ import os
 import time
 
 import pytest
+from torch.utils import cpp_extension
 
 from lowmem_ops import _cpp_backend
 
 
 @pytest.fixture
-def build_dir(tmp_path, monkeypatch):
+def baton(monkeypatch):
+    """torch's existence lock, as up to 2.13 (2.14 holds an OS lock instead)."""
+    monkeypatch.setattr(cpp_extension, "FileBaton", object, raising=False)
+    monkeypatch.delattr(cpp_extension, "FileLock", raising=False)
+
+
+@pytest.fixture
+def build_dir(tmp_path, monkeypatch, baton):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = tmp_path / "lowmem_ops_cpu_test"
     folder.mkdir()
@@ -45,4 +53,15 @@ def test_no_lock_no_word(build_dir, recwarn):
     _age(build_dir, _cpp_backend.STALE_LOCK_SECONDS + 60)
     _cpp_backend._check_build_lock(build_dir.name)
     _cpp_backend._check_build_lock("lowmem_ops_cpu_never_built")
+    assert not [w for w in recwarn if "lowmem_ops" in str(w.message)]
+
+
+def test_an_os_lock_file_is_left_alone(build_dir, monkeypatch, recwarn):
+    """torch 2.14's FileLock keeps its file; the kernel releases the lock when its holder dies, and
+    removing the file could let two builds run at once."""
+    monkeypatch.setattr(cpp_extension, "FileLock", object, raising=False)
+    (build_dir / "lock").touch()
+    _age(build_dir, _cpp_backend.STALE_LOCK_SECONDS + 60)
+    _cpp_backend._check_build_lock(build_dir.name)
+    assert (build_dir / "lock").exists()
     assert not [w for w in recwarn if "lowmem_ops" in str(w.message)]
