@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import _hooks
+
 
 class _LinearInInputDtype(torch.autograd.Function):
     """F.linear(x, weight, bias) computed in x's dtype; saves x and the weight itself (not its cast
@@ -148,11 +150,17 @@ def left_alone(lora_layer: torch.nn.Module) -> str | None:
     return None
 
 
-_CASTS_OFF = "_lowmem_ops_lora_input_casts_off"
-
-
-def casts_off(model: torch.nn.Module) -> dict:
-    """path -> the LoRA layer whose input cast convert turned off (lowmem_ops.export turns it on again)."""
-    if not hasattr(model, _CASTS_OFF):
-        object.__setattr__(model, _CASTS_OFF, {})  # a plain attribute: no state_dict keys
-    return getattr(model, _CASTS_OFF)
+def give_back(model: torch.nn.Module) -> None:
+    """PEFT's own adapters (plain ModuleDicts of its types, the same Parameters and hooks) and its input
+    cast, on every LoRA layer convert changed: those holding an AdapterDict (for lowmem_ops.export)."""
+    for layer in model.modules():
+        changed = False
+        for name in ("lora_A", "lora_B"):
+            adapters = layer._modules.get(name)
+            if isinstance(adapters, AdapterDict):
+                stock = adapters.stock()
+                _hooks.carry(adapters, stock)
+                setattr(layer, name, stock)
+                changed = True
+        if changed:
+            layer.cast_input_dtype_enabled = True

@@ -590,7 +590,7 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
         return _probe(model, example_inputs, loss_fn, report, {i: a.old for i, a in activation_swaps.items() if id(a) in ids})
 
     probe = probed(actions)
-    before = _snapshot(model, candidates, keep=(_originals(model), folded(model), _lora.casts_off(model)))
+    before = _snapshot(model, candidates, keep=(_originals(model), folded(model)))
     planned_skips = len(report.skipped)
     fell_back: list[Change] = []  # modules replaced whole, undone: their parts were tried instead
     try:
@@ -1004,9 +1004,7 @@ class _AdapterCompute:
         return [(self.layer, "cast_input_dtype_enabled")]
 
     def apply(self) -> None:
-        for name, holder, twins in self.dicts:
-            for key, twin in twins.items():
-                _hooks.carry(holder[key], twin)  # here: hooks registered after planning come along
+        for name, holder, twins in self.dicts:  # (each twin shares its adapter's hook dicts: _lora._as)
             new = _lora.AdapterDict(f"{self.paths[0]}.{name}", twins)
             _hooks.carry(holder, new)
             setattr(self.layer, name, new)
@@ -1122,12 +1120,10 @@ def _swap_for(model, path, module, paths, observation, tied, skipped: list, *, a
 
 def _record(model: torch.nn.Module, applied: list) -> None:
     """Bookkeeping for lowmem_ops.export and state_dict: the original module under each name it had
-    (the same object for all of a shared module's names), the folds, and the LoRA layers whose input
-    cast is off."""
+    (the same object for all of a shared module's names), and the folds. (The LoRA layers convert
+    changed hold an AdapterDict: export finds them by it.)"""
     originals, folds = _originals(model), folded(model)
     for swap in applied:
-        if isinstance(swap, _AdapterCompute):
-            _lora.casts_off(model)[swap.paths[0]] = swap.layer
         if not isinstance(swap, _Swap):
             continue
         for _, _, path in swap.sites:
@@ -1436,16 +1432,7 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
         setattr(model.get_submodule(parent_path), attr, original)
     if not folds:
         remove_state_dict_hooks(model)
-    casts_off = _lora.casts_off(model)
-    for layer in casts_off.values():  # PEFT's own adapter types (the same Parameters), and its input cast
-        for name in ("lora_A", "lora_B"):
-            adapters = layer._modules.get(name)
-            if isinstance(adapters, _lora.AdapterDict):
-                stock = adapters.stock()
-                _hooks.carry(adapters, stock)
-                setattr(layer, name, stock)
-        layer.cast_input_dtype_enabled = True
-    casts_off.clear()
+    _lora.give_back(model)
     stocks: dict[int, torch.nn.Module | None] = {}  # one stock module per object, under all its names
     for path, module in list(model.named_modules(remove_duplicate=False)):
         if not path:
