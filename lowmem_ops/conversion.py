@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _attention, _bits, _gradients, _hooks, _lora, _moe_experts, _recognition, memory
+from . import _attention, _bits, _checkpointing, _gradients, _hooks, _lora, _moe_experts, _recognition, memory
 from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
@@ -126,6 +126,7 @@ class Report:
     gradient_cosine: float | None = None  # parameter gradients, converted vs original model, example inputs
     gradient_loss: str = ""               # what the gradients are of: "random projection" or "loss_fn"
     gradient_note: str = ""               # why there is no gradient cosine, when there is none
+    notes: list[str] = field(default_factory=list)  # about the conversion as a whole
 
     @property
     def applied(self) -> list[Change]:
@@ -148,6 +149,7 @@ class Report:
             lines.append(f"  {c.status:8s} {c.path or '(model)'}: {c.before} -> {c.after}{extra}")
         for path, why in self.skipped:
             lines.append(f"  skipped  {path}: {why}")
+        lines += [f"  note: {note}" for note in self.notes]
         if self.max_difference is not None:
             lines.append(f"  verified: max relative output difference |a-b|/(|b|+max(1, rms b)) {self.max_difference:.3g} "
                          f"(tolerance {self.tolerance:.3g})")
@@ -528,6 +530,7 @@ def _input_dtypes(model: torch.nn.Module, layers: list, inputs) -> dict[int, tor
     return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and next(iter(v)).is_floating_point}
 
 
+@_checkpointing.judged_without
 def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = True, norms: bool = True,
             gated: bool = True, gated_mode: str = "auto", fold: bool = True, lora_dtype: bool = True,
             measure_memory: bool = True, check_gradients: bool = True, loss_fn=None,

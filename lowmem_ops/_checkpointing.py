@@ -1,0 +1,61 @@
+"""Gradient checkpointing switched off while convert observes and measures a model.
+
+Inside a checkpointed region autograd saves nothing (checkpoint's own saved-tensor hooks keep only
+the region's inputs), and a reentrant region runs its forward without grad. convert judges each change
+by what its module saves for backward, so on a checkpointed model it measured nothing inside a layer
+and undid every change there ("saves no memory (+0 bytes)"). Yet the changes matter there as much as
+anywhere: backward recomputes each region's forward, saving what it saves, and holds that while the
+region's backward runs. So convert judges a layer as it runs, with the switches the libraries check
+before checkpointing turned off, and turns them back on when it is done (whatever happens).
+
+The switches: Hugging Face transformers (and diffusers) modules' `gradient_checkpointing` and timm's
+`grad_checkpointing`, set True by `gradient_checkpointing_enable()` / `set_grad_checkpointing()`.
+A torch.utils.checkpoint call a forward makes unconditionally has no switch: convert before adding it
+(docs/convert.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+SWITCHES = ("gradient_checkpointing", "grad_checkpointing")  # transformers / diffusers, timm
+
+
+@contextlib.contextmanager
+def switched_off(model: torch.nn.Module):
+    """Every checkpointing switch that is on in `model` turned off for the block; yields the module
+    paths whose switches were on (empty for a model not checkpointed)."""
+    if not isinstance(model, torch.nn.Module):  # convert's own checks name what is wrong with it
+        yield []
+        return
+    on = [(path, module, switch) for path, module in model.named_modules() for switch in SWITCHES
+          if getattr(module, switch, None) is True]  # a bool flag, not a method or property of that name
+    for _, module, switch in on:
+        setattr(module, switch, False)
+    try:
+        yield sorted({path or "(model)" for path, _, _ in on})
+    finally:
+        for _, module, switch in on:
+            setattr(module, switch, True)
+
+
+def judged_without(convert):
+    """convert run with checkpointing switched off, its report noting that it was."""
+    @functools.wraps(convert)
+    def run(model, *args, **kwargs):
+        with switched_off(model) as paths:
+            report = convert(model, *args, **kwargs)
+        if paths:
+            shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            report.notes.append(f"gradient checkpointing is on ({shown}): it was switched off while converting, so "
+                                "each layer was judged by what it saves when it runs (as backward recomputes it), "
+                                "and is back on; the saved bytes here are the model's without checkpointing")
+        return report
+
+    return run
+
+
+__all__ = ["switched_off", "judged_without", "SWITCHES"]
