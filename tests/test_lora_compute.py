@@ -91,6 +91,21 @@ def test_adapter_linear_saves_its_input_and_the_float32_weight_only():
     assert [(t.dtype, t.numel()) for t in copies] == [(torch.bfloat16, linear.weight.numel())]  # what we avoid
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_adapter_linear_has_first_and_second_derivatives(bias):
+    """Its backward is made of differentiable ops: gradcheck and gradgradcheck in float64 (the Function
+    itself, which computes in its input's dtype, here float64 throughout)."""
+    from lowmem_ops._lora import _LinearInInputDtype
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    args = (x, w, b)
+    assert torch.autograd.gradcheck(_LinearInInputDtype.apply, args)
+    assert torch.autograd.gradgradcheck(_LinearInInputDtype.apply, args)
+
+
 def test_adapter_linear_under_autocast_and_in_its_own_dtype_is_torch():
     linear = torch.nn.Linear(12, 5)
     adapter = in_input_dtype(linear)
