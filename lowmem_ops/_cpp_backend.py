@@ -336,14 +336,62 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
 
+def row_stride(t: torch.Tensor) -> int:
+    """The stride between the rows of t read in place as [numel / cols, cols] (cols: its last dim): the
+    last dim dense and the leading dims collapsing into one, as the halves of proj(x).chunk(2, -1) are;
+    -1 for any other layout. The rule of row_stride in templates/cpu_autograd.cpp.j2."""
+    if t.dim() == 0:
+        return -1
+    cols = t.shape[-1]
+    if cols > 1 and t.stride(-1) != 1:
+        return -1
+    ld = nxt = -1
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            continue
+        if ld < 0:
+            ld, nxt = t.stride(i), t.stride(i) * t.shape[i]
+        elif t.stride(i) != nxt:
+            return -1
+        else:
+            nxt *= t.shape[i]
+    if ld < 0:
+        return cols
+    return ld if ld >= cols else -1
+
+
+_gated_by_rows: dict[tuple[Path, str], tuple | None] = {}  # (tree, op) -> _gated_rows' answer
+
+
+def _gated_rows(op: OpInfo) -> tuple | None:
+    """The gated kernels reading gate and up in place by rows (forward, exact backward), or None for a
+    tree built before them (then the contiguous copies and the flat kernels)."""
+    key = (op.tree, op.name)
+    if key not in _gated_by_rows:  # once per op, as _gated_kernels
+        found = _entry_points(op.tree, f"gated row kernels for {op.name}", {
+            f"lowmem_{op.name}_gated_forward_rows": [_P, _I64, _P, _I64, _I32, _I64, _I64, _P],
+            f"lowmem_{op.name}_gated_exact_rows": [_P, _P, _I64, _P, _I64, _I32, _I64, _I64, _P, _P, _I64]})
+        _gated_by_rows[key] = None if isinstance(found, str) else found
+    return _gated_by_rows[key]
+
+
 def gated_forward(op: OpInfo, gate: torch.Tensor, up: torch.Tensor, write_h: bool, write_codes: bool):
     """out = h(gate) * up, h(gate) with write_h, the codes of gate with write_codes; gate and up
-    contiguous float32/bfloat16/float16 CPU tensors of one shape and dtype (checked by the caller).
-    Codes bit for bit the torch path's; out and h from the spec's expression (kernelgen.expr, at::vec)."""
+    float32/bfloat16/float16 CPU tensors of one shape and dtype (checked by the caller), read in place
+    where only out is wanted and their rows allow (row_stride), else copied contiguous. Codes bit for
+    bit the torch path's; out and h from the spec's expression (kernelgen.expr, at::vec)."""
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    n, dtype = gate.numel(), _DTYPE_CODE[gate.dtype]
+    if not (write_h or write_codes) and (rows := _gated_rows(op)) is not None:
+        ld_gate, ld_up = row_stride(gate), row_stride(up)
+        if ld_gate >= 0 and ld_up >= 0:
+            if n:
+                cols = gate.shape[-1]
+                _call(rows[0], op, gate.data_ptr(), ld_gate, up.data_ptr(), ld_up, dtype, n // cols, cols, out.data_ptr())
+            return out, gate.new_empty(0), torch.empty(0, dtype=torch.uint8)
+    gate, up = gate.contiguous(), up.contiguous()
     h = torch.empty_like(out) if write_h else gate.new_empty(0)
     codes = torch.empty(op.n_code_bytes(gate.numel()) if write_codes else 0, dtype=torch.uint8)
-    n, dtype = gate.numel(), _DTYPE_CODE[gate.dtype]
     if n:
         _call(_gated_kernel(op, 1), op, gate.data_ptr(), up.data_ptr(), dtype, n, out.data_ptr(),
               h.data_ptr() if write_h else None)
@@ -362,23 +410,39 @@ def gated_backward(op: OpInfo, dy, gate, up, h, codes, approx: bool, need_gate: 
     n, dtype = dy.numel(), _DTYPE_CODE[dy.dtype]
     if n == 0 or not (need_gate or need_up):
         return dgate, dup
-    up = _same_layout(up, dy) if need_gate else None
     out_gate, out_up = (dgate.data_ptr() if need_gate else None), (dup.data_ptr() if need_up else None)
     if approx:
+        up = _same_layout(up, dy) if need_gate else None
         h = _same_layout(h, dy) if need_up else None
         codes = codes.contiguous() if need_gate else None
         _call(_gated_kernel(op, 3), op, dy.data_ptr(), _ptr(up), _ptr(h), _ptr(codes), dtype, n, out_gate, out_up)
     else:
-        gate = _same_layout(gate, dy)  # held here: a pointer into a temporary would dangle during the call
+        _matches(gate, dy)
+        if need_gate:
+            _matches(up, dy)
+        else:
+            up = None
+        ld_gate, ld_up = row_stride(gate), (row_stride(up) if need_gate else 0)
+        if ld_gate >= 0 and ld_up >= 0 and (rows := _gated_rows(op)) is not None:  # read in place
+            cols = dy.shape[-1]
+            _call(rows[1], op, dy.data_ptr(), gate.data_ptr(), ld_gate, _ptr(up), ld_up, dtype, n // cols, cols, out_gate,
+                  out_up, cols)
+            return dgate, dup
+        gate, up = gate.contiguous(), (up.contiguous() if need_gate else None)  # held here: see _same_layout
         _call(_gated_kernel(op, 2), op, dy.data_ptr(), gate.data_ptr(), _ptr(up), dtype, n, out_gate, out_up)
     return dgate, dup
 
 
-def _same_layout(t: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """A saved tensor as the kernels read it: contiguous, dy's shape and dtype."""
+def _matches(t: torch.Tensor, dy: torch.Tensor) -> None:
     if t.shape != dy.shape or t.dtype != dy.dtype:
         raise ValueError(f"lowmem_ops: a saved gated input of shape {tuple(t.shape)} {t.dtype} does not match the "
                          f"gradient's {tuple(dy.shape)} {dy.dtype}")
+
+
+def _same_layout(t: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """A saved tensor as the kernels read it: contiguous, dy's shape and dtype (held by the caller: a
+    pointer into a temporary would dangle during the call)."""
+    _matches(t, dy)
     return t.contiguous()
 
 
@@ -402,8 +466,8 @@ _autograd_ops: dict[tuple[Path, str], object] = {}  # (tree, op name) -> the op,
 
 def autograd_op(tree: Path, name: str):
     """torch.ops.<library>.<name> of the tree's C++ library (templates/cpu_autograd.cpp.j2: ms_norm,
-    approx_activation and gated, each one C++ autograd op); None where the library has none (an older
-    tree) or there is no library."""
+    approx_activation, gated and gated_halves, each one C++ autograd op); None where the library has
+    none (an older tree) or there is no library."""
     key = (tree, name)
     if key not in _autograd_ops:
         lib = _library(tree)

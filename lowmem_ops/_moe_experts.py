@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from .gated import MODES, gated, gated_op
+from .gated import MODES, gated_halves, gated_op
 
 _MOE = "transformers.integrations.moe"
 
@@ -54,8 +54,7 @@ def candidate(module: torch.nn.Module) -> bool:
 def fused_gate(gate_up_out: torch.Tensor, op: str, mode: str) -> torch.Tensor:
     """transformers' default _apply_gate, act(gate) * up for gate, up = gate_up_out.chunk(2, -1), as
     one lowmem_ops.gated op (the halves are views of one storage, saved as they are)."""
-    gate, up = gate_up_out.chunk(2, dim=-1)
-    return gated(gate, up, op, mode)
+    return gated_halves(gate_up_out, op, mode)
 
 
 def fused(module: torch.nn.Module, op: str, mode: str = "auto") -> torch.nn.Module:

@@ -78,11 +78,11 @@ def _gated_forward(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool
                    need_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """_gated_fwd on inputs its caller checked (gated does)."""
     op = get_op(name)
-    gate, up = gate.contiguous(), up.contiguous()
     write_h, write_codes = approx and need_up, approx and need_gate
     backend = _cpp_or_torch(op, pick_backend(gate, has_cpp=True, tree=op.tree))
-    if backend == "cpp":
+    if backend == "cpp":  # reads gate and up in place where their rows allow (the halves of one projection)
         return _cpp_backend.gated_forward(op, gate, up, write_h, write_codes)
+    gate, up = gate.contiguous(), up.contiguous()
     if backend == "torch":
         return _torch_backend.gated_forward(op, gate, up, write_h, write_codes)
     return _triton_backend.gated_forward(op, gate, up, write_h, write_codes, backend == "triton-interpret")
@@ -219,6 +219,24 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
     return _transforms.apply(_Gated, _GatedEager, *args)
 
 
+def gated_halves(gate_up: torch.Tensor, name: str, mode: str = "auto", act_half: int = 0) -> torch.Tensor:
+    """gated(a, b, name, mode) for a, b = gate_up.chunk(2, -1) (act_half 1: gated(b, a)), the form of a
+    fused gated MLP's one projection (Phi-3's gate_up_proj) and of MoE experts. Plain eager calls on
+    CPU tensors that need a gradient and take the exact mode (auto's choice here: the halves of one
+    tensor share requires_grad) run as one C++ autograd op that writes gate_up's gradient whole, with
+    the same values and saved storage; elsewhere the chunk and gated(), whose backward concatenates
+    the two halves' gradients (a copy of gate_up's size)."""
+    if (mode != "approx" and gate_up.requires_grad and torch.is_grad_enabled() and gate_up.dim() > 0
+            and gate_up.shape[-1] % 2 == 0 and _transforms.plain_cpu_call((gate_up,))):
+        op = gated_op(name)
+        check_float_tensor(gate_up, name, "gate_up")
+        if _cpp_or_torch(op, pick_backend(gate_up, has_cpp=True, tree=op.tree)) == "cpp" \
+                and (cpp_op := _cpp_backend.autograd_op(op.tree, "gated_halves")) is not None:
+            return cpp_op(gate_up, name, act_half)
+    halves = gate_up.chunk(2, dim=-1)
+    return gated(halves[act_half], halves[1 - act_half], name, mode)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """silu(gate) * up (LLaMA, Qwen, Mistral MLPs)."""
     return gated(gate, up, "resilu2", mode)
@@ -232,4 +250,4 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", mode:
     return gated(gate, up, names[approximate], mode)
 
 
-__all__ = ["gated", "swiglu", "geglu", "saved_bytes", "choose_mode", "MODES"]
+__all__ = ["gated", "gated_halves", "swiglu", "geglu", "saved_bytes", "choose_mode", "MODES"]

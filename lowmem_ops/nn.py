@@ -9,7 +9,7 @@ from ._tree import get_op
 from .activations import approx_activation
 from .add_norm import add_ms_layernorm, add_ms_rmsnorm
 from .dropout import Dropout, check_p
-from .gated import MODES, gated, gated_op
+from .gated import MODES, gated, gated_halves, gated_op
 from .norms import AFFINE_MODES, ms_layernorm, ms_rmsnorm
 
 
@@ -271,8 +271,7 @@ class FusedGatedMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj, down, drop = (getattr(self, n) if n is not None else None for n in self.names)
-        halves = proj(x).chunk(2, dim=-1)
-        h = self.act(halves[self.act_half], halves[1 - self.act_half])
+        h = gated_halves(proj(x), self.act.op_name, self.act.mode, self.act_half)
         return down(_in_dtype_of(down, drop(h) if drop is not None else h))
 
     def extra_repr(self) -> str:

@@ -53,7 +53,8 @@ def test_bench_cpu_times_gated_and_norms_against_torch(tmp_path):
               "--warmup", "0", "--dtypes", "fp32")
     assert doc["threads"] == 1 and doc["backend"] == "cpp"
     ops = {r["op"] for r in doc["records"]}
-    assert {"swiglu exact", "geglu approx", "layernorm inverse 64c", "rmsnorm none 64c"} <= ops
+    assert {"swiglu exact", "geglu approx", "swiglu gated_halves", "geglu on chunks", "layernorm inverse 64c",
+            "rmsnorm none 64c"} <= ops
     for r in doc["records"]:
         assert r["ours_us_min"] <= r["ours_us"] <= r["ours_us_max"]
         assert r["ratio"] == pytest.approx(r["ours_us"] / r["torch_us"])

@@ -4,6 +4,10 @@ benchmark of their own:
   gated   backward of out = act(g) * u: ours (swiglu / geglu, mode exact and approx) vs torch's
           eager autograd of F.silu(g) * u / F.gelu(g) * u (mul backward + silu_backward). Target:
           exact within 1.5x of torch.
+  halves  forward + backward of act(a) * b for a, b = gate_up.chunk(2, -1), as a fused gated MLP's one
+          projection (Phi-3) and MoE experts give them: lowmem_ops.gated.gated_halves (one C++ op, the
+          gradient of gate_up written whole) and swiglu / geglu on the two chunks (autograd concatenates
+          their gradients) vs torch's eager F.silu(a) * b on the chunks.
   norm    forward + backward of lo.ms_layernorm / ms_rmsnorm (no affine, and inverse-mode affine)
           vs F.layer_norm / F.rms_norm (same affine). Target: within 1.5x.
 
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from _bench_common import Timing, environment, parse_sizes, time_cpu  # noqa: F401  (puts the checkout first)
 
 import lowmem_ops as lo
+from lowmem_ops.gated import gated_halves
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GATED = {"swiglu": (lo.swiglu, F.silu), "geglu": (lambda g, u, mode: lo.geglu(g, u, mode=mode), F.gelu)}
@@ -51,6 +56,27 @@ def gated_cases(n, dtype, reps, warmup):
         times = dict(zip(fns, time_cpu(list(fns.values()), reps, warmup)))
         for mode in ("exact", "approx"):
             out.append(row(f"{name} {mode}", "bwd", n, dtype, times[mode], times["torch"]))
+    return out
+
+
+def halves_cases(n, dtype, reps, warmup):
+    cols = 2816 if n >= 2816 else n  # LLaMA-7B's FFN width is 11008; Phi-3-mini's 8192
+    gen = torch.Generator().manual_seed(0)
+    gu = (torch.randn(max(1, n // cols), 2 * cols, generator=gen) * 2).to(dtype).requires_grad_(True)
+    dy = torch.randn(gu.shape[0], cols, generator=gen).to(dtype)
+    out = []
+    for name, (ours, act) in GATED.items():
+        op = {"swiglu": "resilu2", "geglu": "regelu2"}[name]
+
+        def grad(fn):
+            return lambda: torch.autograd.grad(fn(), gu, dy)
+
+        fns = {"torch": grad(lambda: (lambda a, b: act(a) * b)(*gu.chunk(2, -1))),
+               "gated_halves": grad(lambda: gated_halves(gu, op)),
+               "chunks": grad(lambda: ours(*gu.chunk(2, -1), "exact"))}
+        times = dict(zip(fns, time_cpu(list(fns.values()), reps, warmup)))
+        out.append(row(f"{name} gated_halves", "fwdbwd", n, dtype, times["gated_halves"], times["torch"]))
+        out.append(row(f"{name} on chunks", "fwdbwd", n, dtype, times["chunks"], times["torch"]))
     return out
 
 
@@ -99,7 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cols", type=int, nargs="+", default=[768, 4096], help="norm widths")
-    p.add_argument("--only", choices=("gated", "norm"))
+    p.add_argument("--only", choices=("gated", "halves", "norm"))
     p.add_argument("--out", help="JSON output")
     args = p.parse_args(argv)
     sizes = parse_sizes(p, args.sizes, [2**20, 2**24])
@@ -109,9 +135,11 @@ def main(argv=None) -> int:
     records = []
     for dtype in (DTYPES[d] for d in args.dtypes):
         for n in sizes:
-            if args.only != "norm":
+            if args.only in (None, "gated"):
                 records += gated_cases(n, dtype, args.reps, args.warmup)
-            if args.only != "gated":
+            if args.only in (None, "halves"):
+                records += halves_cases(n, dtype, args.reps, args.warmup)
+            if args.only in (None, "norm"):
                 records += norm_cases(n, dtype, args.reps, args.warmup, args.cols)
     print(f"threads {torch.get_num_threads()}  backend {os.environ['LOWMEM_OPS_BACKEND']}  torch {torch.__version__}")
     print(f"{'op':28} {'dtype':9} {'numel':>9} {'ours us (min-max)':>28} {'torch us (min-max)':>28} {'ours/torch':>10}")
