@@ -33,3 +33,19 @@ def test_timm_vit_converts_and_exports(dtype):
         # tolerance as convert's own check
         tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 2e-2}
         torch.testing.assert_close(fresh(x), want, **tol)
+
+
+def test_timm_vit_with_grad_checkpointing_on_converts_as_without():
+    """set_grad_checkpointing() before convert: the same changes as without it (before, every change
+    inside the checkpointed blocks measured +0 bytes and was undone), and checkpointing stays on."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=10)
+    x = torch.randn(2, 3, 224, 224)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=10)
+    plain.load_state_dict(model.state_dict())
+    want = lo.convert(plain, example_inputs=x)
+    model.set_grad_checkpointing(True)
+    got = lo.convert(model, example_inputs=x)
+    assert sorted((c.path, c.after) for c in got.applied) == sorted((c.path, c.after) for c in want.applied)
+    assert len(got.applied) == 7 and model.grad_checkpointing is True, str(got)  # 2 norms + GELU a block, final norm
+    assert any("gradient checkpointing is on" in n for n in got.notes)
