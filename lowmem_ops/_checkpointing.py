@@ -9,7 +9,9 @@ region's backward runs. So convert judges a layer as it runs, with the switches 
 before checkpointing turned off, and turns them back on when it is done (whatever happens).
 
 The switches: Hugging Face transformers (and diffusers) modules' `gradient_checkpointing` and timm's
-`grad_checkpointing`, set True by `gradient_checkpointing_enable()` / `set_grad_checkpointing()`.
+`grad_checkpointing`, set True by `gradient_checkpointing_enable()` / `set_grad_checkpointing()`;
+and torch's CheckpointWrapper (`checkpoint_wrapper`, `apply_activation_checkpointing`, what FSDP
+recipes and accelerate use), whose `checkpoint_fn` runs the wrapped module directly meanwhile.
 A torch.utils.checkpoint call a forward makes unconditionally has no switch: convert before adding it
 (docs/convert.md).
 """
@@ -18,10 +20,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 import torch
 
 SWITCHES = ("gradient_checkpointing", "grad_checkpointing")  # transformers / diffusers, timm
+
+
+_WRAPPER_MODULE = "torch.distributed.algorithms._checkpoint.checkpoint_wrapper"
+
+
+def _run_directly(fn, *args, **kwargs):
+    """A CheckpointWrapper's checkpoint_fn while switched off: the wrapped call, not checkpointed."""
+    return fn(*args, **kwargs)
+
+
+def _switches_on(model: torch.nn.Module) -> list:
+    """(path, module, attribute, its value while off) for every checkpointing switch that is on."""
+    wrappers = sys.modules.get(_WRAPPER_MODULE)  # a CheckpointWrapper exists only once torch imported it
+    wrapper = getattr(wrappers, "CheckpointWrapper", None)
+    on = []
+    for path, module in model.named_modules():
+        on += [(path, module, switch, False) for switch in SWITCHES
+               if getattr(module, switch, None) is True]  # a bool flag, not a method or property of that name
+        if wrapper is not None and isinstance(module, wrapper) and "checkpoint_fn" in vars(module):
+            on.append((path, module, "checkpoint_fn", _run_directly))
+    return on
 
 
 @contextlib.contextmanager
@@ -31,15 +55,15 @@ def switched_off(model: torch.nn.Module):
     if not isinstance(model, torch.nn.Module):  # convert's own checks name what is wrong with it
         yield []
         return
-    on = [(path, module, switch) for path, module in model.named_modules() for switch in SWITCHES
-          if getattr(module, switch, None) is True]  # a bool flag, not a method or property of that name
-    for _, module, switch in on:
-        setattr(module, switch, False)
+    on = _switches_on(model)
+    kept = [getattr(module, attribute) for _, module, attribute, _ in on]
+    for _, module, attribute, off in on:
+        setattr(module, attribute, off)
     try:
-        yield sorted({path or "(model)" for path, _, _ in on})
+        yield sorted({path or "(model)" for path, _, _, _ in on})
     finally:
-        for _, module, switch in on:
-            setattr(module, switch, True)
+        for (_, module, attribute, _), value in zip(on, kept):
+            setattr(module, attribute, value)
 
 
 def judged_without(convert):

@@ -3,6 +3,7 @@ gradient_checkpointing_enable, timm's set_grad_checkpointing): it converts what 
 checkpointing, leaves checkpointing on, and the peak of a step falls as it does for the other order."""
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -152,3 +153,42 @@ def test_the_switches_come_back_when_convert_is_interrupted(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lo.convert(model, example_inputs={"input_ids": torch.randint(0, 300, (2, 32))})
     assert switches_on(model) == on
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_torch_checkpoint_wrapper(reentrant):
+    """torch's apply_activation_checkpointing (FSDP recipes, accelerate): each wrapper's checkpoint_fn
+    runs the layer directly while convert works, and is the same function again afterwards."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    torch.manual_seed(0)
+    model = llama()
+    ids = torch.randint(0, 300, (2, 32))
+    plain = copy.deepcopy(model)
+    want = lo.convert(plain, example_inputs={"input_ids": ids})
+    impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+
+    def wrap(m):
+        layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+        apply_activation_checkpointing(m, functools.partial(checkpoint_wrapper, checkpoint_impl=impl),
+                                       check_fn=lambda x: isinstance(x, layer))
+        return [x for x in m.modules() if hasattr(x, "checkpoint_fn")]
+
+    wrappers = wrap(model)
+    fns = [w.checkpoint_fn for w in wrappers]
+    assert len(wrappers) == 2
+    got = lo.convert(model, example_inputs={"input_ids": ids})
+    assert [w.checkpoint_fn for w in wrappers] == fns
+    assert sorted((c.path.replace("._checkpoint_wrapped_module", ""), c.after.replace("._checkpoint_wrapped_module", ""))
+                  for c in got.applied) == changes(want)
+    assert any("gradient checkpointing is on" in n for n in got.notes)
+    # the other order, wrapped the same way (reentrant checkpointing with keyword arguments changes the
+    # embedding's gradient of the stock model too: the reference is wrapped alike)
+    then = copy.deepcopy(plain)
+    wrap(then)
+    g, g_then = grads(model, ids), grads(then, ids)
+    assert g.keys() == g_then.keys()
+    for name in g:
+        torch.testing.assert_close(g[name], g_then[name], rtol=1e-4, atol=1e-6, msg=name)
