@@ -12,8 +12,8 @@ The switches: Hugging Face transformers (and diffusers) modules' `gradient_check
 `grad_checkpointing`, set True by `gradient_checkpointing_enable()` / `set_grad_checkpointing()`;
 and torch's CheckpointWrapper (`checkpoint_wrapper`, `apply_activation_checkpointing`, what FSDP
 recipes and accelerate use), whose `checkpoint_fn` runs the wrapped module directly meanwhile.
-A torch.utils.checkpoint call a forward makes unconditionally has no switch: convert before adding it
-(docs/convert.md).
+A torch.utils.checkpoint call a forward makes unconditionally has no switch: the changes inside it are
+undone, their report lines saying so (conversion.CHECKPOINTED, from Measurement.checkpointed).
 """
 
 from __future__ import annotations

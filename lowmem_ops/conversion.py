@@ -729,6 +729,11 @@ def _convert_with(model, inputs, actions, activation_swaps, probe, local, check,
     return actions
 
 
+CHECKPOINTED = ("it ran inside a torch.utils.checkpoint region, where autograd saves nothing at forward time "
+                "(backward recomputes it and saves then): convert before checkpointing; Hugging Face's, timm's and "
+                "torch's CheckpointWrapper switches are handled for you")
+
+
 def _is_activation_swap(action) -> bool:
     return isinstance(action, _Swap) and isinstance(action.new, Approx)
 
@@ -786,6 +791,8 @@ def _undo_what_saves_nothing(actions: list, report: Report, without_activations=
         if delta >= 0:
             a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"
             why = _moe_experts.unused_because(a.new) if isinstance(a, _Swap) else None
+            if path in before.checkpointed or path in after.checkpointed:
+                why = CHECKPOINTED
             if why:
                 a.change.reason += f": {why}"
             undone = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ class Measurement:
     storages: dict[int, SavedStorage]
     label: str = ""
     ran: frozenset[str] = frozenset()  # the paths of the modules called during the forward
+    # of those, the ones called inside a torch.utils.checkpoint region, whose saves autograd does not
+    # keep at forward time (backward recomputes them): they show no bytes here
+    checkpointed: frozenset[str] = frozenset()
 
     def did_run(self, path: str) -> bool:
         """The module at `path` was called (a layer that LayerDrop skipped was not: it saved nothing, and
@@ -199,7 +203,8 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
         return holder
 
     ran: set[str] = set()
-    handles = track_modules(model, stack, ran)
+    checkpointed: set[str] = set()
+    handles = track_modules(model, stack, ran, checkpointed)
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _Saved.unpack):
             out = model(*args, **kwargs)
@@ -216,7 +221,7 @@ def measure(model: torch.nn.Module, *args, label: str = "", **kwargs) -> Measure
     finally:
         for h in handles:
             h.remove()
-    return Measurement(storages, label, frozenset(ran))
+    return Measurement(storages, label, frozenset(ran), frozenset(checkpointed))
 
 
 class _Saved:
@@ -253,15 +258,18 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def track_modules(model: torch.nn.Module, stack: list[str], ran: set[str] | None = None) -> list:
+def track_modules(model: torch.nn.Module, stack: list[str], ran: set[str] | None = None,
+                  checkpointed: set[str] | None = None) -> list:
     """Hooks that keep stack[-1] the path of the innermost module running (and add each module called
-    to `ran`); returns their handles."""
+    to `ran`, and to `checkpointed` where it runs inside a checkpoint region); returns their handles."""
 
     def enter(name):
         def hook(module, args):
             stack.append(name)  # returns None: the inputs stay as they are
             if ran is not None:
                 ran.add(name)
+            if checkpointed is not None and _inside_checkpoint():
+                checkpointed.add(name)
 
         return hook
 
@@ -273,6 +281,25 @@ def track_modules(model: torch.nn.Module, stack: list[str], ran: set[str] | None
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave))
     return handles
+
+
+def _inside_checkpoint() -> bool:
+    """A forward running inside torch.utils.checkpoint: the non-reentrant kind puts its own saved-tensor
+    hooks on top; the reentrant kind runs the region with grad off, from its autograd Function."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None and getattr(hooks[0], "__module__", None) == _CHECKPOINT_MODULE:
+        return True
+    if torch.is_grad_enabled():
+        return False
+    frame = sys._getframe(2)  # (a frame walk only where grad is off inside a forward run with grad)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == _CHECKPOINT_MODULE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_MODULE = "torch.utils.checkpoint"
 
 
 def _cast_source(t: torch.Tensor) -> int | None:

@@ -192,3 +192,24 @@ def test_torch_checkpoint_wrapper(reentrant):
     assert g.keys() == g_then.keys()
     for name in g:
         torch.testing.assert_close(g[name], g_then[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpoint_call_with_no_switch_is_named_in_the_report(reentrant):
+    """A forward that calls torch.utils.checkpoint itself, with no flag convert could turn off: the
+    changes inside are undone (they measure +0 bytes) and each line says why and what to do."""
+
+    class Always(TimmLike):
+        def forward(self, x):
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=reentrant)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = Always()
+    x = torch.randn(4, 8, 32, requires_grad=reentrant)  # reentrant: an input that needs grad
+    report = lo.convert(model, example_inputs=x)
+    inside = [c for c in report.changes if c.path.startswith("blocks.")]
+    assert inside and all(c.status == "undone" and c.reason.endswith(conversion.CHECKPOINTED) for c in inside), str(report)
+    outside = lo.convert(TimmLike(), example_inputs=x)
+    assert not any(conversion.CHECKPOINTED in c.reason for c in outside.changes)
