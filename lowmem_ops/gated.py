@@ -226,6 +226,11 @@ def gated_halves(gate_up: torch.Tensor, name: str, mode: str = "auto", act_half:
     tensor share requires_grad) run as one C++ autograd op that writes gate_up's gradient whole, with
     the same values and saved storage; elsewhere the chunk and gated(), whose backward concatenates
     the two halves' gradients (a copy of gate_up's size)."""
+    if mode not in MODES:
+        raise ValueError(f"lowmem_ops.gated_halves: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if act_half not in (0, 1):
+        raise ValueError(f"lowmem_ops.gated_halves: act_half must be 0 or 1 (the half of gate_up the activation "
+                         f"takes), got {act_half!r}")
     if (mode != "approx" and gate_up.requires_grad and torch.is_grad_enabled() and gate_up.dim() > 0
             and gate_up.shape[-1] % 2 == 0 and _transforms.plain_cpu_call((gate_up,))):
         op = gated_op(name)

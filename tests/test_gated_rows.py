@@ -177,6 +177,10 @@ def test_gated_halves_elsewhere_takes_the_chunk_path():
             gated_halves(torch.randn(3, 7, requires_grad=True), "resilu2")
     with ref.backend("torch"):
         assert "GatedHalves" not in node(gated_halves(gate_up, "resilu2"))
+    with pytest.raises(ValueError, match="act_half must be 0 or 1"):
+        gated_halves(gate_up, "resilu2", act_half=2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        gated_halves(gate_up, "resilu2", "fast")
 
 
 def test_a_fused_gated_mlp_copies_nothing():
