@@ -69,3 +69,25 @@ def test_convert_again_after_adding_adapters_then_export():
     assert len(lora_layers(pm)) == 8
     with torch.no_grad():
         torch.testing.assert_close(pm(**batch).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_keeps_adapters_added_after_convert_inside_fused_post_ln_blocks():
+    """BERT with dropout: the post-LN output blocks become DropoutAddNorm holding their `dense`; LoRA on
+    `dense` added after convert wraps the DropoutAddNorm's child, and export must hand it to the
+    restored BertSelfOutput / BertOutput (it dropped 4 of 11 LoRA layers, outputs moved by 0.44)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                  vocab_size=300, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg)
+    batch = {"input_ids": torch.randint(0, 300, (2, 32))}
+    report = lo.convert(model, example_inputs=batch)
+    assert "DropoutAddNorm" in {c.after.split()[0] for c in report.applied}, str(report)
+    pm = with_adapters(model, ["query", "value", "dense"])
+    layers = lora_layers(pm)
+    with torch.no_grad():
+        want = pm(**batch).logits
+    lo.export(pm)
+    assert not [type(m).__name__ for m in pm.modules() if type(m).__module__.startswith("lowmem_ops")]
+    assert lora_layers(pm) == layers
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**batch).logits, want, rtol=1e-5, atol=1e-5)
