@@ -654,6 +654,24 @@ def flow_lora_after():
         line(ok, f"12b LoRA after convert {name}: lo.export(peft_model)",
              f"{err or 'ran'}; lowmem_ops modules left {left or 'none'}, non-stock norm classes {wrong_class or 'none'}; "
              f"LoRA layers {n_lora} -> {_lora_modules(pm)}; export moved outputs by {d_exp:.2e}")
+    # b'') BERT with dropout: LoRA on the `dense` a fused post-LN block (DropoutAddNorm) holds
+    stock, conv = pair(lambda: bert_cls(p=0.1), spread=True)
+    rep = lo.convert(conv, example_inputs=batch)
+    pm = peft.get_peft_model(conv, peft.LoraConfig(r=4, target_modules=["query", "value", "dense"]))
+    _set_lora_b(pm)
+    pm.eval()
+    n_lora = _lora_modules(pm)
+    with torch.no_grad():
+        want = pm(**batch).logits
+    lo.export(pm)
+    left = sorted({type(m).__name__ for m in pm.modules() if type(m).__module__.startswith("lowmem_ops")})
+    with torch.no_grad():
+        d_exp = rel_diff(pm(**batch).logits, want)
+    fused = sorted({c.after.split()[0] for c in rep.applied})
+    line(not left and _lora_modules(pm) == n_lora and d_exp < 1e-4,
+         "12b LoRA after convert bert dropout 0.1: lo.export(peft_model)",
+         f"converted {fused}; lowmem_ops modules left {left or 'none'}; LoRA layers {n_lora} -> {_lora_modules(pm)}; "
+         f"export moved outputs by {d_exp:.2e}")
     # d) convert again after adding LoRA (to get the adapters' compute dtype), then export
     stock, conv = pair(llama, spread=True)
     lo.convert(conv, example_inputs=batch)
