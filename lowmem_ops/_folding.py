@@ -28,10 +28,12 @@ class Fold:
 
 
 def folded(model: torch.nn.Module) -> dict:
-    """path of each folded norm (as converted) -> Fold; a plain attribute, not part of state_dict."""
-    if not hasattr(model, _FOLDED):
+    """path of each folded norm (as converted) -> Fold; a plain attribute, not part of state_dict. The
+    model's own: never the one of a model inside it that a wrapper's __getattr__ forwards to (a PeftModel
+    around a converted model), whose paths are relative to that inner model."""
+    if _FOLDED not in vars(model):
         object.__setattr__(model, _FOLDED, {})
-    return getattr(model, _FOLDED)
+    return vars(model)[_FOLDED]
 
 
 def transposed(linear: torch.nn.Module) -> bool:
@@ -67,16 +69,16 @@ def fold_affine(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Te
 
 def install_state_dict_hooks(model: torch.nn.Module) -> None:
     """Once per model: state_dict in the stock form, load_state_dict folding a stock norm's affine."""
-    if getattr(model, _HOOKS, None) is None:
+    if vars(model).get(_HOOKS) is None:
         handles = (model.register_state_dict_post_hook(_write_identity_affine),
                    model.register_load_state_dict_pre_hook(_fold_on_load))
         object.__setattr__(model, _HOOKS, handles)
 
 
 def remove_state_dict_hooks(model: torch.nn.Module) -> None:
-    for handle in getattr(model, _HOOKS, None) or ():
+    for handle in vars(model).get(_HOOKS) or ():
         handle.remove()
-    if hasattr(model, _HOOKS):
+    if _HOOKS in vars(model):
         object.__delattr__(model, _HOOKS)
 
 

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _attention, _bits, _checkpointing, _gradients, _hooks, _lora, _moe_experts, _recognition, memory
+from . import _attention, _bits, _checkpointing, _folding, _gradients, _hooks, _lora, _moe_experts, _recognition, memory
 from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
 from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
@@ -1406,10 +1406,10 @@ _ORIGINALS = "_lowmem_ops_originals"
 
 def _originals(model: torch.nn.Module) -> dict:
     """path -> the module convert() replaced there (for lowmem_ops.export)."""
-    if not hasattr(model, _ORIGINALS):
+    if _ORIGINALS not in vars(model):  # its own, not an inner model's that a wrapper's __getattr__ forwards to
         # A plain attribute, not a submodule: it must not add keys to state_dict or parameters().
         object.__setattr__(model, _ORIGINALS, {})
-    return getattr(model, _ORIGINALS)
+    return vars(model)[_ORIGINALS]
 
 
 _STOCK_ACTIVATIONS = {
@@ -1425,23 +1425,14 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
     original module again under every name it had (which holds the same, trained, Parameters; a
     norm whose affine was folded gets gamma = 1, beta = 0, the folded linear weights stay); ops
     built by hand become their torch equivalents. state_dict / save_pretrained then load into the
-    stock architecture."""
-    originals, folds = _originals(model), folded(model)
-    for path in sorted(originals, key=len, reverse=True):
-        parent_path, _, attr = path.rpartition(".")
-        original = originals.pop(path)
-        if folds.pop(path, None) is not None:  # its affine lives in the linear layers now: identity here
-            with torch.no_grad():
-                original.weight.fill_(1.0)
-                if getattr(original, "bias", None) is not None:
-                    original.bias.zero_()
-        # the training flag the model has now (the original kept the one it had at convert time: a
-        # dropout restored in training mode into a model in eval mode would drop)
-        original.train(model.get_submodule(path).training)
-        _hooks.carry(model.get_submodule(path), original)  # hooks registered after convert, on ours
-        setattr(model.get_submodule(parent_path), attr, original)
-    if not folds:
-        remove_state_dict_hooks(model)
+    stock architecture.
+
+    What convert recorded on a model inside this one (a PeftModel made from a converted model) is
+    restored too, with that model's paths; a module put around a child of a swapped module after
+    convert (PEFT's LoRA layer around a fused MLP's gate_proj) is carried to the original."""
+    # outermost first: a model converted again once wrapped was changed on top of the inner conversion
+    for owner in [m for m in model.modules() if _ORIGINALS in vars(m) or _folding._FOLDED in vars(m)]:
+        _restore_originals(owner)
     _lora.give_back(model)
     stocks: dict[int, torch.nn.Module | None] = {}  # one stock module per object, under all its names
     for path, module in list(model.named_modules(remove_duplicate=False)):
@@ -1454,6 +1445,39 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
             parent_path, _, attr = path.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, stocks[id(module)])
     return model
+
+
+def _restore_originals(model: torch.nn.Module) -> None:
+    originals, folds = _originals(model), folded(model)
+    for path in sorted(originals, key=len, reverse=True):
+        parent_path, _, attr = path.rpartition(".")
+        ours, parent = model.get_submodule(path), model.get_submodule(parent_path)  # before changing anything
+        original = originals.pop(path)
+        if folds.pop(path, None) is not None:  # its affine lives in the linear layers now: identity here
+            with torch.no_grad():
+                original.weight.fill_(1.0)
+                if getattr(original, "bias", None) is not None:
+                    original.bias.zero_()
+        # the training flag the model has now (the original kept the one it had at convert time: a
+        # dropout restored in training mode into a model in eval mode would drop)
+        original.train(ours.training)
+        _hooks.carry(ours, original)  # hooks registered after convert, on ours
+        _carry_wrappers(ours, original)
+        setattr(parent, attr, original)
+    if not folds:
+        remove_state_dict_hooks(model)
+
+
+def _carry_wrappers(ours: torch.nn.Module, original: torch.nn.Module) -> None:
+    """A child of ours under a name the original has too, which is not the original's child but holds
+    it (a PEFT LoRA layer added after convert, its base_layer the original projection): the
+    original gets it, or export would drop the adapter."""
+    for name, child in ours._modules.items():
+        before = original._modules.get(name)
+        if child is None or before is None or child is before:
+            continue
+        if any(m is before for m in child.modules()):
+            original._modules[name] = child
 
 
 def _stock(module: torch.nn.Module):
