@@ -27,6 +27,28 @@ class Fold:
     consumers: list             # the nn.Linear / Conv1D layers that hold gamma and beta now
 
 
+class ConsumersInPlace:
+    """Run by a folded norm at each forward (nn._MSNorm._normalise): the layers holding its gamma/beta
+    must not have been wrapped in PEFT LoRA layers since convert. An adapter added around one reads
+    the norm's output without gamma/beta, so it trains for this model's folded weights and does not
+    fit the stock model it is saved for (LLaMA, norm weights in [0.5, 1.5]: outputs 0.22 off on the
+    stock base); an error then, before any step. homes: (parent, attribute, consumer, its path)."""
+
+    def __init__(self, norm_path: str, homes: list):
+        self.norm_path, self.homes = norm_path, homes
+
+    def __call__(self) -> None:
+        for parent, attr, consumer, path in self.homes:
+            now = parent._modules.get(attr)
+            if now is not consumer and now is not None and hasattr(now, "lora_A") \
+                    and any(m is consumer for m in now.modules()):
+                raise RuntimeError(
+                    f"lowmem_ops: a PEFT adapter was added around {path} after lo.convert folded the scale of "
+                    f"{self.norm_path} into it: the adapter reads the norm's output without that scale, so what it "
+                    "learns would not fit the stock model it is saved for. Add the adapters before lo.convert (it "
+                    "then also makes them compute in the model's dtype), or convert with fold=False.")
+
+
 def folded(model: torch.nn.Module) -> dict:
     """path of each folded norm (as converted) -> Fold; a plain attribute, not part of state_dict. The
     model's own: never the one of a model inside it that a wrapper's __getattr__ forwards to (a PeftModel

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from . import _attention, _bits, _checkpointing, _folding, _gradients, _hooks, _lora, _moe_experts, _recognition, memory
 from ._gated_mlp import gated_mlp
 from ._post_ln import DropoutAddNorm, fused_block
-from ._folding import Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
+from ._folding import ConsumersInPlace, Fold, fold_affine, folded, in_features, install_state_dict_hooks, remove_state_dict_hooks, transposed
 from ._snapshot import Snapshot, in_eval, in_mode, state_kept
 from .gated import MODES
 from ._tree import is_builtin
@@ -1140,6 +1140,11 @@ def _record(model: torch.nn.Module, applied: list) -> None:
             originals[path] = swap.old  # it shares the very Parameters with the new module
         if swap.folds:
             folds[swap.change.path] = Fold(swap.new, swap.old, [linear for _, linear in swap.folds])
+            homes = []
+            for path, linear in swap.folds:
+                parent_path, _, attr = path.rpartition(".")
+                homes.append((model.get_submodule(parent_path), attr, linear, path))
+            swap.new._fold_guard = ConsumersInPlace(swap.change.path, homes)
     if folds:
         install_state_dict_hooks(model)
 

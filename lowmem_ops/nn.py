@@ -92,10 +92,14 @@ class _MSNorm(torch.nn.Module):
             return self.weight
         return self.weight + self.weight_offset
 
+    _fold_guard = None  # set by convert on a norm whose affine it folded (lowmem_ops._folding.ConsumersInPlace)
+
     def _normalise(self, x: torch.Tensor, norm) -> torch.Tensor:
         """norm(x) over the last dimension, or over dim 1 when channels_first: the norm runs on the
         channels-last view and the result is returned as a view of that same output (no copy), so the
         tensor the next layer receives and saves is the one the norm saved."""
+        if self._fold_guard is not None:
+            self._fold_guard()
         if not self.channels_first:
             return norm(x)
         if x.dim() < 2:
