@@ -606,6 +606,16 @@ def flow_lora_after():
         pm = peft.get_peft_model(conv, cfgs[name.split()[0]])
         _set_lora_b(stock), _set_lora_b(pm)
         stock.eval(), pm.eval()
+        if fold and any(lin.endswith("." + t) for lin in folded_linears(rep) for t in cfgs[name.split()[0]].target_modules):
+            # adapters around layers a norm was folded into are refused at the first forward
+            try:
+                with torch.no_grad():
+                    pm(**batch)
+                ok, msg = False, "the forward ran: adapters around folded layers were accepted"
+            except RuntimeError as e:
+                ok, msg = "after lo.convert folded the scale of" in str(e), str(e)[:150]
+            line(ok, f"12a LoRA after convert {name}: adapters around folded layers refused", msg)
+            continue
         with torch.no_grad():
             want_stock = stock(**batch).logits
             want = pm(**batch).logits
@@ -674,7 +684,7 @@ def flow_lora_after():
          f"export moved outputs by {d_exp:.2e}")
     # d) convert again after adding LoRA (to get the adapters' compute dtype), then export
     stock, conv = pair(llama, spread=True)
-    lo.convert(conv, example_inputs=batch)
+    lo.convert(conv, example_inputs=batch, fold=False)  # adapters on folded layers are refused (12a)
     pm = peft.get_peft_model(conv, cfgs["llama"])
     _set_lora_b(pm)
     try:
