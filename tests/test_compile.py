@@ -61,3 +61,35 @@ def test_first_calls_inside_fullgraph_compile_in_a_fresh_process():
     env = {k: v for k, v in os.environ.items() if k != "LOWMEM_OPS_BACKEND"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_model_with_a_folded_norm_compiles_fullgraph():
+    """convert folds a norm's affine into the next linear and the folded norm checks its consumers each
+    forward (lowmem_ops._folding.ConsumersInPlace): torch.compile(fullgraph=True) traces that check."""
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc, self.head = torch.nn.LayerNorm(16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(self.norm(x))))
+
+    torch.manual_seed(0)
+    model = Block()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(8, 16)
+    report = lo.convert(model, example_inputs=x)
+    assert any("folded" in c.after for c in report.applied), str(report)
+    assert model.norm._fold_guard is not None
+    eager = model(x)
+    eager.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    compiled.square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], msg=n)
