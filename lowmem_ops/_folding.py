@@ -12,6 +12,7 @@ consumers. So that checkpoints move between a converted model and the stock arch
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,13 +41,21 @@ class ConsumersInPlace:
     def __call__(self) -> None:
         for parent, attr, consumer, path in self.homes:
             now = parent._modules.get(attr)
-            if now is not consumer and now is not None and hasattr(now, "lora_A") \
-                    and any(m is consumer for m in now.modules()):
+            if now is not consumer and now is not None and _peft_layer(now) and any(m is consumer for m in now.modules()):
                 raise RuntimeError(
-                    f"lowmem_ops: a PEFT adapter was added around {path} after lo.convert folded the scale of "
+                    f"lowmem_ops: a PEFT adapter ({type(now).__name__}) was added around {path} after lo.convert "
+                    f"folded the scale of "
                     f"{self.norm_path} into it: the adapter reads the norm's output without that scale, so what it "
                     "learns would not fit the stock model it is saved for. Add the adapters before lo.convert (it "
                     "then also makes them compute in the model's dtype), or convert with fold=False.")
+
+
+def _peft_layer(module: torch.nn.Module) -> bool:
+    """A PEFT tuner layer (LoRA, DoRA, IA3, LoHa, OFT, ...): each one changes what its base layer does
+    with its input, so none fits the stock base once trained around a folded layer."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # such a layer exists only once PEFT is imported
+    base = getattr(tuners, "BaseTunerLayer", None)
+    return base is not None and isinstance(module, base)
 
 
 def folded(model: torch.nn.Module) -> dict:

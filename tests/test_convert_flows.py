@@ -101,11 +101,16 @@ def test_an_adapter_around_a_folded_layer_is_refused():
     off here, before). The first forward says so; layers no norm was folded into take adapters."""
     model, batch = converted_llama()
     pm = with_adapters(model, ["q_proj", "v_proj"])
-    with pytest.raises(RuntimeError, match=r"around model\.layers\.0\.self_attn\.q_proj after lo\.convert folded the "
-                                           r"scale of model\.layers\.0\.input_layernorm"):
+    with pytest.raises(RuntimeError, match=r"\(Linear\) was added around model\.layers\.0\.self_attn\.q_proj after "
+                                           r"lo\.convert folded the scale of model\.layers\.0\.input_layernorm"):
         pm(**batch)
     lo.export(pm)  # the way back still works, and then the stock model takes the adapters
     pm(**batch)
+    # another tuner the same: IA3 scales the layer's input
+    model, batch = converted_llama()
+    ia3 = peft.get_peft_model(model, peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    with pytest.raises(RuntimeError, match=r"\(Linear\) was added around model\.layers\.0\.self_attn\.q_proj"):
+        ia3(**batch)
 
 
 def test_adapters_added_after_a_convert_without_folds_fit_the_stock_base(tmp_path):
