@@ -30,7 +30,7 @@ class Fold:
 
 class ConsumersInPlace:
     """Run by a folded norm at each forward (nn._MSNorm._normalise): the layers holding its gamma/beta
-    must not have been wrapped in PEFT LoRA layers since convert. An adapter added around one reads
+    must not have been wrapped in PEFT tuner layers since convert. An adapter added around one reads
     the norm's output without gamma/beta, so it trains for this model's folded weights and does not
     fit the stock model it is saved for (LLaMA, norm weights in [0.5, 1.5]: outputs 0.22 off on the
     stock base); an error then, before any step. homes: (parent, attribute, consumer, its path)."""
@@ -44,8 +44,8 @@ class ConsumersInPlace:
             if now is not consumer and now is not None and _peft_layer(now) and any(m is consumer for m in now.modules()):
                 raise RuntimeError(
                     f"lowmem_ops: a PEFT adapter ({type(now).__name__}) was added around {path} after lo.convert "
-                    f"folded the scale of "
-                    f"{self.norm_path} into it: the adapter reads the norm's output without that scale, so what it "
+                    f"folded the scale of {self.norm_path} into it: the adapter reads the norm's output without that "
+                    "scale, so what it "
                     "learns would not fit the stock model it is saved for. Add the adapters before lo.convert (it "
                     "then also makes them compute in the model's dtype), or convert with fold=False.")
 
