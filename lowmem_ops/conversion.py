@@ -458,17 +458,20 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
 
 
-def _adapter_computes(model: torch.nn.Module, inputs, report: "Report") -> list["_AdapterCompute"]:
+def _lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(path, layer) of each PEFT LoRA layer (a `lora_A` ModuleDict)."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
+
+
+def _adapter_computes(model: torch.nn.Module, layers: list, seen: dict, report: "Report") -> list["_AdapterCompute"]:
     """PEFT keeps LoRA adapters in float32 by default and casts the input for each adapter: three
     float32 copies of one bf16 activation for q, k and v, none of them shared with the norm before.
-    Each layer whose input (on the example inputs; without them, what its base computes in:
+    Each layer whose input (`seen`, from the example inputs; without them, what its base computes in:
     _compute_dtype) has another dtype than its adapters gets adapters that compute in the input's
-    dtype, their Parameters kept (lowmem_ops._lora)."""
+    dtype, their Parameters kept (lowmem_ops._lora). What the example inputs show wins: QLoRA's
+    prepare_model_for_kbit_training feeds a 4-bit bf16-compute layer float32 (PEFT's cast is a no-op
+    there)."""
     paths = _module_paths(model)
-    layers = [(path, m) for path, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
-    # what the input is, where the example inputs show it (QLoRA's prepare_model_for_kbit_training
-    # feeds a 4-bit bf16-compute layer float32: PEFT's cast is a no-op there); else what the base computes in
-    seen = _input_dtypes(model, [m for _, m in layers], inputs)
     computes = []
     for path, layer in layers:
         dtype = seen.get(id(layer)) or _compute_dtype(layer)
@@ -509,25 +512,25 @@ def _compute_dtype(lora_layer: torch.nn.Module) -> torch.dtype | None:
     return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else None
 
 
-def _input_dtypes(model: torch.nn.Module, layers: list, inputs) -> dict[int, torch.dtype]:
-    """id(layer) -> the dtype of its input on the example inputs, for layers called with a single
-    floating dtype; nothing without example inputs."""
-    if not layers or inputs is None:
-        return {}
-    seen: dict[int, set] = {id(m): set() for m in layers}
+@contextlib.contextmanager
+def _input_dtypes(layers: list):
+    """Yields a dict filled, as the block's forwards run, with id(layer) -> the dtype of its input,
+    for the (path, layer) pairs called with a single floating dtype (empty where none ran)."""
+    calls: dict[int, set] = {id(m): set() for _, m in layers}
+    found: dict[int, torch.dtype] = {}
 
     def called(module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(x, torch.Tensor):
-            seen[id(module)].add(x.dtype)
+            calls[id(module)].add(x.dtype)
 
-    handles = [m.register_forward_pre_hook(called, with_kwargs=True) for m in layers]
+    handles = [m.register_forward_pre_hook(called, with_kwargs=True) for _, m in layers]
     try:
-        _run(model, inputs)
+        yield found
     finally:
         for h in handles:
             h.remove()
-    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and next(iter(v)).is_floating_point}
+        found.update({k: next(iter(v)) for k, v in calls.items() if len(v) == 1 and next(iter(v)).is_floating_point})
 
 
 @_checkpointing.judged_without
@@ -572,14 +575,16 @@ def convert(model: torch.nn.Module, example_inputs=None, *, activations: bool = 
         raise ValueError(f"lowmem_ops.convert: grad_tolerance must be a cosine in [-1, 1] or None, got {grad_tolerance!r}")
     report = Report()
     examples = example_inputs is not None
-    reference = _reference(model, example_inputs) if examples else None
+    lora_layers = _lora_layers(model) if lora_dtype else []
+    with _input_dtypes(lora_layers) as seen:  # read during the reference run: no forward of its own
+        reference = _reference(model, example_inputs) if examples else None
     if examples and measure_memory:
         report.memory_before = _measure(model, example_inputs, "before")
     observation = _observe(model, example_inputs) if examples and (norms or activations or gated or dropout) else None
     if observation is not None and report.memory_before is not None:
         observation.ran_in_training = set(report.memory_before.ran)
 
-    actions = _adapter_computes(model, example_inputs, report) if lora_dtype else []
+    actions = _adapter_computes(model, lora_layers, seen, report) if lora_dtype else []
     actions += _plan(model, observation, report, activations=activations, norms=norms, gated=gated,
                      gated_mode=gated_mode, fold=fold, dropout=dropout)
     candidates = _with_inner(actions)
