@@ -94,7 +94,7 @@ def test_the_step_peak_falls_as_for_the_other_order():
     peaks = {name: lo.memory.plan(m, batch, optimizer=None).peak for name, m in
              (("stock", stock), ("checkpointed first", first), ("converted first", then))}
     assert peaks["checkpointed first"] == peaks["converted first"], peaks
-    assert peaks["checkpointed first"] < 0.8 * peaks["stock"], peaks  # measured 0.65x here (0.45x at d=512)
+    assert peaks["checkpointed first"] < 0.8 * peaks["stock"], peaks  # measured 0.70x here (0.45x at d=512)
 
 
 class Block(torch.nn.Module):
