@@ -795,9 +795,10 @@ def _undo_what_saves_nothing(actions: list, report: Report, without_activations=
         delta = after.exclusive_bytes(*group) - before.exclusive_bytes(*group)
         if delta >= 0:
             a.change.status, a.change.reason = "undone", f"saves no memory ({delta:+d} bytes)"
-            why = _moe_experts.unused_because(a.new) if isinstance(a, _Swap) else None
             if path in before.checkpointed or path in after.checkpointed:
                 why = CHECKPOINTED
+            else:
+                why = _moe_experts.unused_because(a.new) if isinstance(a, _Swap) else None
             if why:
                 a.change.reason += f": {why}"
             undone = True

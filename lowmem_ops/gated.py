@@ -191,14 +191,15 @@ class _Gated(torch.autograd.Function):
 _GatedEager = _transforms.eager_twin(_Gated, _gated_forward, _setup_eager, keep=(0,))
 
 
-def _cpp_op_for(gate: torch.Tensor, up: torch.Tensor, op: OpInfo):
-    """The gated ops' C++ autograd op (_cpp_backend.autograd_op) where it may run this call: plain eager
-    code on plain CPU tensors that take the C++ kernels, and no forward-mode AD level open (the op has
-    no jvp; _Gated has). None elsewhere: _Gated then runs the same kernels."""
-    if not _transforms.plain_cpu_call((gate, up)) \
-            or _cpp_or_torch(op, pick_backend(gate, has_cpp=True, tree=op.tree)) != "cpp":
+def _cpp_op_for(tensors: tuple, op: OpInfo, which: str = "gated"):
+    """The C++ autograd op `which` (gated or gated_halves; _cpp_backend.autograd_op) where it may run
+    this call on `tensors`: plain eager code on plain CPU tensors that take the C++ kernels, and no
+    forward-mode AD level open (the ops have no jvp; _Gated has). None elsewhere: _Gated then runs the
+    same kernels."""
+    if not _transforms.plain_cpu_call(tensors) \
+            or _cpp_or_torch(op, pick_backend(tensors[0], has_cpp=True, tree=op.tree)) != "cpp":
         return None
-    return _cpp_backend.autograd_op(op.tree, "gated")
+    return _cpp_backend.autograd_op(op.tree, which)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -> torch.Tensor:
@@ -214,7 +215,7 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
     args = (gate, up, name, mode == "approx", need_gate, need_up)
     if _transforms.use_custom_op():
         return torch.ops.lowmem_ops.gated_fwd(*args)[0]
-    if (need_gate or need_up) and (cpp_op := _cpp_op_for(gate, up, op)) is not None:
+    if (need_gate or need_up) and (cpp_op := _cpp_op_for((gate, up), op)) is not None:
         return cpp_op(*args, op.n_code_bytes(gate.numel()))
     return _transforms.apply(_Gated, _GatedEager, *args)
 
@@ -232,11 +233,10 @@ def gated_halves(gate_up: torch.Tensor, name: str, mode: str = "auto", act_half:
         raise ValueError(f"lowmem_ops.gated_halves: act_half must be 0 or 1 (the half of gate_up the activation "
                          f"takes), got {act_half!r}")
     if (mode != "approx" and gate_up.requires_grad and torch.is_grad_enabled() and gate_up.dim() > 0
-            and gate_up.shape[-1] % 2 == 0 and _transforms.plain_cpu_call((gate_up,))):
+            and gate_up.shape[-1] % 2 == 0):
         op = gated_op(name)
         check_float_tensor(gate_up, name, "gate_up")
-        if _cpp_or_torch(op, pick_backend(gate_up, has_cpp=True, tree=op.tree)) == "cpp" \
-                and (cpp_op := _cpp_backend.autograd_op(op.tree, "gated_halves")) is not None:
+        if (cpp_op := _cpp_op_for((gate_up,), op, "gated_halves")) is not None:
             return cpp_op(gate_up, name, act_half)
     halves = gate_up.chunk(2, dim=-1)
     return gated(halves[act_half], halves[1 - act_half], name, mode)

@@ -8,8 +8,9 @@ Every saved tensor is seen through torch.autograd.graph.saved_tensors_hooks, ded
 storage it lives in (a view and its base count once), with parameters and buffers excluded (they
 exist anyway), and counted only if the graph that saved it is still alive when the forward returns:
 a graph built and dropped inside it (DoRA computes its weight norm through its adapters on an
-identity matrix and detaches the result) holds nothing at backward. Each storage is attributed to the innermost module running when it was first saved;
-a storage that a second module saves too is flagged as shared. A saved tensor made by a dtype cast
+identity matrix and detaches the result) holds nothing at backward. Each storage is attributed to
+the innermost module running when it was first saved; a storage that a second module saves too is
+flagged as shared. A saved tensor made by a dtype cast
 (`.to(dtype)`) is flagged as a cast copy, with how many copies were cast from the same source:
 PEFT's default fp32 LoRA adapters make one per adapter.
 
