@@ -54,6 +54,9 @@ class KernelVariant:
     flags: dict  # constexprs that select what the kernel does (WRITE_CODES, IS_RMS, ...)
     config: dict  # tunable constexprs + num_warps (+ num_stages): what a compiled config is
     aligned: bool = True  # the size arguments (SIZE_ARGS) are multiples of 16
+    # A kernel whose size arguments the JIT does not specialise (do_not_specialize) says their alignment
+    # with this constexpr instead: sizes in units of 16 elements (aligned) or 1 (the gated *_rows kernels' UNIT).
+    unit: str = ""
 
     @property
     def key(self) -> str:
@@ -64,12 +67,16 @@ class KernelVariant:
         """The size arguments the aligned specialisation marks as multiples of 16: those that set
         addresses (flat offsets, row starts). A row count only bounds loops and is left unmarked, so
         both specialisations describe any number of rows."""
-        return tuple(name for name in SIZE_ARGS if name in self.signature) if self.aligned else ()
+        if self.unit or not self.aligned:
+            return ()
+        return tuple(name for name in SIZE_ARGS if name in self.signature)
 
     @property
     def specialisation(self) -> dict:
         """What the manifest records of which runtime case this compile describes."""
         spec = {"sizes": "multiples of 16" if self.aligned else "any"}
+        if self.unit:
+            spec["layout"] = "rows of strided views"
         if "w_ptr" in self.signature and self.flags.get("AFFINE", True):
             spec["weight"] = {f"*{t}": name for name, t in TRITON_DTYPE.items()}[self.signature["w_ptr"]]
         return spec
@@ -79,7 +86,8 @@ class KernelVariant:
 
     @property
     def constexprs(self) -> dict:
-        return {**self.flags, **{k: v for k, v in self.config.items() if k not in ("num_warps", "num_stages")}}
+        unit = {self.unit: 16 if self.aligned else 1} if self.unit else {}
+        return {**self.flags, **unit, **{k: v for k, v in self.config.items() if k not in ("num_warps", "num_stages")}}
 
     @property
     def num_warps(self) -> int:

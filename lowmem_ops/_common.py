@@ -1,4 +1,5 @@
-"""What every op shares: the dtypes it takes, the dtype it computes in, and which backend runs it."""
+"""What every op shares: the dtypes it takes, the dtype it computes in, which backend runs it, and which
+strided views the kernels read in place (row_stride)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,28 @@ def _rocm_fallback(mode: str, gpu: str, tree) -> str:
         warnings.warn(f"lowmem_ops: no kernels are built for this {gpu} GPU in {tree}; ops on this ROCm device take "
                       f"the torch path (same results and memory, slower). Build them with {build}.", stacklevel=4)
     return "torch"
+
+
+def row_stride(t: torch.Tensor) -> int:
+    """The stride between the rows of t read in place as [numel / cols, cols] (cols: its last dim): the
+    last dim dense and the leading dims collapsing into one, as the halves of proj(x).chunk(2, -1) are;
+    -1 for any other layout. The C++ and Triton gated kernels read such views in place; the rule of
+    row_stride in templates/cpu_autograd.cpp.j2 too."""
+    if t.dim() == 0:
+        return -1
+    cols = t.shape[-1]
+    if cols > 1 and t.stride(-1) != 1:
+        return -1
+    ld = nxt = -1
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            continue
+        if ld < 0:
+            ld, nxt = t.stride(i), t.stride(i) * t.shape[i]
+        elif t.stride(i) != nxt:
+            return -1
+        else:
+            nxt *= t.shape[i]
+    if ld < 0:
+        return cols
+    return ld if ld >= cols else -1

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import _contract
+from ._common import row_stride
 from ._tree import OpInfo
 
 CPU_FILE = _contract.CPU_FILE
@@ -334,30 +335,6 @@ def _gated_kernel(op: OpInfo, which: int):
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
-
-
-def row_stride(t: torch.Tensor) -> int:
-    """The stride between the rows of t read in place as [numel / cols, cols] (cols: its last dim): the
-    last dim dense and the leading dims collapsing into one, as the halves of proj(x).chunk(2, -1) are;
-    -1 for any other layout. The rule of row_stride in templates/cpu_autograd.cpp.j2."""
-    if t.dim() == 0:
-        return -1
-    cols = t.shape[-1]
-    if cols > 1 and t.stride(-1) != 1:
-        return -1
-    ld = nxt = -1
-    for i in range(t.dim() - 2, -1, -1):
-        if t.shape[i] == 1:
-            continue
-        if ld < 0:
-            ld, nxt = t.stride(i), t.stride(i) * t.shape[i]
-        elif t.stride(i) != nxt:
-            return -1
-        else:
-            nxt *= t.shape[i]
-    if ld < 0:
-        return cols
-    return ld if ld >= cols else -1
 
 
 _gated_by_rows: dict[tuple[Path, str], tuple | None] = {}  # (tree, op) -> _gated_rows' answer

@@ -23,8 +23,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
-from . import _cpp_backend, _torch_backend, _transforms, _triton_backend
+from . import _common, _cpp_backend, _torch_backend, _transforms, _triton_backend
 from ._common import backend as pick_backend
 from ._common import check_float_tensor, compute_dtype
 from ._tree import OpInfo, get_op
@@ -80,11 +81,11 @@ def _gated_forward(gate: torch.Tensor, up: torch.Tensor, name: str, approx: bool
     op = get_op(name)
     write_h, write_codes = approx and need_up, approx and need_gate
     backend = _cpp_or_torch(op, pick_backend(gate, has_cpp=True, tree=op.tree))
-    if backend == "cpp":  # reads gate and up in place where their rows allow (the halves of one projection)
+    # The C++ and Triton kernels read gate and up in place where their rows allow (the halves of one projection).
+    if backend == "cpp":
         return _cpp_backend.gated_forward(op, gate, up, write_h, write_codes)
-    gate, up = gate.contiguous(), up.contiguous()
     if backend == "torch":
-        return _torch_backend.gated_forward(op, gate, up, write_h, write_codes)
+        return _torch_backend.gated_forward(op, gate.contiguous(), up.contiguous(), write_h, write_codes)
     return _triton_backend.gated_forward(op, gate, up, write_h, write_codes, backend == "triton-interpret")
 
 
@@ -220,13 +221,58 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
     return _transforms.apply(_Gated, _GatedEager, *args)
 
 
+def _triton_halves_backend(gate_up: torch.Tensor, op: OpInfo) -> str | None:
+    """The Triton backend where _GatedHalvesTriton may run this call: plain eager code on a plain
+    tensor (no forward-mode AD: it has no jvp) whose rows the rows kernels read in place. None
+    elsewhere, or for a tree rendered before the rows kernels."""
+    if not _transforms.plain_call((gate_up,)) or forward_ad._current_level >= 0 \
+            or gate_up.dtype == torch.float64 or _common.row_stride(gate_up) < 0:
+        return None
+    backend = _cpp_or_torch(op, pick_backend(gate_up, has_cpp=True, tree=op.tree))
+    if backend not in ("triton", "triton-interpret") \
+            or not _triton_backend.has_rows_kernels(op, gate_up.device, backend == "triton-interpret"):
+        return None
+    return backend
+
+
+class _GatedHalvesTriton(torch.autograd.Function):
+    """gated_halves on the Triton path: the rows kernels read the halves of gate_up in place and write
+    gate_up's gradient whole (the chunk path's backward concatenates two). Saves gate_up, the storage
+    the chunk path's saved halves share. The C++ op (templates/cpu_autograd.cpp.j2) is its CPU twin."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, name: str, act_half: int, interpret: bool) -> torch.Tensor:
+        halves = gate_up.chunk(2, dim=-1)
+        out, _, _ = _triton_backend.gated_forward(get_op(name), halves[act_half], halves[1 - act_half], False, False,
+                                                  interpret)
+        ctx.save_for_backward(gate_up)
+        ctx.name, ctx.act_half, ctx.interpret = name, act_half, interpret
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        op, a, interpret = get_op(ctx.name), ctx.act_half, ctx.interpret
+
+        def grad_of(dout, gate_up):
+            halves = gate_up.chunk(2, dim=-1)
+            grad = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+            grads = grad.chunk(2, dim=-1)
+            _triton_backend.gated_backward(op, dout, halves[a], halves[1 - a], None, None, False, True, True, interpret,
+                                           grads=(grads[a], grads[1 - a]))
+            return grad
+
+        return _transforms.call_differentiable_once(grad_of, NO_DOUBLE_BACKWARD, dout, gate_up), None, None, None
+
+
 def gated_halves(gate_up: torch.Tensor, name: str, mode: str = "auto", act_half: int = 0) -> torch.Tensor:
     """gated(a, b, name, mode) for a, b = gate_up.chunk(2, -1) (act_half 1: gated(b, a)), the form of a
     fused gated MLP's one projection (Phi-3's gate_up_proj) and of MoE experts. Plain eager calls on
     CPU tensors that need a gradient and take the exact mode (auto's choice here: the halves of one
     tensor share requires_grad) run as one C++ autograd op that writes gate_up's gradient whole, with
-    the same values and saved storage; elsewhere the chunk and gated(), whose backward concatenates
-    the two halves' gradients (a copy of gate_up's size)."""
+    the same values and saved storage; on the Triton backend, as one autograd.Function doing the same
+    with the rows kernels; elsewhere the chunk and gated(), whose backward concatenates the two
+    halves' gradients (a copy of gate_up's size)."""
     if mode not in MODES:
         raise ValueError(f"lowmem_ops.gated_halves: mode must be one of {', '.join(MODES)}, got {mode!r}")
     if act_half not in (0, 1):
@@ -238,6 +284,8 @@ def gated_halves(gate_up: torch.Tensor, name: str, mode: str = "auto", act_half:
         check_float_tensor(gate_up, name, "gate_up")
         if (cpp_op := _cpp_op_for((gate_up,), op, "gated_halves")) is not None:
             return cpp_op(gate_up, name, act_half)
+        if (backend := _triton_halves_backend(gate_up, op)) is not None:
+            return _GatedHalvesTriton.apply(gate_up, name, act_half, backend == "triton-interpret")
     halves = gate_up.chunk(2, dim=-1)
     return gated(halves[act_half], halves[1 - act_half], name, mode)
 

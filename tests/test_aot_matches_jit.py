@@ -2,10 +2,10 @@
 
 Pruning and ranking judge the registers, spills and shared memory of the AOT compiles; they are
 only right if those compiles are the ones that run. Every launch a real op call makes (activations,
-gated, norms with float32 and 16-bit weights, dropout, dropout + add + norm, sizes that are multiples of 16 and sizes that are not)
-is captured here and handed to Triton's own JIT binder for an sm90 target: the signature, constexprs
-and divisibility attributes it would compile must be those of one of the variants the build compiles.
-"""
+gated, the gated rows kernels on the halves of one projection, norms with float32 and 16-bit
+weights, dropout, dropout + add + norm, sizes that are multiples of 16 and sizes that are not) is
+captured here and handed to Triton's own JIT binder for an sm90 target: the signature, constexprs
+and divisibility attributes it would compile must be those of one of the variants the build compiles."""
 
 import importlib
 import importlib.util
@@ -15,6 +15,7 @@ import torch
 
 import lowmem_ops as lo
 from lowmem_ops import _norm_backends, _triton_backend
+from lowmem_ops.gated import gated_halves
 from lowmem_ops._tree import kernel_path
 
 from . import reference as ref
@@ -34,9 +35,9 @@ def _capture(monkeypatch) -> list:
     launches = []
     real = _triton_backend.launch
 
-    def recording(kernel, grid, *args, **meta):
+    def recording(kernel, grid, *args, rows=False, **meta):  # rows: the launcher's own flag, not the kernel's
         launches.append((kernel, args, meta))
-        return real(kernel, grid, *args, **meta)
+        return real(kernel, grid, *args, rows=rows, **meta)
 
     monkeypatch.setattr(_triton_backend, "launch", recording)
     monkeypatch.setattr(_norm_backends, "launch", recording)
@@ -107,6 +108,10 @@ def _op_calls(rows: int, cols: int, dtype, wdtype):
     b = (torch.randn(cols) * 0.1).to(wdtype).requires_grad_(True)
     lo.regelu2(x).sum().backward()
     lo.swiglu(g, x).sum().backward()
+    # the halves of one projection: the rows kernels, through gated() and through gated_halves
+    gate_up = torch.randn(rows, 2 * cols).to(dtype).requires_grad_(True)
+    lo.swiglu(*gate_up.chunk(2, -1)).sum().backward()
+    gated_halves(gate_up, "resilu2").sum().backward()
     lo.ms_layernorm(x, cols, w, b).float().sum().backward()
     lo.ms_rmsnorm(x, cols, w).float().sum().backward()
     lo.ms_layernorm(x, cols).float().sum().backward()
@@ -139,4 +144,7 @@ def test_every_launch_is_a_kernel_the_build_compiled(monkeypatch, rows, cols, dt
             f"{[sorted({k for k, t in v.signature.items() if t.startswith('*')} | set(v.aligned_args)) for v, _ in found]}")
         sizes = [args[i] for i, name in enumerate(fn.arg_names) if name in kernels.SIZE_ARGS]
         aligned = [v for v, same in found if same]
-        assert all(v.aligned == all(s % 16 == 0 for s in sizes) for v in aligned)
+        # (a rows kernel's sizes come in units of its UNIT, which the constexprs matched above)
+        assert all(v.aligned == all(s % 16 == 0 for s in sizes) for v in aligned if not v.unit)
+    rows_kernels = [fn for k, _, _ in launches if "rows" in (fn := _jit_function(k)[1].__name__)]
+    assert sorted(rows_kernels) == ["gated_backward_rows_kernel"] * 2 + ["gated_forward_rows_kernel"] * 2

@@ -1,4 +1,4 @@
-"""The C++ gated kernels read gate and up in place by rows (lowmem_ops._cpp_backend.row_stride, and its
+"""The C++ gated kernels read gate and up in place by rows (lowmem_ops._common.row_stride, and its
 twin in templates/cpu_autograd.cpp.j2): the halves of one projection, proj(x).chunk(2, -1), as fused
 gated MLPs and MoE experts pass them, are no longer copied contiguous in forward and again in backward.
 
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowmem_ops as lo
-from lowmem_ops._cpp_backend import row_stride
+from lowmem_ops._common import row_stride
 
 from . import reference as ref
 
@@ -196,3 +196,124 @@ def test_a_fused_gated_mlp_copies_nothing():
     names = [e.name for e in prof.events()]
     assert any("gated_halves" in n for n in names), sorted(set(names))
     assert not {"aten::copy_", "aten::clone", "aten::cat"} & set(names), sorted(set(names))
+
+
+# --- the Triton rows kernels (through the interpreter) ------------------------------------------------
+
+from lowmem_ops import _triton_backend  # noqa: E402
+
+
+def _launched(monkeypatch) -> list[str]:
+    """The names of the Triton kernels launched from here on."""
+    names, real = [], _triton_backend.launch
+
+    def recording(kernel, grid, *args, **meta):
+        names.append(kernel.fn.__name__)
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(_triton_backend, "launch", recording)
+    return names
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(sorted(GATED)), g_view=views(), mode=st.sampled_from(["exact", "approx"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       needs=st.sampled_from([(True, True), (True, False), (False, True)]), seed=st.integers(0, 2**16))
+def test_triton_rows_kernels_give_the_bits_of_the_flat_kernels(name, g_view, mode, dtype, needs, seed):
+    """gate and up as views (up: the other half, or a view of the same kind), forward and backward on
+    the Triton path: the rows kernels read them in place where their rows are evenly spaced and give
+    the bits the flat kernels give on contiguous copies; other views are copied for the flat kernels."""
+    gen = torch.Generator().manual_seed(seed)
+    shape, take = g_view
+    g = take((torch.randn(shape, generator=gen) * 3).to(dtype))
+    u = take(torch.randn(shape, generator=gen).to(dtype))
+    dy = torch.randn(g.shape, generator=gen).to(dtype)
+    need_gate, need_up = needs
+
+    def run(gate, up):
+        gate = gate.detach().requires_grad_(need_gate)
+        up = up.detach().requires_grad_(need_up)
+        out = GATED[name](gate, up, mode)
+        out.backward(dy)
+        return out, gate.grad, up.grad
+
+    with pytest.MonkeyPatch.context() as mp, ref.backend("triton-interpret"):
+        launched = _launched(mp)
+        got = run(g, u)
+        by_rows = [n for n in launched if "rows" in n]
+        launched.clear()
+        want = run(g.contiguous(), u.contiguous())
+        assert not any("rows" in n for n in launched)
+    for w, x, what in zip(want, got, ("out", "dgate", "dup")):
+        assert (w is None) == (x is None) and (w is None or torch.equal(w, x)), f"{name} {mode} {what}"
+    # forward reads gate and up; backward reads the saved views in exact mode, and up (for d_gate) in approx
+    in_place = not g.is_contiguous() and row_stride(g) >= 0
+    want_rows = ["gated_forward_rows_kernel"] + (["gated_backward_rows_kernel"] if mode == "exact" or need_gate else [])
+    assert by_rows == (want_rows if in_place else []), (g.shape, g.stride())
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(sorted(GATED)), layout=gate_ups(), act_half=st.integers(0, 1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_gated_halves_on_triton_gives_the_bits_of_the_chunk_path(name, layout, act_half, dtype, seed):
+    """One autograd.Function on the Triton path: the halves read in place, gate_up's gradient written
+    whole by the rows kernels; the bits of the flat kernels on contiguous halves."""
+    gen = torch.Generator().manual_seed(seed)
+    shape, take = layout
+    values = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    leaf = values.clone().requires_grad_()
+    gate_up = take(leaf)
+    dy = torch.randn(*gate_up.shape[:-1], gate_up.shape[-1] // 2, generator=gen).to(dtype)
+    with ref.backend("triton-interpret"):
+        out = gated_halves(gate_up, name, "auto", act_half)
+        assert ("GatedHalvesTriton" in node(out)) == (row_stride(gate_up) >= 0), node(out)
+        out.backward(dy)
+        want_leaf = values.clone().requires_grad_()
+        halves = take(want_leaf).contiguous().chunk(2, -1)
+        want = gated(halves[act_half].contiguous(), halves[1 - act_half].contiguous(), name, "exact")
+        want.backward(dy)
+    assert torch.equal(out, want)
+    assert torch.equal(leaf.grad, want_leaf.grad)
+
+
+def test_gated_halves_on_triton_saves_gate_up_only_and_refuses_a_second_derivative(monkeypatch):
+    gate_up = torch.randn(4, 2 * 16, requires_grad=True)
+    with ref.backend("triton-interpret"):
+        x = gate_up * 1
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = gated_halves(x, "resilu2")
+        assert [t.untyped_storage().data_ptr() for t in saved] == [x.untyped_storage().data_ptr()]
+        launched = _launched(monkeypatch)
+        (g,) = torch.autograd.grad(out.sum(), gate_up, create_graph=True)
+        assert launched == ["gated_backward_rows_kernel"]
+        with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD):
+            g.sum().backward()
+
+
+def test_a_tree_without_the_rows_kernels_copies_the_views(monkeypatch):
+    """A tree rendered before the rows kernels (its kernel files lack them): views are copied for the
+    flat kernels, and gated_halves takes the chunk path; results as before."""
+    real = _triton_backend.kernel_module
+
+    class Old:
+        def __init__(self, module):
+            self._module = module
+
+        def __getattr__(self, attr):
+            if "rows" in attr:
+                raise AttributeError(attr)
+            return getattr(self._module, attr)
+
+    gate_up = (torch.randn(3, 2 * 24) * 3).requires_grad_()
+    dy = torch.randn(3, 24)
+    with ref.backend("triton-interpret"):
+        new_out = gated_halves(gate_up, "resilu2")
+        (new_grad,) = torch.autograd.grad(new_out, gate_up, dy)
+        monkeypatch.setattr(_triton_backend, "kernel_module", lambda *a: Old(real(*a)))
+        launched = _launched(monkeypatch)
+        old_out = gated_halves(gate_up, "resilu2")
+        assert "GatedHalvesTriton" not in node(old_out)
+        (old_grad,) = torch.autograd.grad(old_out, gate_up, dy)
+    assert launched == ["gated_forward_kernel", "gated_backward_kernel"]
+    assert torch.equal(new_out, old_out) and torch.equal(new_grad, old_grad)

@@ -179,6 +179,26 @@ def test_cuda_ops_on_views_match_torch_path(layout):
         assert (got - want).abs().max().item() <= 1e-3 * scale  # a layout bug is off by O(1)
 
 
+@pytest.mark.parametrize("cols", [1024, 1000], ids=["sizes-x16", "sizes-odd"])  # rows kernels' UNIT 16 and 1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_gated_halves_matches_the_cpp_path(cols, dtype):
+    """gated_halves on CUDA (the rows kernels read the halves in place and write gate_up's gradient
+    whole) against the C++ op on CPU: the same kernels' arithmetic, so within an ulp."""
+    from lowmem_ops.gated import gated_halves
+
+    torch.manual_seed(2)
+    values, dy = (torch.randn(65, 2 * cols) * 3).to(dtype), torch.randn(65, cols).to(dtype)
+    out = {}
+    for device in ("cuda", "cpu"):
+        gate_up = values.to(device).requires_grad_(True)
+        y = gated_halves(gate_up, "resilu2")
+        assert ("Triton" in type(y.grad_fn).__name__) == (device == "cuda")
+        y.backward(dy.to(device))
+        out[device] = [y.detach().cpu().float(), gate_up.grad.cpu().float()]
+    for got, want in zip(out["cuda"], out["cpu"]):
+        torch.testing.assert_close(got, want, rtol=2 * ref.ulp(dtype), atol=2 * ref.ulp(dtype) * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("width", [16, 8192, 9000])

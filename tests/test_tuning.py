@@ -72,12 +72,15 @@ def test_variants_are_unique_compile_configs():
     idents = [(v.op, v.kernel, v.dtype, space.config_id(v.config)) for v in variants]
     assert len(idents) == len(set(idents))
     assert not any("PROGRAMS_PER_SM" in v.config for v in variants)
-    for vs in configs:  # per flag set (add_norm compiles two), one compile per weight dtype the runtime uses,
-        assert all(v.aligned and v.config == vs[0].config for v in vs)  # the model's own first
+    for vs in configs:  # per kernel and flag set (add_norm compiles two), one compile per weight dtype the runtime
+        assert all(v.aligned and v.config == vs[0].config for v in vs)  # uses, the model's own first
+        # the gated kernels: the flat kernel and its twin that reads strided views by rows, one config
+        want_fns = [vs[0].fn, vs[0].fn.removesuffix("_kernel") + "_rows_kernel"] if vs[0].kernel.startswith("gated") else None
+        assert want_fns is None or [v.fn for v in vs] == want_fns
         by_flags: dict = {}
         for v in vs:
-            by_flags.setdefault(tuple(sorted(v.flags.items())), []).append(v.signature.get("w_ptr"))
-        for flags, weights in by_flags.items():
+            by_flags.setdefault((v.fn, tuple(sorted(v.flags.items()))), []).append(v.signature.get("w_ptr"))
+        for (_, flags), weights in by_flags.items():
             affine = ".affine." in vs[0].kernel or dict(flags).get("AFFINE", False)
             affine_half = affine and vs[0].dtype != "float32"
             assert weights == ([f"*{archs.TRITON_DTYPE[vs[0].dtype]}", "*fp32"] if affine_half else [weights[0]])

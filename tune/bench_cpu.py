@@ -5,9 +5,11 @@ benchmark of their own:
           eager autograd of F.silu(g) * u / F.gelu(g) * u (mul backward + silu_backward). Target:
           exact within 1.5x of torch.
   halves  forward + backward of act(a) * b for a, b = gate_up.chunk(2, -1), as a fused gated MLP's one
-          projection (Phi-3) and MoE experts give them: lowmem_ops.gated.gated_halves (one C++ op, the
-          gradient of gate_up written whole) and swiglu / geglu on the two chunks (autograd concatenates
-          their gradients) vs torch's eager F.silu(a) * b on the chunks.
+          projection (Phi-3) and MoE experts give them: lowmem_ops.gated.gated_halves (one C++ op, or
+          on CUDA one autograd.Function over the Triton rows kernels; the gradient of gate_up written
+          whole), swiglu / geglu on the two chunks (autograd concatenates their gradients) and on
+          contiguous copies of the chunks (what the Triton path did before its rows kernels) vs torch's
+          eager F.silu(a) * b on the chunks. The one case that also runs on CUDA (--device cuda).
   norm    forward + backward of lo.ms_layernorm / ms_rmsnorm (no affine, and inverse-mode affine)
           vs F.layer_norm / F.rms_norm (same affine). Target: within 1.5x.
 
@@ -16,6 +18,7 @@ Timed interleaved rep by rep (min / median / max, microseconds); ratio = ours / 
 rows * cols = 2^k.
 
     python tune/bench_cpu.py --threads 1 --sizes 2**20 2**24 --dtypes fp32 bf16 --reps 7 --out results.json
+    python tune/bench_cpu.py --device cuda --only halves --sizes 2**24 2**26 --dtypes bf16 --reps 50
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _bench_common import Timing, environment, parse_sizes, time_cpu  # noqa: F401  (puts the checkout first)
+from _bench_common import Timing, environment, make_timer, parse_sizes, time_cpu  # noqa: F401  (puts the checkout first)
 
 import lowmem_ops as lo
 from lowmem_ops.gated import gated_halves
@@ -59,11 +62,11 @@ def gated_cases(n, dtype, reps, warmup):
     return out
 
 
-def halves_cases(n, dtype, reps, warmup):
+def halves_cases(n, dtype, reps, warmup, device="cpu"):
     cols = 2816 if n >= 2816 else n  # LLaMA-7B's FFN width is 11008; Phi-3-mini's 8192
     gen = torch.Generator().manual_seed(0)
-    gu = (torch.randn(max(1, n // cols), 2 * cols, generator=gen) * 2).to(dtype).requires_grad_(True)
-    dy = torch.randn(gu.shape[0], cols, generator=gen).to(dtype)
+    gu = (torch.randn(max(1, n // cols), 2 * cols, generator=gen) * 2).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(gu.shape[0], cols, generator=gen).to(device, dtype)
     out = []
     for name, (ours, act) in GATED.items():
         op = {"swiglu": "resilu2", "geglu": "regelu2"}[name]
@@ -73,10 +76,11 @@ def halves_cases(n, dtype, reps, warmup):
 
         fns = {"torch": grad(lambda: (lambda a, b: act(a) * b)(*gu.chunk(2, -1))),
                "gated_halves": grad(lambda: gated_halves(gu, op)),
-               "chunks": grad(lambda: ours(*gu.chunk(2, -1), "exact"))}
-        times = dict(zip(fns, time_cpu(list(fns.values()), reps, warmup)))
-        out.append(row(f"{name} gated_halves", "fwdbwd", n, dtype, times["gated_halves"], times["torch"]))
-        out.append(row(f"{name} on chunks", "fwdbwd", n, dtype, times["chunks"], times["torch"]))
+               "chunks": grad(lambda: ours(*gu.chunk(2, -1), "exact")),
+               "copies": grad(lambda: ours(*(h.contiguous() for h in gu.chunk(2, -1)), "exact"))}
+        times = dict(zip(fns, make_timer(device, reps, warmup)(list(fns.values()))))
+        for impl, label in (("gated_halves", "gated_halves"), ("chunks", "on chunks"), ("copies", "on copies")):
+            out.append(row(f"{name} {label}", "fwdbwd", n, dtype, times[impl], times["torch"]))
     return out
 
 
@@ -118,7 +122,8 @@ def row(op, phase, n, dtype, ours, theirs):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu",), default="cpu", help="the C++ backend runs CPU tensors only")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: --only halves (the Triton rows kernels); the rest times the C++ backend")
     p.add_argument("--sizes", nargs="+", help="element counts (2**20 ...), default 2**20 2**24")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -129,19 +134,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON output")
     args = p.parse_args(argv)
     sizes = parse_sizes(p, args.sizes, [2**20, 2**24])
+    if args.device == "cuda" and (args.only != "halves" or not torch.cuda.is_available()):
+        p.error("--device cuda times --only halves, on a machine with a CUDA GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.setdefault("LOWMEM_OPS_BACKEND", "cpp")
+    os.environ.setdefault("LOWMEM_OPS_BACKEND", "cpp" if args.device == "cpu" else "auto")
     records = []
     for dtype in (DTYPES[d] for d in args.dtypes):
         for n in sizes:
             if args.only in (None, "gated"):
                 records += gated_cases(n, dtype, args.reps, args.warmup)
             if args.only in (None, "halves"):
-                records += halves_cases(n, dtype, args.reps, args.warmup)
+                records += halves_cases(n, dtype, args.reps, args.warmup, args.device)
             if args.only in (None, "norm"):
                 records += norm_cases(n, dtype, args.reps, args.warmup, args.cols)
-    print(f"threads {torch.get_num_threads()}  backend {os.environ['LOWMEM_OPS_BACKEND']}  torch {torch.__version__}")
+    print(f"device {args.device}  threads {torch.get_num_threads()}  backend {os.environ['LOWMEM_OPS_BACKEND']}  "
+          f"torch {torch.__version__}")
     print(f"{'op':28} {'dtype':9} {'numel':>9} {'ours us (min-max)':>28} {'torch us (min-max)':>28} {'ours/torch':>10}")
     for r in records:
         print(f"{r['op']:28} {r['dtype']:9} {r['numel']:>9} "
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
               + f"{r['ratio']:>10.2f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "backend": os.environ["LOWMEM_OPS_BACKEND"],
+            json.dump({"device": args.device, "threads": torch.get_num_threads(), "backend": os.environ["LOWMEM_OPS_BACKEND"],
                        "torch": torch.__version__, "records": records}, f, indent=1)
     return 0
 

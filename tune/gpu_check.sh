@@ -13,6 +13,9 @@ timeout 60 python tune/bench_overhead.py --device cuda --launch-path --out "$OUT
     --profile "$OUT/profile-cuda.txt" 2>&1 | tee "$OUT/bench.txt"
 timeout 100 python tune/bench_activations.py --device cuda --out "$OUT/activations-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
 timeout 100 python tune/bench_norms.py --device cuda --out "$OUT/norms-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
+# the gated rows kernels on the halves of one projection, against copies of the halves (the path before them)
+timeout 60 python tune/bench_cpu.py --device cuda --only halves --sizes 2**24 2**26 --dtypes bf16 --reps 50 \
+    --out "$OUT/halves-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
 timeout 260 python tune/bench_step.py --device cuda --dtypes bf16 --models vit llama phi3 --out "$OUT/step-cuda.json" 2>&1 | tee -a "$OUT/bench.txt"
 # planned peak vs torch.cuda.max_memory_allocated (issue 14: within 5 %); into bench.txt (a run returns 8 files)
 timeout 120 python tune/plan_gpu_check.py --device cuda 2>&1 | tee -a "$OUT/bench.txt"

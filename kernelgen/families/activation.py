@@ -100,11 +100,26 @@ def groups_of(spec: Spec, arch: TargetInfo) -> list[TuneGroup]:
     return out
 
 
-def variant(op: str, kernel: str, dtype: str, config: dict) -> KernelVariant:
+# The gated kernels' twins that read strided views by rows (templates/activation.py.j2): the same
+# pointers and flags, then the sizes below after n_elements, then UNIT (KernelVariant.unit).
+_ROW_SIZES = {"gated_forward_kernel": ("n_cols", "ld_gate", "ld_up"),
+              "gated_backward_kernel": ("n_cols", "ld_gate", "ld_up", "ld_dgate", "ld_dup")}
+
+
+def variant(op: str, kernel: str, dtype: str, config: dict, rows: bool = False) -> KernelVariant:
+    """The compile of `kernel` a launch with `config` runs: the flat kernel, or (rows) its twin that
+    reads strided views by rows, launched for the same tuning group with the same config."""
     fn, pointers, flags = ELEMENTWISE_KERNELS[kernel]
     sig = {name: kind.format(t=TRITON_DTYPE[dtype]) for name, kind in pointers.items()}
-    sig.update({"n_elements": "i32", **{f: "constexpr" for f in flags}, "BLOCK_BYTES": "constexpr"})
-    return KernelVariant(op, kernel, dtype, fn, sig, dict(flags), dict(config))
+    sig["n_elements"] = "i32"
+    if rows:
+        sig.update({name: "i32" for name in _ROW_SIZES[fn]})
+    sig.update({f: "constexpr" for f in flags})
+    if rows:
+        sig["UNIT"] = "constexpr"
+    sig["BLOCK_BYTES"] = "constexpr"
+    fn = fn.removesuffix("_kernel") + "_rows_kernel" if rows else fn
+    return KernelVariant(op, kernel, dtype, fn, sig, dict(flags), dict(config), unit="UNIT" if rows else "")
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -191,7 +206,10 @@ class ActivationFamily:
         return [g for s in specs for g in groups_of(s, arch)]
 
     def variants(self, group: TuneGroup, config: dict) -> list[KernelVariant]:
-        return [variant(group.op, group.kernel, group.dtype, config)]
+        flat = variant(group.op, group.kernel, group.dtype, config)
+        if group.kernel in C.GATED_KERNELS:  # one config serves the flat and the rows kernel
+            return [flat, variant(group.op, group.kernel, group.dtype, config, rows=True)]
+        return [flat]
 
     def config_key(self, group: TuneGroup) -> tuple:
         return (group.op, group.kernel, group.dtype, *group.index)
