@@ -1,11 +1,12 @@
-"""The C++ gated kernels read gate and up in place by rows (lowmem_ops._common.row_stride, and its
-twin in templates/cpu_autograd.cpp.j2): the halves of one projection, proj(x).chunk(2, -1), as fused
-gated MLPs and MoE experts pass them, are no longer copied contiguous in forward and again in backward.
+"""The C++ and Triton gated kernels read gate and up in place by rows (lowmem_ops._common.row_stride,
+and its twin in templates/cpu_autograd.cpp.j2): the halves of one projection, proj(x).chunk(2, -1), as
+fused gated MLPs and MoE experts pass them, are no longer copied contiguous in forward and again in
+backward; gated_halves writes gate_up's gradient whole instead of concatenating two.
 
 The row kernels compute each element as the flat kernels do, so a view must give the very bits its
 contiguous copy gives: through the plain eager C++ autograd op and through the custom ops (the route
-torch.compile, torch.func and fake tensors take), for every view a hypothesis draws. test_layouts.py
-checks the same layouts against float64."""
+torch.compile, torch.func and fake tensors take), and on the Triton path through the interpreter, for
+every view a hypothesis draws. test_layouts.py checks the same layouts against float64."""
 
 from __future__ import annotations
 
@@ -130,19 +131,27 @@ def gate_ups(draw):
     return shape, take
 
 
-@settings(max_examples=40, deadline=None)
+# gated_halves' one op per backend: the C++ autograd op (any layout, copying where it must) and, on
+# the Triton path, _GatedHalvesTriton (layouts the rows kernels read; the chunk path elsewhere)
+HALVES_OP = {"cpp": ("GatedHalves", lambda gate_up: True),
+             "triton-interpret": ("GatedHalvesTriton", lambda gate_up: row_stride(gate_up) >= 0)}
+
+
+@pytest.mark.parametrize("backend", sorted(HALVES_OP))
+@settings(max_examples=30, deadline=None)
 @given(name=st.sampled_from(sorted(GATED)), layout=gate_ups(), act_half=st.integers(0, 1),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_gated_halves_gives_the_bits_of_the_chunk_path(name, layout, act_half, dtype, seed):
+def test_gated_halves_gives_the_bits_of_the_chunk_path(backend, name, layout, act_half, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     shape, take = layout
     values = (torch.randn(shape, generator=gen) * 3).to(dtype)
     leaf = values.clone().requires_grad_()
     gate_up = take(leaf)
     dy = torch.randn(*gate_up.shape[:-1], gate_up.shape[-1] // 2, generator=gen).to(dtype)
-    with ref.backend("cpp"):
+    op_name, takes = HALVES_OP[backend]
+    with ref.backend(backend):
         out = gated_halves(gate_up, name, "auto", act_half)
-        assert "GatedHalves" in node(out)  # the C++ op ran
+        assert (op_name in node(out)) == takes(gate_up), node(out)  # the one op ran
         out.backward(dy)
         want_leaf = values.clone().requires_grad_()
         halves = take(want_leaf).contiguous().chunk(2, -1)  # the flat kernels on dense halves
@@ -152,13 +161,15 @@ def test_gated_halves_gives_the_bits_of_the_chunk_path(name, layout, act_half, d
     assert torch.equal(leaf.grad, want_leaf.grad)
 
 
-def test_gated_halves_saves_gate_up_only_and_refuses_a_second_derivative():
+@pytest.mark.parametrize("backend", sorted(HALVES_OP))
+def test_gated_halves_saves_gate_up_only_and_refuses_a_second_derivative(backend):
     gate_up = torch.randn(4, 2 * 16, requires_grad=True)
-    with ref.backend("cpp"):
+    with ref.backend(backend):
         x = gate_up * 1  # not a leaf: its storage is what the op saves
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = gated_halves(x, "resilu2")
+        assert HALVES_OP[backend][0] in node(out)
         assert [t.untyped_storage().data_ptr() for t in saved] == [x.untyped_storage().data_ptr()]
         (g,) = torch.autograd.grad(out.sum(), gate_up, create_graph=True)
         with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD):
@@ -252,45 +263,6 @@ def test_triton_rows_kernels_give_the_bits_of_the_flat_kernels(name, g_view, mod
     assert by_rows == (want_rows if in_place else []), (g.shape, g.stride())
 
 
-@settings(max_examples=20, deadline=None)
-@given(name=st.sampled_from(sorted(GATED)), layout=gate_ups(), act_half=st.integers(0, 1),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_gated_halves_on_triton_gives_the_bits_of_the_chunk_path(name, layout, act_half, dtype, seed):
-    """One autograd.Function on the Triton path: the halves read in place, gate_up's gradient written
-    whole by the rows kernels; the bits of the flat kernels on contiguous halves."""
-    gen = torch.Generator().manual_seed(seed)
-    shape, take = layout
-    values = (torch.randn(shape, generator=gen) * 3).to(dtype)
-    leaf = values.clone().requires_grad_()
-    gate_up = take(leaf)
-    dy = torch.randn(*gate_up.shape[:-1], gate_up.shape[-1] // 2, generator=gen).to(dtype)
-    with ref.backend("triton-interpret"):
-        out = gated_halves(gate_up, name, "auto", act_half)
-        assert ("GatedHalvesTriton" in node(out)) == (row_stride(gate_up) >= 0), node(out)
-        out.backward(dy)
-        want_leaf = values.clone().requires_grad_()
-        halves = take(want_leaf).contiguous().chunk(2, -1)
-        want = gated(halves[act_half].contiguous(), halves[1 - act_half].contiguous(), name, "exact")
-        want.backward(dy)
-    assert torch.equal(out, want)
-    assert torch.equal(leaf.grad, want_leaf.grad)
-
-
-def test_gated_halves_on_triton_saves_gate_up_only_and_refuses_a_second_derivative(monkeypatch):
-    gate_up = torch.randn(4, 2 * 16, requires_grad=True)
-    with ref.backend("triton-interpret"):
-        x = gate_up * 1
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = gated_halves(x, "resilu2")
-        assert [t.untyped_storage().data_ptr() for t in saved] == [x.untyped_storage().data_ptr()]
-        launched = _launched(monkeypatch)
-        (g,) = torch.autograd.grad(out.sum(), gate_up, create_graph=True)
-        assert launched == ["gated_backward_rows_kernel"]
-        with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD):
-            g.sum().backward()
-
-
 def test_a_tree_without_the_rows_kernels_copies_the_views(monkeypatch):
     """A tree rendered before the rows kernels (its kernel files lack them): views are copied for the
     flat kernels, and gated_halves takes the chunk path; results as before."""
@@ -307,11 +279,13 @@ def test_a_tree_without_the_rows_kernels_copies_the_views(monkeypatch):
 
     gate_up = (torch.randn(3, 2 * 24) * 3).requires_grad_()
     dy = torch.randn(3, 24)
+    launched = _launched(monkeypatch)
     with ref.backend("triton-interpret"):
         new_out = gated_halves(gate_up, "resilu2")
         (new_grad,) = torch.autograd.grad(new_out, gate_up, dy)
+        assert launched == ["gated_forward_rows_kernel", "gated_backward_rows_kernel"]  # (nor any cat: grad written whole)
+        launched.clear()
         monkeypatch.setattr(_triton_backend, "kernel_module", lambda *a: Old(real(*a)))
-        launched = _launched(monkeypatch)
         old_out = gated_halves(gate_up, "resilu2")
         assert "GatedHalvesTriton" not in node(old_out)
         (old_grad,) = torch.autograd.grad(old_out, gate_up, dy)
