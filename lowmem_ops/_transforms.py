@@ -84,12 +84,18 @@ def plain_call(args) -> bool:
     return True
 
 
+def plain_kernel_call(args) -> bool:
+    """Where an op that runs the kernels directly, without _transforms' support (the C++ autograd ops,
+    gated_halves' Triton Function), may run a call: plain_call, on tensors of a dtype the kernels take
+    (args[0] decides: not float64), and no forward-mode AD level open (those ops have no jvp; the
+    autograd.Functions have)."""
+    return args[0].dtype != torch.float64 and forward_ad._current_level < 0 and plain_call(args)
+
+
 def plain_cpu_call(args) -> bool:
-    """Where the C++ autograd ops (templates/cpu_autograd.cpp.j2) may run a call: plain_call, on CPU
-    tensors of a dtype the C++ kernels take (args[0] decides: not float64), and no forward-mode AD
-    level open (the C++ ops have no jvp; the autograd.Functions have)."""
-    x = args[0]
-    return x.is_cpu and x.dtype != torch.float64 and forward_ad._current_level < 0 and plain_call(args)
+    """Where the C++ autograd ops (templates/cpu_autograd.cpp.j2) may run a call: plain_kernel_call on
+    CPU tensors."""
+    return args[0].is_cpu and plain_kernel_call(args)
 
 
 def eager_twin(func: type[torch.autograd.Function], impl: Callable, setup: Callable,

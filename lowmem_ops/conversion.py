@@ -1130,8 +1130,14 @@ def _swap_for(model, path, module, paths, observation, tied, skipped: list, *, a
         after += f" (affine folded into {', '.join(p for p, _ in targets)})"
     if shared:
         after += f" (the same module is also at {', '.join(names[1:])})"
-    sites = [(model.get_submodule(p.rpartition(".")[0]), p.rpartition(".")[2], p) for p in names]
+    sites = [(*_home(model, p), p) for p in names]
     return _Swap(sites, module, new, Change(path, type(module).__name__, after), targets)
+
+
+def _home(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    """(the module holding the one at `path`, the attribute it is held under there)."""
+    parent_path, _, attr = path.rpartition(".")
+    return model.get_submodule(parent_path), attr
 
 
 def _record(model: torch.nn.Module, applied: list) -> None:
@@ -1146,10 +1152,7 @@ def _record(model: torch.nn.Module, applied: list) -> None:
             originals[path] = swap.old  # it shares the very Parameters with the new module
         if swap.folds:
             folds[swap.change.path] = Fold(swap.new, swap.old, [linear for _, linear in swap.folds])
-            homes = []
-            for path, linear in swap.folds:
-                parent_path, _, attr = path.rpartition(".")
-                homes.append((model.get_submodule(parent_path), attr, linear, path))
+            homes = [(*_home(model, path), linear, path) for path, linear in swap.folds]
             swap.new._fold_guard = ConsumersInPlace(swap.change.path, homes)
     if folds:
         install_state_dict_hooks(model)
@@ -1453,16 +1456,14 @@ def export(model: torch.nn.Module) -> torch.nn.Module:
             stocks[id(module)] = _stock(module)
         if stocks[id(module)] is not None:
             _hooks.carry(module, stocks[id(module)])
-            parent_path, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), attr, stocks[id(module)])
+            setattr(*_home(model, path), stocks[id(module)])
     return model
 
 
 def _restore_originals(model: torch.nn.Module) -> None:
     originals, folds = _originals(model), folded(model)
     for path in sorted(originals, key=len, reverse=True):
-        parent_path, _, attr = path.rpartition(".")
-        ours, parent = model.get_submodule(path), model.get_submodule(parent_path)  # before changing anything
+        ours, (parent, attr) = model.get_submodule(path), _home(model, path)  # before changing anything
         original = originals.pop(path)
         if folds.pop(path, None) is not None:  # its affine lives in the linear layers now: identity here
             with torch.no_grad():

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd import forward_ad
 
 from . import _common, _cpp_backend, _torch_backend, _transforms, _triton_backend
 from ._common import backend as pick_backend
@@ -222,11 +221,10 @@ def gated(gate: torch.Tensor, up: torch.Tensor, name: str, mode: str = "auto") -
 
 
 def _triton_halves_backend(gate_up: torch.Tensor, op: OpInfo) -> str | None:
-    """The Triton backend where _GatedHalvesTriton may run this call: plain eager code on a plain
-    tensor (no forward-mode AD: it has no jvp) whose rows the rows kernels read in place. None
+    """The Triton backend where _GatedHalvesTriton may run this call: a plain kernel call
+    (_transforms.plain_kernel_call) on a tensor whose rows the rows kernels read in place. None
     elsewhere, or for a tree rendered before the rows kernels."""
-    if not _transforms.plain_call((gate_up,)) or forward_ad._current_level >= 0 \
-            or gate_up.dtype == torch.float64 or _common.row_stride(gate_up) < 0:
+    if not _transforms.plain_kernel_call((gate_up,)) or _common.row_stride(gate_up) < 0:
         return None
     backend = _cpp_or_torch(op, pick_backend(gate_up, has_cpp=True, tree=op.tree))
     if backend not in ("triton", "triton-interpret") \
