@@ -136,10 +136,15 @@ class AdapterDict(torch.nn.ModuleDict):
         return torch.nn.ModuleDict({key: plain(adapter) for key, adapter in self.items()})
 
 
+def param_wrapper(layer: torch.nn.Module) -> bool:
+    """PEFT's ParamWrapper: LoRA on a bare Parameter of its base layer (target_parameters)."""
+    return callable(getattr(layer, "get_param", None)) and hasattr(layer, "parameter_name")
+
+
 def left_alone(lora_layer: torch.nn.Module) -> str | None:
     """Why this LoRA layer's adapters (of another dtype than its input) are left as they are, or None
     where PEFT casts the input to them with its switch to stop it (PEFT 0.15 on)."""
-    if callable(getattr(lora_layer, "get_param", None)) and hasattr(lora_layer, "parameter_name"):
+    if param_wrapper(lora_layer):
         # ParamWrapper (MoE experts' fused weights, routers): no input cast to remove
         return ("LoRA adapters on a bare parameter left in their dtype: PEFT casts them to the parameter's for "
                 "its weight delta each forward and those copies are saved (the adapters' size, whatever the "

@@ -21,7 +21,13 @@ computes at conversion time: an act_fn assigned to the clone later is not what i
 uses (lowmem_ops.export first). A buffer the clone holds is the original's object until `.to()`
 gives the clone a new one (the transformers experts classes hold none).
 
-Only classes whose `_apply_gate` is transformers' default are taken: GPT-OSS and others define their
+The clone's forward is also an instance attribute: `_moe_lora.grouped_forward`, bound to the clone
+by a partial. Under PEFT's target_parameters LoRA its grouped matmuls save the adapters' factors, not
+the merged expert stacks; without adapters, or under another implementation, it is the class's own
+forward. `factored(module)` makes that clone alone, for experts under PEFT whose gate is not fused
+(GPT-OSS's own, or an activation with no fused kernel).
+
+Only classes whose `_apply_gate` is transformers' default are fused: GPT-OSS and others define their
 own (clamped, interleaved halves) and are left as they are, as are experts without a gate. Under
 `config._experts_implementation == "eager"` the class's own loop calls act_fn directly and never
 _apply_gate: the clone then saves what the original saves, and convert's memory measurement undoes
@@ -36,6 +42,7 @@ import sys
 
 import torch
 
+from ._moe_lora import grouped_forward
 from .gated import MODES, gated_halves, gated_op
 
 _MOE = "transformers.integrations.moe"
@@ -68,12 +75,35 @@ def fused(module: torch.nn.Module, op: str, mode: str = "auto") -> torch.nn.Modu
         raise ValueError(f"lowmem_ops: mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":  # the halves of one tensor share requires_grad, where exact always stores least
         mode = "exact"
+    new = factored(module)
+    new.__dict__["_apply_gate"] = functools.partial(fused_gate, op=op, mode=mode)
+    return new
+
+
+def experts(module: torch.nn.Module) -> bool:
+    """An experts module of transformers 5 (its class decorated by use_experts_implementation)."""
+    return sys.modules.get(_MOE) is not None and all(
+        hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "_is_expert_parallel", "config"))
+
+
+def factored(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow clone of the experts `module` (module doc) whose forward is _moe_lora.grouped_forward:
+    under PEFT's target_parameters LoRA its grouped matmuls save the adapters' factors, not the merged
+    expert weights; any other call is the class's forward."""
+    if not experts(module):
+        raise ValueError(f"lowmem_ops: {type(module).__name__} is not a transformers 5 experts module")
     new = copy.copy(module)
     for name in ("_parameters", "_buffers", "_modules"):
         new.__dict__[name] = type(module.__dict__[name])(module.__dict__[name])
     new.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
-    new.__dict__["_apply_gate"] = functools.partial(fused_gate, op=op, mode=mode)
+    # bound to the clone by a partial of a module-level function, so it pickles and deep-copies with it
+    new.__dict__["forward"] = functools.partial(grouped_forward, new)
     return new
+
+
+def is_factored(module: torch.nn.Module) -> bool:
+    forward = vars(module).get("forward")
+    return isinstance(forward, functools.partial) and forward.func is grouped_forward
 
 
 def _override(module: torch.nn.Module):
@@ -85,21 +115,26 @@ def is_fused(module: torch.nn.Module) -> bool:
     return _override(module) is not None
 
 
-def describe(module: torch.nn.Module) -> str:
-    """How the report names a fused module's change."""
+def describe(module: torch.nn.Module, param_wrapped: bool) -> str:
+    """How the report names an experts module's change (param_wrapped: under PEFT's target_parameters)."""
     gate = _override(module)
-    return f"_apply_gate fused: {gate.keywords['op']} on the two halves of gate_up_out, mode {gate.keywords['mode']!r}"
+    parts = [f"_apply_gate fused: {gate.keywords['op']} on the two halves of gate_up_out, mode {gate.keywords['mode']!r}"
+             ] if gate is not None else []
+    if param_wrapped:
+        parts.append("LoRA delta as two rank-r grouped matmuls: no merged expert stack made or saved")
+    return "; ".join(parts)
 
 
 def unused_because(module: torch.nn.Module) -> str | None:
-    """Why a fused module's override is not called, where that is known: the eager implementation."""
-    if not is_fused(module):
-        return None
+    """Why an experts clone's overrides are not called, where that is known: the implementation."""
     implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
-    if implementation == "eager":
+    if is_fused(module) and implementation == "eager":
         return ("config._experts_implementation is 'eager', whose loop calls act_fn directly, never _apply_gate "
                 "(grouped_mm and batched_mm call it)")
+    if is_factored(module) and not is_fused(module) and implementation != "grouped_mm":
+        return (f"config._experts_implementation is {implementation!r}: the factored LoRA matmuls replace "
+                "grouped_mm's only")
     return None
 
 
-__all__ = ["candidate", "fused", "fused_gate", "is_fused", "describe", "unused_because"]
+__all__ = ["candidate", "experts", "factored", "fused", "fused_gate", "is_factored", "is_fused", "describe", "unused_because"]

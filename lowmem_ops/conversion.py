@@ -32,7 +32,9 @@ What is swapped (options turn each part off):
   Mixtral, Qwen2/3-MoE, OLMoE, ...) whose `_apply_gate` is transformers' default act_fn(gate) * up
   -> the same module (a shallow clone, the same Parameters) with that gate fused, exact
   (lowmem_ops._moe_experts); used by the grouped_mm (default) and batched_mm implementations, not
-  by "eager" (undone, with the reason);
+  by "eager" (undone, with the reason); under PEFT's target_parameters LoRA, experts (GPT-OSS's
+  too) whose grouped matmuls save the adapters' factors instead of the merged expert weights
+  (lowmem_ops._moe_lora);
 - PEFT LoRA adapters kept in float32 by default -> the dtype their base computes in (the base
   weight's; a bitsandbytes 4-bit base's compute_dtype; an 8-bit base's input dtype), so no adapter
   casts its input (each cast is a new tensor that is saved and shares nothing).
@@ -165,10 +167,12 @@ class Report:
 
 
 def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated: bool, gated_mode: str,
-                 folded: bool = False, observation: "_Observation | None" = None, dropout: bool = False):
+                 folded: bool = False, observation: "_Observation | None" = None, dropout: bool = False,
+                 param_wrapped: bool = False):
     """The module to put in place of `module`, or (None, reason) / (None, None) when not ours.
     folded: the norm's affine goes into its consumers, so the new norm has none.
-    observation: what the example inputs showed (a norm subclass's forward checked against torch's)."""
+    observation: what the example inputs showed (a norm subclass's forward checked against torch's).
+    param_wrapped: the module is the base layer of a PEFT ParamWrapper (target_parameters LoRA)."""
     name = type(module).__name__
     if type(module).__module__.startswith("lowmem_ops"):
         return None, None  # already ours (convert() called twice)
@@ -181,7 +185,10 @@ def _replacement(module: torch.nn.Module, activations: bool, norms: bool, gated:
         op = _gated_op_of(module.act_fn, observation)
         if op in _GATED_OPS:
             return _moe_experts.fused(module, op, gated_mode), None
-        return None, f"MoE experts with activation {type(module.act_fn).__name__}, which has no fused kernel"
+        if not param_wrapped:
+            return None, f"MoE experts with activation {type(module.act_fn).__name__}, which has no fused kernel"
+    if gated and param_wrapped and _moe_experts.experts(module):  # its own gate (gpt-oss) or an unfusable one
+        return _moe_experts.factored(module), None
     # by its names: LLaMA's MLP (projections that are layers: Inkling's shared experts hold 3-D Parameters
     # under the same names, which only the behavioural recognition below may judge)
     if gated and all(isinstance(getattr(module, a, None), torch.nn.Module)
@@ -1096,8 +1103,9 @@ def _swap_for(model, path, module, paths, observation, tied, skipped: list, *, a
     targets = (_fold_targets(model, module, observation, tied, paths)
                if watched and fold and not shared and _foldable(module, observation) and not _hooks.observed(module)
                else [])
+    param_wrapped = bool(path) and _lora.param_wrapper(_home(model, path)[0])
     new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets), observation=observation,
-                            dropout=dropout)
+                            dropout=dropout, param_wrapped=param_wrapped)
     if new is None:
         if why:
             skipped.append((path, why))
@@ -1122,8 +1130,8 @@ def _swap_for(model, path, module, paths, observation, tied, skipped: list, *, a
         after += " (called in training mode only: measured there)"
     if type(new) is type(module) and getattr(new, "config", None) is not getattr(module, "config", None):
         after += f" (attention dropout regenerated off CUDA: {_attention.NAME})"
-    if _moe_experts.is_fused(new):
-        after += f" ({_moe_experts.describe(new)})"
+    if _moe_experts.is_factored(new):
+        after += f" ({_moe_experts.describe(new, param_wrapped)})"
     if observation is not None and id(module) in observation.matches:
         after += f" (probed: {observation.matches[id(module)].describe()})"
     if targets:

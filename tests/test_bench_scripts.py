@@ -70,3 +70,16 @@ def test_plan_gpu_check_compares_plan_and_real_step(tmp_path):
     for r in doc["rows"]:
         assert r["planned"] > 0 and r["ratio"] == pytest.approx(r["planned"] / r["measured"])
         assert r["within_5_percent"], r
+
+
+def test_bench_moe_lora_plans_less_saved_with_the_factored_experts():
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft.tuners.lora.layer, "ParamWrapper"):
+        pytest.skip("this peft has no target_parameters")
+    done = subprocess.run([sys.executable, str(TUNE / "bench_moe_lora.py"), "--only", "OLMoE-1B-7B", "--layers", "1",
+                           "--seq", "32", "--time-tokens", "0"], check=True, capture_output=True, text=True, timeout=600)
+    saved = {line[15:42].strip(): float(line.split()[-2]) for line in done.stdout.splitlines()
+             if line.startswith("OLMoE-1B-7B")}
+    assert set(saved) == {"stock", "converted, merged saved", "converted"}
+    # one layer's merged expert stacks (0.75 GiB) are no longer saved
+    assert saved["converted, merged saved"] - saved["converted"] == pytest.approx(0.75, abs=0.02)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowmem_ops as lo
-from lowmem_ops import _moe_experts, conversion
+from lowmem_ops import _moe_experts, _moe_lora, conversion
 
 transformers = pytest.importorskip("transformers")
 moe = pytest.importorskip("transformers.integrations.moe")  # transformers 5: experts as one module
@@ -28,8 +28,13 @@ ARCHS = {
 }
 
 
+# experts with their own _apply_gate (clamped, interleaved halves, biases): not fused, only factored under PEFT
+OWN_GATE = {"gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(intermediate_size=48, num_local_experts=4,
+                                                                  head_dim=16, layer_types=["full_attention"]), 48)}
+
+
 def build(arch: str, dtype=torch.float32, implementation: str = "grouped_mm"):
-    config_cls, model_cls, kwargs, _ = ARCHS[arch]
+    config_cls, model_cls, kwargs, _ = {**ARCHS, **OWN_GATE}[arch]
     cfg = getattr(transformers, config_cls)(**_SHAPE, **kwargs, experts_implementation=implementation)
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(cfg).to(dtype).train()
@@ -187,6 +192,124 @@ def test_peft_lora_on_expert_parameters(monkeypatch):
     assert saved_bytes(model, batch) < saved_bytes(before, batch)
     lo.export(model)
     assert all(model.get_submodule(p) is m for p, m in originals.items())
+
+
+def with_expert_adapters(model, r: int = 4):
+    """PEFT LoRA on the experts' Parameters (target_parameters) and on q_proj, B != 0 (real deltas)."""
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft.tuners.lora.layer, "ParamWrapper"):
+        pytest.skip("this peft has no target_parameters")
+    config = peft.LoraConfig(r=r, target_modules=["q_proj"], init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    return peft.get_peft_model(model, config)
+
+
+def factor_experts(model) -> dict:
+    """Every experts module replaced by its factored clone, by hand; path -> the original."""
+    originals = experts(model)
+    for path, module in originals.items():
+        setattr(*conversion._home(model, path), _moe_experts.factored(module))
+    return originals
+
+
+def saved_stacks(model, batch, stacks: dict) -> list:
+    """Shapes of the tensors autograd saves in a training-mode forward that are as large as an expert
+    stack of `stacks` (path -> experts module) and are no Parameter."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    smallest = min(getattr(m, n).numel() for m in stacks.values() for n in ("gate_up_proj", "down_proj"))
+    found = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params and t.numel() >= smallest:
+            found.append(tuple(t.shape))
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", [*ARCHS, *OWN_GATE])
+def test_factored_experts_match_a_float64_reference_and_save_no_merged_stack(arch, dtype):
+    """PEFT's proxy merges W + s * lhs @ rhs in place of each adapted expert stack, and the grouped matmul
+    saved that copy. The factored forward computes x @ W + s * (x @ lhs) @ rhs: outputs and every
+    gradient as close to a float64 run of the stock model (its eager loop) as the stock model's own, and
+    nothing of an expert stack's size saved."""
+    model, batch = build(arch, dtype)
+    model = with_expert_adapters(model)
+    stock, reference = copy.deepcopy(model), copy.deepcopy(model).double()
+    reference.get_base_model().set_experts_implementation("eager")  # grouped_mm has no float64
+    originals = factor_experts(model)
+    assert originals and all(_moe_experts.is_factored(m) for m in experts(model).values())
+    floor = 1e-7 if dtype == torch.float32 else 1e-4
+    (out, grads), (stock_out, stock_grads), (ref_out, ref_grads) = (
+        outputs_and_gradients(m, batch) for m in (model, stock, reference))
+    assert relative_error(out, ref_out) <= 2 * relative_error(stock_out, ref_out) + floor
+    assert grads.keys() == stock_grads.keys() == ref_grads.keys()
+    assert any("experts" in n and "lora_B" in n for n in grads)
+    for n in grads:
+        assert relative_error(grads[n], ref_grads[n]) <= 2 * relative_error(stock_grads[n], ref_grads[n]) + floor, n
+    stacks = [getattr(m, n).shape for m in originals.values() for n in ("gate_up_proj", "down_proj")]
+    assert len(saved_stacks(stock, batch, originals)) >= len(stacks)  # what the stock path saves
+    assert saved_stacks(model, batch, originals) == []
+    merged = sum(getattr(m, name).nbytes for m in originals.values() for name in ("gate_up_proj", "down_proj"))
+    assert 0.75 * merged < saved_bytes(stock, batch) - saved_bytes(model, batch) < merged  # less the factors, x @ lhs
+
+
+def test_factored_experts_run_the_class_forward_where_the_factoring_does_not_apply(monkeypatch):
+    """No adapter, the eager implementation, or a parametrization that is not PEFT's factor proxy:
+    the class's own forward runs, with its results."""
+    calls = []
+    original = _moe_lora._rank_operands
+    monkeypatch.setattr(_moe_lora, "_rank_operands", lambda *a: (calls.append(1), original(*a))[1])
+    model, batch = build("mixtral", implementation="eager")
+    model = with_expert_adapters(model)
+    stock = copy.deepcopy(model)
+    factor_experts(model)
+    out, _ = outputs_and_gradients(model, batch)  # eager: the class's per-expert loop
+    assert not calls and torch.equal(out, outputs_and_gradients(stock, batch)[0])
+    module = build("mixtral")[0].model.layers[0].mlp.experts
+    factored = _moe_experts.factored(module)
+    hidden = torch.randn(6, module.gate_up_proj.shape[-1])
+    index, weights = torch.randint(0, module.num_experts, (6, TOP_K)), torch.rand(6, TOP_K)
+    assert torch.equal(factored(hidden, index, weights), module(hidden, index, weights)) and not calls
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.nn.utils.parametrize.register_parametrization(factored, "down_proj", Doubled())
+    assert _moe_lora.factors(factored, "down_proj") is None and not _moe_lora.applies(factored)
+    assert factored(hidden, index, weights).shape == hidden.shape and not calls
+
+
+def test_convert_factors_experts_with_their_own_gate_under_peft_only():
+    """GPT-OSS's experts (own gate: not fused) become the factored clone under PEFT's target_parameters,
+    with outputs and gradients as the stock model's; without adapters convert leaves them alone."""
+    model, batch = build("gpt_oss")
+    report = lo.convert(model, example_inputs=batch)
+    assert not [c for c in report.changes if c.path.endswith("experts")], str(report)
+    model = with_expert_adapters(build("gpt_oss")[0])
+    stock = copy.deepcopy(model)
+    originals = experts(model)
+    report = lo.convert(model, example_inputs=batch)
+    changes = [c for c in report.changes if c.path in originals]
+    assert len(changes) == len(originals) and all(c.status == "applied" for c in changes), str(report)
+    assert all("no merged expert stack made or saved" in c.after for c in changes)
+    out, grads = outputs_and_gradients(model, batch)
+    ref_out, ref_grads = outputs_and_gradients(stock, batch)
+    assert relative_error(out, ref_out) < 1e-5
+    assert grads.keys() == ref_grads.keys() and all(relative_error(grads[n], ref_grads[n]) < 1e-5 for n in grads)
+    twin = copy.deepcopy(model)  # the forward is bound to each copy, not to the module it was copied from
+    assert all(m.forward.args[0] is m for m in experts(twin).values())
+    lo.export(model)
+    assert all(model.get_submodule(p) is m and "forward" not in vars(m) for p, m in originals.items())
+    eager, batch = build("gpt_oss", implementation="eager")  # the class's loop: nothing factored, undone
+    report = lo.convert(with_expert_adapters(eager), example_inputs=batch)
+    assert [c.status for c in report.changes if c.path.endswith("experts.base_layer.base_layer")] == ["undone"]
+    assert "the factored LoRA matmuls replace grouped_mm's only" in str(report)
 
 
 def test_experts_with_their_own_gate_are_left_alone():

@@ -292,3 +292,66 @@ def test_cuda_convert_fused_gates_and_casting_norms(arch):
     assert fused in {c.after.split()[0] for c in report.applied}, str(report)
     assert report.gradient_cosine > 0.999, str(report)
     assert report.memory_after.total_bytes < report.memory_before.total_bytes
+
+
+@pytest.mark.parametrize("rank", [4, 8])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_cuda_factored_experts_under_peft(arch, rank):
+    """PEFT target_parameters LoRA on the experts, on CUDA's grouped_mm (rank 4 in bf16: the factors
+    zero-padded to aligned strides): the factored clone's outputs and gradients are as close to a float32
+    run of the stock model (its eager loop) as the stock bf16 model's, and no expert stack's worth is saved."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft.tuners.lora.layer, "ParamWrapper"):
+        pytest.skip("this peft has no target_parameters")
+    import copy
+
+    from lowmem_ops import _moe_experts, conversion
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300, num_local_experts=8, num_experts_per_tok=2,
+                 experts_implementation="grouped_mm")
+    if arch == "gpt_oss":
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**shape, head_dim=64,
+                                                                        layer_types=["full_attention"] * 2))
+    else:
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**shape))
+    model = peft.get_peft_model(model.to("cuda"), peft.LoraConfig(
+        r=rank, init_lora_weights=False, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    reference = copy.deepcopy(model)
+    reference.get_base_model().set_experts_implementation("eager")
+    model.to(torch.bfloat16)
+    for m in model.modules():  # adapters stay float32, as PEFT keeps them
+        if hasattr(m, "lora_A"):
+            m.lora_A.float(), m.lora_B.float()
+    stock = copy.deepcopy(model)
+    experts = {p: m for p, m in model.named_modules() if type(m).__name__.endswith("Experts")}
+    for path, module in experts.items():
+        setattr(*conversion._home(model, path), _moe_experts.factored(module))
+    batch = {"input_ids": torch.randint(0, 300, (2, 64), device="cuda")}
+    results = []
+    for m in (model, stock, reference):
+        m.eval()  # no dropout: the three runs see one function
+        m.zero_grad()
+        out = m(**batch).logits.float()
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}))
+    (out, grads), (stock_out, stock_grads), (ref_out, ref_grads) = results
+
+    def error(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert error(out, ref_out) <= 2 * error(stock_out, ref_out) + 1e-3
+    assert grads.keys() == stock_grads.keys() == ref_grads.keys() and any("experts" in n for n in grads)
+    for n in grads:
+        assert error(grads[n], ref_grads[n]) <= 2 * error(stock_grads[n], ref_grads[n]) + 1e-3, n
+    smallest = min(m.down_proj.numel() for m in experts.values())
+    big = []
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: (big.append(t.shape) if t.untyped_storage().data_ptr() not in params and t.numel() >= smallest
+                       else None) or t, lambda t: t):
+        model(**batch)
+    assert big == []
