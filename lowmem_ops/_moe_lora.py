@@ -53,13 +53,12 @@ def _rank_operands(lhs: torch.Tensor, rhs: torch.Tensor, is_transposed: bool) ->
             torch.nn.functional.pad(second, (0, 0, 0, pad)).contiguous())
 
 
-def _linear(module: torch.nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor,
+def _linear(module: torch.nn.Module, name: str, parts, x: torch.Tensor, offsets: torch.Tensor,
             expert_ids: torch.Tensor) -> torch.Tensor:
     """transformers' _grouped_linear of `module.<name>` (and its bias), with the adapter's delta as its
-    own two grouped matmuls where PEFT's proxy is on it."""
+    own two grouped matmuls where PEFT's proxy is on it (parts: factors(module, name))."""
     moe = sys.modules[_MOE]
     bias = getattr(module, f"{name}_bias")[expert_ids] if module.has_bias else None
-    parts = factors(module, name)
     if parts is None:
         return moe._grouped_linear(x, getattr(module, name), offsets, bias=bias, is_transposed=module.is_transposed)
     weight, lhs, rhs, scaling = parts
@@ -71,19 +70,27 @@ def _linear(module: torch.nn.Module, name: str, x: torch.Tensor, offsets: torch.
     return out
 
 
+def _factored_weights(module: torch.nn.Module) -> dict | None:
+    """name -> factors(module, name) of its weights where grouped_forward computes this call of `module`
+    (grouped_mm, no expert parallelism, PEFT's proxy on a weight), else None."""
+    if (getattr(getattr(module, "config", None), "_experts_implementation", None) != "grouped_mm"
+            or getattr(module, "_is_expert_parallel", True)):
+        return None
+    found = {name: factors(module, name) for name in ("gate_up_proj", "up_proj", "down_proj")}
+    return found if any(parts is not None for parts in found.values()) else None
+
+
 def applies(module: torch.nn.Module) -> bool:
     """Whether grouped_forward, not the class's forward, computes this call of `module`."""
-    config = getattr(module, "config", None)
-    return (getattr(config, "_experts_implementation", None) == "grouped_mm"
-            and not getattr(module, "_is_expert_parallel", True)
-            and any(factors(module, name) is not None for name in ("gate_up_proj", "up_proj", "down_proj")))
+    return _factored_weights(module) is not None
 
 
 def grouped_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The experts' forward (module doc): transformers' grouped_mm_experts_forward, step by step, with
     factored matmuls where PEFT's proxy parametrizes a weight; the class's own forward otherwise."""
-    if args or kwargs or not applies(module):
+    found = None if args or kwargs else _factored_weights(module)
+    if found is None:
         return type(module).forward(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
     num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
     num_top_k = top_k_index.size(-1)
@@ -94,10 +101,10 @@ def grouped_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_
     offsets = torch.cumsum(torch.histc(counted, bins=module.num_experts, min=0, max=module.num_experts - 1),
                            dim=0, dtype=torch.int32)
     if module.has_gate:
-        h = module._apply_gate(_linear(module, "gate_up_proj", x, offsets, expert_ids))
+        h = module._apply_gate(_linear(module, "gate_up_proj", found["gate_up_proj"], x, offsets, expert_ids))
     else:
-        h = module.act_fn(_linear(module, "up_proj", x, offsets, expert_ids))
-    out = _linear(module, "down_proj", h, offsets, expert_ids)
+        h = module.act_fn(_linear(module, "up_proj", found["up_proj"], x, offsets, expert_ids))
+    out = _linear(module, "down_proj", found["down_proj"], h, offsets, expert_ids)
     if module.has_post_expert_norm:
         out = module.post_expert_norm(out)
     out = out * weights.unsqueeze(-1)

@@ -1103,7 +1103,8 @@ def _swap_for(model, path, module, paths, observation, tied, skipped: list, *, a
     targets = (_fold_targets(model, module, observation, tied, paths)
                if watched and fold and not shared and _foldable(module, observation) and not _hooks.observed(module)
                else [])
-    param_wrapped = bool(path) and _lora.param_wrapper(_home(model, path)[0])
+    # experts under PEFT's target_parameters (only those: finding the parent walks the path)
+    param_wrapped = bool(path) and _moe_experts.experts(module) and _lora.param_wrapper(_home(model, path)[0])
     new, why = _replacement(module, activations, norms, gated, gated_mode, folded=bool(targets), observation=observation,
                             dropout=dropout, param_wrapped=param_wrapped)
     if new is None:

@@ -18,13 +18,12 @@ import statistics
 import time
 import warnings
 
+import peft
 import torch
 import transformers
 
 import lowmem_ops as lo
 from lowmem_ops import _moe_lora
-
-peft = __import__("peft")
 
 GIB = 2**30
 # name -> (config class, model class, the model's published shape)
@@ -62,12 +61,12 @@ def build(name: str, layers: int | None = None, device: str = "meta") -> torch.n
 @contextlib.contextmanager
 def merged_saved():
     """convert as before the factored experts: their forward is the class's."""
-    applies = _moe_lora.applies
-    _moe_lora.applies = lambda module: False
+    factored_weights = _moe_lora._factored_weights
+    _moe_lora._factored_weights = lambda module: None
     try:
         yield
     finally:
-        _moe_lora.applies = applies
+        _moe_lora._factored_weights = factored_weights
 
 
 def plans(name: str, seq: int, rank: int, layers: int | None = None) -> dict:
